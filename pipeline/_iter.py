@@ -1,0 +1,104 @@
+"""Turn whatever a trainer hands us into one kind of thing: an async iterator.
+
+Trainers produce weights in many shapes: a list, a generator that gathers one tensor at a
+time (and may block on a collective or a disk read), a checkpoint engine's async
+generator. ``as_async_iter`` accepts all of them. A sync iterator is advanced in a worker
+thread so a slow or blocking producer never stalls the event loop, and whatever the
+source holds (an open file, a generator's ``finally``) is released when the run ends,
+early or not: async generators get ``aclose()``, sync generators ``close()``.
+"""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import Any, TypeVar, cast
+
+import anyio
+import anyio.to_thread
+
+__all__ = ["as_async_iter"]
+
+T = TypeVar("T")
+
+_DONE: Any = object()
+
+# Materialised containers can't block on next(), so they are iterated on the loop; this
+# many items go by between checkpoints so a long list still lets other tasks run.
+_CHECKPOINT_EVERY = 64
+
+
+def _next_or_done(iterator: Iterator[T]) -> T:
+    # StopIteration can't cross a future (it would end the awaiting coroutine instead), so
+    # it is turned into a sentinel on the worker thread.
+    try:
+        return next(iterator)
+    except StopIteration:
+        return cast(T, _DONE)
+
+
+def _is_materialised(source: object) -> bool:
+    return isinstance(
+        source,
+        list | tuple | range | cabc.KeysView | cabc.ValuesView | cabc.ItemsView | set | frozenset,
+    )
+
+
+def as_async_iter(source: Iterable[T] | AsyncIterable[T]) -> AsyncGenerator[T, None]:
+    """Iterate ``source`` asynchronously, whatever it is.
+
+    Accepts sync iterables (lists, generators, any iterator), async iterables and async
+    generators. A sync iterator that is not a materialised container is advanced one item
+    at a time in a dedicated worker thread. When the returned generator is closed (the
+    run ended, failed or was cancelled), the source is finalised: ``aclose()`` on an
+    async generator, ``close()`` on a sync generator, both shielded from cancellation.
+
+    Raises:
+        TypeError: ``source`` is neither iterable nor async iterable (names its type).
+    """
+    if isinstance(source, AsyncIterable):
+        return _from_async(source)
+    if isinstance(source, Iterable):
+        if _is_materialised(source):
+            return _from_container(source)
+        return _from_sync(source)
+    raise TypeError(
+        f"as_async_iter: expected an iterable or async iterable of items, "
+        f"got {type(source).__qualname__}"
+    )
+
+
+async def _from_async(source: AsyncIterable[T]) -> AsyncGenerator[T, None]:
+    iterator: AsyncIterator[T] = aiter(source)
+    try:
+        async for item in iterator:
+            yield item
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True):
+                await aclose()
+
+
+async def _from_container(source: Iterable[T]) -> AsyncGenerator[T, None]:
+    for count, item in enumerate(source, 1):
+        if count % _CHECKPOINT_EVERY == 0:
+            await anyio.lowlevel.checkpoint()
+        yield item
+
+
+async def _from_sync(source: Iterable[T]) -> AsyncGenerator[T, None]:
+    iterator = iter(source)
+    # One thread per source: next() calls on one generator must never run concurrently.
+    limiter = anyio.CapacityLimiter(1)
+    try:
+        while True:
+            item = await anyio.to_thread.run_sync(_next_or_done, iterator, limiter=limiter)
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(close, limiter=limiter)
