@@ -205,12 +205,17 @@ def open_channel(depth: int, name: str = "channel") -> tuple[ChannelSender[T], C
     Raises:
         ValueError: ``depth`` is not an integer >= 1.
     """
+    check_depth(depth, name)
+    send, receive = anyio.create_memory_object_stream[T](max_buffer_size=depth)
+    meter = _Meter(name, depth)
+    return ChannelSender(send, meter), ChannelReceiver(receive, meter)
+
+
+def check_depth(depth: object, name: str) -> None:
+    """Raise ``ValueError`` unless ``depth`` is an integer >= 1 (names the channel)."""
     if isinstance(depth, bool) or not isinstance(depth, int):
         if isinstance(depth, float) and math.isinf(depth):
             raise ValueError(f"channel {name!r}: an unbounded channel is refused; use depth >= 1")
         raise ValueError(f"channel {name!r}: depth must be an integer >= 1, got {depth!r}")
     if depth < 1:
         raise ValueError(f"channel {name!r}: depth must be >= 1, got {depth}")
-    send, receive = anyio.create_memory_object_stream[T](max_buffer_size=depth)
-    meter = _Meter(name, depth)
-    return ChannelSender(send, meter), ChannelReceiver(receive, meter)

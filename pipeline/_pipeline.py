@@ -11,6 +11,7 @@ phase and the item, with the original exception as its cause.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import (
@@ -21,18 +22,24 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
-from contextlib import AbstractAsyncContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
 
-from ._channel import ChannelReceiver, ChannelSender, ChannelStatistics, open_channel
+from ._channel import (
+    ChannelReceiver,
+    ChannelSender,
+    ChannelStatistics,
+    check_depth,
+    open_channel,
+)
 from ._iter import as_async_iter
 from ._stage import describe_item, item_nbytes, stage_name
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
-    from exceptiongroup import BaseExceptionGroup
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
     "Pipeline",
@@ -126,7 +133,7 @@ class RunReport:
             f"{'stage':<14}{'items in':>10}{'items out':>10}{'MB in':>10}{'busy s':>9}"
             f"{'blocked s':>11}{'starved s':>11}{'peak/depth':>12}"
         ]
-        for stage, channel in zip(self.stages, self.channels):
+        for stage, channel in zip(self.stages, self.channels, strict=True):
             lines.append(
                 f"{stage.name:<14}{stage.items_in:>10}{stage.items_out:>10}"
                 f"{stage.bytes_in / 1e6:>10.1f}{stage.busy_s:>9.3f}{stage.blocked_s:>11.3f}"
@@ -202,7 +209,7 @@ class _Run:
     def __init__(self, names: list[str], workers: list[int], depth: int) -> None:
         self.started = time.perf_counter()
         self.depth = depth
-        self.meters = [_StageMeter(n, w) for n, w in zip(names, workers)]
+        self.meters = [_StageMeter(n, w) for n, w in zip(names, workers, strict=True)]
         self.channels: list[tuple[ChannelSender[Any], ChannelReceiver[Any]]] = []
         upstream = [SOURCE, *names]
         for i, name in enumerate(names):
@@ -215,7 +222,7 @@ class _Run:
         return RunReport(
             stages=tuple(
                 meter.report(stats.receive_starved_s)
-                for meter, stats in zip(self.meters, channel_stats)
+                for meter, stats in zip(self.meters, channel_stats, strict=True)
             ),
             channels=channel_stats,
             wall_s=time.perf_counter() - self.started,
@@ -258,7 +265,7 @@ class Pipeline:
     ) -> None:
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
-        open_channel(depth, name="pipeline")  # validates depth with the channel's message
+        check_depth(depth, "pipeline")
         names: list[str] = []
         for position, stage in enumerate(stages):
             name = stage_name(stage)
@@ -268,7 +275,9 @@ class Pipeline:
                 raise ValueError(f"two stages are named {name!r}; give each a unique name")
             workers = getattr(stage, "workers", 1)
             if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-                raise ValueError(f"stage {name!r}: workers must be an integer >= 1, got {workers!r}")
+                raise ValueError(
+                    f"stage {name!r}: workers must be an integer >= 1, got {workers!r}"
+                )
             names.append(name)
         self.stages: tuple[Any, ...] = tuple(stages)
         self.names: tuple[str, ...] = tuple(names)
@@ -331,7 +340,9 @@ class Pipeline:
             raise root
         if self.observer is not None:
             if close_errors:
-                self.observer.on_error(close_errors[0].stage, type(close_errors[0].__cause__).__name__)
+                self.observer.on_error(
+                    close_errors[0].stage, type(close_errors[0].__cause__).__name__
+                )
             self.observer.on_run_end(report)
         if close_errors:
             raise close_errors[0]
@@ -360,7 +371,9 @@ class Pipeline:
                     errors.append(StageError(self.names[index], "close", None, exc))
         return errors
 
-    def _fail(self, run: _Run, stage: str, phase: str, item: str | None, exc: Exception) -> StageError:
+    def _fail(
+        self, run: _Run, stage: str, phase: str, item: str | None, exc: Exception
+    ) -> StageError:
         failure = StageError(stage, phase, item, exc)
         run.failures.append(failure)
         return failure
@@ -392,7 +405,9 @@ class Pipeline:
                 with anyio.CancelScope(shield=True):
                     await items.aclose()
 
-    def _emitter(self, run: _Run, index: int, sink: Sink | None) -> Callable[[Any], Awaitable[None]]:
+    def _emitter(
+        self, run: _Run, index: int, sink: Sink | None
+    ) -> Callable[[Any], Awaitable[None]]:
         meter = run.meters[index]
         nbytes = self._nbytes
         if index + 1 < len(self.stages):
@@ -421,7 +436,7 @@ class Pipeline:
         stage = self.stages[index]
         receiver = run.channels[index][1]
         out_sender = run.channels[index + 1][0] if index + 1 < len(self.stages) else None
-        closing: AbstractAsyncContextManager[Any] | Any = out_sender if out_sender else nullcontext()
+        closing: AbstractContextManager[Any] = out_sender if out_sender else nullcontext()
         with receiver, closing:
             try:
                 if run.meters[index].workers == 1:
@@ -456,8 +471,13 @@ class Pipeline:
             raise self._fail(run, name, phase, item_text(), exc) from exc
         if result is None:
             raise self._fail(
-                run, name, phase, item_text(),
-                TypeError(f"{phase}() must be an async generator or a coroutine, got a plain value"),
+                run,
+                name,
+                phase,
+                item_text(),
+                TypeError(
+                    f"{phase}() must be an async generator or a coroutine, got a plain value"
+                ),
             )
         if hasattr(result, "__anext__"):
             iterator: AsyncIterator[Any] = result  # type: ignore[assignment]
@@ -504,16 +524,22 @@ class Pipeline:
             meter.bytes_in += bytes_in
             out_before, bytes_before = meter.items_out, meter.bytes_out
             busy = await self._call(
-                run, index, "process",
-                lambda item=item, n=count: describe_item(item, n),
-                lambda item=item: process(item), emit,
+                run,
+                index,
+                "process",
+                functools.partial(describe_item, item, count),
+                functools.partial(process, item),
+                emit,
             )
             meter.busy_s += busy
             if observer is not None:
                 observer.on_channel(receiver.statistics())
                 observer.on_item(
-                    meter.name, busy, bytes_in,
-                    meter.bytes_out - bytes_before, meter.items_out - out_before,
+                    meter.name,
+                    busy,
+                    bytes_in,
+                    meter.bytes_out - bytes_before,
+                    meter.items_out - out_before,
                 )
         await self._flush(run, index, stage, emit)
 
@@ -523,9 +549,7 @@ class Pipeline:
         flush = getattr(stage, "flush", None)
         if flush is None:
             return
-        run.meters[index].busy_s += await self._call(
-            run, index, "flush", lambda: None, flush, emit
-        )
+        run.meters[index].busy_s += await self._call(run, index, "flush", lambda: None, flush, emit)
 
     async def _drive_parallel(
         self, run: _Run, index: int, stage: Any, receiver: ChannelReceiver[Any], sink: Sink | None
@@ -560,14 +584,13 @@ class Pipeline:
             with slots:
                 async for slot in slots:
                     collected: list[Any] = []
-
-                    async def collect(out: Any) -> None:
-                        collected.append(out)
-
                     slot.busy_s = await self._call(
-                        run, index, "process",
-                        lambda slot=slot: describe_item(slot.item, slot.index),
-                        lambda slot=slot: stage.process(slot.item), collect,
+                        run,
+                        index,
+                        "process",
+                        functools.partial(describe_item, slot.item, slot.index),
+                        functools.partial(stage.process, slot.item),
+                        functools.partial(_append, collected),
                     )
                     slot.outputs = collected
                     slot.done.set()
@@ -583,8 +606,11 @@ class Pipeline:
                     if observer is not None:
                         observer.on_channel(receiver.statistics())
                         observer.on_item(
-                            name, slot.busy_s, nbytes(slot.item),
-                            meter.bytes_out - bytes_before, meter.items_out - out_before,
+                            name,
+                            slot.busy_s,
+                            nbytes(slot.item),
+                            meter.bytes_out - bytes_before,
+                            meter.items_out - out_before,
                         )
                     slot.outputs = []
             await self._flush(run, index, stage, emit)
@@ -595,6 +621,10 @@ class Pipeline:
                 for _ in range(workers):
                     group.start_soon(work, work_receive.clone(), name=f"{name}-worker")
             group.start_soon(reorder)
+
+
+async def _append(outputs: list[Any], out: Any) -> None:
+    outputs.append(out)
 
 
 def _add_note(exc: BaseException, note: str) -> None:
