@@ -1,0 +1,291 @@
+"""Our encoding of SGLang's weight-update payloads (what travels in ``serialized_named_tensors``).
+
+SGLang's ``/update_weights_from_tensor`` takes one payload per TP rank; each payload is a
+``torch.multiprocessing`` ForkingPickler pickle (CPU tensors become shared-memory handles,
+CUDA tensors CUDA-IPC handles), base64-encoded inside JSON, and the server decodes it with
+an allow-listed unpickler. Two payload shapes exist: plain ``[(name, tensor), ...]`` and,
+with ``load_format="flattened_bucket"``, ``{"flattened_tensor": uint8, "metadata": [...]}``
+whose metadata entries the server reads by attribute (name, shape, dtype, start_idx,
+end_idx, numel). This module writes both, plus the byte layout SGLang's distributed
+receiver allocates (``FlattenedTensorBucket.empty``: no padding, so starts must be aligned
+by ordering). It never imports sglang unless asked for SGLang's own metadata class, and the
+tests prove the result decodes with SGLang's code, not ours.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import threading
+import types
+from multiprocessing.reduction import ForkingPickler
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.multiprocessing  # registers torch's tensor/storage reducers on ForkingPickler
+
+__all__ = [
+    "ALIGN_BYTES",
+    "FlatLayout",
+    "MetadataKind",
+    "aligned_layout",
+    "b64encode_payloads",
+    "distributed_order",
+    "dtype_name",
+    "encode_flattened_bucket",
+    "encode_named_tensors",
+    "flatten",
+    "metadata_objects",
+]
+
+ALIGN_BYTES = 16
+"""Start of every tensor inside a flattened payload is a multiple of this. SGLang rebuilds
+each tensor as ``flat[start:end].view(dtype)``, which needs ``start % itemsize == 0``; 16
+covers every dtype up to complex128 (SGLang's own bucket does not pad, and a fp32 after an
+odd-length bf16 fails to rebuild)."""
+
+MetadataKind = Literal["auto", "sglang", "namespace"]
+"""Which object carries flattened-bucket metadata on the wire. ``sglang``: SGLang's own
+``FlattenedTensorMetadata`` (needs ``sglang`` importable here). ``namespace``: a
+``types.SimpleNamespace`` with the same attributes (allowed by SGLang's safe unpickler, and
+SGLang's loaders read the metadata only by attribute). ``auto``: sglang's class when
+importable, else the namespace."""
+
+_SGLANG_BUCKET_MODULE = "sglang.srt.weight_sync.tensor_bucket"
+
+# set_sharing_strategy is process-wide; hold it while a pickle is written under a
+# different strategy so two encoders never interleave their set/restore.
+_STRATEGY_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each tensor sits in a flattened uint8 buffer (byte offsets, end exclusive)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    dtypes: tuple[torch.dtype, ...]
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+    total_bytes: int
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the string SGLang resolves with getattr(torch, .)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def aligned_layout(
+    tensors: Sequence[tuple[str, torch.Tensor]], *, align: int = ALIGN_BYTES
+) -> FlatLayout:
+    """Byte layout of ``tensors`` in source order, each start a multiple of ``align``.
+
+    Raises:
+        ValueError: if ``tensors`` is empty (SGLang refuses empty buckets).
+    """
+    if not tensors:
+        raise ValueError("cannot flatten an empty bucket (SGLang refuses empty buckets)")
+    starts: list[int] = []
+    ends: list[int] = []
+    offset = 0
+    for _, t in tensors:
+        offset = _round_up(offset, align)
+        starts.append(offset)
+        offset += t.numel() * t.element_size()
+        ends.append(offset)
+    return FlatLayout(
+        names=tuple(n for n, _ in tensors),
+        shapes=tuple(t.shape for _, t in tensors),
+        dtypes=tuple(t.dtype for _, t in tensors),
+        starts=tuple(starts),
+        ends=tuple(ends),
+        total_bytes=offset,
+    )
+
+
+def flatten(
+    tensors: Sequence[tuple[str, torch.Tensor]], layout: FlatLayout | None = None
+) -> tuple[torch.Tensor, FlatLayout]:
+    """Copy ``tensors`` into one new uint8 buffer (on the first tensor's device).
+
+    Padding bytes are zero, so equal inputs give equal buffers.
+
+    Raises:
+        ValueError: if ``tensors`` is empty or the tensors sit on different devices.
+    """
+    layout = layout or aligned_layout(tensors)
+    device = tensors[0][1].device
+    buffer = torch.zeros(layout.total_bytes, dtype=torch.uint8, device=device)
+    for (name, t), start, end in zip(tensors, layout.starts, layout.ends):
+        if t.device != device:
+            raise ValueError(f"tensor {name!r} is on {t.device}, the bucket on {device}")
+        if end > start:
+            buffer[start:end].copy_(t.detach().reshape(-1).view(torch.uint8))
+    return buffer, layout
+
+
+def _views_into(buffer: torch.Tensor, tensors: Sequence[tuple[str, torch.Tensor]]) -> FlatLayout:
+    """Layout of tensors that are already contiguous, aligned views of ``buffer``.
+
+    Raises:
+        ValueError: naming the first tensor that is not such a view.
+    """
+    base = buffer.data_ptr()
+    limit = base + buffer.numel()
+    starts: list[int] = []
+    ends: list[int] = []
+    for name, t in tensors:
+        start = t.data_ptr() - base
+        nbytes = t.numel() * t.element_size()
+        if (
+            t.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+            or not t.is_contiguous()
+            or start < 0
+            or base + start + nbytes > limit
+            or start % max(t.element_size(), 1)
+        ):
+            raise ValueError(f"tensor {name!r} is not an aligned contiguous view of the buffer")
+        starts.append(start)
+        ends.append(start + nbytes)
+    return FlatLayout(
+        names=tuple(n for n, _ in tensors),
+        shapes=tuple(t.shape for _, t in tensors),
+        dtypes=tuple(t.dtype for _, t in tensors),
+        starts=tuple(starts),
+        ends=tuple(ends),
+        total_bytes=int(buffer.numel()),
+    )
+
+
+def metadata_objects(layout: FlatLayout, kind: MetadataKind = "auto") -> list[Any]:
+    """The ``metadata`` list of a flattened-bucket payload, one entry per tensor.
+
+    Raises:
+        ImportError: ``kind="sglang"`` and sglang is not importable.
+    """
+    cls: Any = None
+    if kind != "namespace":
+        try:
+            cls = importlib.import_module(_SGLANG_BUCKET_MODULE).FlattenedTensorMetadata
+        except ImportError as exc:
+            if kind == "sglang":
+                raise ImportError(
+                    "metadata='sglang' needs the sglang package here "
+                    "(pip install --no-deps sglang); use metadata='namespace' without it"
+                ) from exc
+    make = cls if cls is not None else types.SimpleNamespace
+    return [
+        make(
+            name=name,
+            shape=torch.Size(shape),
+            dtype=dtype,
+            start_idx=start,
+            end_idx=end,
+            numel=end - start,  # SGLang's numel counts bytes of the uint8 view
+        )
+        for name, shape, dtype, start, end in zip(
+            layout.names, layout.shapes, layout.dtypes, layout.starts, layout.ends
+        )
+    ]
+
+
+@contextmanager
+def _sharing_strategy(strategy: str | None) -> Iterator[None]:
+    if strategy is None or strategy == torch.multiprocessing.get_sharing_strategy():
+        yield
+        return
+    with _STRATEGY_LOCK:
+        previous = torch.multiprocessing.get_sharing_strategy()
+        torch.multiprocessing.set_sharing_strategy(strategy)
+        try:
+            yield
+        finally:
+            torch.multiprocessing.set_sharing_strategy(previous)
+
+
+def _pickle(obj: object, cpu_strategy: str | None) -> bytes:
+    buf = io.BytesIO()
+    with _sharing_strategy(cpu_strategy):
+        ForkingPickler(buf).dump(obj)
+    return buf.getvalue()
+
+
+def encode_named_tensors(
+    tensors: Sequence[tuple[str, torch.Tensor]],
+    *,
+    tp_size: int = 1,
+    cpu_strategy: str | None = "file_system",
+) -> list[bytes]:
+    """One payload per TP rank of plain ``[(name, tensor), ...]`` (``load_format=None``).
+
+    Each rank gets its own pickle so that each holds its own CUDA-IPC reference (SGLang
+    decodes only its own entry). CPU tensors are moved to shared memory by the pickler;
+    ``cpu_strategy="file_system"`` makes that memory openable by an unrelated process on
+    the same node (the default strategy only works for child processes).
+
+    Raises:
+        ValueError: if ``tp_size < 1``.
+    """
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    items = [(name, t.detach()) for name, t in tensors]
+    return [_pickle(items, cpu_strategy) for _ in range(tp_size)]
+
+
+def encode_flattened_bucket(
+    tensors: Sequence[tuple[str, torch.Tensor]],
+    *,
+    tp_size: int = 1,
+    buffer: torch.Tensor | None = None,
+    metadata: MetadataKind = "auto",
+    cpu_strategy: str | None = "file_system",
+) -> list[bytes]:
+    """One ``load_format="flattened_bucket"`` payload per TP rank.
+
+    When ``buffer`` is given and every tensor is an aligned, contiguous view of it (a
+    bucket the Fetch stage already flattened), that buffer is sent as is; otherwise the
+    tensors are copied into a new aligned buffer.
+
+    Raises:
+        ValueError: if ``tensors`` is empty, ``tp_size < 1`` or devices differ.
+        ImportError: ``metadata="sglang"`` without sglang installed.
+    """
+    if tp_size < 1:
+        raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+    layout: FlatLayout | None = None
+    if buffer is not None and tensors:
+        try:
+            layout = _views_into(buffer, tensors)
+            flat = buffer
+        except ValueError:
+            layout = None
+    if layout is None:
+        flat, layout = flatten(tensors)
+    payload = {"flattened_tensor": flat, "metadata": metadata_objects(layout, metadata)}
+    return [_pickle(payload, cpu_strategy) for _ in range(tp_size)]
+
+
+def b64encode_payloads(payloads: Sequence[bytes]) -> list[str]:
+    """The JSON form of ``serialized_named_tensors``: standard base64 text per rank."""
+    return [base64.b64encode(p).decode("ascii") for p in payloads]
+
+
+def distributed_order(
+    tensors: Sequence[tuple[str, torch.Tensor]],
+) -> list[tuple[str, torch.Tensor]]:
+    """The tensors reordered so that SGLang's unpadded receive bucket is aligned.
+
+    ``FlattenedTensorBucket.empty`` packs tensors back to back and refuses a start that is
+    not a multiple of the dtype's itemsize. Sorting by itemsize, largest first (stable, so
+    equal itemsizes keep source order), makes every start such a multiple: each prefix's
+    size is a multiple of every itemsize that follows it.
+    """
+    return sorted(tensors, key=lambda item: -item[1].element_size())
