@@ -19,10 +19,10 @@ import importlib
 import io
 import threading
 import types
-from multiprocessing.reduction import ForkingPickler
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Literal
 
 import torch
@@ -124,7 +124,7 @@ def flatten(
     layout = layout or aligned_layout(tensors)
     device = tensors[0][1].device
     buffer = torch.zeros(layout.total_bytes, dtype=torch.uint8, device=device)
-    for (name, t), start, end in zip(tensors, layout.starts, layout.ends):
+    for (name, t), start, end in zip(tensors, layout.starts, layout.ends, strict=True):
         if t.device != device:
             raise ValueError(f"tensor {name!r} is on {t.device}, the bucket on {device}")
         if end > start:
@@ -192,7 +192,7 @@ def metadata_objects(layout: FlatLayout, kind: MetadataKind = "auto") -> list[An
             numel=end - start,  # SGLang's numel counts bytes of the uint8 view
         )
         for name, shape, dtype, start, end in zip(
-            layout.names, layout.shapes, layout.dtypes, layout.starts, layout.ends
+            layout.names, layout.shapes, layout.dtypes, layout.starts, layout.ends, strict=True
         )
     ]
 
