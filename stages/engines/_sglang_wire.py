@@ -197,18 +197,26 @@ def metadata_objects(layout: FlatLayout, kind: MetadataKind = "auto") -> list[An
     ]
 
 
+def _get_strategy() -> str:
+    return str(torch.multiprocessing.get_sharing_strategy())  # type: ignore[no-untyped-call]
+
+
+def _set_strategy(strategy: str) -> None:
+    torch.multiprocessing.set_sharing_strategy(strategy)  # type: ignore[no-untyped-call]
+
+
 @contextmanager
 def _sharing_strategy(strategy: str | None) -> Iterator[None]:
-    if strategy is None or strategy == torch.multiprocessing.get_sharing_strategy():
+    if strategy is None or strategy == _get_strategy():
         yield
         return
     with _STRATEGY_LOCK:
-        previous = torch.multiprocessing.get_sharing_strategy()
-        torch.multiprocessing.set_sharing_strategy(strategy)
+        previous = _get_strategy()
+        _set_strategy(strategy)
         try:
             yield
         finally:
-            torch.multiprocessing.set_sharing_strategy(previous)
+            _set_strategy(previous)
 
 
 def _pickle(obj: object, cpu_strategy: str | None) -> bytes:
