@@ -1,0 +1,456 @@
+"""The Fetch stage: named tensors in, byte-bounded WeightBuckets out.
+
+Fetch is where a sync's memory is bounded first. It validates every ``(name, tensor)``
+pair before the tensor joins a bucket, places it with the pure ``BucketPlanner`` rule
+(no bucket over ``bucket_bytes`` unless it holds one larger tensor alone), and copies it
+into the bucket's single uint8 buffer at an aligned offset, so every tensor of the
+bucket is a view of that buffer and rebuilds bit-exactly. Copies run in the stage's own
+worker thread in batches, so the event loop never moves bytes. On CUDA the buffer is
+assembled in pinned host memory and sent with one ``non_blocking`` copy on a dedicated
+copy stream; downstream gets the event recorded after it (``bucket.ready``), never a
+host synchronisation per tensor. On CPU the same path runs without streams.
+
+Memory invariant (why ``is_last`` is exact): a bucket is emitted only when the first
+tensor of the next bucket has arrived (then ``is_last=False``) or at ``flush`` (then
+``is_last=True``). So Fetch holds at most one open bucket (at most ``bucket_bytes``, or
+one oversize tensor) plus up to ``_COPY_BATCH_BYTES`` of source tensors not yet copied;
+with a pipeline of depth ``d`` behind it, ``(d + 2) * bucket_bytes`` bounds what a
+Fetch-to-sink run keeps alive (buffers are recycled from a small pool once downstream
+drops every view of them).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import mmap
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import anyio
+import anyio.to_thread
+import torch
+from weightpipe.pipeline import Stage
+
+from ._bucketing import BucketPlanner, TensorLayout, copy_into, tensor_alignment, unflatten
+from .bucket import WeightBucket
+from .sources import materialise
+
+__all__ = ["EmptySource", "Fetch", "FetchStats"]
+
+EmptySource = Literal["error", "empty"]
+
+# Small tensors are copied in batches of about this many bytes per worker-thread hop, so
+# a model of ~18k small expert matrices does not pay one thread round trip per tensor.
+_COPY_BATCH_BYTES = 16 << 20
+
+# Buffers at least this large are mapped with MADV_HUGEPAGE: first-touch page faults on
+# fresh 4 KiB pages otherwise cost more than the copy itself.
+_HUGEPAGE_MIN_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class FetchStats:
+    """What a Fetch stage has done since it was built (monotonic counters).
+
+    Attributes:
+        tensors: tensors admitted into buckets.
+        bytes: their bytes (alignment padding excluded).
+        made_contiguous: non-contiguous tensors that were copied into place element-wise.
+        buckets: buckets emitted.
+        syncs: syncs started (``open``/``reset`` calls).
+    """
+
+    tensors: int = 0
+    bytes: int = 0
+    made_contiguous: int = 0
+    buckets: int = 0
+    syncs: int = 0
+
+
+def _use_count(tensor: torch.Tensor) -> int:
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:  # pragma: no cover - older torch: never recycle
+        return -1
+    return int(count(tensor.untyped_storage()._cdata))
+
+
+def _allocate_host(nbytes: int, *, pin: bool) -> torch.Tensor:
+    if pin:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    if nbytes >= _HUGEPAGE_MIN_BYTES and sys.platform.startswith("linux"):
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        advise = getattr(mmap, "MADV_HUGEPAGE", None)
+        if advise is not None:
+            region.madvise(advise)
+        return torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+class _BufferPool:
+    """Host buffers of ``capacity`` bytes, reused once nothing but the pool holds them.
+
+    A buffer is free when its storage has no user beyond the pool's own reference (every
+    bucket view downstream is gone) and, on CUDA, the copy that last read it finished.
+    At most ``keep`` buffers are retained; oversize requests are never pooled.
+    """
+
+    def __init__(self, capacity: int, keep: int, *, pin: bool) -> None:
+        self.capacity = capacity
+        self.keep = keep
+        self.pin = pin
+        # (buffer, idle use count, event of the last copy out of it)
+        self._entries: list[list[Any]] = []
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.capacity:
+            return _allocate_host(nbytes, pin=self.pin)
+        for entry in self._entries:
+            buffer, idle, event = entry
+            if _use_count(buffer) == idle and (event is None or event.query()):
+                entry[2] = None
+                return buffer  # type: ignore[no-any-return]
+        buffer = _allocate_host(self.capacity, pin=self.pin)
+        if len(self._entries) >= self.keep:
+            self._entries.pop(0)  # freed when downstream drops it
+        self._entries.append([buffer, _use_count(buffer), None])
+        return buffer
+
+    def mark_copied(self, buffer: torch.Tensor, event: Any) -> None:
+        for entry in self._entries:
+            if entry[0] is buffer:
+                entry[2] = event
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class _OpenBucket:
+    """The bucket being filled; only the stage's worker thread copies into it."""
+
+    __slots__ = (
+        "device_sources",
+        "host",
+        "index",
+        "layouts",
+        "made_contiguous",
+        "pending",
+        "pending_bytes",
+        "tensor_bytes",
+        "tensors",
+        "used",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.layouts: list[TensorLayout] = []
+        self.tensors: list[tuple[str, torch.Tensor]] = []  # flatten=False only
+        self.pending: list[tuple[TensorLayout, torch.Tensor]] = []
+        self.device_sources: list[tuple[TensorLayout, torch.Tensor]] = []
+        self.pending_bytes = 0
+        self.host: torch.Tensor | None = None
+        self.used = 0
+        self.tensor_bytes = 0
+        self.made_contiguous = 0
+
+
+class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
+    """Turn ``(name, tensor)`` pairs into byte-bounded ``WeightBucket``s.
+
+    Args:
+        bucket_bytes: the most bytes a bucket's buffer holds (padding included); a single
+            larger tensor travels alone in a bucket of its own size.
+        version: the weight version stamped on every bucket; set the attribute (or call
+            ``reset(version)``) before each sync, since one Fetch serves many syncs.
+        align_bytes: each tensor starts at a multiple of ``max(align_bytes, element
+            size)`` in the buffer (a power of two).
+        device: where bucket tensors live (``"cpu"`` or a CUDA device).
+        empty_source: what a sync with no tensors does: ``"error"`` raises; ``"empty"``
+            emits one empty bucket with ``is_last=True`` so Load still commits.
+        allow: optional allow-list of names; entries with ``*?[`` are fnmatch patterns.
+        flatten: True packs each bucket into one buffer; False passes the tensors
+            themselves (made contiguous, moved to ``device``) with ``buffer=None``.
+        keep_buffers: host buffers recycled within a sync (released at ``close``).
+
+    Each bucket's ``meta`` has ``made_contiguous``, ``tensor_bytes`` and
+    ``padding_bytes``. The stage is stateful: ``workers`` is 1.
+
+    Raises:
+        ValueError: a non-positive ``bucket_bytes``, an ``align_bytes`` that is not a
+            power of two, an unknown ``empty_source``, or ``keep_buffers`` < 1.
+    """
+
+    name: ClassVar[str] = "fetch"
+
+    def __init__(
+        self,
+        bucket_bytes: int = 256 << 20,
+        *,
+        version: int = 0,
+        align_bytes: int = 256,
+        device: str | torch.device = "cpu",
+        empty_source: EmptySource = "error",
+        allow: Sequence[str] | None = None,
+        flatten: bool = True,
+        keep_buffers: int = 3,
+    ) -> None:
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(
+                f"fetch: bucket_bytes must be a positive integer, got {bucket_bytes!r}"
+            )
+        if align_bytes < 1 or align_bytes & (align_bytes - 1):
+            raise ValueError(f"fetch: align_bytes must be a power of two, got {align_bytes!r}")
+        if empty_source not in ("error", "empty"):
+            raise ValueError(
+                f"fetch: empty_source must be 'error' or 'empty', got {empty_source!r}"
+            )
+        if keep_buffers < 1:
+            raise ValueError(f"fetch: keep_buffers must be >= 1, got {keep_buffers!r}")
+        self.bucket_bytes = bucket_bytes
+        self.version = version
+        self.align_bytes = align_bytes
+        self.device = torch.device(device)
+        self.empty_source: EmptySource = empty_source
+        self.flatten = flatten
+        self.allow: tuple[str, ...] | None = None if allow is None else tuple(allow)
+        allowed = self.allow or ()
+        self._allow_exact = frozenset(a for a in allowed if not any(c in a for c in "*?["))
+        self._allow_patterns = tuple(a for a in allowed if any(c in a for c in "*?["))
+        self._cuda = self.device.type == "cuda"
+        self._limiter = anyio.CapacityLimiter(1)
+        self._pool = _BufferPool(bucket_bytes, keep_buffers, pin=self._cuda)
+        self._stream: Any = None
+        self._counts = {"tensors": 0, "bytes": 0, "made_contiguous": 0, "buckets": 0, "syncs": 0}
+        self._names: set[str] = set()
+        self._planner = BucketPlanner(bucket_bytes)
+        self._open_bucket: _OpenBucket | None = None
+        self._emitted = 0
+
+    @property
+    def stats(self) -> FetchStats:
+        """A snapshot of the stage's counters."""
+        return FetchStats(**self._counts)
+
+    def reset(self, version: int | None = None) -> None:
+        """Start a new sync (bucket index 0, no names seen), optionally at ``version``.
+
+        ``open`` calls this, so a plain ``Pipeline.run`` starts a fresh sync by itself.
+        """
+        if version is not None:
+            self.version = version
+        self._names = set()
+        self._planner = BucketPlanner(self.bucket_bytes)
+        self._open_bucket = None
+        self._emitted = 0
+        self._counts["syncs"] += 1
+
+    async def open(self) -> None:
+        """Start a sync; on CUDA, create the copy stream.
+
+        Raises:
+            RuntimeError: a CUDA device was asked for and CUDA is not available.
+        """
+        if self._cuda:
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    f"fetch: device {self.device} asked for, but CUDA is unavailable"
+                )
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+        self.reset()
+
+    async def close(self) -> None:
+        """Drop the open bucket and the recycled buffers (returned to the system)."""
+        self._open_bucket = None
+        self._pool.clear()
+
+    async def process(self, item: tuple[str, torch.Tensor]) -> AsyncIterator[WeightBucket]:
+        """Admit one pair; yields the previous bucket when this tensor opens a new one.
+
+        Raises:
+            TypeError: the item is not a ``(str, Tensor)`` pair (names the tensor).
+            ValueError: a duplicate name, a name outside ``allow``, or a sparse, meta,
+                quantized or complex tensor (names the tensor).
+        """
+        name, tensor = self._validate(item)
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard: gather it (a collective)
+            tensor = await anyio.to_thread.run_sync(materialise, name, tensor)
+        self._names.add(name)
+        nbytes = tensor.numel() * tensor.element_size()
+        align = tensor_alignment(tensor.dtype, self.align_bytes)
+        opens, offset = self._planner.place(nbytes, align)
+        if opens and self._open_bucket is not None:
+            yield await self._finish(is_last=False)
+        if opens:
+            self._open_bucket = _OpenBucket(self._emitted)
+        bucket = self._open_bucket
+        assert bucket is not None
+        layout = TensorLayout(name, tensor.dtype, tuple(tensor.shape), offset, nbytes)
+        self._counts["tensors"] += 1
+        self._counts["bytes"] += nbytes
+        bucket.tensor_bytes += nbytes
+        bucket.used = offset + nbytes
+        if not tensor.is_contiguous():
+            bucket.made_contiguous += 1
+            self._counts["made_contiguous"] += 1
+        if not self.flatten:
+            bucket.layouts.append(layout)
+            bucket.tensors.append((name, tensor))
+            return
+        bucket.layouts.append(layout)
+        if self._cuda and tensor.device.type == "cuda":
+            bucket.device_sources.append((layout, tensor))
+            return
+        bucket.pending.append((layout, tensor))
+        bucket.pending_bytes += nbytes
+        if bucket.pending_bytes >= _COPY_BATCH_BYTES:
+            await anyio.to_thread.run_sync(self._copy_pending, bucket, limiter=self._limiter)
+
+    async def flush(self) -> AsyncIterator[WeightBucket]:
+        """Emit the last bucket with ``is_last=True`` (or handle an empty source).
+
+        Raises:
+            ValueError: the source yielded no tensors and ``empty_source="error"``.
+        """
+        if self._open_bucket is not None:
+            yield await self._finish(is_last=True)
+            return
+        if self.empty_source == "error":
+            raise ValueError(
+                f"fetch: the source yielded no tensors for version {self.version} "
+                "(pass empty_source='empty' to commit an empty sync)"
+            )
+        self._counts["buckets"] += 1
+        self._emitted += 1
+        empty = torch.empty(0, dtype=torch.uint8, device=self.device) if self.flatten else None
+        yield WeightBucket(
+            (),
+            0,
+            True,
+            self.version,
+            buffer=empty,
+            meta={"made_contiguous": 0, "tensor_bytes": 0, "padding_bytes": 0},
+        )
+
+    # -- validation ---------------------------------------------------------------------
+
+    def _validate(self, item: object) -> tuple[str, torch.Tensor]:
+        if not isinstance(item, tuple | list) or len(item) != 2 or not isinstance(item[0], str):
+            text = repr(item)
+            text = text if len(text) <= 80 else text[:77] + "..."
+            raise TypeError(f"fetch: expected a (name, tensor) pair, got {text}")
+        name, tensor = item
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(
+                f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__qualname__}"
+            )
+        if name in self._names:
+            raise ValueError(
+                f"tensor {name!r}: duplicate name in the sync of version {self.version}"
+            )
+        if self.allow is not None and not self._allowed(name):
+            raise ValueError(f"tensor {name!r}: not in the allow-list")
+        if tensor.layout != torch.strided:
+            raise ValueError(f"tensor {name!r}: {tensor.layout} tensors are not supported")
+        if tensor.is_meta:
+            raise ValueError(f"tensor {name!r}: is on the meta device and has no data")
+        if tensor.is_complex():
+            raise ValueError(f"tensor {name!r}: complex dtype {tensor.dtype} is not supported")
+        if tensor.is_quantized:
+            raise ValueError(f"tensor {name!r}: quantized dtype {tensor.dtype} is not supported")
+        return name, tensor
+
+    def _allowed(self, name: str) -> bool:
+        if name in self._allow_exact:
+            return True
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self._allow_patterns)
+
+    # -- copies (worker thread) ---------------------------------------------------------
+
+    def _capacity_for(self, bucket: _OpenBucket) -> int:
+        # The planner already decided: only a lone oversize tensor exceeds bucket_bytes.
+        first = bucket.layouts[0]
+        return max(self.bucket_bytes, first.end)
+
+    def _copy_pending(self, bucket: _OpenBucket) -> None:
+        if bucket.host is None:
+            bucket.host = self._pool.take(self._capacity_for(bucket))
+        host = bucket.host
+        for layout, tensor in bucket.pending:
+            copy_into(host, layout, tensor)
+        bucket.pending = []  # drop the source tensors as soon as their bytes are copied
+        bucket.pending_bytes = 0
+
+    def _seal(self, bucket: _OpenBucket) -> tuple[torch.Tensor, Any]:
+        """Finish the copies; returns the bucket's buffer and its ready event (or None)."""
+        used = bucket.used
+        if bucket.pending or bucket.host is None:
+            self._copy_pending(bucket)
+        host = bucket.host
+        assert host is not None
+        if not self._cuda:
+            return host[:used], None
+        stream = self._stream
+        device_buffer = torch.empty(used, dtype=torch.uint8, device=self.device)
+        # The buffer was allocated on the current stream; the copy stream must not write
+        # before earlier work there, nor may the allocator reuse it before the copy ends.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            if used:
+                device_buffer.copy_(host[:used], non_blocking=True)
+            for layout, tensor in bucket.device_sources:
+                tensor.record_stream(stream)
+                copy_into(device_buffer, layout, tensor)
+            device_buffer.record_stream(stream)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(stream)
+        self._pool.mark_copied(host, event)
+        bucket.device_sources = []
+        return device_buffer, event
+
+    def _seal_unflattened(self, bucket: _OpenBucket) -> tuple[list[tuple[str, torch.Tensor]], Any]:
+        if not self._cuda:
+            return [(name, t.to(self.device).contiguous()) for name, t in bucket.tensors], None
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        moved: list[tuple[str, torch.Tensor]] = []
+        with torch.cuda.stream(stream):
+            for name, tensor in bucket.tensors:
+                source = tensor.contiguous()
+                if source.device.type == "cuda":
+                    source.record_stream(stream)
+                moved.append((name, source.to(self.device, non_blocking=True)))
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(stream)
+        return moved, event
+
+    async def _finish(self, *, is_last: bool) -> WeightBucket:
+        bucket = self._open_bucket
+        assert bucket is not None
+        self._open_bucket = None
+        buffer: torch.Tensor | None
+        if self.flatten:
+            flat, ready = await anyio.to_thread.run_sync(self._seal, bucket, limiter=self._limiter)
+            tensors = unflatten(flat, bucket.layouts)
+            buffer = flat
+        else:
+            tensors, ready = await anyio.to_thread.run_sync(
+                self._seal_unflattened, bucket, limiter=self._limiter
+            )
+            buffer = None
+        self._counts["buckets"] += 1
+        self._emitted += 1
+        return WeightBucket(
+            tuple(tensors),
+            bucket.index,
+            is_last,
+            self.version,
+            buffer=buffer,
+            ready=ready,
+            meta={
+                "made_contiguous": bucket.made_contiguous,
+                "tensor_bytes": bucket.tensor_bytes,
+                "padding_bytes": bucket.used - bucket.tensor_bytes if self.flatten else 0,
+            },
+        )

@@ -1,0 +1,266 @@
+"""Weight sources: whatever a trainer holds, as a lazy stream of ``(name, tensor)`` pairs.
+
+Every function here returns something ``weightpipe.pipeline.as_async_iter`` accepts, and
+yields one tensor at a time, so Fetch bounds memory no matter how large the model is: a
+module or a state_dict (DTensor/FSDP2 shards gathered with ``full_tensor()`` one tensor
+at a time, a collective every rank must join in the same order), any sync or async
+iterable of pairs (a checkpoint engine's ``receive_weights()`` async generator), and a
+directory of safetensors shards read through the safetensors library, memory-mapped,
+one tensor at a time. For the torch.distributed receiver see ``weightpipe.stages.
+distributed``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import torch
+
+__all__ = [
+    "NamedTensor",
+    "materialise",
+    "named_tensors",
+    "safetensors_index",
+    "safetensors_source",
+]
+
+NamedTensor = tuple[str, torch.Tensor]
+
+INDEX_FILE = "model.safetensors.index.json"
+
+# A safetensors header is a little-endian u64 length and that much JSON; anything larger
+# than this is a corrupt file, not a header.
+_MAX_HEADER_BYTES = 100 << 20
+
+
+def materialise(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor behind a DTensor (``full_tensor()``, a collective), else ``tensor``.
+
+    Every rank of the DTensor's mesh must call this for the same tensors in the same
+    order. Plain tensors are returned as they are.
+
+    Raises:
+        RuntimeError: gathering the shards failed (names the tensor).
+    """
+    full_tensor = getattr(tensor, "full_tensor", None)
+    if not callable(full_tensor):
+        return tensor
+    try:
+        gathered = full_tensor()
+    except Exception as exc:
+        raise RuntimeError(f"tensor {name!r}: gathering its DTensor shards failed: {exc}") from exc
+    if not isinstance(gathered, torch.Tensor):
+        raise RuntimeError(f"tensor {name!r}: full_tensor() returned {type(gathered).__name__}")
+    return gathered
+
+
+def named_tensors(
+    obj: torch.nn.Module | Mapping[str, Any] | Iterable[Any] | AsyncIterable[Any],
+    *,
+    include_buffers: bool = False,
+) -> Iterator[NamedTensor] | AsyncIterator[NamedTensor]:
+    """A lazy stream of ``(name, tensor)`` pairs from a module, state_dict or iterable.
+
+    - ``nn.Module``: its parameters (tied ones once, as ``named_parameters`` gives them),
+      then with ``include_buffers`` its persistent buffers (those a state_dict holds).
+    - ``Mapping`` (a state_dict): its items in order.
+    - a sync iterable or an async iterable/generator of pairs: passed through.
+
+    Tensors are detached, and DTensors are gathered with ``full_tensor()`` as they are
+    reached (sync sources in ``as_async_iter``'s worker thread, async ones in a worker
+    thread of their own). Values are not otherwise checked: Fetch validates each pair and
+    names the offending tensor.
+
+    Raises:
+        TypeError: ``obj`` is none of the above (a str or bytes is refused too).
+    """
+    if isinstance(obj, torch.nn.Module):
+        return _module_tensors(obj, include_buffers)
+    if isinstance(obj, Mapping):
+        return _pairs(obj.items())
+    if isinstance(obj, str | bytes):
+        raise TypeError(f"named_tensors: expected tensors, got a {type(obj).__name__}")
+    if isinstance(obj, AsyncIterable):
+        return _async_pairs(obj)
+    if isinstance(obj, Iterable):
+        return _pairs(obj)
+    raise TypeError(
+        "named_tensors: expected an nn.Module, a state_dict, or an (async) iterable of "
+        f"(name, tensor) pairs, got {type(obj).__qualname__}"
+    )
+
+
+def _prepare(item: Any) -> Any:
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
+        name, tensor = item
+        return name, materialise(str(name), tensor).detach()
+    return item  # Fetch rejects it with the tensor's name
+
+
+def _pairs(items: Iterable[Any]) -> Iterator[Any]:
+    for item in items:
+        yield _prepare(item)
+
+
+async def _async_pairs(items: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    iterator = aiter(items)
+    try:
+        async for item in iterator:
+            if (
+                isinstance(item, tuple)
+                and len(item) == 2
+                and callable(getattr(item[1], "full_tensor", None))
+            ):
+                yield await anyio.to_thread.run_sync(_prepare, item)
+            else:
+                yield _prepare(item)
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True):
+                await aclose()
+
+
+def _module_tensors(module: torch.nn.Module, include_buffers: bool) -> Iterator[NamedTensor]:
+    for name, parameter in module.named_parameters():
+        yield name, materialise(name, parameter).detach()
+    if not include_buffers:
+        return
+    for name, buffer in module.named_buffers():
+        owner_path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        if attr in owner._non_persistent_buffers_set:
+            continue  # not part of a checkpoint (e.g. rotary inv_freq)
+        yield name, materialise(name, buffer).detach()
+
+
+# -- safetensors ----------------------------------------------------------------------------
+
+
+def _read_header(file: Path) -> dict[str, Any]:
+    with file.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{file}: too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > _MAX_HEADER_BYTES:
+            raise ValueError(f"{file}: header of {length} bytes; not a safetensors file")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header
+
+
+def safetensors_index(path: str | Path) -> list[tuple[Path, list[tuple[str, int]]]]:
+    """The read plan for a checkpoint: ``[(file, [(name, nbytes), ...]), ...]``.
+
+    ``path`` is one ``.safetensors`` file or a directory. A directory with
+    ``model.safetensors.index.json`` is read as the index says: its files in the order
+    they first appear in ``weight_map``, each one's listed tensors in on-disk order
+    (sequential reads). Without an index, every ``*.safetensors`` file, sorted by name.
+
+    Raises:
+        FileNotFoundError: no such path, no shards, or a shard the index names is missing.
+        ValueError: a malformed header or index, or a tensor the index lists is not in
+            its shard (names the tensor and the file).
+    """
+    root = Path(path)
+    if root.is_file():
+        files: list[tuple[Path, set[str] | None]] = [(root, None)]
+    elif root.is_dir():
+        index_file = root / INDEX_FILE
+        if index_file.exists():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (KeyError, TypeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{index_file}: no valid weight_map ({exc})") from exc
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_file}: weight_map is not an object")
+            by_file: dict[str, set[str]] = {}
+            for name, shard in weight_map.items():
+                by_file.setdefault(str(shard), set()).add(str(name))
+            files = []
+            for shard, names in by_file.items():
+                shard_path = root / shard
+                if not shard_path.is_file():
+                    raise FileNotFoundError(
+                        f"{index_file}: shard {shard!r} (holding e.g. {min(names)!r}) is missing"
+                    )
+                files.append((shard_path, names))
+        else:
+            files = [(file, None) for file in sorted(root.glob("*.safetensors"))]
+            if not files:
+                raise FileNotFoundError(f"{root}: no *.safetensors files and no {INDEX_FILE}")
+    else:
+        raise FileNotFoundError(f"{root}: no such file or directory")
+    plan: list[tuple[Path, list[tuple[str, int]]]] = []
+    for file, wanted in files:
+        header = _read_header(file)
+        if wanted is not None:
+            missing = sorted(wanted - header.keys())
+            if missing:
+                raise ValueError(f"tensor {missing[0]!r}: listed in the index but not in {file}")
+        entries: list[tuple[int, str, int]] = []
+        for name, info in header.items():
+            if wanted is not None and name not in wanted:
+                continue
+            try:
+                start, end = info["data_offsets"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"tensor {name!r}: malformed header entry in {file}") from exc
+            entries.append((int(start), name, int(end) - int(start)))
+        entries.sort()
+        plan.append((file, [(name, nbytes) for _, name, nbytes in entries]))
+    return plan
+
+
+def safetensors_source(path: str | Path, *, window_bytes: int = 256 << 20) -> Iterator[NamedTensor]:
+    """Stream a safetensors checkpoint one tensor at a time (see ``safetensors_index``).
+
+    Tensors come from ``safetensors.safe_open(..., framework="pt")``: zero-copy views of
+    a memory-mapped file, whose pages are read only when a consumer touches them. A
+    mapping stays alive as long as any tensor from it does, so the file is reopened after
+    every ``window_bytes`` of tensors: resident file pages are then bounded by the
+    tensors still alive downstream plus one window, never by the file's size. Files are
+    closed when the generator finishes or is closed early.
+
+    Raises:
+        FileNotFoundError, ValueError: see ``safetensors_index`` (raised on first use).
+        ValueError: ``window_bytes`` < 1.
+    """
+    if window_bytes < 1:
+        raise ValueError(f"window_bytes must be >= 1, got {window_bytes}")
+    return _stream_safetensors(Path(path), window_bytes)
+
+
+def _stream_safetensors(path: Path, window_bytes: int) -> Iterator[NamedTensor]:
+    from safetensors import safe_open
+
+    for file, entries in safetensors_index(path):
+        windows: list[list[str]] = [[]]
+        filled = 0
+        for name, nbytes in entries:
+            if windows[-1] and filled + nbytes > window_bytes:
+                windows.append([])
+                filled = 0
+            windows[-1].append(name)
+            filled += nbytes
+        for window in windows:
+            if not window:
+                continue
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in window:
+                    yield name, handle.get_tensor(name)
