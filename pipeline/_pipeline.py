@@ -154,6 +154,9 @@ class PipelineObserver(Protocol):
     ) -> None:
         """A stage finished one input item after ``seconds`` of work."""
 
+    def on_flush(self, stage: str, seconds: float, bytes_out: int, items_out: int) -> None:
+        """A stage's ``flush`` ran after its last input and emitted ``items_out`` items."""
+
     def on_channel(self, stats: ChannelStatistics) -> None:
         """A channel's occupancy after a receive."""
 
@@ -216,6 +219,12 @@ class _Run:
             self.channels.append(open_channel(depth, name=f"{upstream[i]}->{name}"))
         self.source_items = 0
         self.failures: list[StageError] = []
+
+    def close_channels(self) -> None:
+        # Tasks close their own ends; this catches the ones never started (a failed open).
+        for send, receive in self.channels:
+            send.close()
+            receive.close()
 
     def report(self) -> RunReport:
         channel_stats = tuple(send.statistics() for send, _ in self.channels)
@@ -324,6 +333,7 @@ class Pipeline:
                     group.start_soon(self._drive, run, index, sink)
         except BaseException as exc:
             error = exc
+        run.close_channels()
         close_errors = await self._close(opened)
         report = run.report()
         self._run = None
@@ -549,7 +559,14 @@ class Pipeline:
         flush = getattr(stage, "flush", None)
         if flush is None:
             return
-        run.meters[index].busy_s += await self._call(run, index, "flush", lambda: None, flush, emit)
+        meter = run.meters[index]
+        out_before, bytes_before = meter.items_out, meter.bytes_out
+        busy = await self._call(run, index, "flush", lambda: None, flush, emit)
+        meter.busy_s += busy
+        if self.observer is not None:
+            self.observer.on_flush(
+                meter.name, busy, meter.bytes_out - bytes_before, meter.items_out - out_before
+            )
 
     async def _drive_parallel(
         self, run: _Run, index: int, stage: Any, receiver: ChannelReceiver[Any], sink: Sink | None

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -321,8 +322,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         text = Path(path).read_text()
         try:
             loaded = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
-        except OmegaConfBaseException as exc:
-            raise ConfigError(str(path), f"not a valid YAML mapping: {exc}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise ConfigError(str(path), f"not valid YAML: {_first_line(str(exc))}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(str(path), "the file must hold a mapping at the top level")
         tree = _merge(tree, loaded, str(path))
@@ -336,8 +337,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             )
         try:
             dotlist = OmegaConf.from_dotlist([override])
-        except (GrammarParseError, OmegaConfBaseException) as exc:
-            raise ConfigError(key, f"cannot parse override {override!r}: {exc}") from None
+        except (GrammarParseError, OmegaConfBaseException, yaml.YAMLError) as exc:
+            detail = _first_line(str(exc))
+            raise ConfigError(key, f"cannot parse override {override!r}: {detail}") from None
         tree = _merge(tree, dotlist, f"override {override!r}")
     try:
         config = OmegaConf.to_object(tree)

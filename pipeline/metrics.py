@@ -13,6 +13,7 @@ Series (all ``weightpipe_*``, base units, counters end in ``_total``):
 name                                       type       labels        meaning
 =========================================  =========  ============  ==========================
 weightpipe_stage_seconds                   histogram  stage         busy seconds per input item
+weightpipe_stage_busy_seconds_total        counter    stage         seconds working (process+flush)
 weightpipe_stage_items_total               counter    stage         input items processed
 weightpipe_stage_bytes_total               counter    stage         input bytes processed
 weightpipe_stage_output_bytes_total        counter    stage         output bytes emitted
@@ -78,6 +79,12 @@ class WeightpipeMetrics:
             "Busy seconds a stage spent on one input item.",
             ["stage"],
             buckets=_STAGE_BUCKETS,
+            registry=reg,
+        )
+        self.stage_busy = Counter(
+            "weightpipe_stage_busy_seconds",
+            "Seconds a stage spent working (process and flush, summed over workers).",
+            ["stage"],
             registry=reg,
         )
         self.stage_items = Counter(
@@ -161,8 +168,13 @@ class WeightpipeMetrics:
         self, stage: str, seconds: float, bytes_in: int, bytes_out: int, items_out: int
     ) -> None:
         self.stage_seconds.labels(stage).observe(seconds)
+        self.stage_busy.labels(stage).inc(seconds)
         self.stage_items.labels(stage).inc()
         self.stage_bytes.labels(stage).inc(bytes_in)
+        self.stage_output_bytes.labels(stage).inc(bytes_out)
+
+    def on_flush(self, stage: str, seconds: float, bytes_out: int, items_out: int) -> None:
+        self.stage_busy.labels(stage).inc(seconds)
         self.stage_output_bytes.labels(stage).inc(bytes_out)
 
     def on_channel(self, stats: ChannelStatistics) -> None:
