@@ -71,9 +71,7 @@ class WeightBucket:
         self, tensors: tuple[tuple[str, torch.Tensor], ...], *, ready: Any = None, **meta: Any
     ) -> WeightBucket:
         """A bucket at the same position with new tensors (and no flattened buffer)."""
-        return replace(
-            self, tensors=tensors, buffer=None, ready=ready, meta={**self.meta, **meta}
-        )
+        return replace(self, tensors=tensors, buffer=None, ready=ready, meta={**self.meta, **meta})
 
     def describe(self) -> str:
         """Used in errors: ``bucket 3 of v7 (12 tensors, first 'model.layers.0...')``."""
