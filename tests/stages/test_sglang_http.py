@@ -1,0 +1,371 @@
+"""SGLangHTTPEngine against SGLangHTTPDouble, whose decoding is SGLang's own code.
+
+Covers one full sync on both SGLang behaviours (0.5.23 sessions, 0.5.12 none) and both
+payload formats, bit-identical bf16 + FP8 + fp32 scales in one bucket, TP > 1, the request
+sequence (flush_cache false per bucket, one flush and the version at commit), session
+detection and its overrides, bearer auth, pause modes, retries only on retryable answers,
+and every fault of issue item 6 ending in one clear EngineError with the version unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import torch
+
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import Engine, EngineError
+from weightpipe.stages.engines.sglang_http import SGLangHTTPEngine, parse_version, uses_sessions
+
+from .sglang_double import SessionRefusal, SGLangHTTPDouble
+
+
+def _model() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 130, generator=g)
+    return [
+        # odd-length bf16 first: an unaligned packer would break the fp32 view after it
+        ("model.norm.weight", torch.randn(13, generator=g).to(torch.bfloat16)),
+        ("model.layers.0.mlp.down_proj.weight", w.clamp(-448, 448).to(torch.float8_e4m3fn)),
+        ("model.layers.0.mlp.down_proj.weight_scale_inv", torch.rand(2, 2, generator=g)),
+        ("model.embed_tokens.weight", torch.randn(7, 9, generator=g).to(torch.bfloat16)),
+        ("lm_head.weight", torch.randn(9, 7, generator=g).to(torch.bfloat16)),
+    ]
+
+
+def _spec() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {n: (tuple(t.shape), t.dtype) for n, t in _model()}
+
+
+def _buckets(
+    version: int, tensors: list[tuple[str, torch.Tensor]] | None = None
+) -> list[WeightBucket]:
+    tensors = _model() if tensors is None else tensors
+    halves = [tensors[:3], tensors[3:]]
+    return [
+        WeightBucket(tuple(h), index=i, is_last=i == len(halves) - 1, version=version)
+        for i, h in enumerate(halves)
+    ]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.fixture
+def double() -> Iterator[SGLangHTTPDouble]:
+    with SGLangHTTPDouble(_spec()) as server:
+        yield server
+
+
+@pytest.fixture
+def double_0512() -> Iterator[SGLangHTTPDouble]:
+    with SGLangHTTPDouble(_spec(), behave_like="0.5.12") as server:
+        yield server
+
+
+async def _sync(engine: SGLangHTTPEngine, version: int, buckets: list[WeightBucket]) -> None:
+    await engine.begin(version)
+    try:
+        for bucket in buckets:
+            await engine.load(bucket)
+        await engine.commit(version)
+    except BaseException:
+        await engine.abort(version)
+        raise
+
+
+def _assert_applied(server: SGLangHTTPDouble, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    assert set(server.weights) == {n for n, _ in tensors}
+    for name, sent in tensors:
+        got = server.weights[name]
+        assert got.dtype == sent.dtype, name
+        assert got.shape == sent.shape, name
+        assert torch.equal(_bits(got), _bits(sent)), name
+
+
+def test_engine_satisfies_protocol() -> None:
+    assert isinstance(SGLangHTTPEngine("http://127.0.0.1:1"), Engine)
+
+
+@pytest.mark.parametrize("behave_like", ["0.5.23", "0.5.12"])
+@pytest.mark.parametrize("load_format", ["flattened_bucket", "named_tensors"])
+async def test_sync_is_bit_identical_on_both_sglang_versions(
+    behave_like: str, load_format: str
+) -> None:
+    with SGLangHTTPDouble(_spec(), behave_like=behave_like) as server:  # type: ignore[arg-type]
+        async with SGLangHTTPEngine(server.url, load_format=load_format) as engine:  # type: ignore[arg-type]
+            assert await engine.version() is None  # "default" is not a number
+            await _sync(engine, 7, _buckets(7))
+            assert await engine.version() == 7
+        _assert_applied(server, _model())
+        assert server.weight_version == "7"
+        assert not server.session_open
+
+
+async def test_request_sequence_on_0523(double: SGLangHTTPDouble) -> None:
+    async with SGLangHTTPEngine(double.url) as engine:
+        await _sync(engine, 3, _buckets(3))
+    assert double.paths() == [
+        "/server_info",
+        "/begin_weight_update",
+        "/update_weights_from_tensor",
+        "/update_weights_from_tensor",
+        "/end_weight_update",
+        "/flush_cache",
+        "/update_weight_version",
+    ]
+    updates = [c.body for c in double.calls if c.path == "/update_weights_from_tensor"]
+    assert all(body["flush_cache"] is False for body in updates)
+    assert all(body["load_format"] == "flattened_bucket" for body in updates)
+    assert all("weight_version" not in body for body in updates)  # set once, at commit
+    version_call = next(c for c in double.calls if c.path == "/update_weight_version")
+    assert version_call.body == {"new_version": "3", "abort_all_requests": False}
+
+
+async def test_no_sessions_on_0512(double_0512: SGLangHTTPDouble) -> None:
+    async with SGLangHTTPEngine(double_0512.url) as engine:
+        await _sync(engine, 1, _buckets(1))
+        assert engine.server_version == "0.5.12"
+    paths = double_0512.paths()
+    assert paths[:2] == ["/server_info", "/get_server_info"]  # falls back to the old name
+    assert "/begin_weight_update" not in paths
+    assert "/end_weight_update" not in paths
+
+
+async def test_tensor_parallel_ranks_each_decode_their_own_payload() -> None:
+    with SGLangHTTPDouble(_spec(), tp_size=2) as server:
+        async with SGLangHTTPEngine(server.url, tp_size=2) as engine:
+            await _sync(engine, 1, _buckets(1))
+        assert len(server.updates) == 2
+        for per_rank in server.updates:
+            assert len(per_rank) == 2
+            for (n0, t0), (n1, t1) in zip(per_rank[0], per_rank[1], strict=True):
+                assert n0 == n1
+                assert torch.equal(_bits(t0), _bits(t1))
+        _assert_applied(server, _model())
+
+
+async def test_flattened_buffer_from_fetch_is_sent_as_is(double: SGLangHTTPDouble) -> None:
+    tensors = _model()
+    from weightpipe.stages.engines._sglang_wire import flatten
+
+    buffer, layout = flatten(tensors)
+    views = tuple(
+        (name, buffer[start:end].view(t.dtype).view(t.shape))
+        for (name, t), start, end in zip(tensors, layout.starts, layout.ends, strict=True)
+    )
+    bucket = WeightBucket(views, index=0, is_last=True, version=2, buffer=buffer)
+    async with SGLangHTTPEngine(double.url) as engine:
+        await _sync(engine, 2, [bucket])
+    _assert_applied(double, tensors)
+
+
+async def test_namespace_metadata_decodes_with_sglang(double: SGLangHTTPDouble) -> None:
+    async with SGLangHTTPEngine(double.url, metadata="namespace") as engine:
+        await _sync(engine, 4, _buckets(4))
+    _assert_applied(double, _model())
+
+
+# -- sessions: detection and overrides ---------------------------------------------------
+
+
+def test_version_parsing() -> None:
+    assert parse_version("0.5.23.post1") == (0, 5, 23)
+    assert parse_version("v0.5.12rc0") == (0, 5, 12)
+    assert parse_version("unknown") is None
+    assert uses_sessions("0.5.23") is True
+    assert uses_sessions("0.6.0") is True
+    assert uses_sessions("0.5.12") is False
+    assert uses_sessions("") is None
+
+
+@pytest.mark.parametrize("behave_like", ["0.5.23", "0.5.12"])
+async def test_sessions_probed_when_server_hides_its_version(behave_like: str) -> None:
+    with SGLangHTTPDouble(
+        _spec(),
+        behave_like=behave_like,  # type: ignore[arg-type]
+        version_in_server_info=False,
+    ) as server:
+        async with SGLangHTTPEngine(server.url) as engine:
+            await _sync(engine, 5, _buckets(5))
+            assert await engine.version() == 5
+        assert ("/end_weight_update" in server.paths()) == (behave_like == "0.5.23")
+
+
+async def test_session_off_against_0523_gets_sglangs_refusal(double: SGLangHTTPDouble) -> None:
+    async with SGLangHTTPEngine(double.url, session="off") as engine:
+        await engine.begin(1)
+        with pytest.raises(EngineError, match="must run between begin_weight_update"):
+            await engine.load(_buckets(1)[0])
+        await engine.abort(1)
+        assert await engine.version() is None
+    assert SessionRefusal.endswith("end_weight_update()")
+    assert double.paths().count("/update_weights_from_tensor") == 1  # refusal not retried
+
+
+async def test_session_on_against_0512_names_the_missing_endpoint(
+    double_0512: SGLangHTTPDouble,
+) -> None:
+    async with SGLangHTTPEngine(double_0512.url, session="on") as engine:
+        with pytest.raises(EngineError, match=r"/begin_weight_update does not exist"):
+            await engine.begin(1)
+    assert "/server_info" not in double_0512.paths()  # forced: no detection
+
+
+# -- auth, pause, flush -------------------------------------------------------------------
+
+
+async def test_bearer_api_key() -> None:
+    with SGLangHTTPDouble(_spec(), api_key="s3cret") as server:
+        async with SGLangHTTPEngine(server.url, api_key="s3cret") as engine:
+            await _sync(engine, 1, _buckets(1))
+        assert all(c.authorized for c in server.calls)
+        async with SGLangHTTPEngine(server.url, api_key="wrong", backoff_s=0) as engine:
+            with pytest.raises(EngineError, match="401"):
+                await engine.begin(2)
+        assert [c.authorized for c in server.calls].count(False) == 1  # not retried
+
+
+@pytest.mark.parametrize("mode", ["abort", "retract", "in_place"])
+async def test_pause_modes(double: SGLangHTTPDouble, mode: str) -> None:
+    async with SGLangHTTPEngine(double.url) as engine:
+        await engine.pause(mode)  # type: ignore[arg-type]
+        assert double.paused == mode
+        await engine.resume()
+        assert double.paused is None
+    pause = next(c for c in double.calls if c.path == "/pause_generation")
+    assert pause.body == {"mode": mode}
+
+
+async def test_flush_refused_while_requests_run_in_place() -> None:
+    with SGLangHTTPDouble(_spec(), running_requests=2) as server:
+        async with SGLangHTTPEngine(server.url, retries=2, backoff_s=0) as engine:
+            await engine.pause("in_place")
+            with pytest.raises(EngineError, match="flush_cache failed.*after 3 attempts"):
+                await _sync(engine, 1, _buckets(1))
+            await engine.resume()
+            assert await engine.version() is None  # version never set
+            assert server.paths().count("/flush_cache") == 3  # cache-not-flushed is retried
+            await engine.pause("retract")  # retracted requests let the flush through
+            await _sync(engine, 2, _buckets(2))
+            assert await engine.version() == 2
+
+
+async def test_no_flush_when_disabled(double: SGLangHTTPDouble) -> None:
+    async with SGLangHTTPEngine(double.url, flush_cache_on_commit=False) as engine:
+        await _sync(engine, 1, _buckets(1))
+    assert "/flush_cache" not in double.paths()
+
+
+# -- retries and faults -------------------------------------------------------------------
+
+
+async def test_5xx_is_retried_then_succeeds(double: SGLangHTTPDouble) -> None:
+    double.fail_with_503("/update_weights_from_tensor", 2)
+    async with SGLangHTTPEngine(double.url, retries=3, backoff_s=0) as engine:
+        await _sync(engine, 1, _buckets(1))
+        assert await engine.version() == 1
+    assert double.paths().count("/update_weights_from_tensor") == 4  # 2 refused + 2 buckets
+    _assert_applied(double, _model())
+
+
+async def test_5xx_gives_up_after_retries(double: SGLangHTTPDouble) -> None:
+    double.fail_with_503("/update_weights_from_tensor", 10)
+    async with SGLangHTTPEngine(double.url, retries=2, backoff_s=0) as engine:
+        with pytest.raises(EngineError, match="503.*gave up after 3 attempts") as info:
+            await _sync(engine, 1, _buckets(1))
+        assert info.value.retryable
+        assert await engine.version() is None
+    assert not double.session_open  # abort closed the session
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (("model.layers.9.nope.weight", torch.zeros(2, 2)), "is not a parameter"),
+        (("lm_head.weight", torch.zeros(7, 9, dtype=torch.bfloat16)), r"expects \(9, 7\)"),
+        (("lm_head.weight", torch.zeros(9, 7)), "torch.bfloat16, got"),
+    ],
+    ids=["unknown-name", "shape", "dtype"],
+)
+async def test_validation_failures_name_the_tensor_and_are_not_retried(
+    double: SGLangHTTPDouble, bad: tuple[str, torch.Tensor], match: str
+) -> None:
+    tensors = [*_model()[:3], bad]
+    async with SGLangHTTPEngine(double.url, backoff_s=0) as engine:
+        await _sync(engine, 1, _buckets(1))
+        with pytest.raises(EngineError, match=match) as info:
+            await _sync(engine, 2, _buckets(2, tensors))
+        assert info.value.tensor == bad[0]
+        assert not info.value.retryable
+        assert await engine.version() == 1  # unchanged
+    assert double.paths().count("/update_weights_from_tensor") == 4  # 2 + 2, no retry
+    assert not double.session_open
+
+
+async def test_success_false_is_one_clear_error(double: SGLangHTTPDouble) -> None:
+    double.refuse("/update_weights_from_tensor", "out of memory while loading")
+    async with SGLangHTTPEngine(double.url, backoff_s=0) as engine:
+        with pytest.raises(
+            EngineError, match=r"/update_weights_from_tensor failed \(400\): out of memory"
+        ):
+            await _sync(engine, 1, _buckets(1))
+        assert await engine.version() is None
+    assert double.paths().count("/update_weights_from_tensor") == 1
+
+
+async def test_load_failing_mid_sync_keeps_old_version(double: SGLangHTTPDouble) -> None:
+    async with SGLangHTTPEngine(double.url, backoff_s=0) as engine:
+        await _sync(engine, 1, _buckets(1))
+        first, second = _buckets(2)
+        await engine.begin(2)
+        await engine.load(first)
+        double.refuse("/update_weights_from_tensor", "rank 0 died")
+        with pytest.raises(EngineError, match="rank 0 died"):
+            await engine.load(second)
+        await engine.abort(2)
+        assert await engine.version() == 1
+        assert not double.session_open
+        assert "/update_weight_version" in double.paths()  # only from sync 1
+        assert double.paths().count("/update_weight_version") == 1
+        double.allow("/update_weights_from_tensor")
+        await _sync(engine, 3, _buckets(3))  # the engine is usable again
+        assert await engine.version() == 3
+
+
+async def test_unreachable_engine() -> None:
+    with SGLangHTTPDouble(_spec()) as server:
+        url = server.url
+    async with SGLangHTTPEngine(url, retries=1, backoff_s=0) as engine:
+        with pytest.raises(EngineError, match="cannot reach.*gave up after 2 attempts"):
+            await engine.begin(1)
+
+
+async def test_timeout_on_a_hung_update(double: SGLangHTTPDouble) -> None:
+    double.hang("/update_weights_from_tensor")
+    async with SGLangHTTPEngine(double.url, timeout_s=0.5, retries=3) as engine:
+        with pytest.raises(EngineError, match="timed out after 0.5 s"):
+            await _sync(engine, 1, _buckets(1))
+        assert double.wait_until_hanging()
+        assert await engine.version() is None
+    assert double.paths().count("/update_weights_from_tensor") == 1  # a hang is not retried
+    assert not double.session_open
+
+
+async def test_shared_client_is_left_open(double: SGLangHTTPDouble) -> None:
+    async with httpx.AsyncClient() as client:
+        async with SGLangHTTPEngine(double.url, client=client) as engine:
+            await _sync(engine, 1, _buckets(1))
+        assert not client.is_closed
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="timeout_s"):
+        SGLangHTTPEngine("http://x", timeout_s=0)
+    with pytest.raises(ValueError, match="tp_size"):
+        SGLangHTTPEngine("http://x", tp_size=0)
+    with pytest.raises(ValueError, match="session"):
+        SGLangHTTPEngine("http://x", session="maybe")  # type: ignore[arg-type]
