@@ -244,7 +244,7 @@ async def test_flush_refused_while_requests_run_in_place() -> None:
     with SGLangHTTPDouble(_spec(), running_requests=2) as server:
         async with SGLangHTTPEngine(server.url, retries=2, backoff_s=0) as engine:
             await engine.pause("in_place")
-            with pytest.raises(EngineError, match="flush_cache failed.*after 3 attempts"):
+            with pytest.raises(EngineError, match=r"flush_cache failed.*after 3 attempts"):
                 await _sync(engine, 1, _buckets(1))
             await engine.resume()
             assert await engine.version() is None  # version never set
@@ -275,7 +275,7 @@ async def test_5xx_is_retried_then_succeeds(double: SGLangHTTPDouble) -> None:
 async def test_5xx_gives_up_after_retries(double: SGLangHTTPDouble) -> None:
     double.fail_with_503("/update_weights_from_tensor", 10)
     async with SGLangHTTPEngine(double.url, retries=2, backoff_s=0) as engine:
-        with pytest.raises(EngineError, match="503.*gave up after 3 attempts") as info:
+        with pytest.raises(EngineError, match=r"503.*gave up after 3 attempts") as info:
             await _sync(engine, 1, _buckets(1))
         assert info.value.retryable
         assert await engine.version() is None
@@ -340,14 +340,14 @@ async def test_unreachable_engine() -> None:
     with SGLangHTTPDouble(_spec()) as server:
         url = server.url
     async with SGLangHTTPEngine(url, retries=1, backoff_s=0) as engine:
-        with pytest.raises(EngineError, match="cannot reach.*gave up after 2 attempts"):
+        with pytest.raises(EngineError, match=r"cannot reach.*gave up after 2 attempts"):
             await engine.begin(1)
 
 
 async def test_timeout_on_a_hung_update(double: SGLangHTTPDouble) -> None:
     double.hang("/update_weights_from_tensor")
     async with SGLangHTTPEngine(double.url, timeout_s=0.5, retries=3) as engine:
-        with pytest.raises(EngineError, match="timed out after 0.5 s"):
+        with pytest.raises(EngineError, match=r"timed out after 0\.5 s"):
             await _sync(engine, 1, _buckets(1))
         assert double.wait_until_hanging()
         assert await engine.version() is None
