@@ -1,0 +1,129 @@
+"""One weight sync: a pipeline run in a sync mode, ending in the Load stage, and its report.
+
+``sync_weights`` is the call a trainer makes every few steps: the pre-load stages it
+built (typically Fetch and Fp8Quantize) followed by ``Load(engine)`` run as one pipeline
+over the source, and the result is a frozen ``SyncReport`` with what moved, how long the
+sync and its hard pause took, and, when the engine can measure it (the local engine),
+how fast generation went meanwhile. A sync either commits the new version or raises the
+pipeline's ``StageError`` with the engine still serving its old version and generating.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from weightpipe.pipeline import Pipeline, PipelineObserver, RunReport
+
+from .engines.base import Engine, PauseMode, SyncMode
+from .engines.local import GenerationStats, LocalEngine
+from .load import Load, LoadReport
+
+__all__ = ["SyncReport", "sync_weights"]
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one committed sync did.
+
+    Attributes:
+        version: the version now served.
+        mode / pause_mode: how the sync ran.
+        engine: the engine's name.
+        run: the pipeline's report (per-stage busy/blocked/starved time, channels).
+        load: the Load stage's report (buckets, tensors, bytes, hard pause).
+        bytes: bytes loaded into the engine.
+        seconds: wall time of the whole sync.
+        hard_pause_s: time generation was paused by the sync.
+        generation: generation statistics during the sync (local engine only).
+        tokens_per_s_during_sync: ``generation.tokens_per_s`` when measured.
+        longest_gap_s: ``generation.longest_gap_s`` when measured.
+    """
+
+    version: int
+    mode: SyncMode
+    pause_mode: PauseMode
+    engine: str
+    run: RunReport
+    load: LoadReport
+    bytes: int
+    seconds: float
+    hard_pause_s: float
+    generation: GenerationStats | None = None
+
+    @property
+    def tokens_per_s_during_sync(self) -> float | None:
+        return None if self.generation is None else self.generation.tokens_per_s
+
+    @property
+    def longest_gap_s(self) -> float | None:
+        return None if self.generation is None else self.generation.longest_gap_s
+
+    def format(self) -> str:
+        """A short plain-text summary followed by the pipeline's table."""
+        line = (
+            f"v{self.version} on {self.engine!r} ({self.mode}, pause {self.pause_mode}): "
+            f"{self.load.buckets} buckets, {self.bytes / 1e6:.1f} MB in {self.seconds:.3f} s, "
+            f"hard pause {self.hard_pause_s * 1e3:.1f} ms"
+        )
+        if self.generation is not None:
+            line += (
+                f", {self.generation.tokens_per_s:.0f} tokens/s during the sync, "
+                f"longest gap {self.generation.longest_gap_s * 1e3:.1f} ms"
+            )
+        return line + "\n" + self.run.format()
+
+
+async def sync_weights(
+    source: Iterable[Any] | AsyncIterable[Any],
+    engine: Engine,
+    *,
+    version: int,
+    stages: Sequence[Any] = (),
+    depth: int = 2,
+    mode: SyncMode = "prefetch",
+    pause_mode: PauseMode = "retract",
+    timeout_s: float = 60.0,
+    observer: PipelineObserver | None = None,
+) -> SyncReport:
+    """Install ``version`` from ``source`` into ``engine``: ``stages`` then ``Load``.
+
+    ``source`` is what the first stage takes (``(name, tensor)`` pairs for Fetch, or
+    ready ``WeightBucket``s when ``stages`` is empty); any form ``as_async_iter`` accepts.
+    A stage with an integer ``version`` attribute (Fetch) is set to ``version`` first,
+    so its buckets carry it; Load checks that every bucket does.
+
+    Raises:
+        StageError: a stage, the source or the engine failed (or timed out after
+            ``timeout_s`` per engine call); names the stage, phase and bucket, with the
+            original error as its cause. The engine then reports its old version and
+            generation is resumed.
+        ValueError: an unknown mode, a bad ``depth`` or ``timeout_s``, duplicate stage names.
+    """
+    for stage in stages:
+        if isinstance(getattr(stage, "version", None), int):
+            stage.version = version
+    load = Load(engine, mode=mode, pause_mode=pause_mode, timeout_s=timeout_s, version=version)
+    pipeline = Pipeline([*stages, load], depth, observer=observer)
+    window = engine.open_window() if isinstance(engine, LocalEngine) else None
+    started = time.perf_counter()
+    try:
+        run = await pipeline.run(source)
+    finally:
+        generation = window.close() if window is not None else None
+    seconds = time.perf_counter() - started
+    report = load.report
+    return SyncReport(
+        version=version,
+        mode=mode,
+        pause_mode=pause_mode,
+        engine=report.engine,
+        run=run,
+        load=report,
+        bytes=report.bytes,
+        seconds=seconds,
+        hard_pause_s=report.hard_pause_s,
+        generation=generation,
+    )

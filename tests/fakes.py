@@ -1,0 +1,216 @@
+"""Test fakes, all in one place: a scriptable engine, small stand-in stages, bucket makers.
+
+``FakeEngine`` speaks the ``Engine`` protocol, records every call and can be told to fail
+(or never answer) at any step, so the Load stage's fault handling can be tested without a
+model. ``FakeBucketize``, ``FakeFp8Quantize`` and ``FakeGate`` stand in for pre-load
+stages (and hold a sync at a chosen point, so tests synchronise on events, not sleeps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import ClassVar
+
+import anyio
+import torch
+
+from weightpipe.pipeline import Stage
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import EngineError, PauseMode
+
+__all__ = [
+    "FakeBucketize",
+    "FakeEngine",
+    "FakeFp8Quantize",
+    "FakeGate",
+    "fake_buckets",
+    "fake_quantize_fp8",
+]
+
+
+class FakeEngine:
+    """An ``Engine`` that records calls and fails where told.
+
+    Args:
+        fail_at: call name (``begin``, ``load``, ``commit``, ``abort``, ``pause``,
+            ``resume``) -> how it fails: ``"error"`` raises ``EngineError``,
+            ``"refuse"`` raises the error an engine answering ``success=false`` gives,
+            ``"hang"`` never answers (the Load stage's timeout must fire).
+        fail_load_at: which bucket index ``load`` fails at (default: the first).
+        initial_version: what ``version()`` reports before any commit.
+
+    The version moves only on a successful ``commit``; ``paused`` tracks pause/resume.
+    """
+
+    name = "fake"
+
+    def __init__(
+        self,
+        *,
+        fail_at: Mapping[str, str] | None = None,
+        fail_load_at: int = 0,
+        initial_version: int | None = 0,
+    ) -> None:
+        self.fail_at = dict(fail_at or {})
+        self.fail_load_at = fail_load_at
+        self.committed_version = initial_version
+        self.calls: list[tuple[str, object]] = []
+        self.loaded: list[WeightBucket] = []
+        self.paused = False
+        self.pause_modes: list[PauseMode] = []
+        self.open_version: int | None = None
+
+    def call_names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    async def _maybe_fail(self, call: str, tensor: str | None = None) -> None:
+        how = self.fail_at.get(call)
+        if how is None:
+            return
+        if how == "hang":
+            await anyio.sleep_forever()
+        if how == "refuse":
+            raise EngineError(self.name, f"{call} answered success=false: fake refusal")
+        raise EngineError(self.name, f"{call} failed (fake)", tensor=tensor)
+
+    async def begin(self, version: int) -> None:
+        self.calls.append(("begin", version))
+        await self._maybe_fail("begin")
+        self.open_version = version
+
+    async def load(self, bucket: WeightBucket) -> None:
+        self.calls.append(("load", bucket.index))
+        if bucket.index == self.fail_load_at:
+            first = bucket.tensors[0][0] if bucket.tensors else None
+            await self._maybe_fail("load", first)
+        self.loaded.append(bucket)
+
+    async def commit(self, version: int) -> None:
+        self.calls.append(("commit", version))
+        await self._maybe_fail("commit")
+        self.committed_version = version
+        self.open_version = None
+
+    async def abort(self, version: int) -> None:
+        self.calls.append(("abort", version))
+        self.open_version = None
+        await self._maybe_fail("abort")
+
+    async def version(self) -> int | None:
+        return self.committed_version
+
+    async def pause(self, mode: PauseMode) -> None:
+        self.calls.append(("pause", mode))
+        self.pause_modes.append(mode)
+        self.paused = True
+        await self._maybe_fail("pause")
+
+    async def resume(self) -> None:
+        self.calls.append(("resume", None))
+        await self._maybe_fail("resume")
+        self.paused = False
+
+
+def fake_buckets(
+    tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]],
+    *,
+    per_bucket: int,
+    version: int,
+) -> list[WeightBucket]:
+    """Split named tensors into buckets of ``per_bucket`` tensors (the last one marked)."""
+    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    count = max(1, math.ceil(len(items) / per_bucket))
+    return [
+        WeightBucket(
+            tensors=tuple(items[i * per_bucket : (i + 1) * per_bucket]),
+            index=i,
+            is_last=i == count - 1,
+            version=version,
+        )
+        for i in range(count)
+    ]
+
+
+class FakeBucketize(Stage[tuple[str, torch.Tensor], WeightBucket]):
+    """A minimal Fetch stand-in: ``per_bucket`` tensors per bucket, no copies."""
+
+    name: ClassVar[str] = "fake_bucketize"
+
+    def __init__(self, per_bucket: int, *, version: int = 0) -> None:
+        self.per_bucket = per_bucket
+        self.version = version
+        self._held: list[tuple[str, torch.Tensor]] = []
+        self._index = 0
+
+    async def open(self) -> None:
+        self._held = []
+        self._index = 0
+
+    async def process(self, item: tuple[str, torch.Tensor]) -> AsyncIterator[WeightBucket]:
+        # A full bucket leaves only when the next tensor arrives, so is_last is exact.
+        if len(self._held) == self.per_bucket:
+            yield self._emit(is_last=False)
+        self._held.append(item)
+
+    async def flush(self) -> AsyncIterator[WeightBucket]:
+        yield self._emit(is_last=True)
+
+    def _emit(self, *, is_last: bool) -> WeightBucket:
+        bucket = WeightBucket(tuple(self._held), self._index, is_last, self.version)
+        self._held = []
+        self._index += 1
+        return bucket
+
+
+def fake_quantize_fp8(
+    weight: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block FP8 quantisation by the reference rule (``scale = amax / 448`` per block)."""
+    out_dim, in_dim = weight.shape
+    rows, cols = math.ceil(out_dim / block[0]), math.ceil(in_dim / block[1])
+    w = weight.to(torch.float32)
+    padded = torch.zeros(rows * block[0], cols * block[1])
+    padded[:out_dim, :in_dim] = w
+    blocks = padded.reshape(rows, block[0], cols, block[1])
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale = amax / 448.0
+    q = (blocks / scale[:, None, :, None]).clamp(-448, 448).reshape(padded.shape)
+    return q[:out_dim, :in_dim].to(torch.float8_e4m3fn), scale
+
+
+class FakeFp8Quantize(Stage[WeightBucket, WeightBucket]):
+    """A minimal Fp8Quantize stand-in: block FP8 for 2-D ``layers.*.weight`` tensors."""
+
+    name: ClassVar[str] = "fake_quantize"
+
+    async def process(self, item: WeightBucket) -> list[WeightBucket]:
+        out: list[tuple[str, torch.Tensor]] = []
+        for name, tensor in item.tensors:
+            if tensor.dim() == 2 and ".layers." in name and name.endswith("proj.weight"):
+                q, scale = fake_quantize_fp8(tensor)
+                out += [(name, q), (name + "_scale_inv", scale)]
+            else:
+                out.append((name, tensor))
+        return [item.with_tensors(tuple(out))]
+
+
+class FakeGate(Stage[WeightBucket, WeightBucket]):
+    """Passes buckets on, but holds bucket ``hold_at`` until ``release`` is set.
+
+    ``reached`` is set when the held bucket arrives, so a test can look at the engine
+    while the sync is known to be waiting upstream of Load.
+    """
+
+    name: ClassVar[str] = "fake_gate"
+
+    def __init__(self, hold_at: int = 0) -> None:
+        self.hold_at = hold_at
+        self.reached = anyio.Event()
+        self.release = anyio.Event()
+
+    async def process(self, item: WeightBucket) -> list[WeightBucket]:
+        if item.index == self.hold_at:
+            self.reached.set()
+            await self.release.wait()
+        return [item]
