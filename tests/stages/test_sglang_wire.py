@@ -1,0 +1,205 @@
+"""Our SGLang payload encoding, decoded by SGLang's own code (the installed sglang package).
+
+Proves: both payload shapes survive SGLang's safe unpickler and FlattenedTensorBucket bit for
+bit (bf16, FP8 and fp32 scales in one bucket); the alignment catch that breaks SGLang's own
+unpadded bucket does not break ours; the distributed order matches the buffer SGLang's
+receiver allocates; a payload decodes in an unrelated process on the same node (the
+file_system sharing strategy); and the test double's request schemas match SGLang's
+request structs as written in the installed io_struct.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import importlib.util
+import io
+import subprocess
+import sys
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+
+import pytest
+import torch
+from sglang.srt.utils import MultiprocessingSerializer
+from sglang.srt.utils.common import normalize_serialized_named_tensor_payloads
+from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
+
+from weightpipe.stages.engines import _sglang_wire as wire
+
+from .sglang_double import FIELDS_0523, _reconstruct_flattened
+
+
+def _awkward() -> list[tuple[str, torch.Tensor]]:
+    """bf16(13), int64, fp8(5), fp32: every start after the first is misaligned unpadded."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        ("a.weight", torch.randn(13, generator=g).to(torch.bfloat16)),
+        ("b.index", torch.arange(3, dtype=torch.int64)),
+        ("c.weight", (torch.randn(5, generator=g) * 100).to(torch.float8_e4m3fn)),
+        ("c.weight_scale_inv", torch.rand(1, 1, generator=g)),
+        ("d.weight", torch.randn(3, 4, generator=g).to(torch.bfloat16)),
+    ]
+
+
+def _same(a: list[tuple[str, torch.Tensor]], b: list[tuple[str, torch.Tensor]]) -> None:
+    assert [n for n, _ in a] == [n for n, _ in b]
+    for (name, x), (_, y) in zip(a, b, strict=True):
+        assert x.dtype == y.dtype, name
+        assert x.shape == y.shape, name
+        assert torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+
+
+def _decode(text: str) -> object:
+    (raw,) = normalize_serialized_named_tensor_payloads([text])
+    return MultiprocessingSerializer.deserialize(raw)
+
+
+def test_sglangs_own_unpadded_bucket_fails_on_this_order() -> None:
+    # The catch REFERENCE.md records, reproduced with SGLang's own class: why we align.
+    bucket = FlattenedTensorBucket(named_tensors=_awkward())
+    with pytest.raises(RuntimeError, match=r"storage_offset|divisible|offset"):
+        bucket.reconstruct_tensors()
+
+
+@pytest.mark.parametrize("metadata", ["sglang", "namespace", "auto"])
+@pytest.mark.parametrize("tp_size", [1, 3])
+def test_flattened_bucket_decodes_with_sglang(metadata: str, tp_size: int) -> None:
+    tensors = _awkward()
+    payloads = wire.b64encode_payloads(
+        wire.encode_flattened_bucket(tensors, tp_size=tp_size, metadata=metadata)  # type: ignore[arg-type]
+    )
+    assert len(payloads) == tp_size
+    for text in payloads:
+        data = _decode(text)
+        assert isinstance(data, dict)
+        assert set(data) == {"flattened_tensor", "metadata"}
+        if metadata != "namespace":
+            assert all(isinstance(m, FlattenedTensorMetadata) for m in data["metadata"])
+        assert all(m.start_idx % 16 == 0 for m in data["metadata"])
+        _same(_reconstruct_flattened(data), tensors)
+
+
+def test_named_tensors_decode_with_sglang() -> None:
+    tensors = _awkward()
+    (text,) = wire.b64encode_payloads(wire.encode_named_tensors(tensors))
+    data = _decode(text)
+    assert isinstance(data, list)
+    _same([(n, t) for n, t in data], tensors)
+
+
+def test_sglangs_safe_unpickler_refuses_foreign_classes() -> None:
+    # Why the metadata must be SGLang's class or a SimpleNamespace, never our own type.
+    ours = wire.aligned_layout(_awkward())
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump({"metadata": [ours]})
+    with pytest.raises(RuntimeError, match="Blocked unsafe global"):
+        MultiprocessingSerializer.deserialize(buf.getvalue())
+
+
+def test_existing_aligned_buffer_is_reused() -> None:
+    tensors = _awkward()
+    buffer, layout = wire.flatten(tensors)
+    views = [
+        (name, buffer[s:e].view(t.dtype).view(t.shape))
+        for (name, t), s, e in zip(tensors, layout.starts, layout.ends, strict=True)
+    ]
+    (payload,) = wire.encode_flattened_bucket(views, buffer=buffer, cpu_strategy=None)
+    data = MultiprocessingSerializer.deserialize(payload)
+    assert isinstance(data, dict)
+    # same storage: the pickler shared the caller's buffer instead of a copy
+    assert data["flattened_tensor"].numel() == buffer.numel()
+    _same(_reconstruct_flattened(data), tensors)
+
+
+def test_non_view_tensors_with_a_buffer_are_copied() -> None:
+    tensors = _awkward()
+    unrelated = torch.zeros(8, dtype=torch.uint8)
+    (payload,) = wire.encode_flattened_bucket(tensors, buffer=unrelated, cpu_strategy=None)
+    data = MultiprocessingSerializer.deserialize(payload)
+    assert isinstance(data, dict)
+    _same(_reconstruct_flattened(data), tensors)
+
+
+def test_distributed_order_matches_sglangs_receive_bucket() -> None:
+    ordered = wire.distributed_order(_awkward())
+    assert [t.element_size() for _, t in ordered] == sorted(
+        (t.element_size() for _, t in ordered), reverse=True
+    )
+    packed = wire.aligned_layout(ordered, align=1)
+    buffer, _ = wire.flatten(ordered, packed)
+    # What SGLang's receiver allocates from the announced names/dtypes/shapes.
+    receive = FlattenedTensorBucket.empty(
+        [n for n, _ in ordered],
+        [wire.dtype_name(t.dtype) for _, t in ordered],
+        [list(t.shape) for _, t in ordered],
+        "cpu",
+    )
+    assert [m.start_idx for m in receive.get_metadata()] == list(packed.starts)
+    receive.get_flattened_tensor().copy_(buffer)
+    _same(receive.reconstruct_tensors(), ordered)
+
+
+def test_payload_decodes_in_an_unrelated_process() -> None:
+    tensors = _awkward()
+    payloads = wire.encode_flattened_bucket(tensors, cpu_strategy="file_system")
+    text = wire.b64encode_payloads(payloads)[0]
+    script = (
+        "import sys, torch\n"
+        "from sglang.srt.utils import MultiprocessingSerializer\n"
+        "from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket\n"
+        "d = MultiprocessingSerializer.deserialize(sys.stdin.read().strip())\n"
+        "b = FlattenedTensorBucket(flattened_tensor=d['flattened_tensor'], "
+        "metadata=d['metadata'])\n"
+        "for n, t in b.reconstruct_tensors():\n"
+        "    print(n, t.contiguous().view(torch.uint8).tolist())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    expected = [f"{n} {t.contiguous().view(torch.uint8).tolist()}" for n, t in tensors]
+    assert lines == expected
+
+
+def test_encode_errors() -> None:
+    with pytest.raises(ValueError, match="empty bucket"):
+        wire.encode_flattened_bucket([])
+    with pytest.raises(ValueError, match="tp_size"):
+        wire.encode_named_tensors(_awkward(), tp_size=0)
+    assert wire.dtype_name(torch.float8_e4m3fn) == "float8_e4m3fn"
+    assert base64.b64decode(wire.b64encode_payloads([b"\x80\x04"])[0]) == b"\x80\x04"
+
+
+def _struct_fields(source: str) -> dict[str, set[str]]:
+    fields: dict[str, set[str]] = {}
+    base: set[str] = set()
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        names = {
+            stmt.target.id
+            for stmt in node.body
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+        }
+        if node.name == "BaseReq":
+            base = names
+        fields[node.name] = names
+    return {name: names | base for name, names in fields.items()}
+
+
+def test_double_schemas_match_sglangs_request_structs() -> None:
+    # Read, not imported: io_struct pulls in vision deps (torchvision) this env leaves out.
+    spec = importlib.util.find_spec("sglang.srt.managers.io_struct")
+    assert spec is not None
+    assert spec.origin is not None
+    source = Path(spec.origin).read_text()
+    real = _struct_fields(source)
+    for struct, ours in FIELDS_0523.items():
+        assert ours == real[struct], struct
