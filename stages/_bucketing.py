@@ -125,6 +125,8 @@ def plan_buckets(
         opens, _ = planner.place(size, one_align)
         if opens:
             starts.append(index)
+    if not starts:
+        return []
     ends = [*starts[1:], len(sizes)]
     return [range(start, end) for start, end in zip(starts, ends, strict=True)]
 
