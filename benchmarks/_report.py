@@ -1,0 +1,63 @@
+"""Shared plumbing of the benchmarks: machine facts, JSON output, a plain table.
+
+Every benchmark writes one JSON file with its figures, the baseline measured in the same
+run, and the machine it ran on, so numbers from different machines are never compared by
+accident. Ratios are the figures to quote; absolute times on shared machines are noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["machine", "median", "print_table", "write_json"]
+
+
+def machine() -> dict[str, Any]:
+    """Facts about the machine and software a figure came from."""
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def write_json(path: str | Path | None, data: dict[str, Any]) -> None:
+    """Write ``data`` (plus machine facts) as JSON to ``path`` if given."""
+    payload = {**data, "machine": machine()}
+    if path is None:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
+    """Print rows as an aligned plain-text table."""
+    cells = [[str(h) for h in header]] + [
+        [f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for index, row in enumerate(cells):
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
