@@ -1,0 +1,346 @@
+"""The Fetch stage in a real Pipeline: bucketing, bit-exact flattening, validation, syncs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+from weightpipe.pipeline import Pipeline, StageError
+from weightpipe.stages._bucketing import tensor_alignment
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.fetch import Fetch, FetchStats
+from weightpipe.stages.sources import named_tensors
+
+DTYPES = [
+    torch.bfloat16,
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    numel = 1
+    for size in shape:
+        numel *= size
+    generator = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=generator)
+    if dtype == torch.bool:
+        raw = raw % 2
+    return raw.view(dtype).view(shape)
+
+
+def every_dtype() -> list[tuple[str, torch.Tensor]]:
+    pairs = []
+    for i, dtype in enumerate(DTYPES):
+        for j, shape in enumerate([(17, 9), (), (0,), (300,)]):
+            pairs.append((f"m.{i}.{j}", _random(dtype, shape, 100 * i + j)))
+    return pairs
+
+
+async def run_fetch(fetch: Fetch, source: Any, *, depth: int = 2) -> tuple[list[WeightBucket], Any]:
+    buckets: list[WeightBucket] = []
+
+    async def sink(bucket: WeightBucket) -> None:
+        buckets.append(bucket)
+
+    report = await Pipeline([fetch], depth=depth).run(source, sink=sink)
+    return buckets, report
+
+
+def check_buckets(
+    buckets: list[WeightBucket], pairs: list[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> None:
+    assert [b.index for b in buckets] == list(range(len(buckets)))
+    assert [b.is_last for b in buckets] == [False] * (len(buckets) - 1) + [True]
+    got = [p for b in buckets for p in b.tensors]
+    assert [n for n, _ in got] == [n for n, _ in pairs]
+    for (name, a), (_, b) in zip(got, pairs, strict=True):
+        assert a.dtype == b.dtype, name
+        assert a.shape == b.shape, name
+        assert torch.equal(_bytes(a), _bytes(b)), name
+    for bucket in buckets:
+        assert bucket.nbytes <= bucket_bytes or len(bucket) == 1
+        assert bucket.buffer is not None
+        base = bucket.buffer.data_ptr()
+        for _, tensor in bucket.tensors:
+            if tensor.numel():
+                offset = tensor.data_ptr() - base
+                assert 0 <= offset < bucket.buffer.numel()
+                assert offset % tensor_alignment(tensor.dtype, 256) == 0
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 700, 4096, 1 << 20])
+async def test_every_dtype_round_trips_bit_exact(bucket_bytes: int) -> None:
+    pairs = every_dtype()
+    fetch = Fetch(bucket_bytes, version=7)
+    buckets, report = await run_fetch(fetch, pairs)
+    check_buckets(buckets, pairs, bucket_bytes)
+    assert {b.version for b in buckets} == {7}
+    assert report.stage("fetch").items_out == len(buckets)
+    stats = fetch.stats
+    assert stats.tensors == len(pairs)
+    assert stats.bytes == sum(t.nbytes for _, t in pairs)
+    assert stats.buckets == len(buckets)
+    assert stats.syncs == 1
+    assert stats.made_contiguous == 0
+
+
+async def test_lone_oversize_tensor_travels_alone() -> None:
+    pairs = [
+        ("a", torch.ones(10)),
+        ("big", torch.arange(1000, dtype=torch.float32)),
+        ("b", torch.ones(10)),
+        ("c", torch.ones(10)),
+    ]
+    buckets, _ = await run_fetch(Fetch(1024), pairs)
+    assert [b.names for b in buckets] == [["a"], ["big"], ["b", "c"]]
+    assert buckets[1].nbytes == 4000
+    check_buckets(buckets, pairs, 1024)
+
+
+async def test_non_contiguous_is_copied_into_place_and_counted() -> None:
+    base = torch.arange(48, dtype=torch.float32).view(6, 8)
+    pairs = [("t", base.t()), ("s", base[:, ::3]), ("c", torch.ones(4))]
+    fetch = Fetch(1 << 20)
+    buckets, _ = await run_fetch(fetch, pairs)
+    assert buckets[0].meta["made_contiguous"] == 2
+    assert fetch.stats.made_contiguous == 2
+    for (_, got), (_, want) in zip(buckets[0].tensors, pairs, strict=True):
+        assert torch.equal(got, want)
+        assert got.is_contiguous()
+
+
+async def test_sources_of_every_kind() -> None:
+    pairs = every_dtype()[:10]
+
+    async def checkpoint_engine() -> AsyncIterator[tuple[str, torch.Tensor]]:
+        for pair in pairs:
+            yield pair
+
+    for source in (
+        pairs,
+        iter(pairs),
+        checkpoint_engine(),
+        named_tensors(dict(pairs)),
+        named_tensors(checkpoint_engine()),
+    ):
+        buckets, _ = await run_fetch(Fetch(2048), source)
+        check_buckets(buckets, pairs, 2048)
+
+
+async def test_versions_per_sync_and_reset() -> None:
+    fetch = Fetch(512, version=1)
+    pairs = every_dtype()[:6]
+    first, _ = await run_fetch(fetch, pairs)
+    fetch.version = 2
+    second, _ = await run_fetch(fetch, pairs)  # same names again: a new sync
+    assert {b.version for b in first} == {1}
+    assert {b.version for b in second} == {2}
+    assert second[0].index == 0
+    fetch.reset(9)
+    assert fetch.version == 9
+    assert fetch.stats.syncs == 3
+    assert isinstance(fetch.stats, FetchStats)
+
+
+async def test_flatten_false_passes_tensors_through() -> None:
+    pairs = every_dtype()[:8]
+    buckets, _ = await run_fetch(Fetch(1024, flatten=False), pairs)
+    assert all(b.buffer is None for b in buckets)
+    got = [p for b in buckets for p in b.tensors]
+    for (name, a), (_, b) in zip(got, pairs, strict=True):
+        assert torch.equal(_bytes(a), _bytes(b)), name
+
+
+async def test_recycled_buffers_never_overwrite_buckets_still_held() -> None:
+    pairs = [(f"w{i}", _random(torch.bfloat16, (1000,), i)) for i in range(40)]
+    buckets, _ = await run_fetch(Fetch(4096, keep_buffers=2), pairs)  # every bucket kept
+    check_buckets(buckets, pairs, 4096)
+    assert len(
+        {b.buffer.untyped_storage().data_ptr() for b in buckets if b.buffer is not None}
+    ) == len(buckets)
+
+
+async def test_buffers_are_recycled_once_dropped() -> None:
+    pairs = [(f"w{i}", _random(torch.bfloat16, (3 << 20,), i)) for i in range(12)]  # 6 MiB
+    seen: list[int] = []
+    matches = 0
+
+    async def sink(bucket: WeightBucket) -> None:
+        nonlocal matches
+        assert bucket.buffer is not None
+        seen.append(bucket.buffer.untyped_storage().data_ptr())
+        name, tensor = bucket.tensors[0]
+        matches += torch.equal(_bytes(tensor), _bytes(dict(pairs)[name]))
+
+    await Pipeline([Fetch(13 << 20, keep_buffers=2)], depth=1).run(pairs, sink=sink)
+    assert len(seen) == 6
+    assert matches == 6
+    assert len(set(seen)) <= 2
+
+
+# -- bad input: an error naming the tensor, and nothing of its bucket downstream ---------
+
+
+def _bad_cases() -> list[tuple[str, Any, type[Exception], str]]:
+    return [
+        ("non-tensor", ("x", [1.0, 2.0]), TypeError, "tensor 'x': expected a torch.Tensor"),
+        ("duplicate", ("w2", torch.ones(4)), ValueError, "tensor 'w2': duplicate name"),
+        ("meta", ("x", torch.empty(3, device="meta")), ValueError, "tensor 'x': is on the meta"),
+        ("complex", ("x", torch.ones(2, dtype=torch.complex64)), ValueError, "tensor 'x': complex"),
+        ("not a pair", 42, TypeError, "expected a (name, tensor) pair, got 42"),
+        ("name not a str", (3, torch.ones(1)), TypeError, "expected a (name, tensor) pair"),
+    ]
+
+
+@pytest.mark.parametrize(("case", "bad", "kind", "message"), _bad_cases())
+async def test_bad_input_names_the_tensor_and_stops_its_bucket(
+    case: str, bad: Any, kind: type[Exception], message: str
+) -> None:
+    # Buckets of two 16-byte tensors (with 256-byte alignment that is 272 bytes).
+    good = [(f"w{i}", torch.full((4,), float(i))) for i in range(5)]
+    source = [*good, bad, ("after", torch.ones(4))]
+    buckets: list[WeightBucket] = []
+
+    async def sink(bucket: WeightBucket) -> None:
+        buckets.append(bucket)
+
+    with pytest.raises(StageError) as caught:
+        await Pipeline([Fetch(300)]).run(source, sink=sink)
+    error = caught.value
+    assert error.stage == "fetch"
+    assert error.phase == "process"
+    assert isinstance(error.__cause__, kind)
+    assert message in str(error.__cause__)
+    # w0..w3 left in full buckets; w4 shared a bucket with the bad tensor: never sent.
+    assert [b.names for b in buckets] == [["w0", "w1"], ["w2", "w3"]]
+    assert not any(b.is_last for b in buckets)
+
+
+async def test_sparse_tensor_is_refused_by_name() -> None:
+    # Called directly: the pipeline's item_nbytes itself trips over sparse tensors.
+    fetch = Fetch(1 << 20)
+    await fetch.open()
+    with pytest.raises(ValueError, match=r"tensor 'x': torch\.sparse_coo tensors"):
+        async for _ in fetch.process(("x", torch.eye(3).to_sparse())):
+            pass
+    await fetch.close()
+
+
+async def test_allow_list_exact_names_and_patterns() -> None:
+    fetch = Fetch(1 << 20, allow=["embed.weight", "layers.*.q.weight"])
+    ok = [("embed.weight", torch.ones(2)), ("layers.3.q.weight", torch.ones(2))]
+    buckets, _ = await run_fetch(fetch, ok)
+    assert buckets[0].names == ["embed.weight", "layers.3.q.weight"]
+    with pytest.raises(StageError, match=r"tensor 'layers\.3\.k\.weight': not in the allow-list"):
+        await run_fetch(fetch, [*ok, ("layers.3.k.weight", torch.ones(2))])
+
+
+async def test_empty_source_errors_or_commits_an_empty_sync() -> None:
+    with pytest.raises(StageError) as caught:
+        await run_fetch(Fetch(version=4), [])
+    assert caught.value.phase == "flush"
+    assert "no tensors for version 4" in str(caught.value)
+    buckets, _ = await run_fetch(Fetch(version=4, empty_source="empty"), [])
+    assert len(buckets) == 1
+    (only,) = buckets
+    assert (only.index, only.is_last, only.version, len(only)) == (0, True, 4, 0)
+
+
+def test_constructor_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        Fetch(0)
+    with pytest.raises(ValueError, match="align_bytes"):
+        Fetch(align_bytes=3)
+    with pytest.raises(ValueError, match="empty_source"):
+        Fetch(empty_source="skip")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keep_buffers"):
+        Fetch(keep_buffers=0)
+
+
+# -- errors at start, mid-stream, at close; cancellation ---------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+async def test_error_at_open_names_the_stage() -> None:
+    with pytest.raises(StageError) as caught:
+        await run_fetch(Fetch(device="cuda"), every_dtype())
+    assert (caught.value.stage, caught.value.phase) == ("fetch", "open")
+    assert "CUDA is unavailable" in str(caught.value)
+
+
+async def test_source_failure_mid_stream_leaves_no_bucket_behind() -> None:
+    def broken() -> Any:
+        yield ("a", torch.ones(4))
+        raise OSError("disk gone")
+
+    fetch = Fetch(1 << 20)
+    buckets: list[WeightBucket] = []
+
+    async def sink(bucket: WeightBucket) -> None:
+        buckets.append(bucket)
+
+    with pytest.raises(StageError, match="disk gone"):
+        await Pipeline([fetch]).run(broken(), sink=sink)
+    assert buckets == []
+    assert fetch._open_bucket is None  # closed: nothing held between syncs
+
+
+async def test_downstream_failure_and_cancellation_release_the_open_bucket() -> None:
+    pairs = [(f"w{i}", torch.ones(64)) for i in range(20)]
+    fetch = Fetch(600)
+    entered = anyio.Event()
+
+    async def stuck_sink(bucket: WeightBucket) -> None:
+        entered.set()
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(lambda: Pipeline([fetch]).run(pairs, sink=stuck_sink))
+        await entered.wait()
+        group.cancel_scope.cancel()
+    assert fetch._open_bucket is None
+
+    async def failing_sink(bucket: WeightBucket) -> None:
+        raise RuntimeError("engine refused")
+
+    with pytest.raises(StageError):  # which stage it names is the pipeline's business
+        await Pipeline([fetch]).run(pairs, sink=failing_sink)
+    assert fetch._open_bucket is None
+    # The same Fetch serves the next sync normally.
+    buckets, _ = await run_fetch(fetch, pairs)
+    check_buckets(buckets, pairs, 600)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_cuda_buckets_are_ready_after_their_event() -> None:  # pragma: no cover
+    pairs = every_dtype()
+    pairs.append(("on_gpu", torch.arange(100, dtype=torch.float32, device="cuda")))
+    buckets, _ = await run_fetch(Fetch(4096, device="cuda"), pairs)
+    for bucket in buckets:
+        assert bucket.ready is not None
+        bucket.wait_ready()
+        assert bucket.buffer is not None
+        assert bucket.buffer.device.type == "cuda"
+    torch.cuda.current_stream().synchronize()
+    got = [(n, t.cpu()) for b in buckets for n, t in b.tensors]
+    check_buckets_cpu = [(n, t.cpu()) for n, t in pairs]
+    for (name, a), (_, b) in zip(got, check_buckets_cpu, strict=True):
+        assert torch.equal(_bytes(a), _bytes(b)), name
