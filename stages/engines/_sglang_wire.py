@@ -40,6 +40,7 @@ __all__ = [
     "encode_named_tensors",
     "flatten",
     "metadata_objects",
+    "tensor_named_in",
 ]
 
 ALIGN_BYTES = 16
@@ -297,3 +298,9 @@ def distributed_order(
     size is a multiple of every itemsize that follows it.
     """
     return sorted(tensors, key=lambda item: -item[1].element_size())
+
+
+def tensor_named_in(message: str, names: Sequence[str]) -> str | None:
+    """The longest of ``names`` that an engine's error message mentions, if any."""
+    hits = [name for name in names if name and name in message]
+    return max(hits, key=len) if hits else None

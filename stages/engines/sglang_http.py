@@ -197,7 +197,7 @@ class SGLangHTTPEngine:
             raise EngineError(
                 self.name,
                 f"{path} failed ({response.status_code}): {message}",
-                tensor=_named_tensor(message, tensors),
+                tensor=wire.tensor_named_in(message, tensors),
             )
         return response
 
@@ -405,9 +405,3 @@ def _message(response: httpx.Response) -> str:
                 return str(value)
     text = response.text.strip()
     return text[:500] if text else f"HTTP {response.status_code}"
-
-
-def _named_tensor(message: str, names: Sequence[str]) -> str | None:
-    """The longest bucket tensor name the server's message mentions, if any."""
-    hits = [name for name in names if name and name in message]
-    return max(hits, key=len) if hits else None
