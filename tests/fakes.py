@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import anyio
 import torch
@@ -26,6 +26,7 @@ __all__ = [
     "FakeGate",
     "fake_buckets",
     "fake_quantize_fp8",
+    "small_llama_config",
 ]
 
 
@@ -214,3 +215,22 @@ class FakeGate(Stage[WeightBucket, WeightBucket]):
             self.reached.set()
             await self.release.wait()
         return [item]
+
+
+def small_llama_config() -> Any:
+    """A Llama config small enough for fast tests, with FP8 edge blocks.
+
+    The MLP weights are 320x192 and 192x320, so ``[128, 128]`` blocks have partial edges
+    in both dimensions.
+    """
+    from weightpipe.stages.engines.local import default_config
+
+    return default_config(
+        hidden_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=320,
+        vocab_size=512,
+        max_position_embeddings=256,
+    )

@@ -269,7 +269,8 @@ class LocalEngine:
         seed: seeds the random initialisation and the prompts.
         batch_size: requests decoding together.
         prompt_len: tokens per prompt.
-        max_new_tokens: tokens per request before it finishes and a new one starts.
+        max_new_tokens: tokens per request before it finishes and a new one starts (an
+            attribute: a change takes effect at the next step).
         dtype: the parameters' dtype (bf16 by default; FP8 buckets dequantise into it).
         device: ``"cuda"`` when available, else ``"cpu"``, unless given.
         block_size: the FP8 block shape ``[out, in]`` that block scales refer to.

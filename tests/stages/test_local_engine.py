@@ -1,0 +1,344 @@
+"""The embedded local engine: generation, pause modes, validation, bf16/FP8 loading, undo.
+
+Tests synchronise on the engine's own counters (``wait_for_tokens``/``wait_for_outputs``)
+and never assert on timings.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.fakes import fake_buckets, fake_quantize_fp8, small_llama_config
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import Engine, EngineError
+from weightpipe.stages.engines.local import LocalEngine, dequantize_fp8
+
+BATCH = 4
+NEW_TOKENS = 4
+MLP = "model.layers.0.mlp.gate_proj.weight"  # 320x192: partial FP8 blocks both ways
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def make_engine(**kwargs: object) -> LocalEngine:
+    options: dict[str, object] = {"batch_size": BATCH, "max_new_tokens": NEW_TOKENS}
+    options.update(kwargs)
+    return LocalEngine(small_llama_config(), **options)  # type: ignore[arg-type]
+
+
+def bucket(
+    tensors: list[tuple[str, torch.Tensor]], version: int = 1, index: int = 0
+) -> WeightBucket:
+    return WeightBucket(tuple(tensors), index, True, version)
+
+
+def test_is_an_engine_and_seeded() -> None:
+    first, second, other = make_engine(seed=3), make_engine(seed=3), make_engine(seed=4)
+    assert isinstance(first, Engine)
+    assert first.name == "local"
+    assert torch.equal(first.parameter(MLP), second.parameter(MLP))
+    assert not torch.equal(first.parameter(MLP), other.parameter(MLP))
+    specs = first.parameter_specs()
+    assert specs[MLP] == ((320, 192), torch.bfloat16)
+    assert "lm_head.weight" in specs
+    new = first.random_weights(seed=9)
+    assert set(new) == set(specs)
+    assert all(new[name].shape == specs[name][0] for name in specs)
+
+
+async def test_generates_and_tags_outputs_with_the_version() -> None:
+    async with make_engine(initial_version=7) as engine:
+        window = engine.open_window()
+        await engine.wait_for_outputs(2 * BATCH)
+        stats = window.close()
+        outputs = engine.outputs()
+    assert len(outputs) >= 2 * BATCH
+    assert [o.request_id for o in outputs] == list(range(len(outputs)))
+    for output in outputs:
+        assert len(output.tokens) == NEW_TOKENS
+        assert output.weight_version == 7
+        assert output.finish_reason == "length"
+        assert not output.weights_changed
+    assert stats.tokens >= 2 * BATCH * NEW_TOKENS
+    assert stats.steps >= 2 * NEW_TOKENS
+    assert stats.finished >= 2 * BATCH
+    assert stats.tokens_per_s > 0
+    assert stats.longest_gap_s > 0
+    assert stats.paused_s == 0
+    assert not engine.running
+
+
+async def test_same_weights_generate_the_same_tokens() -> None:
+    async with make_engine(seed=1) as one:
+        await one.wait_for_outputs(BATCH)
+        first = one.outputs()[:BATCH]
+    async with make_engine(seed=1) as two:
+        await two.wait_for_outputs(BATCH)
+        second = two.outputs()[:BATCH]
+    assert [o.tokens for o in first] == [o.tokens for o in second]
+
+
+async def test_pause_stops_every_step_until_resume() -> None:
+    async with make_engine() as engine:
+        await engine.wait_for_tokens(BATCH)
+        await engine.pause("in_place")
+        assert engine.paused
+        frozen = engine.tokens_generated
+        # Work submitted while paused still runs, and no decode step sneaks in.
+        await engine.begin(1)
+        await engine.abort(1)
+        assert engine.tokens_generated == frozen
+        with pytest.raises(EngineError, match="already paused"):
+            await engine.pause("abort")
+        await engine.resume()
+        await engine.wait_for_tokens(frozen + BATCH)
+        assert not engine.paused
+        assert engine.paused_total_s > 0
+
+
+LONG = 10_000  # requests that cannot finish while a test looks at them
+
+
+async def test_pause_abort_finishes_running_requests_as_aborted() -> None:
+    async with make_engine(max_new_tokens=LONG) as engine:
+        await engine.wait_for_tokens(2 * BATCH)  # at least two steps into the first batch
+        await engine.pause("abort")
+        aborted = engine.outputs()
+        engine.max_new_tokens = NEW_TOKENS
+        await engine.resume()
+        await engine.wait_for_outputs(2 * BATCH)
+        after = engine.outputs()[BATCH:]
+    assert [o.request_id for o in aborted] == list(range(BATCH))
+    assert all(o.finish_reason == "abort" for o in aborted)
+    assert all(2 <= len(o.tokens) < LONG for o in aborted)
+    assert [o.request_id for o in after] == list(range(BATCH, 2 * BATCH))
+    assert all(o.finish_reason == "length" for o in after)
+
+
+async def test_pause_retract_restarts_requests_from_their_prompts() -> None:
+    async with make_engine(max_new_tokens=LONG) as engine:
+        await engine.wait_for_tokens(BATCH)
+        await engine.pause("retract")
+        assert engine.outputs() == []
+        engine.max_new_tokens = NEW_TOKENS
+        await engine.resume()
+        await engine.wait_for_outputs(BATCH)
+        first = engine.outputs()[:BATCH]
+    assert all(o.retractions == 1 for o in first)
+    assert all(len(o.tokens) == NEW_TOKENS for o in first)
+    assert [o.request_id for o in first] == list(range(BATCH))
+
+
+async def test_pause_in_place_keeps_requests_running() -> None:
+    async with make_engine(max_new_tokens=LONG) as engine:
+        await engine.wait_for_tokens(2 * BATCH)
+        await engine.pause("in_place")
+        assert engine.outputs() == []
+        engine.max_new_tokens = NEW_TOKENS
+        await engine.resume()
+        await engine.wait_for_outputs(BATCH)
+        first = engine.outputs()[:BATCH]
+    # Kept its KV cache and tokens: finished at once with the tokens it already had.
+    assert all(o.retractions == 0 and o.finish_reason == "length" for o in first)
+    assert all(len(o.tokens) >= 2 for o in first)
+    assert [o.request_id for o in first] == list(range(BATCH))
+
+
+async def test_unknown_pause_mode() -> None:
+    engine = make_engine()
+    with pytest.raises(EngineError, match="unknown pause mode"):
+        await engine.pause("sleep")  # type: ignore[arg-type]
+
+
+async def test_bf16_bucket_commit_and_abort_restore() -> None:
+    engine = make_engine()  # not started: changes apply on a worker thread
+    new = engine.random_weights(seed=5)
+    old_q, old_mlp = engine.parameter(Q), engine.parameter(MLP)
+
+    await engine.begin(1)
+    await engine.load(bucket([(Q, new[Q])]))
+    assert torch.equal(engine.parameter(Q), new[Q])
+    await engine.abort(1)
+    assert torch.equal(engine.parameter(Q), old_q)
+    assert await engine.version() == 0
+
+    await engine.begin(2)
+    await engine.load(fake_buckets([(Q, new[Q]), (MLP, new[MLP])], per_bucket=1, version=2)[0])
+    await engine.commit(2)
+    assert await engine.version() == 2
+    assert torch.equal(engine.parameter(Q), new[Q])
+    assert torch.equal(engine.parameter(MLP), old_mlp)  # a partial update is allowed
+
+
+async def test_full_sync_while_generating_moves_the_version_at_commit() -> None:
+    async with make_engine() as engine:
+        new = engine.random_weights(seed=6)
+        await engine.wait_for_tokens(BATCH)
+        await engine.begin(1)
+        for b in fake_buckets(new, per_bucket=8, version=1):
+            await engine.load(b)
+        before = engine.outputs()
+        assert all(o.weight_version == 0 for o in before)
+        assert await engine.version() == 0
+        await engine.commit(1)
+        done = len(engine.outputs())
+        await engine.wait_for_outputs(done + 2 * BATCH)
+        after = engine.outputs()[-BATCH:]
+    assert all(o.weight_version == 1 for o in after)
+    assert all(torch.equal(engine.parameter(n), t) for n, t in new.items())
+
+
+async def test_fp8_block_bucket_is_dequantised_into_the_parameter() -> None:
+    engine = make_engine()
+    weight = torch.randn(320, 192, dtype=torch.bfloat16)
+    q, scale = fake_quantize_fp8(weight)
+    assert scale.shape == (3, 2)
+    await engine.begin(1)
+    await engine.load(bucket([(MLP, q), (MLP + "_scale_inv", scale)]))
+    await engine.commit(1)
+    loaded = engine.parameter(MLP)
+    assert torch.equal(loaded, dequantize_fp8(q, scale))
+    # FP8 e4m3 keeps 3 mantissa bits: within 1/16 relative of the block maximum.
+    error = (loaded.float() - weight.float()).abs().max().item()
+    assert error <= weight.float().abs().max().item() / 16
+
+
+def test_dequantize_matches_an_element_wise_reference() -> None:
+    weight = torch.randn(200, 130)
+    q, scale = fake_quantize_fp8(weight, block=(64, 128))
+    out = dequantize_fp8(q, scale, block_size=(64, 128), dtype=torch.float32)
+    for row in (0, 63, 64, 199):
+        for col in (0, 127, 128, 129):
+            expected = q[row, col].float() * scale[row // 64, col // 128]
+            assert out[row, col].item() == pytest.approx(expected.item())
+    per_channel = torch.rand(200, 1) + 0.5
+    assert torch.equal(dequantize_fp8(q, per_channel, dtype=torch.float32), q.float() * per_channel)
+    per_tensor = torch.tensor([0.25])
+    assert torch.equal(dequantize_fp8(q, per_tensor, dtype=torch.float32), q.float() * 0.25)
+    with pytest.raises(ValueError, match="fits neither"):
+        dequantize_fp8(q, torch.ones(3, 3))
+
+
+def fp8(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scale = fake_quantize_fp8(torch.randn(shape))
+    return q, scale
+
+
+def bad_buckets() -> list[object]:
+    q, scale = fp8((320, 192))
+    good = (Q, torch.zeros(192, 192, dtype=torch.bfloat16))
+    return [
+        pytest.param(
+            [good, ("model.layers.0.self_attn.q_proj.weights", torch.zeros(192, 192))],
+            "model.layers.0.self_attn.q_proj.weights",
+            "unknown parameter; did you mean",
+            id="unknown-name",
+        ),
+        pytest.param(
+            [good, (MLP, torch.zeros(192, 320, dtype=torch.bfloat16))],
+            MLP,
+            r"shape \(192, 320\) does not match the parameter's \(320, 192\)",
+            id="shape",
+        ),
+        pytest.param(
+            [good, (MLP, torch.zeros(320, 192, dtype=torch.float32))],
+            MLP,
+            "dtype torch.float32, expected torch.bfloat16",
+            id="dtype",
+        ),
+        pytest.param(
+            [good, (MLP, q)],
+            MLP,
+            "without 'model.layers.0.mlp.gate_proj.weight_scale_inv'",
+            id="fp8-without-scale",
+        ),
+        pytest.param(
+            [good, (MLP, q), (MLP + "_scale_inv", scale.double())],
+            MLP + "_scale_inv",
+            "scale dtype torch.float64",
+            id="scale-dtype",
+        ),
+        pytest.param(
+            [good, (MLP, q), (MLP + "_scale_inv", torch.ones(2, 2))],
+            MLP,
+            r"weight_scale_inv shape \(2, 2\) fits neither",
+            id="scale-shape",
+        ),
+        pytest.param(
+            [good, (MLP + "_scale_inv", scale)],
+            MLP + "_scale_inv",
+            "scale without its float8_e4m3fn weight",
+            id="orphan-scale",
+        ),
+        pytest.param(
+            [good, ("model.nope_scale_inv", scale)],
+            "model.nope_scale_inv",
+            "scale of an unknown parameter",
+            id="orphan-unknown-scale",
+        ),
+        pytest.param([good, good], Q, "appears twice in one bucket", id="duplicate"),
+    ]
+
+
+@pytest.mark.parametrize(("tensors", "culprit", "message"), bad_buckets())
+async def test_bad_bucket_is_refused_before_anything_is_applied(
+    tensors: list[tuple[str, torch.Tensor]], culprit: str, message: str
+) -> None:
+    engine = make_engine()
+    old_q = engine.parameter(Q)
+    await engine.begin(1)
+    with pytest.raises(EngineError, match=message) as info:
+        await engine.load(bucket(tensors))
+    assert info.value.tensor == culprit
+    assert info.value.engine == "local"
+    assert torch.equal(engine.parameter(Q), old_q)  # the valid tensor before it: untouched
+    await engine.abort(1)
+    assert await engine.version() == 0
+
+
+async def test_protocol_misuse_is_refused() -> None:
+    engine = make_engine()
+    good = bucket([(Q, torch.zeros(192, 192, dtype=torch.bfloat16))], version=1)
+    with pytest.raises(EngineError, match="outside a sync"):
+        await engine.load(good)
+    with pytest.raises(EngineError, match="cannot commit v1: no sync is open"):
+        await engine.commit(1)
+    await engine.abort(1)  # nothing open: a no-op
+    await engine.begin(1)
+    with pytest.raises(EngineError, match="the sync of v1 is open"):
+        await engine.begin(2)
+    with pytest.raises(EngineError, match="does not belong to the open sync v1"):
+        await engine.load(bucket(list(good.tensors), version=2))
+    await engine.load(good)
+    with pytest.raises(EngineError, match="loaded twice in one sync") as info:
+        await engine.load(good)
+    assert info.value.tensor == Q
+    with pytest.raises(EngineError, match="cannot commit v2: the open sync is v1"):
+        await engine.commit(2)
+    await engine.commit(1)
+    assert await engine.version() == 1
+
+
+async def test_start_twice_and_stop_twice() -> None:
+    engine = make_engine()
+    await engine.start()
+    with pytest.raises(RuntimeError, match="already running"):
+        await engine.start()
+    await engine.stop()
+    await engine.stop()
+    assert not engine.running
+
+
+async def test_waiting_on_a_paused_engine_times_out_with_a_clear_error() -> None:
+    engine = make_engine()
+    await engine.pause("abort")  # not started: pauses at once
+    with pytest.raises(EngineError, match=r"waited 0.01 s for 1 tokens; have 0 \(paused\)"):
+        await engine.wait_for_tokens(1, timeout_s=0.01)
+
+
+def test_scale_shapes_follow_the_block_size() -> None:
+    q, scale = fake_quantize_fp8(torch.randn(320, 192))
+    assert scale.shape == (math.ceil(320 / 128), math.ceil(192 / 128))
+    assert q.dtype == torch.float8_e4m3fn
