@@ -63,7 +63,8 @@ class SGLangEngine:
         session: weight-update sessions: ``auto`` uses them when the Engine has
             ``begin_weight_update``.
         load_format: payload shape (see ``sglang_http.LoadFormat``).
-        tp_size: the Engine's tensor-parallel size (flattened payloads are per rank).
+        tp_size: the Engine's tensor-parallel size (flattened payloads are per rank);
+            also passed to ``sglang.Engine`` when the adapter builds it.
         flush_cache_on_commit: flush the radix cache once at commit.
         metadata: flattened-bucket metadata objects (see ``_sglang_wire``).
         initial_version: what ``version()`` reports before the first commit.
@@ -112,8 +113,9 @@ class SGLangEngine:
         """
         if self.engine is None:
             sglang = import_sglang()
+            kwargs = {"tp_size": self.tp_size, **self.engine_kwargs}
             self.engine = await anyio.to_thread.run_sync(
-                lambda: sglang.Engine(**self.engine_kwargs), limiter=self._limiter
+                lambda: sglang.Engine(**kwargs), limiter=self._limiter
             )
 
     async def _run(self, what: str, fn: Callable[[], Any], tensors: Sequence[str] = ()) -> Any:

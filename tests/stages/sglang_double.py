@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -28,7 +29,15 @@ from sglang.srt.utils import MultiprocessingSerializer
 from sglang.srt.utils.common import normalize_serialized_named_tensor_payloads
 from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
 
-__all__ = ["Call", "DistributedReceiver", "SGLangHTTPDouble", "SessionRefusal"]
+__all__ = [
+    "Call",
+    "DistributedReceiver",
+    "FakeSGLangEngine",
+    "FakeSGLangEngine0512",
+    "SGLangHTTPDouble",
+    "SessionRefusal",
+    "check_against_spec",
+]
 
 Behaviour = Literal["0.5.23", "0.5.12"]
 
@@ -381,16 +390,7 @@ class SGLangHTTPDouble:
         return _answer(True, "Success")
 
     def _check(self, tensors: list[tuple[str, torch.Tensor]]) -> str | None:
-        for name, tensor in tensors:
-            if name not in self.spec:
-                return f"Failed to update parameter online: KeyError: {name!r} is not a parameter"
-            shape, dtype = self.spec[name]
-            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                return (
-                    f"Failed to update parameter online: {name} expects "
-                    f"{tuple(shape)} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
-                )
-        return None
+        return check_against_spec(self.spec, tensors)
 
     async def _update_weight_version(self, request: web.Request) -> web.Response:
         if (bad := _unknown(request, "UpdateWeightVersionReqInput")) is not None:
@@ -463,6 +463,137 @@ class SGLangHTTPDouble:
             return _answer(False, "no distributed receiver configured in the double")
         ok, message = await asyncio.to_thread(self.receiver.destroy_group, request["body"])
         return _answer(ok, message)
+
+
+def check_against_spec(
+    spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    tensors: list[tuple[str, torch.Tensor]],
+) -> str | None:
+    """SGLang-like refusal message for the first tensor the model cannot take, or None."""
+    for name, tensor in tensors:
+        if name not in spec:
+            return f"Failed to update parameter online: KeyError: {name!r} is not a parameter"
+        shape, dtype = spec[name]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            return (
+                f"Failed to update parameter online: {name} expects "
+                f"{tuple(shape)} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
+            )
+    return None
+
+
+class FakeSGLangEngine:
+    """A named fake of the in-process ``sglang.Engine`` (0.5.23 surface), not SGLang.
+
+    Its weight methods have exactly the real Engine's signatures (test_sglang_engine checks
+    them against the installed engine.py) and answer ``(success, message)`` the way the
+    real ones do. Payloads go the real route: plain tensors are serialized per rank with
+    SGLang's ``MultiprocessingSerializer`` (as ``Engine._serialize_tensors_per_rank``
+    does), flattened payloads are normalized with SGLang's helper, and each rank decodes
+    its own entry with SGLang's safe unpickler and ``FlattenedTensorBucket``.
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        *,
+        tp_size: int = 1,
+        running_requests: int = 0,
+    ) -> None:
+        self.spec = dict(spec)
+        self.tp_size = tp_size
+        self.running_requests = running_requests
+        self.weights: dict[str, torch.Tensor] = {}
+        self.session_open = False
+        self.calls: list[str] = []
+        self.flush_cache_args: list[bool] = []
+        self.refuse_next: str | None = None
+        self.raise_next: BaseException | None = None
+        self.block: threading.Event | None = None  # a call waits on it when set
+        self.entered_block = threading.Event()
+        self.shut_down = False
+
+    def _enter(self, name: str) -> None:
+        self.calls.append(name)
+        if self.block is not None:
+            self.entered_block.set()
+            self.block.wait()
+        if self.raise_next is not None:
+            exc, self.raise_next = self.raise_next, None
+            raise exc
+
+    def begin_weight_update(self, selector: str = "all") -> tuple[bool, str]:
+        self._enter("begin_weight_update")
+        if self.session_open:
+            return False, "a weight-update session is already open; call end_weight_update() first"
+        self.session_open = True
+        return True, "Success"
+
+    def end_weight_update(self) -> tuple[bool, str]:
+        self._enter("end_weight_update")
+        if not self.session_open:
+            return False, "no weight-update session is open; call begin_weight_update() first"
+        self.session_open = False
+        return True, "Success"
+
+    def _requires_session(self) -> bool:
+        return True
+
+    def update_weights_from_tensor(
+        self,
+        named_tensors: Any,
+        load_format: str | None = None,
+        flush_cache: bool = True,
+    ) -> tuple[bool, str]:
+        self._enter("update_weights_from_tensor")
+        self.flush_cache_args.append(flush_cache)
+        if self.refuse_next is not None:
+            message, self.refuse_next = self.refuse_next, None
+            return False, message
+        if self._requires_session() and not self.session_open:
+            return False, SessionRefusal
+        if load_format == "flattened_bucket":
+            raw = normalize_serialized_named_tensor_payloads(named_tensors)
+        else:
+            raw = [MultiprocessingSerializer.serialize(named_tensors) for _ in range(self.tp_size)]
+        decoded: list[tuple[str, torch.Tensor]] = []
+        for rank in range(self.tp_size):
+            data = MultiprocessingSerializer.deserialize(raw[rank])
+            if load_format == "flattened_bucket":
+                decoded = _reconstruct_flattened(data)
+            else:
+                decoded = [(str(n), t) for n, t in data]
+            problem = check_against_spec(self.spec, decoded)
+            if problem is not None:
+                return False, problem
+        for name, tensor in decoded:
+            self.weights[name] = tensor.clone()
+        if flush_cache and self.running_requests:
+            return False, "Weights were updated, but the cache was not flushed"
+        return True, "Success"
+
+    def flush_cache(self) -> Any:
+        self._enter("flush_cache")
+        ok = self.running_requests == 0
+        return types.SimpleNamespace(success=ok, message="" if ok else "requests are running")
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"weight_version": "default"}
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+
+class FakeSGLangEngine0512(FakeSGLangEngine):
+    """The fake without weight-update sessions, as sglang 0.5.12's Engine."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("begin_weight_update", "end_weight_update"):
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+    def _requires_session(self) -> bool:
+        return False
 
 
 def _reconstruct_flattened(data: Any) -> list[tuple[str, torch.Tensor]]:

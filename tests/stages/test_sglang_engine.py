@@ -1,0 +1,242 @@
+"""SGLangEngine (in-process ``sglang.Engine``) against FakeSGLangEngine.
+
+The real Engine cannot start here (no GPU build of its kernels), so the adapter is tested
+against a named fake whose methods are checked, parameter by parameter, against the
+installed sglang's ``Engine`` source, and whose decoding is SGLang's own code. Also covers
+the lazy import and its message, sessions by capability (0.5.23) and without (0.5.12),
+errors naming the tensor, timeouts, and the version staying old on every failure.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import Engine, EngineError
+from weightpipe.stages.engines.sglang_engine import SGLangEngine, import_sglang
+
+from .sglang_double import FakeSGLangEngine, FakeSGLangEngine0512
+
+
+def _model() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [
+        ("model.norm.weight", torch.randn(5, generator=g).to(torch.bfloat16)),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            torch.randn(6, 8, generator=g).to(torch.float8_e4m3fn),
+        ),
+        ("model.layers.0.self_attn.q_proj.weight_scale_inv", torch.rand(1, 1, generator=g)),
+    ]
+
+
+def _spec() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {n: (tuple(t.shape), t.dtype) for n, t in _model()}
+
+
+def _bucket(version: int, tensors: list[tuple[str, torch.Tensor]] | None = None) -> WeightBucket:
+    return WeightBucket(tuple(_model() if tensors is None else tensors), 0, True, version)
+
+
+async def _sync(engine: SGLangEngine, version: int, bucket: WeightBucket) -> None:
+    await engine.begin(version)
+    try:
+        await engine.load(bucket)
+        await engine.commit(version)
+    except BaseException:
+        await engine.abort(version)
+        raise
+
+
+def _engine_methods() -> dict[str, ast.FunctionDef]:
+    spec = importlib.util.find_spec("sglang.srt.entrypoints.engine")
+    assert spec is not None
+    assert spec.origin is not None
+    tree = ast.parse(Path(spec.origin).read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Engine")
+    return {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "begin_weight_update",
+        "end_weight_update",
+        "update_weights_from_tensor",
+        "flush_cache",
+        "get_model_info",
+        "shutdown",
+    ],
+)
+def test_fake_follows_the_real_engine_signatures(method: str) -> None:
+    # Read from the installed engine.py (importing it needs uvloop and GPU-only deps).
+    real = _engine_methods()[method]
+    params = [a.arg for a in real.args.args]
+    defaults = [ast.literal_eval(d) for d in real.args.defaults]
+    fake = inspect.signature(getattr(FakeSGLangEngine, method))
+    assert list(fake.parameters) == params
+    fake_defaults = [
+        p.default for p in fake.parameters.values() if p.default is not inspect.Parameter.empty
+    ]
+    assert fake_defaults == defaults
+
+
+def test_adapter_calls_only_methods_the_real_engine_has() -> None:
+    real = _engine_methods()
+    for name in ("begin_weight_update", "end_weight_update", "update_weights_from_tensor"):
+        assert name in real
+    assert "pause_generation" not in real  # hence pause/resume are no-ops in-process
+
+
+def test_satisfies_protocol() -> None:
+    assert isinstance(SGLangEngine(FakeSGLangEngine(_spec())), Engine)
+
+
+@pytest.mark.parametrize("load_format", ["flattened_bucket", "named_tensors"])
+async def test_sync_bit_identical(load_format: str) -> None:
+    fake = FakeSGLangEngine(_spec(), tp_size=2)
+    engine = SGLangEngine(fake, tp_size=2, load_format=load_format)  # type: ignore[arg-type]
+    assert await engine.version() is None
+    await _sync(engine, 4, _bucket(4))
+    assert await engine.version() == 4
+    assert fake.calls == [
+        "begin_weight_update",
+        "update_weights_from_tensor",
+        "end_weight_update",
+        "flush_cache",
+    ]
+    assert fake.flush_cache_args == [False]
+    for name, sent in _model():
+        assert torch.equal(fake.weights[name].view(torch.uint8), sent.view(torch.uint8)), name
+
+
+async def test_no_sessions_on_0512_engine() -> None:
+    fake = FakeSGLangEngine0512(_spec())
+    engine = SGLangEngine(fake)
+    await _sync(engine, 1, _bucket(1))
+    assert fake.calls == ["update_weights_from_tensor", "flush_cache"]
+    assert await engine.version() == 1
+
+
+async def test_session_off_against_0523_is_refused_clearly() -> None:
+    engine = SGLangEngine(FakeSGLangEngine(_spec()), session="off")
+    with pytest.raises(EngineError, match="must run between begin_weight_update"):
+        await _sync(engine, 1, _bucket(1))
+    assert await engine.version() is None
+
+
+async def test_refusal_names_the_tensor_and_keeps_the_version() -> None:
+    fake = FakeSGLangEngine(_spec())
+    engine = SGLangEngine(fake, initial_version=3)
+    bad = [("model.layers.0.self_attn.q_proj.weight", torch.zeros(6, 8))]
+    with pytest.raises(EngineError, match=r"expects \(6, 8\) torch.float8_e4m3fn") as info:
+        await _sync(engine, 4, _bucket(4, bad))
+    assert info.value.tensor == "model.layers.0.self_attn.q_proj.weight"
+    assert await engine.version() == 3
+    assert not fake.session_open
+
+
+async def test_unknown_name_and_engine_exception() -> None:
+    fake = FakeSGLangEngine(_spec())
+    engine = SGLangEngine(fake)
+    with pytest.raises(EngineError, match="is not a parameter") as info:
+        await _sync(engine, 1, _bucket(1, [("nope.weight", torch.zeros(1))]))
+    assert info.value.tensor == "nope.weight"
+    fake.raise_next = RuntimeError("CUDA error: an illegal memory access")
+    with pytest.raises(EngineError, match="begin_weight_update raised RuntimeError: CUDA"):
+        await _sync(engine, 2, _bucket(2))
+    assert await engine.version() is None
+
+
+async def test_flush_failure_at_commit_keeps_the_version() -> None:
+    fake = FakeSGLangEngine(_spec(), running_requests=1)
+    engine = SGLangEngine(fake, initial_version=0)
+    with pytest.raises(EngineError, match="flush_cache failed: requests are running"):
+        await _sync(engine, 1, _bucket(1))
+    assert await engine.version() == 0
+
+
+async def test_timeout() -> None:
+    fake = FakeSGLangEngine(_spec())
+    engine = SGLangEngine(fake, timeout_s=0.3)
+    fake.block = threading.Event()
+    try:
+        with pytest.raises(EngineError, match="begin_weight_update timed out"):
+            await engine.begin(1)
+        assert fake.entered_block.is_set()
+    finally:
+        fake.block.set()
+    assert await engine.version() is None
+
+
+async def test_pause_and_resume_are_noops_without_engine_support() -> None:
+    fake = FakeSGLangEngine(_spec())
+    engine = SGLangEngine(fake)
+    await engine.pause("in_place")
+    await engine.resume()
+    assert fake.calls == []
+
+
+async def test_pause_uses_the_engine_when_it_has_one() -> None:
+    class Pausable(FakeSGLangEngine):
+        def pause_generation(self, mode: str = "abort") -> None:
+            self.calls.append(f"pause:{mode}")
+
+        def continue_generation(self) -> None:
+            self.calls.append("continue")
+
+    fake = Pausable(_spec())
+    engine = SGLangEngine(fake)
+    await engine.pause("retract")
+    await engine.resume()
+    assert fake.calls == ["pause:retract", "continue"]
+
+
+async def test_lazy_construction_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[dict[str, Any]] = []
+
+    class FakeModule:
+        @staticmethod
+        def Engine(**kwargs: Any) -> FakeSGLangEngine:
+            built.append(kwargs)
+            return FakeSGLangEngine(_spec())
+
+    monkeypatch.setattr("weightpipe.stages.engines.sglang_engine.import_sglang", lambda: FakeModule)
+    engine = SGLangEngine(model_path="/models/x", tp_size=1)
+    await _sync(engine, 1, _bucket(1))
+    assert built == [{"model_path": "/models/x", "tp_size": 1}]
+    fake = engine.engine
+    await engine.aclose()
+    assert fake.shut_down
+
+
+def test_missing_sglang_gives_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sglang", None)  # makes `import sglang` fail
+    with pytest.raises(ImportError, match=r"needs the sglang package.*pip install"):
+        import_sglang()
+
+
+async def test_missing_sglang_surfaces_on_first_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> Any:
+        raise ImportError("the in-process SGLang engine needs the sglang package")
+
+    monkeypatch.setattr("weightpipe.stages.engines.sglang_engine.import_sglang", fail)
+    engine = SGLangEngine(model_path="/models/x")
+    with pytest.raises(ImportError, match="needs the sglang package"):
+        await engine.begin(1)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"sglang\.Engine or the keyword arguments"):
+        SGLangEngine()
+    with pytest.raises(ValueError, match="timeout_s"):
+        SGLangEngine(FakeSGLangEngine(_spec()), timeout_s=0)
