@@ -1,0 +1,284 @@
+"""Weight sources: modules, state_dicts, (async) iterables, safetensors, DTensor shards."""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import traceback
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import save_file
+
+from weightpipe.pipeline import Pipeline, as_async_iter
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.fetch import Fetch
+from weightpipe.stages.sources import (
+    materialise,
+    named_tensors,
+    safetensors_index,
+    safetensors_source,
+)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.proj = torch.nn.Linear(4, 10, bias=False)
+        self.proj.weight = self.embed.weight  # tied: must come out once
+        self.norm = torch.nn.LayerNorm(4)
+        self.register_buffer("steps", torch.tensor(3))
+        self.register_buffer("inv_freq", torch.ones(2), persistent=False)
+
+
+async def _collect(source: Any) -> list[tuple[str, torch.Tensor]]:
+    return [pair async for pair in as_async_iter(source)]
+
+
+async def test_module_parameters_then_persistent_buffers() -> None:
+    module = Tiny()
+    names = [n for n, _ in await _collect(named_tensors(module))]
+    assert names == ["embed.weight", "norm.weight", "norm.bias"]
+    pairs = await _collect(named_tensors(module, include_buffers=True))
+    assert [n for n, _ in pairs] == [*names, "steps"]  # inv_freq is not in a checkpoint
+    assert not any(t.requires_grad for _, t in pairs)
+    assert pairs[0][1].data_ptr() == module.embed.weight.data_ptr()  # no copy
+
+
+async def test_state_dict_iterables_and_async_generators() -> None:
+    state = {"a": torch.ones(2), "b": torch.zeros(3)}
+    assert [n for n, _ in await _collect(named_tensors(state))] == ["a", "b"]
+    assert [n for n, _ in await _collect(named_tensors(list(state.items())))] == ["a", "b"]
+    closed = anyio.Event()
+
+    async def receive_weights() -> AsyncIterator[tuple[str, torch.Tensor]]:
+        try:
+            for pair in state.items():
+                yield pair
+        finally:
+            closed.set()
+
+    source = named_tensors(receive_weights())
+    iterator = as_async_iter(source)
+    assert (await iterator.__anext__())[0] == "a"
+    await iterator.aclose()  # early stop reaches the checkpoint engine's generator
+    assert closed.is_set()
+
+
+def test_named_tensors_refuses_what_is_not_tensors() -> None:
+    with pytest.raises(TypeError, match="got a str"):
+        named_tensors("model.safetensors")
+    with pytest.raises(TypeError, match="got int"):
+        named_tensors(3)  # type: ignore[arg-type]
+
+
+def test_materialise_leaves_plain_tensors_and_names_failures() -> None:
+    plain = torch.ones(2)
+    assert materialise("w", plain) is plain
+
+    class Broken(torch.Tensor):
+        def full_tensor(self) -> torch.Tensor:
+            raise RuntimeError("peer gone")
+
+    with pytest.raises(RuntimeError, match="tensor 'w': gathering its DTensor shards failed"):
+        materialise("w", torch.ones(2).as_subclass(Broken))
+
+
+# -- safetensors ---------------------------------------------------------------------------
+
+
+def _write_sharded(root: Path) -> dict[str, torch.Tensor]:
+    tensors = {
+        "model.embed.weight": torch.randn(8, 4).to(torch.bfloat16),
+        "model.layers.0.q.weight": torch.randn(4, 4),
+        "model.layers.0.k.weight": torch.arange(6, dtype=torch.int64),
+        "model.norm.weight": torch.ones(4, dtype=torch.float16),
+        "lm_head.weight": torch.randn(8, 4).to(torch.float8_e4m3fn),
+    }
+    shard1 = {k: tensors[k] for k in ("model.norm.weight", "lm_head.weight")}
+    shard2 = {k: v for k, v in tensors.items() if k not in shard1}
+    save_file(shard1, str(root / "model-00002-of-00002.safetensors"))
+    save_file(shard2, str(root / "model-00001-of-00002.safetensors"))
+    save_file({"stray": torch.ones(1)}, str(root / "unlisted.safetensors"))
+    # The index lists shard 2 first: files are read in the index's order.
+    weight_map = {k: "model-00002-of-00002.safetensors" for k in shard1}
+    weight_map.update({k: "model-00001-of-00002.safetensors" for k in shard2})
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return tensors
+
+
+def test_safetensors_honours_the_index_and_reads_lazily(tmp_path: Path) -> None:
+    tensors = _write_sharded(tmp_path)
+    plan = safetensors_index(tmp_path)
+    assert [f.name for f, _ in plan] == [
+        "model-00002-of-00002.safetensors",
+        "model-00001-of-00002.safetensors",
+    ]
+    got = list(safetensors_source(tmp_path, window_bytes=64))
+    assert sorted(n for n, _ in got) == sorted(tensors)  # the unlisted shard is not read
+    assert [n for n, _ in got][:2] == [n for n, _ in plan[0][1]]
+    for name, tensor in got:
+        assert tensor.dtype == tensors[name].dtype
+        assert torch.equal(tensor.view(torch.uint8), tensors[name].view(torch.uint8))
+
+
+def test_safetensors_without_index_and_single_file(tmp_path: Path) -> None:
+    save_file({"b": torch.ones(2), "a": torch.zeros(3)}, str(tmp_path / "x.safetensors"))
+    save_file({"c": torch.ones(1)}, str(tmp_path / "y.safetensors"))
+    names = [n for n, _ in safetensors_source(tmp_path)]
+    assert sorted(names[:2]) == ["a", "b"]
+    assert names[2] == "c"
+    assert [n for n, _ in safetensors_source(tmp_path / "y.safetensors")] == ["c"]
+
+
+def test_safetensors_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        list(safetensors_source(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors"):
+        list(safetensors_source(tmp_path))
+    save_file({"a": torch.ones(2)}, str(tmp_path / "s.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "s.safetensors", "b": "s.safetensors"}}))
+    with pytest.raises(ValueError, match="tensor 'b': listed in the index but not in"):
+        list(safetensors_source(tmp_path))
+    index.write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"shard 'gone\.safetensors'"):
+        list(safetensors_source(tmp_path))
+    with pytest.raises(ValueError, match="window_bytes"):
+        safetensors_source(tmp_path, window_bytes=0)
+
+
+def test_safetensors_early_stop_closes(tmp_path: Path) -> None:
+    save_file({f"t{i}": torch.ones(4) for i in range(5)}, str(tmp_path / "m.safetensors"))
+    stream = safetensors_source(tmp_path)
+    next(stream)
+    stream.close()  # runs the generator's finally: the open safe_open handle exits
+    assert getattr(stream, "gi_frame", None) is None
+
+
+def _rss_bytes() -> int:
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            fields[key] = value
+    # File-backed pages of the mapped shards count as well as anonymous memory.
+    return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+async def test_safetensors_streaming_memory_is_bounded_by_buckets_not_files(
+    tmp_path: Path,
+) -> None:
+    tensor_bytes = 2 << 20
+    count = 48  # a 96 MiB file, read through 4 MiB buckets
+    save_file(
+        {f"layers.{i}.w": torch.full((tensor_bytes // 2,), i, dtype=torch.bfloat16)
+         for i in range(count)},
+        str(tmp_path / "model.safetensors"),
+    )  # fmt: skip
+    file_bytes = (tmp_path / "model.safetensors").stat().st_size
+    bucket_bytes, window_bytes, depth = 4 << 20, 8 << 20, 2
+    before = _rss_bytes()
+    peak = before
+    checked = 0
+
+    async def sink(bucket: WeightBucket) -> None:
+        nonlocal peak, checked
+        peak = max(peak, _rss_bytes())
+        for name, tensor in bucket.tensors:
+            checked += int(tensor[0].item() == int(name.split(".")[1]))
+
+    source = safetensors_source(tmp_path, window_bytes=window_bytes)
+    await Pipeline([Fetch(bucket_bytes)], depth=depth).run(source, sink=sink)
+    growth = peak - before
+    bound = (depth + 2) * bucket_bytes + window_bytes
+    assert checked == count
+    assert file_bytes > 2 * (bound + (16 << 20))  # a whole-file read could not pass
+    assert growth <= bound + (16 << 20), f"RSS grew {growth / 2**20:.1f} MiB"
+
+
+# -- DTensor shards gathered with full_tensor() (2 processes, gloo) ------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _dtensor_worker(rank: int, port: int, results: Any) -> None:
+    import torch.distributed as dist
+
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=2,
+            timeout=timedelta(seconds=30),
+        )
+        mesh = init_device_mesh("cpu", (2,))
+        full = {
+            "w": torch.arange(24, dtype=torch.float32).view(6, 4),
+            "b": torch.arange(8, dtype=torch.bfloat16),
+        }
+        state = {k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in full.items()}
+        assert state["w"].to_local().shape == (3, 4)  # really sharded
+
+        async def run() -> list[tuple[str, torch.Tensor]]:
+            buckets: list[WeightBucket] = []
+
+            async def sink(bucket: WeightBucket) -> None:
+                buckets.append(bucket)
+
+            await Pipeline([Fetch(1 << 20)]).run(named_tensors(state), sink=sink)
+            return [(n, t.clone()) for b in buckets for n, t in b.tensors]
+
+        got = anyio.run(run)
+        assert [n for n, _ in got] == ["w", "b"]
+        for name, tensor in got:
+            assert type(tensor) is torch.Tensor
+            assert torch.equal(tensor, full[name]), name
+        results.put((rank, "ok", None))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+
+
+@pytest.mark.slow
+def test_dtensor_shards_are_gathered_in_order_on_every_rank() -> None:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [
+        context.Process(target=_dtensor_worker, args=(rank, port, results), daemon=True)
+        for rank in range(2)
+    ]
+    for process in processes:
+        process.start()
+    reports = {}
+    try:
+        for _ in processes:
+            try:
+                rank, status, detail = results.get(timeout=90)
+            except queue.Empty:
+                pytest.fail("a DTensor worker never reported")
+            reports[rank] = (status, detail)
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    failed = {r: d for r, (s, d) in reports.items() if s != "ok"}
+    assert not failed, "\n".join(f"rank {r}:\n{d}" for r, d in sorted(failed.items()))
