@@ -1,0 +1,294 @@
+"""``weightpipe demo``: a fully-asynchronous trainer feeding a generating engine.
+
+A trainer (the local engine's Llama architecture, float32 master weights, AdamW on
+synthetic token batches) takes real optimizer steps in a worker thread while the engine
+keeps generating. Every ``demo.sync_every`` steps the trainer's weights are snapshotted
+(bf16, between two steps, so one sync never mixes versions) and streamed
+Fetch -> Fp8Quantize -> Load into the engine in the configured mode, while training goes
+on. Syncs are serialised: a sync that falls due while the previous one still runs waits
+for it, which bounds memory at one snapshot. After each sync on the local engine, every
+parameter is checked: quantized ones must dequantize to the snapshot within FP8's error
+bound, the others must equal it bit for bit. Metrics are served on
+``http://<metrics.addr>:<metrics.port>/metrics`` for the whole run. Any failure exits
+non-zero.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from weightpipe.pipeline.config import WeightpipeConfig
+from weightpipe.pipeline.metrics import MetricsServer, WeightpipeMetrics, serve_metrics
+
+from .engines.base import Engine
+from .engines.local import LocalEngine
+from .factory import build_engine, build_fetch, build_llama_config, build_quantize
+from .fp8 import check_fp8, dequantize_fp8, quantize_fp8
+from .sync import SyncReport, sync_weights
+
+__all__ = ["DemoSync", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoSync:
+    """One row of the demo's final table."""
+
+    version: int
+    step: int
+    report: SyncReport
+    tokens_per_s_idle: float | None
+    check: str
+
+
+class Trainer:
+    """Real optimizer steps on synthetic data; weights read only between steps."""
+
+    def __init__(self, config: WeightpipeConfig) -> None:
+        torch.manual_seed(config.model.seed)
+        from transformers import LlamaForCausalLM
+
+        self.model: Any = LlamaForCausalLM(build_llama_config(config.model)).float().train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.demo.lr)
+        self.batch_size = config.demo.batch_size
+        self.seq_len = config.demo.seq_len
+        self.vocab = config.model.vocab_size
+        self.generator = torch.Generator().manual_seed(config.model.seed + 7)
+
+    def step(self) -> float:
+        # A learnable synthetic task: next token = (token + 1) mod vocab.
+        start = torch.randint(0, self.vocab, (self.batch_size, 1), generator=self.generator)
+        tokens = (start + torch.arange(self.seq_len)) % self.vocab
+        loss = self.model(input_ids=tokens, labels=tokens).loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def snapshot(self) -> list[tuple[str, torch.Tensor]]:
+        """The weights as the engine should serve them: bf16 copies, in module order."""
+        with torch.no_grad():
+            return [
+                (name, p.detach().to(torch.bfloat16, copy=True))
+                for name, p in self.model.named_parameters()
+            ]
+
+
+def verify_engine(
+    engine: LocalEngine,
+    snapshot: list[tuple[str, torch.Tensor]],
+    quantized: set[str],
+    block: tuple[int, int],
+) -> str:
+    """Check the engine against the snapshot it was sent; returns a one-line verdict.
+
+    Raises:
+        AssertionError: a parameter differs (names it).
+    """
+    worst = 0.0
+    for name, source in snapshot:
+        served = engine.parameter(name).cpu()
+        if name in quantized:
+            q = quantize_fp8(source, block=block, name=name)
+            worst = max(worst, check_fp8(source, q, block=block, name=name))
+            expected = dequantize_fp8(q.qweight, q.scale, block=block, dtype=served.dtype)
+            if not torch.equal(served, expected):
+                raise AssertionError(f"tensor {name!r}: the engine serves other FP8 values")
+        elif not torch.equal(served, source.to(served.dtype)):
+            raise AssertionError(f"tensor {name!r}: the engine's copy differs from the trainer's")
+    return f"ok ({len(quantized)} FP8 within bound, worst {worst:.2f}x)"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def print_table(console: Console, rows: list[DemoSync]) -> None:
+    table = Table(title="weightpipe demo: one row per sync")
+    for column in (
+        "version",
+        "step",
+        "mode",
+        "MB moved",
+        "seconds",
+        "GB/s",
+        "hard pause ms",
+        "tok/s idle",
+        "tok/s sync",
+        "longest gap ms",
+        "check",
+    ):
+        table.add_column(column, justify="right" if column != "check" else "left")
+    for row in rows:
+        report = row.report
+        gap = report.longest_gap_s
+        table.add_row(
+            str(row.version),
+            str(row.step),
+            report.mode,
+            f"{report.bytes / 1e6:.2f}",
+            f"{report.seconds:.3f}",
+            f"{report.bytes / report.seconds / 1e9:.3f}",
+            f"{report.hard_pause_s * 1e3:.1f}",
+            _fmt(row.tokens_per_s_idle, ".0f"),
+            _fmt(report.tokens_per_s_during_sync, ".0f"),
+            _fmt(None if gap is None else gap * 1e3, ".1f"),
+            row.check,
+        )
+    console.print(table)
+
+
+async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
+    block = (int(config.quantize.block[0]), int(config.quantize.block[1]))
+    trainer = await anyio.to_thread.run_sync(Trainer, config)
+    engine: Engine = build_engine(config.engine, config.model, block=block)
+    local = engine if isinstance(engine, LocalEngine) else None
+    fetch = build_fetch(config.fetch)
+    quantize = build_quantize(config.quantize) if config.quantize.enabled else None
+    stages: list[Any] = [fetch] + ([quantize] if quantize is not None else [])
+    metrics = WeightpipeMetrics(engine=engine.name)
+    server: MetricsServer | None = None
+    if config.metrics.enabled:
+        server = serve_metrics(metrics, port=config.metrics.port, addr=config.metrics.addr)
+        console.print(f"metrics: {server.url}")
+    if quantize is not None:
+        console.print(f"engine quantization_config: {quantize.quantization_config()}")
+    rows: list[DemoSync] = []
+    sync_done = anyio.Event()
+    sync_done.set()
+    failure: list[BaseException] = []
+    try:
+        if local is not None:
+            await local.start()
+            await local.wait_for_tokens(config.model.batch_size)
+        version = (await engine.version()) or 0
+        window = local.open_window() if local is not None else None
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+            disable=not config.demo.progress,
+        )
+        with progress:
+            steps = progress.add_task("training", total=config.demo.steps, status="")
+            async with anyio.create_task_group() as group:
+
+                async def run_sync(
+                    version: int, step: int, snapshot: list[tuple[str, torch.Tensor]]
+                ) -> None:
+                    nonlocal window
+                    idle = window.close().tokens_per_s if window is not None else None
+                    started = time.perf_counter()
+                    try:
+                        report = await sync_weights(
+                            snapshot,
+                            engine,
+                            version=version,
+                            stages=stages,
+                            depth=config.depth,
+                            mode=config.engine.mode,  # type: ignore[arg-type]
+                            pause_mode=config.engine.pause_mode,  # type: ignore[arg-type]
+                            timeout_s=config.engine.timeout_s,
+                            observer=metrics,
+                        )
+                    except BaseException as exc:
+                        metrics.record_sync(
+                            seconds=time.perf_counter() - started,
+                            nbytes=0,
+                            ok=False,
+                            version=await engine.version(),
+                        )
+                        failure.append(exc)
+                        group.cancel_scope.cancel()
+                        raise
+                    metrics.record_sync(
+                        seconds=report.seconds,
+                        nbytes=report.bytes,
+                        ok=True,
+                        version=report.version,
+                        hard_pause_s=report.hard_pause_s,
+                    )
+                    if local is not None:
+                        fp8_names = {
+                            name.removesuffix("_scale_inv")
+                            for name in report.load.names
+                            if name.endswith("_scale_inv")
+                        }
+                        check = await anyio.to_thread.run_sync(
+                            verify_engine, local, snapshot, fp8_names, block
+                        )
+                        window = local.open_window()
+                    else:
+                        check = "n/a (remote engine)"
+                    rows.append(DemoSync(version, step, report, idle, check))
+                    progress.update(
+                        steps,
+                        status=f"synced v{version} in {report.seconds:.2f} s, "
+                        f"pause {report.hard_pause_s * 1e3:.0f} ms",
+                    )
+                    sync_done.set()
+
+                for step in range(1, config.demo.steps + 1):
+                    loss = await anyio.to_thread.run_sync(trainer.step)
+                    progress.update(steps, advance=1, description=f"training (loss {loss:.3f})")
+                    if step % config.demo.sync_every == 0 or step == config.demo.steps:
+                        await sync_done.wait()  # one sync at a time: one snapshot in memory
+                        sync_done = anyio.Event()
+                        snapshot = await anyio.to_thread.run_sync(trainer.snapshot)
+                        version += 1
+                        group.start_soon(run_sync, version, step, snapshot)
+        if failure:
+            raise failure[0]
+        served = await engine.version()
+        if served != version:
+            raise AssertionError(f"the engine serves v{served}, the trainer sent v{version}")
+    finally:
+        if local is not None:
+            await local.stop()
+        if server is not None:
+            server.close()
+    return rows
+
+
+def run_demo(config: WeightpipeConfig) -> int:
+    """Run the demo; returns the process exit status (0 only if every sync checked out)."""
+    console = Console()
+    started = time.perf_counter()
+    try:
+        rows = anyio.run(_demo, config, console)
+    except BaseException as exc:  # noqa: BLE001 - a CLI reports, then exits non-zero
+        if isinstance(exc, KeyboardInterrupt):
+            console.print("[red]interrupted[/red]")
+            return 130
+        console.print(f"[red]demo failed:[/red] {type(exc).__name__}: {exc}")
+        cause = exc.__cause__
+        while cause is not None:
+            console.print(f"  caused by {type(cause).__name__}: {cause}")
+            cause = cause.__cause__
+        return 1
+    print_table(console, rows)
+    console.print(
+        f"{len(rows)} syncs in {time.perf_counter() - started:.1f} s "
+        f"(mode {config.engine.mode}, depth {config.depth}, "
+        f"bucket {config.fetch.bucket_bytes / (1 << 20):.0f} MiB)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from weightpipe.pipeline.config import load_config
+
+    sys.exit(run_demo(load_config(overrides=sys.argv[1:])))
