@@ -1,0 +1,294 @@
+"""Whole syncs into the generating local engine, in each sync mode, and their faults.
+
+A sync either installs every new weight under the new version or raises one
+``StageError`` with the old weights and version in place and generation running again.
+Synchronisation is by events (a gate stage) and the engine's counters, never by sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import torch
+
+from tests.fakes import (
+    FakeEngine,
+    FakeFp8Quantize,
+    FakeGate,
+    fake_buckets,
+    small_llama_config,
+)
+from weightpipe.pipeline import Pipeline, StageError
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import EngineError
+from weightpipe.stages.engines.local import LocalEngine
+from weightpipe.stages.fetch import Fetch
+from weightpipe.stages.load import Load
+from weightpipe.stages.sync import SyncReport, sync_weights
+
+BATCH = 4
+NEW_TOKENS = 4
+LONG = 10_000
+BUCKET_BYTES = 256 << 10
+MODES = ["pause", "prefetch", "in_flight"]
+
+
+def make_engine(**kwargs: object) -> LocalEngine:
+    options: dict[str, object] = {"batch_size": BATCH, "max_new_tokens": NEW_TOKENS}
+    options.update(kwargs)
+    return LocalEngine(small_llama_config(), **options)  # type: ignore[arg-type]
+
+
+def snapshot(engine: LocalEngine) -> dict[str, torch.Tensor]:
+    return {name: engine.parameter(name) for name in engine.parameter_specs()}
+
+
+def assert_weights(engine: LocalEngine, expected: dict[str, torch.Tensor]) -> None:
+    for name, tensor in expected.items():
+        assert torch.equal(engine.parameter(name), tensor), name
+
+
+async def assert_still_generating(engine: LocalEngine) -> None:
+    assert not engine.paused
+    await engine.wait_for_tokens(engine.tokens_generated + BATCH)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_sync_installs_every_weight_in_each_mode(mode: str) -> None:
+    async with make_engine() as engine:
+        new = engine.random_weights(seed=11)
+        await engine.wait_for_tokens(BATCH)
+        report = await sync_weights(
+            list(new.items()),
+            engine,
+            version=1,
+            stages=[Fetch(BUCKET_BYTES)],
+            mode=mode,  # type: ignore[arg-type]
+        )
+        assert await engine.version() == 1
+        assert_weights(engine, new)
+        await assert_still_generating(engine)
+        done = len(engine.outputs())
+        await engine.wait_for_outputs(done + 2 * BATCH)
+        assert all(o.weight_version == 1 for o in engine.outputs()[-BATCH:])
+    assert isinstance(report, SyncReport)
+    assert report.version == 1
+    assert report.mode == mode
+    assert report.engine == "local"
+    assert report.load.committed
+    assert report.load.buckets == report.run.stage("fetch").items_out > 1
+    assert report.bytes == report.load.bytes > 0
+    assert report.generation is not None
+    assert report.tokens_per_s_during_sync is not None
+    assert report.longest_gap_s is not None
+    if mode == "in_flight":
+        assert report.hard_pause_s == 0.0
+        assert report.generation.paused_s == 0.0
+    else:
+        assert report.hard_pause_s > 0.0
+    assert "v1 on 'local'" in report.format()
+
+
+async def test_fp8_sync_dequantises_into_the_engine() -> None:
+    async with make_engine() as engine:
+        new = engine.random_weights(seed=12)
+        await sync_weights(
+            list(new.items()),
+            engine,
+            version=3,
+            stages=[Fetch(BUCKET_BYTES), FakeFp8Quantize()],
+            mode="in_flight",
+        )
+        assert await engine.version() == 3
+        name = "model.layers.1.mlp.down_proj.weight"
+        loaded = engine.parameter(name)
+        assert not torch.equal(loaded, new[name])  # it really went through FP8
+        error = (loaded.float() - new[name].float()).abs().max().item()
+        assert error <= new[name].float().abs().max().item() / 16
+        assert torch.equal(engine.parameter("lm_head.weight"), new["lm_head.weight"])
+        await assert_still_generating(engine)
+
+
+@pytest.mark.parametrize(
+    ("mode", "paused_upstream"),
+    [
+        ("pause", True),
+        ("prefetch", False),
+        ("in_flight", False),
+    ],
+)
+async def test_generation_runs_while_upstream_works_unless_pause_mode(
+    mode: str, paused_upstream: bool
+) -> None:
+    async with make_engine() as engine:
+        new = engine.random_weights(seed=13)
+        gate = FakeGate(hold_at=0)
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                lambda: sync_weights(
+                    list(new.items()),
+                    engine,
+                    version=1,
+                    stages=[Fetch(BUCKET_BYTES), gate],
+                    mode=mode,  # type: ignore[arg-type]
+                )
+            )
+            await gate.reached.wait()
+            assert engine.paused is paused_upstream
+            if not paused_upstream:  # fetch is running and tokens keep coming
+                await engine.wait_for_tokens(engine.tokens_generated + BATCH)
+            gate.release.set()
+        assert await engine.version() == 1
+        await assert_still_generating(engine)
+
+
+async def test_in_flight_outputs_carry_the_version_they_finished_under() -> None:
+    async with make_engine(max_new_tokens=LONG) as engine:
+        await engine.wait_for_tokens(BATCH)
+        new = engine.random_weights(seed=14)
+        after_load = FakeGate(hold_at=0)  # holds bucket 0 after the engine applied it
+        load = Load(engine, mode="in_flight")
+        pipeline = Pipeline([Fetch(BUCKET_BYTES, version=1), load, after_load], depth=1)
+        async with anyio.create_task_group() as group:
+            group.start_soon(pipeline.run, list(new.items()))
+            await after_load.reached.wait()
+            assert not engine.paused
+            assert await engine.version() == 0
+            # The running batch saw the old and some new weights; let it finish now.
+            engine.max_new_tokens = NEW_TOKENS
+            await engine.wait_for_outputs(BATCH)
+            mixed = engine.outputs()[:BATCH]
+            after_load.release.set()
+        assert await engine.version() == 1
+        done = len(engine.outputs())
+        await engine.wait_for_outputs(done + 2 * BATCH)
+        clean = engine.outputs()[-BATCH:]
+    assert load.report.hard_pause_s == 0.0
+    assert all(o.weight_version == 0 and o.weights_changed for o in mixed)
+    assert all(o.started_version == 1 and o.weight_version == 1 for o in clean)
+    assert not any(o.weights_changed for o in clean)
+
+
+def bad_tensor(kind: str, new: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    name = "model.layers.1.mlp.up_proj.weight"
+    if kind == "unknown-name":
+        return "model.layers.1.mlp.up_proj.weigth", new[name]
+    if kind == "shape":
+        return name, new[name].t().contiguous()
+    return name, new[name].float()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["unknown-name", "shape", "dtype"])
+async def test_bad_tensor_in_the_last_bucket_leaves_the_old_weights(mode: str, kind: str) -> None:
+    async with make_engine() as engine:
+        old = snapshot(engine)
+        new = engine.random_weights(seed=15)
+        pairs = [(n, t) for n, t in new.items() if n != "model.layers.1.mlp.up_proj.weight"]
+        pairs.append(bad_tensor(kind, new))
+        source = fake_buckets(pairs, per_bucket=5, version=1)
+        with pytest.raises(StageError) as info:
+            await sync_weights(source, engine, version=1, mode=mode)  # type: ignore[arg-type]
+        cause = info.value.__cause__
+        assert isinstance(cause, EngineError)
+        assert cause.tensor is not None
+        assert cause.tensor.startswith("model.layers.1.mlp.up_proj.")
+        assert info.value.stage == "load"
+        assert f"bucket {len(source) - 1} of v1" in str(info.value)
+        assert await engine.version() == 0
+        assert_weights(engine, old)  # the buckets before it were rolled back
+        await assert_still_generating(engine)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_source_failing_mid_sync_leaves_the_old_weights(mode: str) -> None:
+    async with make_engine() as engine:
+        old = snapshot(engine)
+        new = engine.random_weights(seed=16)
+
+        async def trainer() -> AsyncIterator[tuple[str, torch.Tensor]]:
+            for count, pair in enumerate(new.items()):
+                if count == 20:
+                    raise ConnectionError("trainer rank 3 went away")
+                yield pair
+
+        with pytest.raises(StageError, match="trainer rank 3 went away") as info:
+            await sync_weights(
+                trainer(),
+                engine,
+                version=1,
+                stages=[Fetch(64 << 10)],
+                mode=mode,  # type: ignore[arg-type]
+            )
+        assert info.value.stage == "source"
+        assert await engine.version() == 0
+        assert_weights(engine, old)
+        await assert_still_generating(engine)
+
+
+async def test_cancelled_sync_leaves_the_old_weights() -> None:
+    async with make_engine() as engine:
+        old = snapshot(engine)
+        new = engine.random_weights(seed=17)
+        after_load = FakeGate(hold_at=1)  # bucket 1 reaches it only once the engine has it
+        load = Load(engine, mode="prefetch")
+        pipeline = Pipeline([Fetch(BUCKET_BYTES, version=1), load, after_load], depth=1)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(pipeline.run, list(new.items()))
+                await after_load.reached.wait()
+                assert engine.paused
+                assert not torch.equal(
+                    engine.parameter("model.embed_tokens.weight"), old["model.embed_tokens.weight"]
+                )
+                scope.cancel()
+        assert load.report.aborted
+        assert await engine.version() == 0
+        assert_weights(engine, old)
+        await assert_still_generating(engine)
+
+
+async def test_second_sync_after_a_failed_one_succeeds() -> None:
+    async with make_engine() as engine:
+        new = engine.random_weights(seed=18)
+        broken = [*list(new.items())[:-1], ("lm_head.weight", torch.zeros(3))]
+        with pytest.raises(StageError):
+            await sync_weights(broken, engine, version=1, stages=[Fetch(BUCKET_BYTES)])
+        report = await sync_weights(
+            list(new.items()), engine, version=1, stages=[Fetch(BUCKET_BYTES)]
+        )
+        assert report.load.committed
+        assert await engine.version() == 1
+        assert_weights(engine, new)
+
+
+async def test_sync_against_a_timing_out_engine() -> None:
+    engine = FakeEngine(fail_at={"load": "hang"})
+    source = fake_buckets({"w": torch.zeros(2)}, per_bucket=1, version=4)
+    with pytest.raises(StageError, match=r"did not answer within 0\.05 s") as info:
+        await sync_weights(source, engine, version=4, timeout_s=0.05)
+    assert info.value.stage == "load"
+    assert await engine.version() == 0
+    assert not engine.paused
+    assert ("abort", 4) in engine.calls
+
+
+async def test_sync_report_without_generation_figures_for_other_engines() -> None:
+    engine = FakeEngine()
+    source = fake_buckets({"a": torch.zeros(2), "b": torch.ones(2)}, per_bucket=1, version=2)
+    report = await sync_weights(source, engine, version=2, mode="pause", pause_mode="abort")
+    assert report.generation is None
+    assert report.tokens_per_s_during_sync is None
+    assert report.bytes == 16
+    assert engine.pause_modes == ["abort"]
+    assert "tokens/s" not in report.format()
+
+
+async def test_buckets_of_another_version_are_refused() -> None:
+    engine = FakeEngine()
+    source: list[WeightBucket] = fake_buckets({"a": torch.zeros(2)}, per_bucket=1, version=2)
+    with pytest.raises(StageError, match="does not belong to the sync of v3"):
+        await sync_weights(source, engine, version=3)
+    assert engine.calls == []  # refused before prefetch mode paused anything
