@@ -1,0 +1,208 @@
+"""Triton kernel for block FP8 quantization of a whole bucket in one launch.
+
+Imported lazily (only when a CUDA tensor is quantized, or a test asks): Triton is an
+optional dependency. One launch covers every matrix of one input dtype in a bucket: the
+matrices are described by tables of device pointers and sizes, the grid is
+``(max blocks per matrix, matrices)`` and programs past a matrix's last block are masked
+off. Each program quantizes one ``[block_out, block_in]`` block with the definition in
+``weightpipe.stages.fp8``: IEEE divisions (``div_rn``, not Triton's approximate ``/``) and a
+round-to-nearest-even float32 -> e4m3 conversion done on the integer bits, so the result
+is the same on a GPU and under ``TRITON_INTERPRET=1`` (whose own float8 cast rounds
+differently) and equals torch's cast bit for bit. NaN/Inf set a per-tensor flag instead
+of raising, so no host sync happens inside the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .fp8 import FP8_DTYPE, FP8_EPSILON, FP8_MAX, Fp8Tensor, ScaleFormat, scale_shape
+
+__all__ = ["available", "quantize_block_batch", "supports_block"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    triton = None
+    tl = None
+
+
+def available() -> bool:
+    """Whether Triton imported (the kernel also needs CUDA tensors or TRITON_INTERPRET)."""
+    return triton is not None
+
+
+def supports_block(block: tuple[int, int]) -> bool:
+    """Whether the kernel handles ``block`` (``tl.arange`` needs powers of two)."""
+    return all(b > 0 and b & (b - 1) == 0 for b in block)
+
+
+if triton is not None:
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _fp8_block_kernel(  # type: ignore[no-untyped-def]
+        src_table,
+        dst_table,
+        scale_table,
+        rows_table,
+        cols_table,
+        owner_table,
+        flags,
+        eps,
+        SRC_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        UE8M0: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        mat = tl.program_id(1)
+        rows = tl.load(rows_table + mat)
+        cols = tl.load(cols_table + mat)
+        n_bn = tl.cdiv(cols, BLOCK_N)
+        valid = pid < tl.cdiv(rows, BLOCK_M) * n_bn
+        bm = pid // n_bn
+        bn = pid % n_bn
+        src = tl.load(src_table + mat).to(tl.pointer_type(SRC_DTYPE))
+        dst = tl.load(dst_table + mat).to(tl.pointer_type(tl.uint8))
+        out_scale = tl.load(scale_table + mat).to(tl.pointer_type(tl.float32))
+
+        offs_m = bm * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = bn * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Programs past this matrix's last block see zero rows: every access is masked.
+        live_rows = tl.where(valid, rows, 0)
+        mask = (offs_m[:, None] < live_rows) & (offs_n[None, :] < cols)
+        index = offs_m[:, None].to(tl.int64) * cols + offs_n[None, :]
+        x = tl.load(src + index, mask=mask, other=0.0).to(tl.float32)
+
+        ax = tl.abs(x)
+        bad = tl.max(tl.max(((ax != ax) | (ax == float("inf"))).to(tl.int32), axis=1), axis=0)
+        amax = tl.max(tl.max(ax, axis=1), axis=0)
+        scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)
+        if UE8M0:
+            sbits = scale.to(tl.int32, bitcast=True)
+            exponent = ((sbits >> 23) & 0xFF) + ((sbits & 0x7FFFFF) != 0).to(tl.int32)
+            exponent = tl.minimum(tl.maximum(exponent, 1), 254)
+            scale = (exponent << 23).to(tl.float32, bitcast=True)
+
+        y = tl.math.div_rn(x, scale)
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        # Round-to-nearest-even float32 -> e4m3fn on the bits. Normal results (|y| >=
+        # 2**-6): keep 3 mantissa bits, the carry of the rounding may bump the exponent,
+        # then rebias 127 -> 7 (960 = 120 << 3). Subnormals: multiples of 2**-9, found by
+        # the add-and-subtract of 2**14 whose ulp is 2**-9 (exact, single rounding).
+        bits = y.to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+        normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - 960
+        ay = mag.to(tl.float32, bitcast=True)
+        sub = (((ay + 16384.0) - 16384.0) * 512.0).to(tl.int32)
+        code = tl.where(mag >= 0x3C800000, normal, sub) | ((bits >> 24) & 0x80)
+        tl.store(dst + index, code.to(tl.uint8), mask=mask)
+
+        tl.store(out_scale + pid, scale, mask=valid)
+        tl.atomic_max(flags + tl.load(owner_table + mat), bad, mask=valid)
+
+
+_TRITON_DTYPES: dict[torch.dtype, Any] = {}
+if tl is not None:
+    _TRITON_DTYPES = {
+        torch.bfloat16: tl.bfloat16,
+        torch.float16: tl.float16,
+        torch.float32: tl.float32,
+    }
+
+# Triton's second grid dimension is capped at 65535 matrices per launch.
+_MAX_MATRICES = 65535
+
+
+def quantize_block_batch(
+    weights: Sequence[torch.Tensor],
+    block: tuple[int, int] = (128, 128),
+    scale_fmt: ScaleFormat = "float32",
+) -> tuple[list[Fp8Tensor], torch.Tensor]:
+    """Block-quantize ``weights`` (each ``[..., out, in]``) on the current stream.
+
+    One launch per input dtype (more only past 65535 matrices). Returns the results in
+    order and an int32 flag per weight, on the device, set to 1 where the weight holds
+    NaN/Inf (that weight's result is then meaningless). Nothing waits on the device.
+
+    Raises:
+        RuntimeError: Triton is not installed.
+        ValueError: a weight is not bf16/fp16/fp32 or has fewer than 2 dims, or the block
+            is not a pair of powers of two.
+    """
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    if not supports_block(block):
+        raise ValueError(f"block {list(block)} is not a pair of powers of two")
+    if not weights:
+        return [], torch.zeros(0, dtype=torch.int32)
+    device = weights[0].device
+    flags = torch.zeros(len(weights), dtype=torch.int32, device=device)
+    results: list[Fp8Tensor] = []
+    groups: dict[torch.dtype, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for i, weight in enumerate(weights):
+        if weight.dtype not in _TRITON_DTYPES or weight.dim() < 2:
+            raise ValueError(
+                f"weight {i}: cannot block-quantize dtype {weight.dtype}, shape "
+                f"{tuple(weight.shape)}"
+            )
+        src = weight if weight.is_contiguous() else weight.contiguous()
+        q = torch.empty(src.shape, dtype=FP8_DTYPE, device=device)
+        scale = torch.empty(scale_shape(src.shape, "block", block), device=device)
+        results.append(Fp8Tensor(q, scale))
+        groups.setdefault(src.dtype, []).append((i, src, q, scale))
+
+    for dtype, members in groups.items():
+        src_ptrs: list[int] = []
+        dst_ptrs: list[int] = []
+        scale_ptrs: list[int] = []
+        rows: list[int] = []
+        cols: list[int] = []
+        owners: list[int] = []
+        max_blocks = 0
+        for i, src, q, scale in members:
+            *_, out_dim, in_dim = src.shape
+            if out_dim == 0 or in_dim == 0:
+                continue
+            n_blocks = math.ceil(out_dim / block[0]) * math.ceil(in_dim / block[1])
+            max_blocks = max(max_blocks, n_blocks)
+            for e in range(src.numel() // (out_dim * in_dim)):
+                src_ptrs.append(src.data_ptr() + e * out_dim * in_dim * src.element_size())
+                dst_ptrs.append(q.data_ptr() + e * out_dim * in_dim)
+                scale_ptrs.append(scale.data_ptr() + e * n_blocks * 4)
+                rows.append(out_dim)
+                cols.append(in_dim)
+                owners.append(i)
+        for start in range(0, len(src_ptrs), _MAX_MATRICES):
+            part = slice(start, start + _MAX_MATRICES)
+            tables = [
+                _device_table(values[part], device)
+                for values in (src_ptrs, dst_ptrs, scale_ptrs, rows, cols, owners)
+            ]
+            grid = (max_blocks, len(src_ptrs[part]))
+            _fp8_block_kernel[grid](
+                *tables,
+                flags,
+                FP8_EPSILON,
+                SRC_DTYPE=_TRITON_DTYPES[dtype],
+                BLOCK_M=block[0],
+                BLOCK_N=block[1],
+                UE8M0=scale_fmt == "ue8m0",
+                num_warps=8,
+            )
+    assert FP8_MAX == 448.0  # the kernel's literal; change both together
+    return results, flags
+
+
+def _device_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    table = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        # Pinned + non_blocking: the copy is ordered on the current stream, the host
+        # does not wait, and torch keeps the pinned block alive until the copy ran.
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
