@@ -53,6 +53,8 @@ class LoadReport:
             generation never paused).
         abort_error: why ``abort`` itself failed, if it did (logged, never raised: the
             failure that caused the abort is the one the caller sees).
+        names: the names of the tensors the engine accepted, in order (FP8 scales
+            included as ``<weight>_scale_inv``).
     """
 
     engine: str
@@ -67,6 +69,7 @@ class LoadReport:
     load_s: float
     hard_pause_s: float
     abort_error: str | None = None
+    names: tuple[str, ...] = ()
 
 
 class Load(Stage[WeightBucket, WeightBucket]):
@@ -127,6 +130,7 @@ class Load(Stage[WeightBucket, WeightBucket]):
         self._bytes = 0
         self._load_s = 0.0
         self._abort_error: str | None = None
+        self._names: list[str] = []
 
     @property
     def report(self) -> LoadReport:
@@ -152,6 +156,7 @@ class Load(Stage[WeightBucket, WeightBucket]):
             load_s=self._load_s,
             hard_pause_s=hard_pause,
             abort_error=self._abort_error,
+            names=tuple(self._names),
         )
 
     async def open(self) -> None:
@@ -192,6 +197,7 @@ class Load(Stage[WeightBucket, WeightBucket]):
         self._load_s += time.perf_counter() - started
         self._buckets += 1
         self._tensors += len(bucket.tensors)
+        self._names.extend(name for name, _ in bucket.tensors)
         self._bytes += bucket.nbytes
         if bucket.is_last:
             await self._call("commit", lambda: self.engine.commit(bucket.version))

@@ -50,6 +50,7 @@ async def test_protocol_order_per_mode(mode: str, expected: list[str]) -> None:
     assert report.tensors == 3
     assert report.bytes == 3 * 16
     assert report.version == 1
+    assert report.names == ("w0", "w1", "w2")
     if mode == "in_flight":
         assert report.hard_pause_s == 0.0
     else:
