@@ -52,6 +52,7 @@ __all__ = [
     "quantize_fp8_many",
     "quantize_fp8_reference",
     "quantize_tensor_fp8",
+    "reference_with_amax",
     "scale_shape",
 ]
 
@@ -180,9 +181,21 @@ def quantize_fp8_reference(
     ``NonFiniteWeightError`` for NaN/Inf, ``ValueError``/``TypeError`` for bad arguments.
     """
     _check_args(weight, method, block, scale_fmt, name)
-    w = weight.to(torch.float32)
-    if not bool(torch.isfinite(w).all()):
+    result, amax = reference_with_amax(weight, method, block, scale_fmt)
+    if not bool(torch.isfinite(amax).all()):
         raise NonFiniteWeightError(name)
+    return result
+
+
+def reference_with_amax(
+    weight: torch.Tensor, method: Fp8Method, block: tuple[int, int], scale_fmt: ScaleFormat
+) -> tuple[Fp8Tensor, torch.Tensor]:
+    """The definition without validation or host syncs, plus the amax it scaled by.
+
+    A NaN/Inf in the weight makes its amax non-finite (torch's max propagates NaN), so a
+    device caller can flag it without synchronising; the result is then meaningless.
+    """
+    w = weight.to(torch.float32)
     *lead, out_dim, in_dim = w.shape
     if method == "block":
         bo, bi = block
@@ -194,14 +207,17 @@ def quantize_fp8_reference(
         scale = fp8_scale_from_amax(amax, scale_fmt)
         q = (tiles / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
         q = q.flatten(-2).flatten(-3, -2)[..., :out_dim, :in_dim].contiguous()
-        return Fp8Tensor(q, scale)
+        return Fp8Tensor(q, scale), amax
     if method == "channel":
-        scale = fp8_scale_from_amax(w.abs().amax(dim=-1, keepdim=True), scale_fmt)
+        amax = w.abs().amax(dim=-1, keepdim=True)
+        scale = fp8_scale_from_amax(amax, scale_fmt)
+        expanded = scale
     else:
-        scale = fp8_scale_from_amax(w.abs().amax(dim=(-2, -1)), scale_fmt)
-    expanded = scale if method == "channel" else scale[..., None, None]
+        amax = w.abs().amax(dim=(-2, -1)) if w.numel() else w.new_zeros(lead)
+        scale = fp8_scale_from_amax(amax, scale_fmt)
+        expanded = scale[..., None, None]
     q = (w / expanded).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return Fp8Tensor(q, scale)
+    return Fp8Tensor(q, scale), amax
 
 
 # --------------------------------------------------------------------------- CPU fast path
