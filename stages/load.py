@@ -49,8 +49,8 @@ class LoadReport:
         aborted: ``abort`` was called (successfully or not) because the sync did not commit.
         buckets / tensors / bytes: what the engine accepted.
         load_s: seconds inside ``engine.load`` calls.
-        hard_pause_s: seconds from asking the engine to pause to its resuming (0 when
-            generation never paused).
+        hard_pause_s: seconds from the engine's pause returning (generation stopped) to
+            its resume returning (0 when generation never paused).
         abort_error: why ``abort`` itself failed, if it did (logged, never raised: the
             failure that caused the abort is the one the caller sees).
         names: the names of the tensors the engine accepted, in order (FP8 scales
@@ -261,6 +261,9 @@ class Load(Stage[WeightBucket, WeightBucket]):
         self._paused = True
         self._paused_at = time.perf_counter()
         await self._call(f"pause({self.pause_mode!r})", lambda: self.engine.pause(self.pause_mode))
+        # Generation stops when pause returns (an engine finishes its current step first):
+        # the hard pause runs from here to the end of resume.
+        self._paused_at = time.perf_counter()
 
     async def _resume(self) -> None:
         await self._call("resume", self.engine.resume)

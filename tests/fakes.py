@@ -217,7 +217,7 @@ class FakeGate(Stage[WeightBucket, WeightBucket]):
         return [item]
 
 
-def small_llama_config() -> Any:
+def small_llama_config(**overrides: Any) -> Any:
     """A Llama config small enough for fast tests, with FP8 edge blocks.
 
     The MLP weights are 320x192 and 192x320, so ``[128, 128]`` blocks have partial edges
@@ -233,4 +233,5 @@ def small_llama_config() -> Any:
         intermediate_size=320,
         vocab_size=512,
         max_position_embeddings=256,
+        **overrides,
     )

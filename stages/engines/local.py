@@ -10,11 +10,13 @@ tensors, a commit, an abort) runs on the generation thread between two decode st
 step never sees a half-copied parameter and in-flight loading needs no pause. A bucket is
 validated whole (name, shape, dtype, FP8 scale) before any parameter is touched; FP8
 weights are dequantised with their ``weight_scale_inv`` into the bf16 parameters.
-Atomicity: the first write to a parameter in a sync saves its old value, ``commit`` drops
-those copies and moves the version, ``abort`` writes them back, so an aborted sync leaves
-exactly the old weights and the old version (the price: one copy of the parameters a
-sync touched, held until it ends). Finished outputs carry the version they finished
-under, and generation windows measure tokens/s and the longest gap between two tokens.
+Atomicity: a bucket's tensors are built into fresh storages off the generation thread
+and swapped into their parameters between two steps; the old storages are kept until the
+sync ends, ``commit`` drops them and moves the version, ``abort`` swaps them back, so an
+aborted sync leaves exactly the old weights and the old version (the price: one copy of
+the parameters a sync touched, held until it ends). Finished outputs carry the version
+they finished under, and generation windows measure tokens/s and the longest gap between
+two tokens.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -281,7 +283,7 @@ class LocalEngine:
     and friends apply directly and nothing generates.
     """
 
-    name: ClassVar[str] = "local"
+    name: str = "local"
 
     def __init__(
         self,
@@ -320,7 +322,10 @@ class LocalEngine:
         self.model: Any = model.to(device=self.device, dtype=dtype).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self._params: dict[str, torch.Tensor] = dict(self.model.named_parameters())
+        # Tied weights answer to both of their checkpoint names.
+        self._params: dict[str, torch.Tensor] = dict(
+            self.model.named_parameters(remove_duplicate=False)
+        )
         self._cache_kwarg = (
             "cache"
             if "cache" in inspect.signature(self.model.forward).parameters
@@ -688,32 +693,41 @@ class LocalEngine:
     def _prepare(
         self, bucket: WeightBucket, plan: list[tuple[str, torch.Tensor, torch.Tensor | None]]
     ) -> list[tuple[str, torch.Tensor]]:
+        """Fresh tensors in each parameter's layout, built off the generation thread."""
         if self.device.type == "cuda":
             bucket.wait_ready()
         updates: list[tuple[str, torch.Tensor]] = []
         for name, tensor, scale in plan:
             param = self._params[name]
-            source = tensor.to(self.device, non_blocking=True)
             if scale is not None:
-                source = dequantize_fp8(
-                    source, scale.to(self.device), block_size=self.block_size, dtype=param.dtype
-                )
-            updates.append((name, source))
+                fresh = dequantize_fp8(
+                    tensor.to(self.device),
+                    scale.to(self.device),
+                    block_size=self.block_size,
+                    dtype=param.dtype,
+                ).contiguous()
+            else:
+                # A copy, never the bucket's own storage: Fetch recycles its buffers.
+                fresh = torch.empty_like(param)
+                fresh.copy_(tensor)
+            updates.append((name, fresh))
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return updates
 
     def _apply(self, updates: list[tuple[str, torch.Tensor]], version: int) -> None:
         # Runs on the generation thread (or a worker when not running), between steps.
+        # Swapping storages costs no copy here, so a bucket adds almost nothing to the
+        # gap between two tokens; the old storage is the undo record.
         with self._cond:
             if self._pending != version:  # aborted while the bucket was being prepared
                 raise EngineError(self.name, f"the sync of v{version} is no longer open")
         with torch.no_grad():
-            for name, source in updates:
+            for name, fresh in updates:
                 param = self._params[name]
                 if name not in self._undo:
-                    self._undo[name] = param.detach().clone()
-                param.copy_(source)
+                    self._undo[name] = param.data
+                param.data = fresh
         with self._cond:
             self._loaded.update(name for name, _ in updates)
             self._mark_weights_changed()
@@ -722,7 +736,7 @@ class LocalEngine:
         with torch.no_grad():
             if not commit:
                 for name, old in self._undo.items():
-                    self._params[name].copy_(old)
+                    self._params[name].data = old
         with self._cond:
             if commit:
                 self._version = version

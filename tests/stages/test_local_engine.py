@@ -342,3 +342,24 @@ def test_scale_shapes_follow_the_block_size() -> None:
     q, scale = fake_quantize_fp8(torch.randn(320, 192))
     assert scale.shape == (math.ceil(320 / 128), math.ceil(192 / 128))
     assert q.dtype == torch.float8_e4m3fn
+
+
+async def test_tied_weights_answer_to_both_names() -> None:
+    engine = LocalEngine(small_llama_config(tie_word_embeddings=True), batch_size=1)
+    specs = engine.parameter_specs()
+    assert specs["lm_head.weight"] == specs["model.embed_tokens.weight"]
+    new = torch.randn(specs["lm_head.weight"][0]).to(torch.bfloat16)
+    await engine.begin(1)
+    await engine.load(bucket([("lm_head.weight", new)]))
+    await engine.commit(1)
+    assert torch.equal(engine.parameter("model.embed_tokens.weight"), new)
+
+
+async def test_loaded_storage_is_a_copy_of_the_bucket() -> None:
+    engine = make_engine()
+    source = torch.randn(192, 192).to(torch.bfloat16)
+    await engine.begin(1)
+    await engine.load(bucket([(Q, source)]))
+    await engine.commit(1)
+    source.zero_()  # a producer reusing its buffer must not reach into the engine
+    assert not torch.equal(engine.parameter(Q), source)
