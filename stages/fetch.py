@@ -15,8 +15,9 @@ tensor of the next bucket has arrived (then ``is_last=False``) or at ``flush`` (
 ``is_last=True``). So Fetch holds at most one open bucket (at most ``bucket_bytes``, or
 one oversize tensor) plus up to ``_COPY_BATCH_BYTES`` of source tensors not yet copied;
 with a pipeline of depth ``d`` behind it, ``(d + 2) * bucket_bytes`` bounds what a
-Fetch-to-sink run keeps alive (buffers are recycled from a small pool once downstream
-drops every view of them).
+Fetch-to-sink run keeps alive. Buffers come from a pool of at most ``keep_buffers`` and
+are reused once downstream has dropped every view of them; the pool outlives a sync
+(fresh pages and pinning are what make a cold copy slow) unless ``retain_buffers=False``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, ClassVar, Literal
 import anyio
 import anyio.to_thread
 import torch
+
 from weightpipe.pipeline import Stage
 
 from ._bucketing import BucketPlanner, TensorLayout, copy_into, tensor_alignment, unflatten
@@ -89,31 +91,39 @@ def _allocate_host(nbytes: int, *, pin: bool) -> torch.Tensor:
 
 
 class _BufferPool:
-    """Host buffers of ``capacity`` bytes, reused once nothing but the pool holds them.
+    """Host buffers reused once nothing but the pool holds them.
 
     A buffer is free when its storage has no user beyond the pool's own reference (every
     bucket view downstream is gone) and, on CUDA, the copy that last read it finished.
-    At most ``keep`` buffers are retained; oversize requests are never pooled.
+    The smallest free buffer that fits is reused; otherwise a new one of
+    ``max(nbytes, capacity)`` bytes is allocated (so a lone oversize tensor's buffer is
+    reused by the next sync's). At most ``keep`` buffers are retained: past that the
+    oldest is forgotten, and freed as soon as downstream drops it.
     """
 
     def __init__(self, capacity: int, keep: int, *, pin: bool) -> None:
         self.capacity = capacity
         self.keep = keep
         self.pin = pin
-        # (buffer, idle use count, event of the last copy out of it)
+        # [buffer, use count when idle, event of the last copy out of it]
         self._entries: list[list[Any]] = []
 
     def take(self, nbytes: int) -> torch.Tensor:
-        if nbytes > self.capacity:
-            return _allocate_host(nbytes, pin=self.pin)
+        best: list[Any] | None = None
         for entry in self._entries:
             buffer, idle, event = entry
-            if _use_count(buffer) == idle and (event is None or event.query()):
-                entry[2] = None
-                return buffer  # type: ignore[no-any-return]
-        buffer = _allocate_host(self.capacity, pin=self.pin)
+            if buffer.numel() < nbytes or _use_count(buffer) != idle:
+                continue
+            if event is not None and not event.query():
+                continue
+            if best is None or buffer.numel() < best[0].numel():
+                best = entry
+        if best is not None:
+            best[2] = None
+            return best[0]  # type: ignore[no-any-return]
+        buffer = _allocate_host(max(nbytes, self.capacity), pin=self.pin)
         if len(self._entries) >= self.keep:
-            self._entries.pop(0)  # freed when downstream drops it
+            self._entries.pop(0)
         self._entries.append([buffer, _use_count(buffer), None])
         return buffer
 
@@ -121,6 +131,10 @@ class _BufferPool:
         for entry in self._entries:
             if entry[0] is buffer:
                 entry[2] = event
+
+    @property
+    def retained_bytes(self) -> int:
+        return sum(int(entry[0].numel()) for entry in self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -171,7 +185,13 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         allow: optional allow-list of names; entries with ``*?[`` are fnmatch patterns.
         flatten: True packs each bucket into one buffer; False passes the tensors
             themselves (made contiguous, moved to ``device``) with ``buffer=None``.
-        keep_buffers: host buffers recycled within a sync (released at ``close``).
+        keep_buffers: the most host buffers kept for reuse (each ``bucket_bytes``, or one
+            oversize tensor): a buffer is reused once downstream has dropped every view
+            of it, so fresh allocations (page faults; pinning on CUDA) happen only while
+            the pool warms up. Use ``depth + 2`` or more to avoid churn when stages behind
+            Fetch hold buckets.
+        retain_buffers: keep the pool between syncs (the default: a trainer syncs
+            often); False releases it at ``close``. ``release_buffers()`` drops it now.
 
     Each bucket's ``meta`` has ``made_contiguous``, ``tensor_bytes`` and
     ``padding_bytes``. The stage is stateful: ``workers`` is 1.
@@ -193,7 +213,8 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         empty_source: EmptySource = "error",
         allow: Sequence[str] | None = None,
         flatten: bool = True,
-        keep_buffers: int = 3,
+        keep_buffers: int = 4,
+        retain_buffers: bool = True,
     ) -> None:
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
             raise ValueError(
@@ -213,6 +234,7 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         self.device = torch.device(device)
         self.empty_source: EmptySource = empty_source
         self.flatten = flatten
+        self.retain_buffers = retain_buffers
         self.allow: tuple[str, ...] | None = None if allow is None else tuple(allow)
         allowed = self.allow or ()
         self._allow_exact = frozenset(a for a in allowed if not any(c in a for c in "*?["))
@@ -261,9 +283,19 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         self.reset()
 
     async def close(self) -> None:
-        """Drop the open bucket and the recycled buffers (returned to the system)."""
+        """Drop the open bucket, and the buffer pool unless ``retain_buffers``."""
         self._open_bucket = None
+        if not self.retain_buffers:
+            self._pool.clear()
+
+    def release_buffers(self) -> None:
+        """Forget the pooled host buffers (each is freed once downstream drops it)."""
         self._pool.clear()
+
+    @property
+    def retained_bytes(self) -> int:
+        """Bytes of host buffers the pool keeps for reuse."""
+        return self._pool.retained_bytes
 
     async def process(self, item: tuple[str, torch.Tensor]) -> AsyncIterator[WeightBucket]:
         """Admit one pair; yields the previous bucket when this tensor opens a new one.

@@ -1,0 +1,274 @@
+"""Fetch throughput and memory: a safetensors checkpoint streamed through Fetch into a sink.
+
+The benchmark writes a Llama-shaped bf16 checkpoint of ``--gb`` gigabytes (sharded, with a
+``model.safetensors.index.json``) into a temporary directory, then alternates, ``--runs``
+times, a plain sequential read of the same files (``readinto`` a reused 16 MiB buffer:
+the read baseline) with a real ``Pipeline([Fetch(bucket_bytes)], depth)`` run from
+``safetensors_source`` into a sink that drops each bucket. The files were just written,
+so every pass reads them from the page cache; alternating gives both sides the same cache
+state. One Fetch serves every pass, as one serves every sync of a trainer: the first
+pass is cold (its buffer pool warms up; its figures are reported apart too). Reported:
+the medians ``throughput_gbs`` (tensor bytes / wall) and
+``read_baseline_gbs``, their ratio, and the peak RSS growth (anonymous plus file-backed
+pages, sampled every 2 ms by a thread) against the bound ``(depth + 2) * bucket_bytes``.
+Targets: ratio >= 0.8 and growth <= bound + 200 MB. The checkpoint is deleted afterwards.
+
+Run: ``python -m benchmarks.fetch --json results/fetch.json [--gb 4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+from safetensors.torch import save_file
+
+from weightpipe.pipeline import Pipeline
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.fetch import Fetch
+from weightpipe.stages.sources import safetensors_source
+
+from ._report import median, print_table, write_json
+
+__all__ = ["llama_shapes", "main", "write_checkpoint"]
+
+GB = 10**9
+SLACK_BYTES = 200 * 10**6
+
+
+def llama_shapes(total_bytes: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Llama-2-7B-shaped tensor names and shapes, with as many layers as reach the size."""
+    hidden, inter, vocab = 4096, 11008, 32000
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    size = vocab * hidden * 2 * 2  # embedding and lm_head
+    layer = 0
+    while size < total_bytes:
+        prefix = f"model.layers.{layer}"
+        block = [
+            (f"{prefix}.input_layernorm.weight", (hidden,)),
+            (f"{prefix}.self_attn.q_proj.weight", (hidden, hidden)),
+            (f"{prefix}.self_attn.k_proj.weight", (hidden, hidden)),
+            (f"{prefix}.self_attn.v_proj.weight", (hidden, hidden)),
+            (f"{prefix}.self_attn.o_proj.weight", (hidden, hidden)),
+            (f"{prefix}.post_attention_layernorm.weight", (hidden,)),
+            (f"{prefix}.mlp.gate_proj.weight", (inter, hidden)),
+            (f"{prefix}.mlp.up_proj.weight", (inter, hidden)),
+            (f"{prefix}.mlp.down_proj.weight", (hidden, inter)),
+        ]
+        shapes.extend(block)
+        for _, shape in block:
+            numel = 1
+            for s in shape:
+                numel *= s
+            size += numel * 2
+        layer += 1
+    shapes.append(("model.norm.weight", (hidden,)))
+    shapes.append(("lm_head.weight", (vocab, hidden)))
+    return shapes
+
+
+def write_checkpoint(root: Path, total_bytes: int, shard_bytes: int) -> tuple[int, int]:
+    """Write a sharded bf16 checkpoint with an index; returns (tensor bytes, tensors)."""
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_size = 0
+    shards: list[dict[str, torch.Tensor]] = []
+    total = 0
+    shapes = llama_shapes(total_bytes)
+
+    def flush() -> None:
+        nonlocal shard, shard_size
+        if shard:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(shard, str(root / name))
+            weight_map.update(dict.fromkeys(shard, name))
+            shards.append({})
+            shard, shard_size = {}, 0
+
+    for index, (name, shape) in enumerate(shapes):
+        tensor = torch.empty(shape, dtype=torch.bfloat16).fill_(float(index % 97) / 97.0)
+        if shard and shard_size + tensor.nbytes > shard_bytes:
+            flush()
+        shard[name] = tensor
+        shard_size += tensor.nbytes
+        total += tensor.nbytes
+    flush()
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    return total, len(shapes)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
+    except (OSError, KeyError):  # not Linux: psutil's RSS
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+class _PeakRss:
+    """Samples RSS on a thread every ``interval_s`` (and on demand) and keeps the peak."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s = interval_s
+        self.base = _rss_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, _rss_bytes())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def read_baseline(files: list[Path]) -> tuple[float, int]:
+    """Seconds and bytes of a plain sequential read of ``files``."""
+    buffer = bytearray(16 << 20)
+    view = memoryview(buffer)
+    total = 0
+    started = time.perf_counter()
+    for file in files:
+        with open(file, "rb", buffering=0) as handle:
+            while True:
+                count = handle.readinto(view)
+                if not count:
+                    break
+                total += count
+    return time.perf_counter() - started, total
+
+
+async def fetch_run(fetch: Fetch, root: Path, depth: int) -> tuple[float, int, int, int]:
+    """One pipeline pass (one sync); returns (seconds, tensor bytes, buckets, RSS growth)."""
+    stats = {"bytes": 0, "buckets": 0}
+    with _PeakRss() as rss:
+
+        async def sink(bucket: WeightBucket) -> None:
+            rss.sample()
+            stats["bytes"] += int(bucket.meta["tensor_bytes"])
+            stats["buckets"] += 1
+
+        source = safetensors_source(root, window_bytes=fetch.bucket_bytes)
+        started = time.perf_counter()
+        await Pipeline([fetch], depth=depth).run(source, sink=sink)
+        seconds = time.perf_counter() - started
+    return seconds, stats["bytes"], stats["buckets"], rss.peak - rss.base
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Write the checkpoint, alternate read baseline and Fetch passes, report, clean up."""
+    bucket_bytes = args.bucket_mb << 20
+    workdir = Path(tempfile.mkdtemp(prefix="weightpipe-fetch-", dir=args.dir))
+    try:
+        started = time.perf_counter()
+        total, tensors = write_checkpoint(workdir, int(args.gb * GB), args.shard_mb << 20)
+        write_s = time.perf_counter() - started
+        files = sorted(workdir.glob("*.safetensors"))
+        rows: list[list[Any]] = []
+        reads: list[float] = []
+        fetches: list[float] = []
+        growths: list[int] = []
+        buckets = 0
+        # One Fetch serves every pass, as it serves every sync of a trainer: run 0 is cold
+        # (its buffer pool warms up, and its RSS growth includes the pool), later runs warm.
+        fetch = Fetch(bucket_bytes)
+        for run in range(args.runs):
+            read_s, read_bytes = read_baseline(files)
+            fetch.version = run
+            fetch_s, fetched, buckets, growth = anyio.run(fetch_run, fetch, workdir, args.depth)
+            if fetched != total:
+                raise RuntimeError(f"fetched {fetched} bytes of {total}")
+            reads.append(read_bytes / read_s / GB)
+            fetches.append(fetched / fetch_s / GB)
+            growths.append(growth)
+            rows.append([run, reads[-1], fetches[-1], fetches[-1] / reads[-1], growth / 1e6])
+        throughput, baseline = median(fetches), median(reads)
+        bound = (args.depth + 2) * bucket_bytes
+        peak_growth = max(growths)
+        result: dict[str, Any] = {
+            "benchmark": "fetch",
+            "checkpoint_bytes": total,
+            "checkpoint_files": len(files),
+            "tensors": tensors,
+            "buckets": buckets,
+            "bucket_bytes": bucket_bytes,
+            "depth": args.depth,
+            "runs": args.runs,
+            "write_s": write_s,
+            "throughput_gbs": throughput,
+            "read_baseline_gbs": baseline,
+            "throughput_ratio": throughput / baseline,
+            "cold_throughput_gbs": fetches[0],
+            "cold_read_baseline_gbs": reads[0],
+            "retained_pool_bytes": fetch.retained_bytes,
+            "peak_rss_growth_bytes": peak_growth,
+            "rss_bound_bytes": bound,
+            "targets": {
+                "throughput_ratio_min": 0.8,
+                "throughput_met": throughput >= 0.8 * baseline,
+                "rss_growth_max_bytes": bound + SLACK_BYTES,
+                "rss_met": peak_growth <= bound + SLACK_BYTES,
+            },
+            "per_run": {
+                "read_baseline_gbs": reads,
+                "throughput_gbs": fetches,
+                "peak_rss_growth_bytes": growths,
+            },
+            "cache": "files written just before; read baseline and Fetch alternate per run, "
+            "both from the page cache",
+        }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(
+        f"checkpoint {total / GB:.2f} GB in {len(files)} files, {tensors} tensors, "
+        f"bucket {args.bucket_mb} MiB, depth {args.depth}"
+    )
+    print_table(rows, ["run", "read GB/s", "fetch GB/s", "ratio", "RSS growth MB"])
+    print(
+        f"median: fetch {throughput:.2f} GB/s vs read {baseline:.2f} GB/s "
+        f"(ratio {throughput / baseline:.2f}, target >= 0.8); peak RSS growth "
+        f"{peak_growth / 1e6:.0f} MB vs bound {bound / 1e6:.0f} MB + 200 MB"
+    )
+    write_json(args.json, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=None, help="write the figures to this JSON file")
+    parser.add_argument("--gb", type=float, default=4.0, help="checkpoint size (GB, >= 4)")
+    parser.add_argument("--bucket-mb", type=int, default=256, help="Fetch bucket_bytes, MiB")
+    parser.add_argument("--shard-mb", type=int, default=2048, help="checkpoint shard size, MiB")
+    parser.add_argument("--depth", type=int, default=2, help="pipeline depth")
+    parser.add_argument("--runs", type=int, default=3, help="alternating read/fetch passes")
+    parser.add_argument("--dir", default=os.environ.get("TMPDIR", "/tmp"), help="temp base")
+    args = parser.parse_args(argv)
+    return run_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
