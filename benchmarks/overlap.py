@@ -7,8 +7,7 @@ them alike. Per mode (median over the repeats): ``sync_s`` (wall time of the syn
 ``hard_pause_ms`` (generation paused by the sync), ``tokens_per_s_idle`` (measured on the
 same engine just before each sync, the baseline) and ``tokens_per_s_during_sync``, plus
 the longest gap between two tokens during the sync and the part of it a sync added over
-an idle decode step. When ``weightpipe.stages.quantize`` is not importable the syncs are
-bf16 only, and the JSON says so.
+an idle decode step. ``--no-fp8`` drops the quantize stage (bf16 syncs).
 
 Usage: ``python -m benchmarks.overlap --json out/overlap.json [--png out/overlap.png]``
 """
@@ -25,6 +24,7 @@ import torch
 
 from weightpipe.stages.engines.local import LocalEngine, default_config
 from weightpipe.stages.fetch import Fetch
+from weightpipe.stages.quantize import Fp8Quantize
 from weightpipe.stages.sync import SyncReport, sync_weights
 
 from ._report import print_table, write_json
@@ -46,14 +46,10 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def quantize_stage(enabled: bool) -> tuple[Any | None, str]:
-    """The Fp8Quantize stage when asked for and available, and what was used."""
+def quantize_stage(enabled: bool) -> tuple[Fp8Quantize | None, str]:
+    """The Fp8Quantize stage unless bf16-only syncs were asked for, and what was used."""
     if not enabled:
-        return None, "none (--no-fp8)"
-    try:
-        from weightpipe.stages.quantize import Fp8Quantize  # type: ignore[import-not-found]
-    except ImportError as exc:
-        return None, f"none (weightpipe.stages.quantize not importable: {exc})"
+        return None, "none (--no-fp8: bf16 syncs)"
     return Fp8Quantize(), "Fp8Quantize (block [128, 128])"
 
 

@@ -2,8 +2,8 @@
 
 ``FakeEngine`` speaks the ``Engine`` protocol, records every call and can be told to fail
 (or never answer) at any step, so the Load stage's fault handling can be tested without a
-model. ``FakeBucketize``, ``FakeFp8Quantize`` and ``FakeGate`` stand in for pre-load
-stages (and hold a sync at a chosen point, so tests synchronise on events, not sleeps).
+model. ``FakeBucketize`` stands in for Fetch, and ``FakeGate`` holds a sync at a chosen
+bucket, so tests synchronise on events, not sleeps.
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from weightpipe.stages.engines.base import EngineError, PauseMode
 __all__ = [
     "FakeBucketize",
     "FakeEngine",
-    "FakeFp8Quantize",
     "FakeGate",
     "fake_buckets",
-    "fake_quantize_fp8",
     "small_llama_config",
 ]
 
@@ -162,38 +160,6 @@ class FakeBucketize(Stage[tuple[str, torch.Tensor], WeightBucket]):
         self._held = []
         self._index += 1
         return bucket
-
-
-def fake_quantize_fp8(
-    weight: torch.Tensor, block: tuple[int, int] = (128, 128)
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block FP8 quantisation by the reference rule (``scale = amax / 448`` per block)."""
-    out_dim, in_dim = weight.shape
-    rows, cols = math.ceil(out_dim / block[0]), math.ceil(in_dim / block[1])
-    w = weight.to(torch.float32)
-    padded = torch.zeros(rows * block[0], cols * block[1])
-    padded[:out_dim, :in_dim] = w
-    blocks = padded.reshape(rows, block[0], cols, block[1])
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
-    scale = amax / 448.0
-    q = (blocks / scale[:, None, :, None]).clamp(-448, 448).reshape(padded.shape)
-    return q[:out_dim, :in_dim].to(torch.float8_e4m3fn), scale
-
-
-class FakeFp8Quantize(Stage[WeightBucket, WeightBucket]):
-    """A minimal Fp8Quantize stand-in: block FP8 for 2-D ``layers.*.weight`` tensors."""
-
-    name: ClassVar[str] = "fake_quantize"
-
-    async def process(self, item: WeightBucket) -> list[WeightBucket]:
-        out: list[tuple[str, torch.Tensor]] = []
-        for name, tensor in item.tensors:
-            if tensor.dim() == 2 and ".layers." in name and name.endswith("proj.weight"):
-                q, scale = fake_quantize_fp8(tensor)
-                out += [(name, q), (name + "_scale_inv", scale)]
-            else:
-                out.append((name, tensor))
-        return [item.with_tensors(tuple(out))]
 
 
 class FakeGate(Stage[WeightBucket, WeightBucket]):

@@ -9,7 +9,9 @@ demo, the tests and the overlap benchmark. Every change to the model (a bucket's
 tensors, a commit, an abort) runs on the generation thread between two decode steps, so a
 step never sees a half-copied parameter and in-flight loading needs no pause. A bucket is
 validated whole (name, shape, dtype, FP8 scale) before any parameter is touched; FP8
-weights are dequantised with their ``weight_scale_inv`` into the bf16 parameters.
+weights are dequantised with their scale (``X.weight_scale_inv`` for blocks,
+``X.weight_scale`` per channel or tensor) by ``weightpipe.stages.fp8.dequantize_fp8``, the
+same definition Fp8Quantize quantises by, into the bf16 parameters.
 Atomicity: a bucket's tensors are built into fresh storages off the generation thread
 and swapped into their parameters between two steps; the old storages are kept until the
 sync ends, ``commit`` drops them and moves the version, ``abort`` swaps them back, so an
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import threading
 import time
 from collections import deque
@@ -37,6 +38,7 @@ import anyio.to_thread
 import torch
 
 from ..bucket import WeightBucket
+from ..fp8 import FP8_DTYPE, Fp8Method, dequantize_fp8, scale_shape
 from .base import EngineError, PauseMode
 
 __all__ = [
@@ -45,13 +47,17 @@ __all__ = [
     "GenerationWindow",
     "LocalEngine",
     "default_config",
-    "dequantize_fp8",
 ]
 
 T = TypeVar("T")
 
-FP8 = torch.float8_e4m3fn
-SCALE_SUFFIX = "_scale_inv"
+FP8 = FP8_DTYPE
+# SGLang's names for a weight's scale: ``X.weight_scale_inv`` for block scales,
+# ``X.weight_scale`` for per-channel and per-tensor ones (as Fp8Quantize emits them).
+SCALE_SUFFIXES: dict[str, tuple[Fp8Method, ...]] = {
+    "_scale_inv": ("block",),
+    "_scale": ("channel", "tensor"),
+}
 
 
 def default_config(**overrides: Any) -> Any:
@@ -74,45 +80,6 @@ def default_config(**overrides: Any) -> Any:
     }
     fields.update(overrides)
     return LlamaConfig(**fields)
-
-
-def dequantize_fp8(
-    weight: torch.Tensor,
-    scale_inv: torch.Tensor,
-    *,
-    block_size: tuple[int, int] = (128, 128),
-    dtype: torch.dtype = torch.bfloat16,
-) -> torch.Tensor:
-    """``weight * scale`` for an FP8 tensor and its ``weight_scale_inv``, as ``dtype``.
-
-    The scale's shape says the granularity: ``[ceil(out/bo), ceil(in/bi)]`` is one scale per
-    block (edge blocks partial), ``[out, 1]`` one per output channel, a single element one
-    per tensor.
-
-    Raises:
-        ValueError: the scale's shape fits none of the three granularities.
-    """
-    scale = scale_inv.to(torch.float32)
-    if scale.numel() == 1:
-        return (weight.to(torch.float32) * scale.reshape(())).to(dtype)
-    if weight.dim() != 2:
-        raise ValueError(
-            f"a {weight.dim()}-D FP8 tensor needs one scale, got shape {tuple(scale.shape)}"
-        )
-    out_dim, in_dim = weight.shape
-    if tuple(scale.shape) == (out_dim, 1):
-        return (weight.to(torch.float32) * scale).to(dtype)
-    block_out, block_in = block_size
-    expected = (math.ceil(out_dim / block_out), math.ceil(in_dim / block_in))
-    if tuple(scale.shape) != expected:
-        raise ValueError(
-            f"scale shape {tuple(scale.shape)} fits neither blocks {block_size} of a "
-            f"{out_dim}x{in_dim} weight (expected {expected}), per-channel nor per-tensor"
-        )
-    # Expand the scale to one value per element and crop the partial edge blocks.
-    full = scale.repeat_interleave(block_out, dim=0)[:out_dim]
-    full = full.repeat_interleave(block_in, dim=1)[:, :in_dim]
-    return (weight.to(torch.float32) * full).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -422,8 +389,9 @@ class LocalEngine:
     async def load(self, bucket: WeightBucket) -> None:
         """Validate every tensor of ``bucket``, then apply them all between two steps.
 
-        bf16 tensors are copied into their parameters; an FP8 ``X.weight`` with its
-        float32 ``X.weight_scale_inv`` in the same bucket is dequantised into ``X.weight``.
+        Tensors of the parameter's dtype are copied into it; an FP8 ``X.weight`` with its
+        float32 scale in the same bucket (``X.weight_scale_inv`` for ``block_size``
+        blocks, ``X.weight_scale`` per channel or per tensor) is dequantised into it.
 
         Raises:
             EngineError: no sync is open, the bucket belongs to another version, or a
@@ -612,31 +580,15 @@ class LocalEngine:
             by_name[name] = tensor
         plan: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         for name, tensor in bucket.tensors:
-            if name.endswith(SCALE_SUFFIX):
-                weight_name = name[: -len(SCALE_SUFFIX)]
-                weight = by_name.get(weight_name)
-                if weight_name not in self._params:
-                    raise EngineError(
-                        self.name,
-                        f"scale of an unknown parameter{self._hint(weight_name)}",
-                        tensor=name,
-                    )
-                if weight is None or weight.dtype != FP8:
-                    raise EngineError(
-                        self.name,
-                        "a scale without its float8_e4m3fn weight in the same bucket",
-                        tensor=name,
-                    )
-                if tensor.dtype != torch.float32:
-                    raise EngineError(
-                        self.name,
-                        f"scale dtype {tensor.dtype}, expected torch.float32",
-                        tensor=name,
-                    )
-                continue
             param = self._params.get(name)
             if param is None:
-                raise EngineError(self.name, f"unknown parameter{self._hint(name)}", tensor=name)
+                scale_of = _scale_owner(name)
+                if scale_of is None:
+                    raise EngineError(
+                        self.name, f"unknown parameter{self._hint(name)}", tensor=name
+                    )
+                self._check_orphan_scale(name, tensor, scale_of, by_name)
+                continue
             if name in loaded:
                 raise EngineError(self.name, "loaded twice in one sync", tensor=name)
             if tuple(tensor.shape) != tuple(param.shape):
@@ -648,43 +600,66 @@ class LocalEngine:
                 )
             scale: torch.Tensor | None = None
             if tensor.dtype == FP8:
-                scale = by_name.get(name + SCALE_SUFFIX)
-                if scale is None:
-                    raise EngineError(
-                        self.name,
-                        f"float8_e4m3fn without {name + SCALE_SUFFIX!r} in the bucket",
-                        tensor=name,
-                    )
-                self._check_scale(name, tensor, scale)
+                scale = self._scale_for(name, tensor, by_name)
             elif tensor.dtype != param.dtype:
                 raise EngineError(
                     self.name,
                     f"dtype {tensor.dtype}, expected {param.dtype} or torch.float8_e4m3fn "
-                    "with a weight_scale_inv",
+                    "with its scale",
                     tensor=name,
                 )
             plan.append((name, tensor, scale))
         return plan
 
-    def _check_scale(self, name: str, weight: torch.Tensor, scale: torch.Tensor) -> None:
-        if scale.numel() == 1:
-            return
-        if weight.dim() == 2:
-            out_dim, in_dim = weight.shape
-            block_out, block_in = self.block_size
-            fits = {
-                (out_dim, 1),
-                (math.ceil(out_dim / block_out), math.ceil(in_dim / block_in)),
-            }
-            if tuple(scale.shape) in fits:
-                return
-        raise EngineError(
-            self.name,
-            f"weight_scale_inv shape {tuple(scale.shape)} fits neither blocks of "
-            f"{list(self.block_size)}, per-channel nor per-tensor scaling of a "
-            f"{tuple(weight.shape)} weight",
-            tensor=name,
-        )
+    def _check_orphan_scale(
+        self, name: str, tensor: torch.Tensor, weight_name: str, by_name: dict[str, torch.Tensor]
+    ) -> None:
+        if weight_name not in self._params:
+            raise EngineError(
+                self.name, f"scale of an unknown parameter{self._hint(weight_name)}", tensor=name
+            )
+        weight = by_name.get(weight_name)
+        if weight is None or weight.dtype != FP8:
+            raise EngineError(
+                self.name,
+                "a scale without its float8_e4m3fn weight in the same bucket",
+                tensor=name,
+            )
+        if tensor.dtype != torch.float32:
+            raise EngineError(
+                self.name, f"scale dtype {tensor.dtype}, expected torch.float32", tensor=name
+            )
+
+    def _scale_for(
+        self, name: str, weight: torch.Tensor, by_name: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The FP8 weight's one scale in the bucket, its shape checked for its name."""
+        found = [
+            (suffix, by_name[name + suffix])
+            for suffix in SCALE_SUFFIXES
+            if name + suffix in by_name
+        ]
+        if not found:
+            names = " or ".join(repr(name + suffix) for suffix in SCALE_SUFFIXES)
+            raise EngineError(
+                self.name, f"float8_e4m3fn without {names} in the bucket", tensor=name
+            )
+        if len(found) > 1:
+            raise EngineError(self.name, "float8_e4m3fn with two scales", tensor=name)
+        suffix, scale = found[0]
+        expected = {
+            scale_shape(tuple(weight.shape), method, self.block_size)
+            for method in SCALE_SUFFIXES[suffix]
+        }
+        if tuple(scale.shape) not in expected:
+            raise EngineError(
+                self.name,
+                f"{name + suffix!r} has shape {tuple(scale.shape)}; a {tuple(weight.shape)} "
+                f"weight needs {' or '.join(str(list(e)) for e in sorted(expected))} "
+                f"(block {list(self.block_size)})",
+                tensor=name,
+            )
+        return scale
 
     def _hint(self, name: str) -> str:
         close = difflib.get_close_matches(name, self._params, n=1)
@@ -703,8 +678,9 @@ class LocalEngine:
                 fresh = dequantize_fp8(
                     tensor.to(self.device),
                     scale.to(self.device),
-                    block_size=self.block_size,
+                    block=self.block_size,
                     dtype=param.dtype,
+                    name=name,
                 ).contiguous()
             else:
                 # A copy, never the bucket's own storage: Fetch recycles its buffers.
@@ -935,3 +911,11 @@ class LocalEngine:
             for window in self._windows:
                 window._on_step(now, len(values))
             self._cond.notify_all()
+
+
+def _scale_owner(name: str) -> str | None:
+    """``X.weight`` for a scale name ``X.weight_scale_inv`` / ``X.weight_scale``, else None."""
+    for suffix in SCALE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
