@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import mmap
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -274,14 +276,20 @@ def _bits_to_amax(bits: torch.Tensor, src_dtype: torch.dtype) -> torch.Tensor:
     return bits.view(src_dtype).to(torch.float32)
 
 
-def _divide_cast(src: torch.Tensor, divisor: torch.Tensor, dst: torch.Tensor) -> None:
-    """``dst = e4m3(clamp(src_fp32 / divisor))`` through a float32 scratch band."""
+def _divide_cast(
+    src: torch.Tensor,
+    divisor: torch.Tensor,
+    dst: torch.Tensor,
+    grouped: tuple[int, ...] | None = None,
+) -> None:
+    """``dst = e4m3(clamp(src_fp32 / divisor))`` through a float32 scratch band.
+
+    ``grouped`` is the shape the division sees (rows split into row blocks), so that
+    ``divisor`` broadcasts one row of scales per row block.
+    """
     tmp = _SCRATCH.get(torch.float32, src.numel()).view(src.shape)
-    if src.dtype == torch.float32:
-        torch.div(src, divisor, out=tmp)
-    else:
-        tmp.copy_(src)
-        tmp.div_(divisor)
+    tmp.copy_(src)
+    (tmp.view(grouped) if grouped is not None else tmp).div_(divisor)
     if not _SATURATES:
         tmp.clamp_(-FP8_MAX, FP8_MAX)
     dst.copy_(tmp)
@@ -297,37 +305,63 @@ def _block_band(
     q: torch.Tensor,
     s: torch.Tensor,
     amax_out: torch.Tensor,
-    row_block: int,
+    r0: int,
+    rows: int,
     block: tuple[int, int],
     scale_fmt: ScaleFormat,
 ) -> None:
-    """Quantize row band ``row_block`` of 2-D ``w`` into ``q``/``s``.
+    """Quantize rows ``[r0, r0 + rows)`` (``r0`` on a block boundary) of 2-D ``w``.
 
-    The band's block amax goes to ``amax_out`` so that the caller checks finiteness once
-    per tensor instead of once per band (a NaN/Inf amax leaves garbage in ``q``, which the
+    The block amax goes to ``amax_out`` so that the caller checks finiteness once per
+    tensor instead of once per band (a NaN/Inf amax leaves garbage in ``q``, which the
     caller then discards).
     """
+    bo = block[0]
+    end = min(r0 + rows, w.shape[0])
+    full_end = r0 + (end - r0) // bo * bo
+    if full_end > r0:
+        _block_rows(w, q, s, amax_out, r0, full_end, block, scale_fmt)
+    if end > full_end:  # the matrix's partial last row block
+        _block_rows(w, q, s, amax_out, full_end, end, block, scale_fmt)
+
+
+def _block_rows(
+    w: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    amax_out: torch.Tensor,
+    r0: int,
+    r1: int,
+    block: tuple[int, int],
+    scale_fmt: ScaleFormat,
+) -> None:
+    """Rows ``[r0, r1)``: whole row blocks, or exactly one partial row block."""
     bo, bi = block
-    r0 = row_block * bo
-    band = w[r0 : r0 + bo]
-    rows, cols = band.shape
-    for c0, c1 in _column_chunks(rows, cols, bi):
+    rows = r1 - r0
+    n_rb = max(1, rows // bo)
+    rb_rows = rows // n_rb
+    rb0 = r0 // bo
+    band = w[r0:r1]
+    for c0, c1 in _column_chunks(rows, band.shape[1], bi):
         src = band[:, c0:c1]
         width = c1 - c0
         bits = _abs_bits(src, rows * width)
         n_full = width // bi
         parts = []
         if n_full:
-            head = bits[:, : n_full * bi].view(rows, n_full, bi)
-            parts.append(head.amax(dim=2).amax(dim=0))
+            head = bits[:, : n_full * bi].view(n_rb, rb_rows, n_full, bi)
+            parts.append(head.amax(dim=3).amax(dim=1))
         if n_full * bi < width:
-            parts.append(bits[:, n_full * bi :].amax().reshape(1))
-        amax = _bits_to_amax(parts[0] if len(parts) == 1 else torch.cat(parts), w.dtype)
+            tail = bits[:, n_full * bi :].reshape(n_rb, -1)
+            parts.append(tail.amax(dim=1, keepdim=True))
+        amax = _bits_to_amax(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), w.dtype)
         b0 = c0 // bi
-        amax_out[row_block, b0 : b0 + amax.numel()] = amax
+        nb = amax.shape[1]
+        amax_out[rb0 : rb0 + n_rb, b0 : b0 + nb] = amax
         scale = fp8_scale_from_amax(amax, scale_fmt)
-        s[row_block, b0 : b0 + scale.numel()] = scale
-        _divide_cast(src, scale.repeat_interleave(bi)[:width], q[r0 : r0 + rows, c0:c1])
+        s[rb0 : rb0 + n_rb, b0 : b0 + nb] = scale
+        divisor = scale.repeat_interleave(bi, dim=1)[:, None, :width]
+        _divide_cast(src, divisor, q[r0:r1, c0:c1], (n_rb, rb_rows, width))
 
 
 def _channel_band(
@@ -354,6 +388,23 @@ def _band_amax(w: torch.Tensor, r0: int, rows: int) -> torch.Tensor:
 
 def _tensor_band(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, r0: int, rows: int) -> None:
     _divide_cast(w[r0 : r0 + rows], scale, q[r0 : r0 + rows])
+
+
+# Outputs at least this large are mapped with MADV_HUGEPAGE: on fresh 4 KiB pages the
+# first-touch page faults of a large output cost as much as quantizing it.
+_HUGEPAGE_MIN_BYTES = 4 << 20
+
+
+def _empty_output(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if nbytes < _HUGEPAGE_MIN_BYTES or advise is None or not sys.platform.startswith("linux"):
+        return torch.empty(tuple(shape), dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(advise)
+    # The tensor holds the mapping alive; it is unmapped when the last view is freed.
+    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(tuple(shape))
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -427,12 +478,14 @@ class _Job:
         src = weight if weight.is_contiguous() else weight.contiguous()
         *_, out_dim, in_dim = src.shape
         self.matrices = src.reshape(-1, out_dim, in_dim)
-        self.qweight = torch.empty(src.shape, dtype=FP8_DTYPE)
+        self.qweight = _empty_output(src.shape, FP8_DTYPE)
         self.scale = torch.empty(scale_shape(src.shape, method, block), dtype=torch.float32)
         self.q3 = self.qweight.view(-1, out_dim, in_dim)
         # Block and channel amax, one per scale entry: checked once when the job ends.
         self.amax = torch.zeros(self.scale.shape if method != "tensor" else (0,))
-        rows = block[0] if method == "block" else max(1, _CHUNK_ELEMENTS // max(in_dim, 1))
+        # Rows per task: whole row blocks for block scales, filling about one chunk.
+        per_chunk = max(1, _CHUNK_ELEMENTS // max(in_dim, 1))
+        rows = block[0] * max(1, per_chunk // block[0]) if method == "block" else per_chunk
         self.rows = rows
         self.bands = [
             (e, r0)
@@ -477,7 +530,7 @@ class _Job:
             e, r0 = self.bands[i]
             w, q = self.matrices[e], self.q3[e]
             if self.method == "block":
-                _block_band(w, q, s3[e], a3[e], r0 // self.block[0], self.block, self.scale_fmt)
+                _block_band(w, q, s3[e], a3[e], r0, self.rows, self.block, self.scale_fmt)
             elif self.method == "channel":
                 _channel_band(w, q, s3[e], a3[e], r0, self.rows, self.scale_fmt)
             else:

@@ -1,0 +1,336 @@
+"""FP8 quantization functions: one definition, every path bit-identical, within the bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from weightpipe.stages.fp8 import (
+    FP8_DTYPE,
+    FP8_EPSILON,
+    Fp8CheckError,
+    Fp8Tensor,
+    NonFiniteWeightError,
+    check_fp8,
+    dequantize_fp8,
+    fp8_scale_from_amax,
+    quantize_block_fp8,
+    quantize_channel_fp8,
+    quantize_fp8,
+    quantize_fp8_many,
+    quantize_fp8_reference,
+    quantize_tensor_fp8,
+    scale_shape,
+)
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+METHODS = ["block", "channel", "tensor"]
+FORMATS = ["float32", "ue8m0"]
+
+
+def _weight(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, std: float = 0.02):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * std).to(dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def assert_same(a: Fp8Tensor, b: Fp8Tensor) -> None:
+    assert a.qweight.dtype == b.qweight.dtype == FP8_DTYPE
+    assert a.qweight.shape == b.qweight.shape
+    assert torch.equal(_bits(a.qweight), _bits(b.qweight))
+    assert a.scale.dtype == b.scale.dtype == torch.float32
+    assert a.scale.shape == b.scale.shape
+    assert torch.equal(a.scale, b.scale)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (127, 129), (128, 128), (3, 130, 257)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("scale_fmt", FORMATS)
+def test_fast_path_equals_definition(shape, dtype, method, scale_fmt):
+    w = _weight(shape, dtype)
+    ref = quantize_fp8_reference(w, method=method, scale_fmt=scale_fmt)
+    for threads in (1, 2):
+        got = quantize_fp8(w, method=method, scale_fmt=scale_fmt, threads=threads)
+        assert_same(got, ref)
+    assert got.scale.shape == scale_shape(shape, method)
+    worst = check_fp8(w, got)
+    assert 0.0 <= worst <= 1.0
+
+
+def test_block_scale_shapes_cover_partial_edges():
+    q, s = quantize_block_fp8(_weight((127, 129), torch.bfloat16))
+    assert q.shape == (127, 129)  # no padding in the output
+    assert s.shape == (1, 2)
+    q, s = quantize_block_fp8(_weight((257, 128), torch.bfloat16))
+    assert s.shape == (3, 1)
+    q, s = quantize_block_fp8(_weight((300, 200), torch.bfloat16), block=(64, 32))
+    assert s.shape == (5, 7)
+    assert_same(
+        Fp8Tensor(q, s),
+        quantize_fp8_reference(_weight((300, 200), torch.bfloat16), block=(64, 32)),
+    )
+
+
+def test_large_llama_mlp_matrix_every_block_within_bound():
+    # 4096 x 11008 (Llama-2-7B's MLP), once: bit-identical to the definition and every
+    # element of every block within the FP8 bound.
+    w = _weight((4096, 11008), torch.bfloat16, seed=3)
+    got = quantize_block_fp8(w, threads=2)
+    assert got.scale.shape == (32, 86)
+    ref = quantize_fp8_reference(w)
+    assert_same(got, ref)
+    del ref
+    assert check_fp8(w, got) <= 1.0
+
+
+def test_expert_stack_is_quantized_per_expert_matrix():
+    w = _weight((4, 256, 384), torch.bfloat16)
+    w[2] *= 100.0  # a much larger expert must not change the others' scales
+    got = quantize_block_fp8(w, threads=2)
+    assert got.scale.shape == (4, 2, 3)
+    for e in range(4):
+        alone = quantize_block_fp8(w[e].clone())
+        assert torch.equal(_bits(got.qweight[e]), _bits(alone.qweight))
+        assert torch.equal(got.scale[e], alone.scale)
+    for fn, shape in ((quantize_channel_fp8, (4, 256, 1)), (quantize_tensor_fp8, (4,))):
+        res = fn(w)
+        assert res.scale.shape == shape
+        assert check_fp8(w, res) <= 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_blocks_give_finite_scales_and_zeros(dtype):
+    w = torch.zeros(200, 300, dtype=dtype)
+    w[150:, 200:] = 0.5  # one non-zero block among zero ones
+    for method in METHODS:
+        for fmt in FORMATS:
+            q, s = quantize_fp8(w, method=method, scale_fmt=fmt)
+            assert bool(torch.isfinite(s).all()) and bool((s > 0).all())
+            deq = q.float()
+            assert bool(torch.isfinite(deq).all())
+            assert bool((deq[:128, :128] == 0).all())
+    q, s = quantize_block_fp8(w)
+    assert s[0, 0] == pytest.approx(FP8_EPSILON / 448.0)
+
+
+def test_ue8m0_scales_are_powers_of_two_and_never_under_scale():
+    gen = torch.Generator().manual_seed(5)
+    # Block magnitudes over many octaves, including exact powers of two times 448.
+    w = torch.randn(512, 512, generator=gen) * torch.logspace(-6, 3, 512)[:, None]
+    w[0, 0] = 448.0
+    w[128, 128] = 448.0 * 2.0**-10
+    w = w.to(torch.bfloat16)
+    q, s = quantize_block_fp8(w, scale_fmt="ue8m0")
+    mantissa, _ = torch.frexp(s)
+    assert bool((mantissa == 0.5).all())  # exact powers of two
+    amax = w.float().abs().view(4, 128, 4, 128).amax(dim=(1, 3)).clamp(min=FP8_EPSILON)
+    assert bool((amax.double() / s.double() <= 448.0).all())  # never under-scaled
+    assert bool((s >= fp8_scale_from_amax(amax)).all())
+    assert bool((s < 2 * fp8_scale_from_amax(amax)).all())  # the smallest such power
+    assert check_fp8(w, Fp8Tensor(q, s)) <= 1.0
+
+
+def test_ue8m0_rounds_scale_bits_up():
+    amax = torch.tensor([448.0, 449.0, 896.0, 0.0, 1.0, 3e30])
+    s = fp8_scale_from_amax(amax, "ue8m0")
+    exact = fp8_scale_from_amax(amax)
+    assert s.tolist()[:3] == [1.0, 2.0, 2.0]
+    assert s[3] == 2.0 ** math.ceil(math.log2(FP8_EPSILON / 448.0))
+    assert bool((s >= exact).all())
+
+
+def _e4m3_values() -> list[float]:
+    """Every non-negative finite float8_e4m3fn value, from its bits (independently)."""
+    values = []
+    for code in range(0x7F):
+        exponent, mantissa = code >> 3, code & 7
+        if exponent == 0:
+            values.append(mantissa * 2.0**-9)
+        else:
+            values.append((1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    return values
+
+
+def test_cast_rounds_to_nearest_even_like_an_independent_model():
+    """With amax = 448 the scale is exactly 1, so q is the e4m3 rounding of w itself."""
+    table = _e4m3_values()
+    lo = torch.tensor(table[:-1], dtype=torch.float32)
+    hi = torch.tensor(table[1:], dtype=torch.float32)
+    mid = (lo + hi) / 2  # exact in float32: the ties
+    below = torch.nextafter(mid, torch.zeros_like(mid))
+    above = torch.nextafter(mid, torch.full_like(mid, 1e9))
+    extra = torch.tensor([448.0, 1e-30, 2.0**-10, 3 * 2.0**-11, 2.0**-6, 0.0])
+    pos = torch.cat([extra, lo, mid, below, above])
+    w = torch.cat([pos, -pos])
+    assert len(set(w.tolist())) > 1000
+    expected = []
+    for v in w.tolist():
+        dist = [abs(abs(v) - t) for t in table]
+        best = min(dist)
+        codes = [c for c, d in enumerate(dist) if d == best]
+        code = min(codes, key=lambda c: c & 1)  # a tie goes to the even mantissa
+        expected.append(code | (0x80 if math.copysign(1.0, v) < 0 else 0))
+    expected_t = torch.tensor(expected, dtype=torch.uint8)
+    matrix = w.view(1, -1)
+    for result in (
+        quantize_tensor_fp8(matrix),
+        quantize_block_fp8(matrix, block=(1, matrix.shape[1])),
+        quantize_fp8_reference(matrix, method="tensor"),
+    ):
+        assert float(result.scale.flatten()[0]) == 1.0
+        assert torch.equal(_bits(result.qweight).flatten(), expected_t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("method", METHODS)
+def test_nonfinite_raises_naming_the_tensor(dtype, bad, method):
+    w = _weight((200, 300), dtype)
+    w[199, 299] = bad  # in the partial edge block
+    with pytest.raises(NonFiniteWeightError, match=r"layers\.7\.mlp\.down_proj") as info:
+        quantize_fp8(w, method=method, name="model.layers.7.mlp.down_proj.weight")
+    assert info.value.tensor == "model.layers.7.mlp.down_proj.weight"
+    with pytest.raises(NonFiniteWeightError):
+        quantize_fp8_reference(w, method=method)
+
+
+def test_many_reports_nonfinite_as_none_and_quantizes_the_rest():
+    good = _weight((130, 140), torch.bfloat16)
+    bad = good.clone()
+    bad[5, 5] = math.nan
+    out = quantize_fp8_many([("a", good), ("b", bad), ("c", good)], threads=2)
+    assert out[1] is None
+    assert out[0] is not None and out[2] is not None
+    assert_same(out[0], quantize_fp8_reference(good))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_input_is_never_mutated(dtype):
+    # verl's bug: a single block column, no padding, float32 -> scaled in place.
+    for shape in ((128, 128), (256, 128), (64, 100), (2, 128, 128)):
+        w = _weight(shape, dtype) * 1000
+        before = w.clone()
+        for method in METHODS:
+            quantize_fp8(w, method=method, threads=2)
+            quantize_fp8_reference(w, method=method)
+        assert torch.equal(w, before)
+    # A non-contiguous view of a larger tensor is read, not written.
+    base = _weight((256, 256), dtype)
+    snapshot = base.clone()
+    quantize_block_fp8(base.t())
+    assert torch.equal(base, snapshot)
+
+
+def test_non_contiguous_input_equals_contiguous():
+    base = _weight((300, 260), torch.bfloat16)
+    assert_same(quantize_block_fp8(base.t()), quantize_block_fp8(base.t().contiguous()))
+
+
+def test_dequantize_round_trips_and_infers_the_method():
+    w = _weight((300, 260), torch.bfloat16)
+    for method in METHODS:
+        q, s = quantize_fp8(w, method=method)
+        deq = dequantize_fp8(q, s, dtype=torch.float32)
+        assert deq.shape == w.shape
+        err = (deq - w.float()).abs()
+        assert float(err.max()) <= float(w.float().abs().max()) * 2.0**-4 + 1e-6
+    with pytest.raises(ValueError, match="fits no FP8 method"):
+        dequantize_fp8(q, torch.ones(7, 7))
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        dequantize_fp8(w, s)
+
+
+def test_check_detects_a_wrong_element_and_names_it():
+    w = _weight((200, 300), torch.bfloat16)
+    q, s = quantize_block_fp8(w)
+    bad = q.clone()
+    bad.view(torch.uint8)[150, 10] ^= 0x10  # flip an exponent bit
+    with pytest.raises(Fp8CheckError, match=r"'w'.*\[0, 150, 10\]"):
+        check_fp8(w, Fp8Tensor(bad, s), name="w")
+    with pytest.raises(Fp8CheckError, match="scale"):
+        check_fp8(w, Fp8Tensor(q, s * 0), name="w")
+    with pytest.raises(Fp8CheckError, match="shape"):
+        check_fp8(w[:10], Fp8Tensor(q, s), name="w")
+
+
+def test_bad_arguments_raise_with_the_name():
+    w = _weight((4, 4), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"'x'.*method"):
+        quantize_fp8(w, method="row", name="x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scale_fmt"):
+        quantize_fp8(w, scale_fmt="e8m0", name="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"'x'.*int64"):
+        quantize_fp8(torch.ones(4, 4, dtype=torch.int64), name="x")
+    with pytest.raises(ValueError, match=r"'x'.*shape"):
+        quantize_fp8(torch.ones(4), name="x")
+    with pytest.raises(ValueError, match="block"):
+        quantize_block_fp8(w, block=(0, 128))
+
+
+def test_agrees_with_sglang_per_block_cast_to_fp8():
+    """SGLang's own quantizer (DeepGEMM's): ue8m0 scales, amax guarded by 1e-4.
+
+    Where the definitions coincide (ue8m0, [128, 128]) the bits must be equal: its
+    ``x * (1 / sf)`` equals our ``x / sf`` exactly because sf is a power of two. Our
+    float32 scale mode has no SGLang torch counterpart (it is the checkpoint format).
+    """
+    from weightpipe.benchmarks.quantize import load_sglang_block_quantizer
+
+    sglang = load_sglang_block_quantizer()
+    if sglang is None:
+        pytest.skip("sglang is not installed")
+    for shape in ((127, 129), (256, 384), (300, 200), (1, 1)):
+        for dtype in DTYPES:
+            w = _weight(shape, dtype, seed=sum(shape)) * 3
+            q_ref, s_ref = sglang(w)
+            ours = quantize_block_fp8(w, scale_fmt="ue8m0")
+            assert torch.equal(_bits(ours.qweight), _bits(q_ref))
+            assert torch.equal(ours.scale, s_ref.to(torch.float32))
+
+
+# ------------------------------------------------------------------ property tests
+
+
+@st.composite
+def weights(draw: st.DrawFn) -> torch.Tensor:
+    rows = draw(st.integers(1, 260))
+    cols = draw(st.integers(1, 260))
+    dtype = draw(st.sampled_from(DTYPES))
+    log_std = draw(st.floats(-12, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) * (10.0**log_std)
+    zero_rows = draw(st.integers(0, rows))
+    w[:zero_rows] = 0.0
+    if dtype == torch.float16:
+        w = w.clamp(-60000, 60000)
+    return w.to(dtype)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(w=weights(), method=st.sampled_from(METHODS), scale_fmt=st.sampled_from(FORMATS))
+def test_property_error_bound_and_definition(w, method, scale_fmt):
+    got = quantize_fp8(w, method=method, scale_fmt=scale_fmt, threads=2)
+    assert_same(got, quantize_fp8_reference(w, method=method, scale_fmt=scale_fmt))
+    assert check_fp8(w, got) <= 1.0
+    if scale_fmt == "ue8m0":
+        assert bool((torch.frexp(got.scale)[0] == 0.5).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    amax=st.floats(0.0, 3.0000000054977558e38, allow_nan=False, allow_infinity=False, width=32),
+)
+def test_property_ue8m0_never_under_scales(amax):
+    a = torch.tensor([amax], dtype=torch.float32)
+    s = fp8_scale_from_amax(a, "ue8m0")
+    assert float(torch.frexp(s)[0]) == 0.5
+    assert max(amax, FP8_EPSILON) / float(s) <= 448.0
