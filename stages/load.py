@@ -81,6 +81,11 @@ class Load(Stage[WeightBucket, WeightBucket]):
         pause_mode: how the engine pauses (``abort``, ``retract``, ``in_place``).
         timeout_s: limit for each engine call; a call past it raises ``EngineError``.
         version: when given, every bucket must carry this version.
+        prefetch_bytes: ``prefetch`` mode only: how many bytes of buckets to hold back,
+            generation still running, before pausing to load them. 0 (default) pauses
+            at the first bucket; ``None`` holds the whole sync, so the hard pause shrinks
+            to the engine's load phase, at the cost of keeping every bucket of the sync
+            alive at once. Load holds at most ``prefetch_bytes`` plus one bucket.
 
     Each loaded bucket is passed on unchanged, so a further stage (a second engine) may
     follow; as the last stage its outputs are dropped at once.
@@ -101,11 +106,14 @@ class Load(Stage[WeightBucket, WeightBucket]):
         pause_mode: PauseMode = "retract",
         timeout_s: float = 60.0,
         version: int | None = None,
+        prefetch_bytes: int | None = 0,
     ) -> None:
         if mode not in SYNC_MODES:
             raise ValueError(f"unknown sync mode {mode!r}; expected one of {SYNC_MODES}")
         if pause_mode not in PAUSE_MODES:
             raise ValueError(f"unknown pause mode {pause_mode!r}; expected one of {PAUSE_MODES}")
+        if prefetch_bytes is not None and prefetch_bytes < 0:
+            raise ValueError(f"prefetch_bytes must be >= 0 or None, got {prefetch_bytes!r}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.engine = engine
@@ -113,6 +121,7 @@ class Load(Stage[WeightBucket, WeightBucket]):
         self.pause_mode: PauseMode = pause_mode
         self.timeout_s = timeout_s
         self.version = version
+        self.prefetch_bytes = prefetch_bytes
         self._engine_name = str(getattr(engine, "name", "") or type(engine).__name__)
         self._reset()
         self._last_report: LoadReport | None = None
@@ -131,6 +140,9 @@ class Load(Stage[WeightBucket, WeightBucket]):
         self._load_s = 0.0
         self._abort_error: str | None = None
         self._names: list[str] = []
+        self._received = 0
+        self._held: list[WeightBucket] = []
+        self._held_bytes = 0
 
     @property
     def report(self) -> LoadReport:
@@ -182,12 +194,31 @@ class Load(Stage[WeightBucket, WeightBucket]):
                 raise
 
     async def process(self, item: WeightBucket) -> AsyncIterator[WeightBucket]:
-        """Load one bucket (beginning the sync first, committing after the last one)."""
+        """Load one bucket (beginning the sync first, committing after the last one).
+
+        In ``prefetch`` mode with a ``prefetch_bytes`` budget, buckets are held back
+        (generation still running) until the budget or the last bucket is reached, then
+        generation pauses and they are loaded in order.
+        """
         bucket = self._check(item)
+        self._received += 1
+        if self.mode == "prefetch" and not self._begun:
+            self._held.append(bucket)
+            self._held_bytes += bucket.nbytes
+            budget = self.prefetch_bytes
+            if not bucket.is_last and (budget is None or self._held_bytes < budget):
+                return
+            held, self._held, self._held_bytes = self._held, [], 0
+            await self._pause()
+            for one in held:
+                await self._load(one)
+                yield one
+            return
+        await self._load(bucket)
+        yield bucket
+
+    async def _load(self, bucket: WeightBucket) -> None:
         if not self._begun:
-            if self.mode == "prefetch":
-                await self._pause()
-            self._sync_version = bucket.version
             # Marked before the call: a begin that failed or timed out may still have
             # opened a session on the engine, so close aborts it too.
             self._begun = True
@@ -204,15 +235,14 @@ class Load(Stage[WeightBucket, WeightBucket]):
             self._committed = True
             if self._paused:  # no reason to keep generation waiting until close
                 await self._resume()
-        yield bucket
 
     async def flush(self) -> AsyncIterator[WeightBucket]:
         """Fail a stream that ended without its last bucket (``close`` then aborts)."""
         if not self._committed:
-            if self._buckets == 0:
+            if self._received == 0:
                 raise ValueError("the sync carried no buckets; nothing was loaded")
             raise ValueError(
-                f"the stream ended after {self._buckets} buckets without one marked is_last; "
+                f"the stream ended after {self._received} buckets without one marked is_last; "
                 f"v{self._sync_version} was not committed"
             )
         return
@@ -225,6 +255,7 @@ class Load(Stage[WeightBucket, WeightBucket]):
             EngineError: generation could not be resumed (after the abort was tried).
         """
         try:
+            self._held, self._held_bytes = [], 0  # never loaded: nothing to undo
             if self._begun and not self._committed and self._sync_version is not None:
                 self._aborted = True
                 version = self._sync_version
@@ -249,11 +280,12 @@ class Load(Stage[WeightBucket, WeightBucket]):
             )
         if self._committed:
             raise ValueError(f"{item.describe()} arrived after the last bucket was committed")
-        if item.index != self._buckets:
-            raise ValueError(f"{item.describe()} arrived in position {self._buckets}")
+        if item.index != self._received:
+            raise ValueError(f"{item.describe()} arrived in position {self._received}")
         expected = self.version if self._sync_version is None else self._sync_version
         if expected is not None and item.version != expected:
             raise ValueError(f"{item.describe()} does not belong to the sync of v{expected}")
+        self._sync_version = item.version
         return item
 
     async def _pause(self) -> None:

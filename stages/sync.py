@@ -86,6 +86,7 @@ async def sync_weights(
     mode: SyncMode = "prefetch",
     pause_mode: PauseMode = "retract",
     timeout_s: float = 60.0,
+    prefetch_bytes: int | None = 0,
     observer: PipelineObserver | None = None,
 ) -> SyncReport:
     """Install ``version`` from ``source`` into ``engine``: ``stages`` then ``Load``.
@@ -93,19 +94,29 @@ async def sync_weights(
     ``source`` is what the first stage takes (``(name, tensor)`` pairs for Fetch, or
     ready ``WeightBucket``s when ``stages`` is empty); any form ``as_async_iter`` accepts.
     A stage with an integer ``version`` attribute (Fetch) is set to ``version`` first,
-    so its buckets carry it; Load checks that every bucket does.
+    so its buckets carry it; Load checks that every bucket does. ``timeout_s`` bounds each
+    engine call; ``prefetch_bytes`` is Load's look-ahead in ``prefetch`` mode (0: pause at
+    the first bucket; ``None``: fetch and quantize the whole sync before pausing).
 
     Raises:
         StageError: a stage, the source or the engine failed (or timed out after
             ``timeout_s`` per engine call); names the stage, phase and bucket, with the
             original error as its cause. The engine then reports its old version and
             generation is resumed.
-        ValueError: an unknown mode, a bad ``depth`` or ``timeout_s``, duplicate stage names.
+        ValueError: an unknown mode, a bad ``depth``, ``timeout_s`` or ``prefetch_bytes``,
+            duplicate stage names.
     """
     for stage in stages:
         if isinstance(getattr(stage, "version", None), int):
             stage.version = version
-    load = Load(engine, mode=mode, pause_mode=pause_mode, timeout_s=timeout_s, version=version)
+    load = Load(
+        engine,
+        mode=mode,
+        pause_mode=pause_mode,
+        timeout_s=timeout_s,
+        version=version,
+        prefetch_bytes=prefetch_bytes,
+    )
     pipeline = Pipeline([*stages, load], depth, observer=observer)
     window = engine.open_window() if isinstance(engine, LocalEngine) else None
     started = time.perf_counter()

@@ -74,6 +74,56 @@ async def test_pause_starts_at_open_or_at_first_bucket(mode: str, paused_upstrea
     assert not engine.paused
 
 
+@pytest.mark.parametrize(("prefetch_bytes", "pause_after"), [(0, 0), (32, 1), (None, 3)])
+async def test_prefetch_holds_buckets_back_up_to_its_budget(
+    prefetch_bytes: int | None, pause_after: int
+) -> None:
+    engine = FakeEngine()
+
+    async def source() -> AsyncIterator[WeightBucket]:
+        for bucket in buckets(count=4):  # 16 bytes each
+            engine.calls.append(("source", bucket.index))
+            yield bucket
+
+    load = Load(engine, mode="prefetch", prefetch_bytes=prefetch_bytes)
+    await run(load, source())
+    calls = engine.calls
+    # Load cannot pause before the bucket that fills its budget has arrived.
+    assert calls.index(("pause", "retract")) > calls.index(("source", pause_after))
+    assert [c for c in engine.call_names() if c != "source"] == [
+        "pause",
+        "begin",
+        "load",
+        "load",
+        "load",
+        "load",
+        "commit",
+        "resume",
+    ]
+    assert [b.index for b in engine.loaded] == [0, 1, 2, 3]
+    assert load.report.committed
+
+
+async def test_prefetch_failure_while_holding_touches_nothing() -> None:
+    async def source() -> AsyncIterator[WeightBucket]:
+        for bucket in buckets()[:2]:
+            yield bucket
+        raise OSError("trainer went away")
+
+    engine = FakeEngine()
+    with pytest.raises(StageError, match="trainer went away"):
+        await run(Load(engine, mode="prefetch", prefetch_bytes=None), source())
+    assert engine.calls == []
+
+
+async def test_prefetch_with_look_ahead_aborts_a_failing_load() -> None:
+    engine = FakeEngine(fail_at={"load": "error"}, fail_load_at=2)
+    with pytest.raises(StageError, match="load failed"):
+        await run(Load(engine, mode="prefetch", prefetch_bytes=None), buckets())
+    assert engine.call_names() == ["pause", "begin", "load", "load", "load", "abort", "resume"]
+    assert await engine.version() == 0
+
+
 FAULTS = [
     pytest.param({"begin": "error"}, 0, id="begin-error"),
     pytest.param({"load": "error"}, 1, id="load-error-mid-sync"),
@@ -273,3 +323,5 @@ def test_constructor_rejects_bad_arguments() -> None:
         Load(engine, pause_mode="nap")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout_s"):
         Load(engine, timeout_s=0)
+    with pytest.raises(ValueError, match="prefetch_bytes"):
+        Load(engine, prefetch_bytes=-1)

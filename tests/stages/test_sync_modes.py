@@ -155,6 +155,30 @@ async def test_generation_runs_while_upstream_works_unless_pause_mode(
         await assert_still_generating(engine)
 
 
+async def test_prefetch_look_ahead_keeps_generating_until_the_last_bucket() -> None:
+    async with make_engine() as engine:
+        new = engine.random_weights(seed=19)
+        gate = FakeGate(hold_at=3)  # buckets 0-2 may already be waiting in Load
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                lambda: sync_weights(
+                    list(new.items()),
+                    engine,
+                    version=1,
+                    stages=[Fetch(BUCKET_BYTES), gate],
+                    mode="prefetch",
+                    prefetch_bytes=None,
+                )
+            )
+            await gate.reached.wait()
+            assert not engine.paused
+            await engine.wait_for_tokens(engine.tokens_generated + BATCH)
+            gate.release.set()
+        assert await engine.version() == 1
+        assert_weights(engine, new)
+        await assert_still_generating(engine)
+
+
 async def test_in_flight_outputs_carry_the_version_they_finished_under() -> None:
     async with make_engine(max_new_tokens=LONG) as engine:
         await engine.wait_for_tokens(BATCH)
