@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import importlib
 import io
+import re
 import threading
 import types
 from collections.abc import Iterator, Sequence
@@ -301,6 +302,10 @@ def distributed_order(
 
 
 def tensor_named_in(message: str, names: Sequence[str]) -> str | None:
-    """The longest of ``names`` that an engine's error message mentions, if any."""
-    hits = [name for name in names if name and name in message]
+    """The longest of ``names`` that an engine's error message mentions as a whole word."""
+    hits = [
+        name
+        for name in names
+        if name and re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", message)
+    ]
     return max(hits, key=len) if hits else None

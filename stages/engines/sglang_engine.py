@@ -255,6 +255,79 @@ class SGLangEngine:
             engine, self.engine = self.engine, None
             await anyio.to_thread.run_sync(engine.shutdown, limiter=self._limiter)
 
+    # -- the distributed update group (driven by SGLangDistributedEngine) -------------
+
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> None:
+        """The Engine's ``init_weights_update_group``: returns once its ranks joined.
+
+        Raises:
+            EngineError: the Engine refused, failed or timed out.
+        """
+        await self._run(
+            "init_weights_update_group",
+            lambda: self.engine.init_weights_update_group(
+                master_address=master_address,
+                master_port=master_port,
+                rank_offset=rank_offset,
+                world_size=world_size,
+                group_name=group_name,
+                backend=backend,
+            ),
+        )
+
+    async def update_weights_from_distributed(
+        self,
+        names: Sequence[str],
+        dtypes: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        group_name: str,
+        load_format: str | None,
+    ) -> None:
+        """The Engine's ``update_weights_from_distributed`` with ``flush_cache=False``.
+
+        Raises:
+            EngineError: the Engine refused (naming a tensor), failed or timed out.
+        """
+        await self._run(
+            "update_weights_from_distributed",
+            lambda: self.engine.update_weights_from_distributed(
+                names=list(names),
+                dtypes=list(dtypes),
+                shapes=[list(s) for s in shapes],
+                group_name=group_name,
+                flush_cache=False,
+                load_format=load_format,
+            ),
+            names,
+        )
+
+    async def destroy_weights_update_group(self, group_name: str) -> None:
+        """The Engine's ``destroy_weights_update_group``.
+
+        Raises:
+            EngineError: the Engine refused, failed or timed out.
+        """
+        await self._run(
+            "destroy_weights_update_group",
+            lambda: self.engine.destroy_weights_update_group(group_name=group_name),
+        )
+
+    def session_is_open(self) -> bool:
+        """Whether this adapter opened a weight-update session that is still open."""
+        return self._session_open
+
+    def needs_session(self) -> bool | None:
+        """Whether the Engine needs sessions (None until an Engine exists)."""
+        return None if self.engine is None else self._sessions()
+
 
 def _outcome(result: Any) -> tuple[bool, str]:
     """SGLang answers ``(success, message)``, an object with ``success``, or nothing."""

@@ -386,6 +386,76 @@ class SGLangHTTPEngine:
         """
         await self._call("POST", "/continue_generation", {})
 
+    # -- the distributed update group (driven by SGLangDistributedEngine) -------------
+
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> None:
+        """``/init_weights_update_group``: returns once the server's ranks joined.
+
+        Raises:
+            EngineError: the server refused, failed or timed out.
+        """
+        body = {
+            "master_address": master_address,
+            "master_port": master_port,
+            "rank_offset": rank_offset,
+            "world_size": world_size,
+            "group_name": group_name,
+            "backend": backend,
+        }
+        await self._call("POST", "/init_weights_update_group", body, retries=0)
+
+    async def update_weights_from_distributed(
+        self,
+        names: Sequence[str],
+        dtypes: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        group_name: str,
+        load_format: str | None,
+    ) -> None:
+        """``/update_weights_from_distributed`` with ``flush_cache=false``: returns once the
+        server received the broadcast and loaded it.
+
+        Raises:
+            EngineError: the server refused (naming a tensor its message names), failed or
+                timed out. Never retried: the broadcast it pairs with happens once.
+        """
+        body: dict[str, Any] = {
+            "names": list(names),
+            "dtypes": list(dtypes),
+            "shapes": [list(s) for s in shapes],
+            "group_name": group_name,
+            "flush_cache": False,
+            "abort_all_requests": False,
+            "load_format": load_format,
+        }
+        await self._call("POST", "/update_weights_from_distributed", body, tensors=names, retries=0)
+
+    async def destroy_weights_update_group(self, group_name: str) -> None:
+        """``/destroy_weights_update_group``.
+
+        Raises:
+            EngineError: the server refused, failed or timed out.
+        """
+        await self._call(
+            "POST", "/destroy_weights_update_group", {"group_name": group_name}, retries=0
+        )
+
+    def session_is_open(self) -> bool:
+        """Whether this client opened a weight-update session that is still open."""
+        return self._session_open
+
+    def needs_session(self) -> bool | None:
+        """Whether the server needs sessions (None until detected)."""
+        return self._sessions
+
 
 def _json(response: httpx.Response) -> Any:
     try:

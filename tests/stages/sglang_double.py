@@ -16,6 +16,7 @@ an optional receiver object (see test_sglang_distributed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import types
@@ -36,6 +37,7 @@ __all__ = [
     "FakeSGLangEngine0512",
     "SGLangHTTPDouble",
     "SessionRefusal",
+    "SubprocessReceiver",
     "check_against_spec",
 ]
 
@@ -94,6 +96,9 @@ FIELDS_0523: dict[str, set[str]] = {
     "BeginWeightUpdateReqInput": _BASE | {"selector"},
     "EndWeightUpdateReqInput": _BASE,
 }
+
+
+_BODY = web.RequestKey("body", dict)  # the parsed JSON body, stored by the middleware
 
 
 @dataclass
@@ -311,7 +316,7 @@ class SGLangHTTPDouble:
             return web.Response(status=503, text="Service Unavailable")
         if path in self.faults.refuse:
             return _answer(False, self.faults.refuse[path])
-        request["body"] = body
+        request[_BODY] = body
         result: web.StreamResponse = await handler(request)
         return result
 
@@ -348,7 +353,7 @@ class SGLangHTTPDouble:
         return self.running_requests == 0 or self.paused in ("abort", "retract")
 
     async def _update_from_tensor(self, request: web.Request) -> web.Response:
-        body: dict[str, Any] = request["body"]
+        body: dict[str, Any] = request[_BODY]
         unknown = set(body) - UPDATE_TENSOR_FIELDS[self.behave_like]
         if unknown:
             return web.json_response({"detail": f"unknown fields {sorted(unknown)}"}, status=422)
@@ -395,7 +400,7 @@ class SGLangHTTPDouble:
     async def _update_weight_version(self, request: web.Request) -> web.Response:
         if (bad := _unknown(request, "UpdateWeightVersionReqInput")) is not None:
             return bad
-        body = request["body"]
+        body = request[_BODY]
         self.weight_version = str(body["new_version"])
         return web.json_response(
             {
@@ -413,7 +418,7 @@ class SGLangHTTPDouble:
     async def _pause(self, request: web.Request) -> web.Response:
         if (bad := _unknown(request, "PauseGenerationReqInput")) is not None:
             return bad
-        mode = request["body"].get("mode", "abort")
+        mode = request[_BODY].get("mode", "abort")
         if mode not in ("abort", "retract", "in_place"):
             return web.json_response({"detail": f"bad mode {mode!r}"}, status=422)
         self.paused = mode
@@ -432,7 +437,7 @@ class SGLangHTTPDouble:
             return bad
         if self.receiver is None:
             return _answer(False, "no distributed receiver configured in the double")
-        ok, message = await asyncio.to_thread(self.receiver.init_group, request["body"])
+        ok, message = await asyncio.to_thread(self.receiver.init_group, request[_BODY])
         return _answer(ok, message)
 
     async def _update_from_distributed(self, request: web.Request) -> web.Response:
@@ -446,7 +451,7 @@ class SGLangHTTPDouble:
                 "update_weights_from_distributed must run between "
                 "begin_weight_update() and end_weight_update()",
             )
-        ok, message, tensors = await asyncio.to_thread(self.receiver.receive, request["body"])
+        ok, message, tensors = await asyncio.to_thread(self.receiver.receive, request[_BODY])
         if ok:
             problem = self._check(tensors)
             if problem is not None:
@@ -461,7 +466,7 @@ class SGLangHTTPDouble:
             return bad
         if self.receiver is None:
             return _answer(False, "no distributed receiver configured in the double")
-        ok, message = await asyncio.to_thread(self.receiver.destroy_group, request["body"])
+        ok, message = await asyncio.to_thread(self.receiver.destroy_group, request[_BODY])
         return _answer(ok, message)
 
 
@@ -512,6 +517,7 @@ class FakeSGLangEngine:
         self.block: threading.Event | None = None  # a call waits on it when set
         self.entered_block = threading.Event()
         self.shut_down = False
+        self.receiver: DistributedReceiver | None = None
 
     def _enter(self, name: str) -> None:
         self.calls.append(name)
@@ -572,6 +578,71 @@ class FakeSGLangEngine:
             return False, "Weights were updated, but the cache was not flushed"
         return True, "Success"
 
+    def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str = "nccl",
+    ) -> tuple[bool, str]:
+        self._enter("init_weights_update_group")
+        if self.receiver is None:
+            return False, "no distributed receiver configured in the fake"
+        return self.receiver.init_group(
+            {
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": rank_offset,
+                "world_size": world_size,
+                "group_name": group_name,
+                "backend": backend,
+            }
+        )
+
+    def update_weights_from_distributed(
+        self,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str = "weight_update_group",
+        flush_cache: bool = True,
+        load_format: str | None = None,
+    ) -> tuple[bool, str]:
+        self._enter("update_weights_from_distributed")
+        self.flush_cache_args.append(flush_cache)
+        if self.receiver is None:
+            return False, "no distributed receiver configured in the fake"
+        if self._requires_session() and not self.session_open:
+            return False, (
+                "update_weights_from_distributed must run between "
+                "begin_weight_update() and end_weight_update()"
+            )
+        ok, message, tensors = self.receiver.receive(
+            {
+                "names": names,
+                "dtypes": dtypes,
+                "shapes": shapes,
+                "group_name": group_name,
+                "load_format": load_format,
+            }
+        )
+        if not ok:
+            return ok, message
+        problem = check_against_spec(self.spec, tensors)
+        if problem is not None:
+            return False, problem
+        for name, tensor in tensors:
+            self.weights[name] = tensor.clone()
+        return True, message
+
+    def destroy_weights_update_group(self, group_name: str) -> tuple[bool, str]:
+        self._enter("destroy_weights_update_group")
+        if self.receiver is None:
+            return False, "no distributed receiver configured in the fake"
+        return self.receiver.destroy_group({"group_name": group_name})
+
     def flush_cache(self) -> Any:
         self._enter("flush_cache")
         ok = self.running_requests == 0
@@ -594,6 +665,122 @@ class FakeSGLangEngine0512(FakeSGLangEngine):
 
     def _requires_session(self) -> bool:
         return False
+
+
+class SubprocessReceiver:
+    """Stands in for SGLang's receiving TP rank of a distributed update (not SGLang itself).
+
+    A spawned process that joins the update group with SGLang's own
+    ``init_custom_process_group`` and receives the way SGLang's weight updater does:
+    ``FlattenedTensorBucket.empty`` from the announced names/dtypes/shapes and one
+    broadcast into it for ``flattened_bucket``, else one broadcast per tensor. Plug it into
+    ``SGLangHTTPDouble.receiver`` (or a fake Engine) to serve the distributed endpoints.
+    """
+
+    def __init__(self, tp_rank: int = 0) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_receiver_main, args=(child, tp_rank), name="sglang-receiver", daemon=True
+        )
+        self._proc.start()
+        child.close()
+        self._lock = threading.Lock()
+
+    def _ask(self, command: str, body: dict[str, Any]) -> Any:
+        with self._lock:
+            self._conn.send((command, body))
+            return self._conn.recv()
+
+    def init_group(self, body: dict[str, Any]) -> tuple[bool, str]:
+        ok, message = self._ask("init", body)
+        return bool(ok), str(message)
+
+    def receive(self, body: dict[str, Any]) -> tuple[bool, str, list[tuple[str, torch.Tensor]]]:
+        ok, message, raw = self._ask("recv", body)
+        tensors = [
+            (
+                name,
+                torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                .view(getattr(torch, dtype))
+                .reshape(shape),
+            )
+            for name, dtype, shape, data in raw
+        ]
+        return bool(ok), str(message), tensors
+
+    def destroy_group(self, body: dict[str, Any]) -> tuple[bool, str]:
+        ok, message = self._ask("destroy", body)
+        return bool(ok), str(message)
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError):
+                self._conn.send(("stop", {}))
+            self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=30)
+        self._conn.close()
+        self._proc.close()
+
+
+def _receiver_main(conn: Any, tp_rank: int) -> None:
+    """The receiving rank's loop (runs in the spawned process)."""
+    import torch.distributed as dist
+    from sglang.srt.utils.common import init_custom_process_group
+
+    groups: dict[str, Any] = {}
+    while True:
+        command, body = conn.recv()
+        if command == "stop":
+            break
+        try:
+            if command == "init":
+                groups[body["group_name"]] = init_custom_process_group(
+                    backend=body["backend"],
+                    init_method=f"tcp://{body['master_address']}:{body['master_port']}",
+                    world_size=body["world_size"],
+                    rank=body["rank_offset"] + tp_rank,
+                    group_name=body["group_name"],
+                )
+                conn.send((True, "Succeeded to initialize custom process group."))
+            elif command == "recv":
+                group = groups[body["group_name"]]
+                names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+                if body.get("load_format") == "flattened_bucket":
+                    bucket = FlattenedTensorBucket.empty(names, dtypes, shapes, "cpu")
+                    dist.broadcast(bucket.get_flattened_tensor(), src=0, group=group)
+                    received = bucket.reconstruct_tensors()
+                else:
+                    received = []
+                    handles = []
+                    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+                        weight = torch.empty(shape, dtype=getattr(torch, dtype))
+                        handles.append(dist.broadcast(weight, src=0, group=group, async_op=True))
+                        received.append((name, weight))
+                    for handle in handles:
+                        handle.wait()
+                raw = [
+                    (
+                        n,
+                        str(t.dtype).removeprefix("torch."),
+                        list(t.shape),
+                        t.contiguous().view(torch.uint8).numpy().tobytes(),
+                    )
+                    for n, t in received
+                ]
+                conn.send((True, "Succeeded to update parameter online.", raw))
+            elif command == "destroy":
+                dist.destroy_process_group(groups.pop(body["group_name"]))
+                conn.send((True, "Succeeded to destroy custom process group."))
+        except Exception as exc:
+            failure = f"Failed to {command}: {type(exc).__name__}: {exc}"
+            conn.send((False, failure, []) if command == "recv" else (False, failure))
+    for group in groups.values():
+        dist.destroy_process_group(group)
 
 
 def _reconstruct_flattened(data: Any) -> list[tuple[str, torch.Tensor]]:
@@ -620,7 +807,7 @@ def _answer(success: bool, message: str) -> web.Response:
 
 
 def _unknown(request: web.Request, struct: str) -> web.Response | None:
-    unknown = set(request["body"]) - FIELDS_0523[struct]
+    unknown = set(request[_BODY]) - FIELDS_0523[struct]
     if unknown:
         return web.json_response({"detail": f"unknown fields {sorted(unknown)}"}, status=422)
     return None

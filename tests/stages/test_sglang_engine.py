@@ -75,6 +75,9 @@ def _engine_methods() -> dict[str, ast.FunctionDef]:
         "flush_cache",
         "get_model_info",
         "shutdown",
+        "init_weights_update_group",
+        "update_weights_from_distributed",
+        "destroy_weights_update_group",
     ],
 )
 def test_fake_follows_the_real_engine_signatures(method: str) -> None:

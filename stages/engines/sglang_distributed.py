@@ -1,0 +1,390 @@
+"""SGLangDistributedEngine: weights to SGLang through a torch.distributed update group.
+
+The cross-node path. The trainer is rank 0 of a process group that SGLang's TP ranks join
+(``init_weights_update_group``: the trainer hosts the TCP rendezvous at
+``master_address:master_port``, the engine's ranks take ranks ``rank_offset ..``). Per
+bucket the trainer announces names, dtypes and shapes (``update_weights_from_distributed``)
+and, at the same time, broadcasts the data from rank 0; SGLang allocates the receive
+buffers from the announcement, so the announcement and the broadcast must describe the
+same bytes in the same order. With ``load_format="flattened_bucket"`` (default) the whole
+bucket is one uint8 broadcast laid out as SGLang's ``FlattenedTensorBucket.empty`` lays it
+out: back to back, no padding, so the bucket is sent ordered by element size, largest first,
+which keeps every start aligned. With ``load_format=None`` each tensor is its own
+broadcast in its own dtype (the backend must support every dtype: NCCL does, gloo lacks
+FP8). Sessions, the cache flush, the version and pause/resume are the control engine's
+(``SGLangHTTPEngine`` or the in-process ``SGLangEngine``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from datetime import timedelta
+from typing import Any, Literal, Protocol
+
+import anyio
+import anyio.to_thread
+import torch
+import torch.distributed as dist
+
+from ..bucket import WeightBucket
+from . import _sglang_wire as wire
+from .base import EngineError, PauseMode
+
+__all__ = ["DistributedControl", "SGLangDistributedEngine", "open_update_group"]
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+
+log = logging.getLogger(__name__)
+
+DistributedLoadFormat = Literal["flattened_bucket"] | None
+
+
+class DistributedControl(Protocol):
+    """The control plane a distributed sync drives: an SGLang adapter of this package."""
+
+    name: str
+
+    async def begin(self, version: int) -> None: ...
+    async def commit(self, version: int) -> None: ...
+    async def abort(self, version: int) -> None: ...
+    async def version(self) -> int | None: ...
+    async def pause(self, mode: PauseMode) -> None: ...
+    async def resume(self) -> None: ...
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> None: ...
+    async def update_weights_from_distributed(
+        self,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str,
+        load_format: str | None,
+    ) -> None: ...
+    async def destroy_weights_update_group(self, group_name: str) -> None: ...
+
+
+def open_update_group(
+    *,
+    backend: str,
+    master_address: str,
+    master_port: int,
+    world_size: int,
+    rank: int,
+    group_name: str,
+    timeout_s: float,
+) -> Any:
+    """Join (rank 0: host) the update group the way SGLang's receiving ranks build theirs.
+
+    SGLang's ranks call torch's TCP rendezvous, wrap the store in ``PrefixStore(group_name)``
+    and build the group with torch's ``_new_process_group_helper`` so that it is not the
+    default group. The store keys both sides write must match exactly, so this side uses
+    the same torch pieces (a private torch helper: the only way to build a non-default
+    group from an explicit store without joining a default group first). Blocks until all
+    ``world_size`` ranks joined or ``timeout_s`` passed.
+
+    Raises:
+        RuntimeError: the rendezvous or the group failed (port in use, timeout, peers gone).
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    rendezvous: Any = c10d.rendezvous  # type: ignore[attr-defined]
+    store, rank, world_size = next(
+        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+    )
+    store.set_timeout(timeout)
+    store = c10d.PrefixStore(group_name, store)
+    helper: Any = c10d._new_process_group_helper
+    options = (
+        "backend_options"
+        if "backend_options" in inspect.signature(helper).parameters
+        else "pg_options"
+    )
+    pg, _ = helper(
+        world_size,
+        rank,
+        [],
+        dist.Backend(backend),
+        store,
+        group_name=group_name,
+        timeout=timeout,
+        **{options: None},
+    )
+    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def close_update_group(pg: Any) -> None:
+    """Destroy a group made by ``open_update_group`` (best effort)."""
+    try:
+        dist.destroy_process_group(pg)
+    except Exception as exc:  # teardown must not mask the error that led here
+        log.warning("destroying the update group failed: %s", exc)
+
+
+def _broadcast(pg: Any, tensor: torch.Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    pg.broadcast([tensor], opts).wait()
+
+
+class SGLangDistributedEngine:
+    """SGLang fed through a torch.distributed update group; this process is rank 0.
+
+    Args:
+        control: the SGLang adapter that carries the control calls (HTTP or in-process).
+        master_address: where this process hosts the group's rendezvous (reachable from
+            the engine's nodes).
+        master_port: a free port on ``master_address``.
+        engine_ranks: how many engine ranks join (the server's TP size times its DP size);
+            the group's world size is ``1 + engine_ranks``.
+        group_name: the group's name on both sides.
+        backend: ``nccl`` on GPUs, ``gloo`` on CPUs (default: nccl when CUDA is available).
+        load_format: ``"flattened_bucket"`` (one broadcast per bucket) or None (one per
+            tensor).
+        device: where broadcast buffers live (default: cuda for nccl, else cpu).
+        timeout_s: limit on the group's rendezvous and on every broadcast.
+    """
+
+    name = "sglang_distributed"
+
+    def __init__(
+        self,
+        control: DistributedControl,
+        *,
+        master_address: str,
+        master_port: int,
+        engine_ranks: int = 1,
+        group_name: str = "weight_update_group",
+        backend: str | None = None,
+        load_format: DistributedLoadFormat = "flattened_bucket",
+        device: str | torch.device | None = None,
+        timeout_s: float = 600.0,
+    ) -> None:
+        if engine_ranks < 1:
+            raise ValueError(f"engine_ranks must be >= 1, got {engine_ranks}")
+        if load_format not in ("flattened_bucket", None):
+            raise ValueError(f"load_format must be 'flattened_bucket' or None, got {load_format!r}")
+        self.control = control
+        self.master_address = master_address
+        self.master_port = master_port
+        self.world_size = 1 + engine_ranks
+        self.group_name = group_name
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.load_format: DistributedLoadFormat = load_format
+        self.device = torch.device(
+            device if device is not None else ("cuda" if self.backend == "nccl" else "cpu")
+        )
+        self.timeout_s = timeout_s
+        self._group: Any = None
+        self._group_broken = False
+
+    # -- the group -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the update group: this process and the engine's ranks join together.
+
+        Raises:
+            EngineError: the engine refused or the group could not form.
+        """
+        if self._group is not None and not self._group_broken:
+            return
+        if self._group is not None:
+            await self.close()
+        joined: list[Any] = []
+
+        def join() -> None:
+            joined.append(
+                open_update_group(
+                    backend=self.backend,
+                    master_address=self.master_address,
+                    master_port=self.master_port,
+                    world_size=self.world_size,
+                    rank=0,
+                    group_name=self.group_name,
+                    timeout_s=self.timeout_s,
+                )
+            )
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    self.control.init_weights_update_group,
+                    self.master_address,
+                    self.master_port,
+                    1,
+                    self.world_size,
+                    self.group_name,
+                    self.backend,
+                )
+                await anyio.to_thread.run_sync(join, abandon_on_cancel=True)
+        except BaseException as exc:
+            for pg in joined:
+                close_update_group(pg)
+            error = _first_engine_error(exc)
+            if error is not None:
+                raise error from exc
+            leaf = _leaf(exc)
+            if isinstance(leaf, Exception):
+                raise EngineError(
+                    self.name, f"the update group did not form: {type(leaf).__name__}: {leaf}"
+                ) from exc
+            raise
+        self._group = joined[0]
+        self._group_broken = False
+
+    async def close(self) -> None:
+        """Destroy the group on both sides (best effort)."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        try:
+            await self.control.destroy_weights_update_group(self.group_name)
+        except EngineError as exc:
+            log.warning("%s: destroying the engine's group failed: %s", self.name, exc)
+        close_update_group(group)
+
+    async def aclose(self) -> None:
+        await self.close()
+
+    # -- Engine protocol -------------------------------------------------------------
+
+    async def begin(self, version: int) -> None:
+        """Form the group if needed, then the control engine's begin (session).
+
+        Raises:
+            EngineError: the group could not form or the session was refused.
+        """
+        await self.open()
+        await self.control.begin(version)
+
+    def _send(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        if self.load_format == "flattened_bucket":
+            layout = wire.aligned_layout(tensors, align=1)
+            moved = [(n, t.to(self.device)) for n, t in tensors]
+            buffer, _ = wire.flatten(moved, layout)
+            _broadcast(self._group, buffer)
+        else:
+            for name, t in tensors:
+                try:
+                    _broadcast(self._group, t.detach().to(self.device).contiguous())
+                except Exception as exc:
+                    raise EngineError(
+                        self.name,
+                        f"broadcasting {t.dtype} {tuple(t.shape)} over {self.backend} failed: "
+                        f"{type(exc).__name__}: {exc}",
+                        tensor=name,
+                    ) from exc
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    async def load(self, bucket: WeightBucket) -> None:
+        """Announce the bucket and broadcast it; both finish before this returns.
+
+        Raises:
+            EngineError: the engine refused (naming the tensor when it does) or the
+                broadcast failed; the group is then rebuilt at the next ``begin``.
+        """
+        if not bucket.tensors:
+            return
+        if self._group is None:
+            raise EngineError(self.name, "load() before begin(): no update group")
+        bucket.wait_ready()
+        tensors = list(bucket.tensors)
+        if self.load_format == "flattened_bucket":
+            tensors = wire.distributed_order(tensors)
+        names = [n for n, _ in tensors]
+        try:
+            with anyio.fail_after(self.timeout_s):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(
+                        self.control.update_weights_from_distributed,
+                        names,
+                        [wire.dtype_name(t.dtype) for _, t in tensors],
+                        [list(t.shape) for _, t in tensors],
+                        self.group_name,
+                        self.load_format,
+                    )
+                    # No limiter: an abandoned broadcast (its receiver refused) must not
+                    # hold up the group's rebuild; it ends at the group's timeout.
+                    await anyio.to_thread.run_sync(self._send, tensors, abandon_on_cancel=True)
+        except BaseException as exc:
+            # A broadcast without its receiver (or the reverse) leaves the group unusable.
+            self._group_broken = True
+            error = _first_engine_error(exc)
+            if error is not None:
+                raise error from exc
+            leaf = _leaf(exc)
+            if isinstance(leaf, TimeoutError):
+                raise EngineError(
+                    self.name, f"{bucket.describe()} timed out after {self.timeout_s:g} s"
+                ) from exc
+            if isinstance(leaf, Exception):
+                raise EngineError(
+                    self.name,
+                    f"broadcasting {bucket.describe()} failed: {type(leaf).__name__}: {leaf}",
+                    tensor=wire.tensor_named_in(str(leaf), names),
+                ) from exc
+            raise
+
+    async def commit(self, version: int) -> None:
+        """The control engine's commit (end session, flush once, set the version).
+
+        Raises:
+            EngineError: a step failed; the version stays the old one.
+        """
+        await self.control.commit(version)
+
+    async def abort(self, version: int) -> None:
+        """The control engine's abort (best effort); the version stays the old one."""
+        await self.control.abort(version)
+
+    async def version(self) -> int | None:
+        """The engine's weight version, from the control engine."""
+        return await self.control.version()
+
+    async def pause(self, mode: PauseMode) -> None:
+        """Pause through the control engine.
+
+        Raises:
+            EngineError: the engine refused.
+        """
+        await self.control.pause(mode)
+
+    async def resume(self) -> None:
+        """Resume through the control engine.
+
+        Raises:
+            EngineError: the engine refused.
+        """
+        await self.control.resume()
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first non-group exception inside ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _first_engine_error(exc: BaseException) -> EngineError | None:
+    """The EngineError inside ``exc`` (a task group wraps failures in an ExceptionGroup)."""
+    if isinstance(exc, EngineError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_engine_error(inner)
+            if found is not None:
+                return found
+    return None
