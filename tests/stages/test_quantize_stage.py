@@ -1,0 +1,439 @@
+"""Fp8Quantize: selection rules on real model names, the SGLang config, and the stage."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import torch
+
+from weightpipe.pipeline import Pipeline, StageError
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.fp8 import (
+    FP8_DTYPE,
+    NonFiniteWeightError,
+    check_fp8,
+    quantize_fp8_reference,
+)
+from weightpipe.stages.quantize import Fp8Quantize, Fp8Selection, scale_name, select_for_fp8
+
+
+def _meta_params(kind: str) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a tiny transformers model built on the meta device."""
+    transformers = pytest.importorskip("transformers")
+    common = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+    }
+    if kind == "llama":
+        config = transformers.LlamaConfig(num_hidden_layers=1, **common)
+    elif kind == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(
+            num_hidden_layers=1,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **common,
+        )
+    else:
+        config = transformers.DeepseekV3Config(
+            num_hidden_layers=2,
+            first_k_dense_replace=1,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_group=1,
+            topk_group=1,
+            **{**common, "num_key_value_heads": 4},
+        )
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _quantized(params: dict[str, tuple[int, ...]], sel: Fp8Selection) -> set[str]:
+    return {name for name, shape in params.items() if sel(name, shape)}
+
+
+LLAMA_LINEAR = {
+    f"model.layers.0.{m}.weight"
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+}
+
+
+def test_selection_on_llama():
+    params = _meta_params("llama")
+    assert _quantized(params, Fp8Selection()) == LLAMA_LINEAR
+
+
+def test_selection_on_qwen2_moe():
+    params = _meta_params("qwen2_moe")
+    got = _quantized(params, Fp8Selection())
+    assert got == {
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.experts.gate_up_proj",  # 3-D stack, per expert matrix
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.0.mlp.shared_expert.gate_proj.weight",
+        "model.layers.0.mlp.shared_expert.up_proj.weight",
+        "model.layers.0.mlp.shared_expert.down_proj.weight",
+    }
+    # Router and shared-expert gate, biases, norms, embeddings and lm_head stay.
+    for kept in (
+        "model.layers.0.mlp.gate.weight",
+        "model.layers.0.mlp.shared_expert_gate.weight",
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+    ):
+        assert kept in params and kept not in got
+    # Checkpoint (HF) names of single experts, as SGLang loads them.
+    sel = Fp8Selection()
+    assert sel("model.layers.3.mlp.experts.17.gate_proj.weight", (32, 64))
+    assert sel("model.layers.3.mlp.experts.17.down_proj.weight", (64, 32))
+
+
+def test_selection_on_deepseek_style_names():
+    params = _meta_params("deepseek")
+    got = _quantized(params, Fp8Selection())
+    for layer in (0, 1):
+        for m in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
+            assert f"model.layers.{layer}.self_attn.{m}.weight" in got
+        assert f"model.layers.{layer}.self_attn.q_a_layernorm.weight" not in got
+        assert f"model.layers.{layer}.self_attn.kv_a_layernorm.weight" not in got
+    assert "model.layers.1.mlp.gate.weight" not in got  # the router
+    assert "model.layers.1.mlp.experts.gate_up_proj" in got
+    assert "model.layers.1.mlp.shared_experts.down_proj.weight" in got
+    assert "model.layers.0.mlp.gate_proj.weight" in got  # dense MLP's gate_proj is linear
+    assert Fp8Selection().why_not("model.layers.1.mlp.gate.e_score_correction_bias", (4,))
+
+
+def test_selection_ignored_layers_follow_sglang_matching():
+    params = _meta_params("llama")
+    sel = Fp8Selection(ignored_layers=("layers.0.mlp.down_proj",))  # no "model." prefix
+    assert _quantized(params, sel) == LLAMA_LINEAR - {"model.layers.0.mlp.down_proj.weight"}
+    # A fused SGLang name covers its checkpoint shards.
+    sel = Fp8Selection(ignored_layers=("model.layers.0.self_attn.qkv_proj",))
+    assert _quantized(params, sel) == LLAMA_LINEAR - {
+        f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"
+    }
+    # Dotted boundaries: "mlp.gate" is not "mlp.gate_proj" nor "mlp.gate_up_proj".
+    sel = Fp8Selection(ignored_layers=("mlp.gate",))
+    assert _quantized(params, sel) == LLAMA_LINEAR
+    # A layer prefix ignores the whole layer; re: uses re.match on the module name.
+    assert _quantized(params, Fp8Selection(ignored_layers=("model.layers.0",))) == set()
+    sel = Fp8Selection(ignored_layers=(r"re:.*\.(o|down)_proj$",))
+    assert _quantized(params, sel) == LLAMA_LINEAR - {
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    }
+
+
+def test_selection_include_and_exclude_patterns():
+    params = _meta_params("llama")
+    sel = Fp8Selection(include=("*.mlp.*",))
+    assert _quantized(params, sel) == {n for n in LLAMA_LINEAR if ".mlp." in n}
+    sel = Fp8Selection(exclude=("re:.*self_attn",))
+    assert _quantized(params, sel) == {n for n in LLAMA_LINEAR if ".mlp." in n}
+    # Include never overrides the structural rules.
+    assert not select_for_fp8("lm_head.weight", (100, 64), include=("*",))
+    assert select_for_fp8("x.q_proj.weight", (4, 4), include=("*",), exclude=("y.*",))
+    with pytest.raises(ValueError, match="re:"):
+        Fp8Selection(exclude=("re:(",))
+    with pytest.raises(ValueError, match="non-empty"):
+        Fp8Selection(include=("",))
+
+
+def test_quantization_config_default_matches_sglang_fp8():
+    stage = Fp8Quantize(ignored_layers=["model.layers.0.mlp.down_proj"])
+    assert stage.quantization_config() == {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "ignored_layers": ["model.layers.0.mlp.down_proj"],
+    }
+    assert Fp8Quantize(scale_fmt="ue8m0").quantization_config()["scale_fmt"] == "ue8m0"
+    assert Fp8Quantize(block=(64, 32)).quantization_config()["weight_block_size"] == [64, 32]
+    tensor = Fp8Quantize(method="tensor").quantization_config()
+    assert "weight_block_size" not in tensor and tensor["quant_method"] == "fp8"
+    channel = Fp8Quantize(method="channel").quantization_config()
+    assert channel["quant_method"] == "compressed-tensors"
+    assert channel["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+
+
+def test_quantization_config_expands_rules_against_the_model():
+    params = _meta_params("qwen2_moe")
+    stage = Fp8Quantize(ignored_layers=[r"re:.*\.o_proj"], exclude=["*.shared_expert.*"])
+    with pytest.raises(ValueError, match="parameters"):
+        stage.quantization_config()
+    config = stage.quantization_config(params.items())
+    ignored = set(config["ignored_layers"])
+    assert "model.layers.0.self_attn.o_proj" in ignored
+    assert "model.layers.0.mlp.shared_expert.down_proj" in ignored
+    assert "model.layers.0.mlp.gate" in ignored and "lm_head" in ignored
+    assert not any(entry.startswith("re:") for entry in ignored)
+    # Everything the stage quantizes is a module SGLang will not skip, and vice versa.
+    for name, shape in params.items():
+        if name.endswith(".weight") and len(shape) == 2:
+            module = name.removesuffix(".weight")
+            assert stage.selection(name, shape) == (module not in ignored)
+
+
+def test_quantization_config_refuses_to_split_a_fused_layer():
+    params = _meta_params("llama")
+    stage = Fp8Quantize(exclude=["*.k_proj.weight"])
+    with pytest.raises(ValueError, match="qkv_proj"):
+        stage.quantization_config(params.items())
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def _bucket(tensors, index=0, is_last=True, version=7):
+    return WeightBucket(tuple(tensors), index, is_last, version)
+
+
+def _llama_tensors(dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {
+        "model.embed_tokens.weight": (100, 64),
+        "model.layers.0.self_attn.q_proj.weight": (64, 64),
+        "model.layers.0.self_attn.q_proj.bias": (64,),
+        "model.layers.0.mlp.down_proj.weight": (130, 200),
+        "model.layers.0.input_layernorm.weight": (64,),
+        "model.layers.0.mlp.gate.weight": (4, 64),
+        "model.layers.0.mlp.experts.gate_up_proj": (3, 70, 64),
+        "lm_head.weight": (100, 64),
+    }
+    return [
+        (name, (torch.randn(shape, generator=gen) * 0.05).to(dtype))
+        for name, shape in shapes.items()
+    ]
+
+
+async def test_stage_output_layout_and_bits():
+    tensors = _llama_tensors(torch.float32)
+    before = [t.clone() for _, t in tensors]
+    stage = Fp8Quantize()
+    await stage.open()
+    try:
+        (out,) = await stage.process(_bucket(tensors, index=3, is_last=False, version=9))
+    finally:
+        await stage.close()
+    assert (out.index, out.is_last, out.version) == (3, False, 9)
+    assert out.names == [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight_scale_inv",
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.mlp.down_proj.weight_scale_inv",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.mlp.gate.weight",
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.experts.gate_up_proj_scale_inv",
+        "lm_head.weight",
+    ]
+    assert out.meta["quantized"] == 3 and out.meta["kept"] == 5
+    assert out.meta["nonfinite_kept"] == 0
+    got = dict(out.tensors)
+    for name, source in tensors:
+        if name in (
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.0.mlp.experts.gate_up_proj",
+        ):
+            ref = quantize_fp8_reference(source)
+            assert got[name].dtype == FP8_DTYPE
+            assert torch.equal(got[name].view(torch.uint8), ref.qweight.view(torch.uint8))
+            assert torch.equal(got[scale_name(name)], ref.scale)
+            assert check_fp8(source, (got[name], got[scale_name(name)])) <= 1.0  # type: ignore[arg-type]
+        else:
+            assert got[name].dtype == torch.bfloat16  # keep_dtype
+            assert torch.equal(got[name], source.to(torch.bfloat16))
+    for (_, t), b in zip(tensors, before, strict=True):
+        assert torch.equal(t, b)  # inputs untouched
+
+
+async def test_stage_keep_dtype_none_and_passthrough_of_other_dtypes():
+    fp8 = torch.zeros(4, 4, dtype=FP8_DTYPE)
+    ids = torch.arange(5)
+    w = torch.randn(64, 64, dtype=torch.float16)
+    stage = Fp8Quantize(keep_dtype=None, method="tensor")
+    out = stage.quantize_bucket(
+        _bucket(
+            [
+                ("a.q_proj.weight", w),
+                ("b.ids", ids),
+                ("c.k_proj.weight", fp8),
+                ("d.norm.weight", torch.ones(64, dtype=torch.float32)),
+            ]
+        )
+    )
+    got = dict(out.tensors)
+    assert got["a.q_proj.weight"].dtype == FP8_DTYPE
+    assert got["a.q_proj.weight_scale"].shape == ()  # SGLang's per-tensor name
+    assert got["b.ids"] is ids
+    assert got["c.k_proj.weight"] is fp8  # already FP8: passes through
+    assert got["d.norm.weight"].dtype == torch.float32
+
+
+async def test_stage_matches_the_functions_for_every_method_and_format():
+    tensors = _llama_tensors()
+    for method in ("block", "channel", "tensor"):
+        for fmt in ("float32", "ue8m0"):
+            stage = Fp8Quantize(method=method, scale_fmt=fmt, cpu_threads=2)  # type: ignore[arg-type]
+            got = dict(stage.quantize_bucket(_bucket(tensors)).tensors)
+            ref = quantize_fp8_reference(tensors[3][1], method=method, scale_fmt=fmt)  # type: ignore[arg-type]
+            name = tensors[3][0]
+            assert torch.equal(got[name].view(torch.uint8), ref.qweight.view(torch.uint8))
+            assert torch.equal(got[scale_name(name, method)], ref.scale)  # type: ignore[arg-type]
+
+
+async def test_nonfinite_keep_counts_and_keeps_high_precision():
+    tensors = _llama_tensors()
+    bad = tensors[3][1].clone()
+    bad[0, 0] = math.inf
+    tensors[3] = (tensors[3][0], bad)
+    out = Fp8Quantize(nonfinite="keep").quantize_bucket(_bucket(tensors))
+    got = dict(out.tensors)
+    assert got["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert "model.layers.0.mlp.down_proj.weight_scale_inv" not in got
+    assert out.meta["nonfinite_kept"] == 1 and out.meta["quantized"] == 2
+
+
+async def _source(buckets: list[WeightBucket]) -> AsyncIterator[WeightBucket]:
+    for bucket in buckets:
+        yield bucket
+
+
+async def test_nonfinite_error_mid_stream_names_stage_bucket_and_tensor():
+    good = _llama_tensors(seed=1)
+    bad = _llama_tensors(seed=2)
+    broken = bad[1][1].clone()
+    broken[3, 3] = math.nan
+    bad[1] = (bad[1][0], broken)
+    buckets = [_bucket(good, 0, False), _bucket(bad, 1, False), _bucket(good, 2, True)]
+    seen: list[int] = []
+
+    async def sink(bucket: WeightBucket) -> None:
+        seen.append(bucket.index)
+
+    with pytest.raises(StageError) as info:
+        await Pipeline([Fp8Quantize()]).run(_source(buckets), sink=sink)
+    err = info.value
+    assert err.stage == "quantize" and err.phase == "process"
+    assert "bucket 1" in str(err)
+    assert isinstance(err.__cause__, NonFiniteWeightError)
+    assert err.__cause__.tensor == "model.layers.0.self_attn.q_proj.weight"
+    assert seen == [0]
+
+
+async def test_error_at_open_for_an_impossible_backend():
+    stage = Fp8Quantize(backend="triton", block=(100, 128))
+    with pytest.raises(StageError) as info:
+        await Pipeline([stage]).run([_bucket(_llama_tensors())])
+    assert info.value.phase == "open"
+
+
+async def test_error_at_close_is_reported():
+    class FailingClose(Fp8Quantize):
+        async def close(self) -> None:
+            await super().close()
+            raise RuntimeError("close broke")
+
+    with pytest.raises(StageError) as info:
+        await Pipeline([FailingClose()]).run([_bucket(_llama_tensors())])
+    assert info.value.phase == "close"
+
+
+async def test_pipeline_keeps_order_with_concurrent_workers():
+    buckets = [_bucket(_llama_tensors(seed=i), i, i == 5) for i in range(6)]
+    out: list[WeightBucket] = []
+
+    async def sink(bucket: WeightBucket) -> None:
+        out.append(bucket)
+
+    report = await Pipeline([Fp8Quantize(workers=2, cpu_threads=2)], depth=2).run(
+        buckets, sink=sink
+    )
+    assert [b.index for b in out] == list(range(6))
+    assert out[-1].is_last and report.stages[0].items_out == 6
+    ref = quantize_fp8_reference(buckets[4].tensors[3][1])
+    assert torch.equal(
+        dict(out[4].tensors)[buckets[4].tensors[3][0]].view(torch.uint8),
+        ref.qweight.view(torch.uint8),
+    )
+
+
+async def test_cancellation_while_the_source_is_blocked():
+    started = anyio.Event()
+    release = anyio.Event()
+    closed: list[bool] = []
+
+    class Tracked(Fp8Quantize):
+        async def close(self) -> None:
+            closed.append(True)
+            await super().close()
+
+    async def source() -> AsyncIterator[WeightBucket]:
+        yield _bucket(_llama_tensors(), 0, False)
+        started.set()
+        await release.wait()  # never released: the run is cancelled here
+        yield _bucket(_llama_tensors(), 1, True)
+
+    got: list[int] = []
+
+    async def sink(bucket: WeightBucket) -> None:
+        got.append(bucket.index)
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            pipeline = Pipeline([Tracked()])
+
+            async def run() -> None:
+                await pipeline.run(source(), sink=sink)
+
+            tg.start_soon(run)
+            await started.wait()
+            scope.cancel()
+    assert scope.cancelled_caught
+    assert closed == [True]
+
+
+def test_constructor_rejects_bad_settings():
+    with pytest.raises(ValueError, match="method"):
+        Fp8Quantize(method="row")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nonfinite"):
+        Fp8Quantize(nonfinite="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="keep_dtype"):
+        Fp8Quantize(keep_dtype=torch.int8)
+    with pytest.raises(ValueError, match="workers"):
+        Fp8Quantize(workers=0)
+    with pytest.raises(ValueError, match="block"):
+        Fp8Quantize(block=(0, 128))
+    assert Fp8Quantize.name == "quantize"
