@@ -216,7 +216,7 @@ class MetricsConfig:
 class DemoConfig:
     """The demo's trainer loop."""
 
-    steps: int = 6
+    steps: int = 10
     """Optimizer steps in all."""
     sync_every: int = 2
     """Sync the weights to the engine every this many steps."""

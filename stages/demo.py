@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from weightpipe.pipeline.config import WeightpipeConfig
+from weightpipe.pipeline.config import QuantizeConfig, WeightpipeConfig
 from weightpipe.pipeline.metrics import MetricsServer, WeightpipeMetrics, serve_metrics
 
 from .engines.base import Engine
@@ -58,7 +59,8 @@ class Trainer:
         torch.manual_seed(config.model.seed)
         from transformers import LlamaForCausalLM
 
-        self.model: Any = LlamaForCausalLM(build_llama_config(config.model)).float().train()
+        model: Any = LlamaForCausalLM(build_llama_config(config.model))
+        self.model: Any = model.float().train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.demo.lr)
         self.batch_size = config.demo.batch_size
         self.seq_len = config.demo.seq_len
@@ -84,11 +86,21 @@ class Trainer:
             ]
 
 
+def fp8_weight_names(loaded: Iterable[str]) -> set[str]:
+    """The weights that arrived as FP8: those sent with a scale tensor beside them."""
+    names: set[str] = set()
+    for name in loaded:
+        for suffix in ("_scale_inv", "_scale"):
+            if name.endswith(".weight" + suffix):
+                names.add(name.removesuffix(suffix))
+    return names
+
+
 def verify_engine(
     engine: LocalEngine,
     snapshot: list[tuple[str, torch.Tensor]],
     quantized: set[str],
-    block: tuple[int, int],
+    quantize: QuantizeConfig,
 ) -> str:
     """Check the engine against the snapshot it was sent; returns a one-line verdict.
 
@@ -96,17 +108,24 @@ def verify_engine(
         AssertionError: a parameter differs (names it).
     """
     worst = 0.0
+    block = (int(quantize.block[0]), int(quantize.block[1]))
     for name, source in snapshot:
         served = engine.parameter(name).cpu()
         if name in quantized:
-            q = quantize_fp8(source, block=block, name=name)
+            q = quantize_fp8(
+                source,
+                method=quantize.method,  # type: ignore[arg-type]
+                block=block,
+                scale_fmt=quantize.scale_fmt,  # type: ignore[arg-type]
+                name=name,
+            )
             worst = max(worst, check_fp8(source, q, block=block, name=name))
             expected = dequantize_fp8(q.qweight, q.scale, block=block, dtype=served.dtype)
             if not torch.equal(served, expected):
                 raise AssertionError(f"tensor {name!r}: the engine serves other FP8 values")
         elif not torch.equal(served, source.to(served.dtype)):
             raise AssertionError(f"tensor {name!r}: the engine's copy differs from the trainer's")
-    return f"ok ({len(quantized)} FP8 within bound, worst {worst:.2f}x)"
+    return f"ok: {len(quantized)} FP8, worst {worst:.2f}x bound"
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -115,20 +134,21 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(console: Console, rows: list[DemoSync]) -> None:
     table = Table(title="weightpipe demo: one row per sync")
-    for column in (
-        "version",
+    columns = (
+        "v",
         "step",
         "mode",
-        "MB moved",
-        "seconds",
+        "MB",
+        "sync s",
         "GB/s",
-        "hard pause ms",
+        "pause ms",
         "tok/s idle",
         "tok/s sync",
-        "longest gap ms",
-        "check",
-    ):
-        table.add_column(column, justify="right" if column != "check" else "left")
+        "gap ms",
+        "FP8 check",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "FP8 check" else "right")
     for row in rows:
         report = row.report
         gap = report.longest_gap_s
@@ -222,13 +242,12 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                         hard_pause_s=report.hard_pause_s,
                     )
                     if local is not None:
-                        fp8_names = {
-                            name.removesuffix("_scale_inv")
-                            for name in report.load.names
-                            if name.endswith("_scale_inv")
-                        }
                         check = await anyio.to_thread.run_sync(
-                            verify_engine, local, snapshot, fp8_names, block
+                            verify_engine,
+                            local,
+                            snapshot,
+                            fp8_weight_names(report.load.names),
+                            config.quantize,
                         )
                         window = local.open_window()
                     else:
@@ -266,10 +285,12 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
 def run_demo(config: WeightpipeConfig) -> int:
     """Run the demo; returns the process exit status (0 only if every sync checked out)."""
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=132)  # a log or pipe: keep the table on one line per row
     started = time.perf_counter()
     try:
         rows = anyio.run(_demo, config, console)
-    except BaseException as exc:  # noqa: BLE001 - a CLI reports, then exits non-zero
+    except BaseException as exc:  # a CLI reports, then exits non-zero
         if isinstance(exc, KeyboardInterrupt):
             console.print("[red]interrupted[/red]")
             return 130

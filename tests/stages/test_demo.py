@@ -1,0 +1,57 @@
+"""The demo end to end: exit 0 with every sync verified; non-zero on a failure."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from weightpipe.pipeline.config import load_config
+from weightpipe.stages.demo import fp8_weight_names, run_demo
+
+
+def test_demo_runs_and_verifies_every_sync(capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(
+        overrides=[
+            "demo.steps=4",
+            "demo.sync_every=2",
+            "demo.progress=false",
+            "metrics.port=0",
+            "model.num_layers=2",
+            "engine.mode=in_flight",
+        ]
+    )
+    assert run_demo(config) == 0
+    out = capsys.readouterr().out
+    assert "metrics: http://127.0.0.1:" in out
+    assert out.count("ok: ") == 2  # one verified row per sync
+    assert "in_flight" in out
+
+
+def test_demo_exits_non_zero_when_the_engine_is_unreachable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = load_config(
+        overrides=[
+            "demo.steps=2",
+            "demo.progress=false",
+            "metrics.enabled=false",
+            "model.num_layers=1",
+            "engine.kind=sglang_http",
+            f"engine.url=http://127.0.0.1:{port}",
+            "engine.timeout_s=2",
+            "engine.retries=0",
+            "engine.mode=pause",
+        ]
+    )
+    assert run_demo(config) == 1
+    out = capsys.readouterr().out
+    assert "demo failed" in out
+
+
+def test_fp8_names_come_from_scale_tensors() -> None:
+    names = ["a.weight", "a.weight_scale_inv", "b.weight", "c.weight", "c.weight_scale"]
+    assert fp8_weight_names(names) == {"a.weight", "c.weight"}
