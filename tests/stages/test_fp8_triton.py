@@ -1,0 +1,111 @@
+"""The Triton kernel agrees bit for bit with the torch definition (TRITON_INTERPRET=1, CPU).
+
+Triton decides between compiling and interpreting when a kernel is decorated, so the
+kernel runs in a fresh interpreter with ``TRITON_INTERPRET=1`` set before anything
+imports Triton; the child reports each comparison as JSON. Shapes stay small (the
+interpreter runs a block in numpy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+_CHILD = textwrap.dedent(
+    """
+    import json, math, torch, anyio
+    from weightpipe.stages import _fp8_triton as T
+    from weightpipe.stages.fp8 import quantize_fp8_reference
+    from weightpipe.stages.bucket import WeightBucket
+    from weightpipe.stages.quantize import Fp8Quantize
+
+    results = {}
+    def same(key, got, ref):
+        q, s = got
+        results[key] = bool(
+            torch.equal(q.view(torch.uint8), ref.qweight.view(torch.uint8))
+            and s.shape == ref.scale.shape and torch.equal(s, ref.scale)
+        )
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 1), (127, 129), (128, 128), (130, 260), (2, 3, 129)]
+    for fmt in ("float32", "ue8m0"):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            ws = [(torch.randn(s, generator=gen) * 0.05).to(dtype) for s in shapes]
+            ws.append(torch.zeros(64, 200, dtype=dtype))
+            outs, flags = T.quantize_block_batch(ws, (128, 128), fmt)
+            results[f"flags {fmt} {dtype}"] = flags.tolist() == [0] * len(ws)
+            for w, got in zip(ws, outs):
+                ref = quantize_fp8_reference(w, scale_fmt=fmt)
+                same(f"{tuple(w.shape)} {dtype} {fmt}", got, ref)
+
+    # Every e4m3 rounding case with the scale exactly 1 (amax = 448): one 1 x 1024 block.
+    codes = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mid = (codes[:-1] + codes[1:]) / 2
+    probes = torch.cat([
+        torch.tensor([448.0, 1e-30, 2.0**-10, 0.0]), codes, mid,
+        torch.nextafter(mid, torch.zeros_like(mid)),
+        torch.nextafter(mid, torch.full_like(mid, 1e9)),
+    ])
+    probes = torch.cat([probes, -probes])
+    row = torch.zeros(1, 1024)
+    row[0, : probes.numel()] = probes
+    outs, _ = T.quantize_block_batch([row], (1, 1024), "float32")
+    same("rounding table", outs[0], quantize_fp8_reference(row, block=(1, 1024)))
+    results["rounding scale is 1"] = float(outs[0].scale) == 1.0
+
+    # NaN / Inf set the owner's flag only.
+    bad = torch.randn(130, 140).bfloat16()
+    bad[129, 139] = math.nan
+    inf = torch.randn(3, 20, 20)
+    inf[1, 2, 3] = -math.inf
+    _, flags = T.quantize_block_batch([torch.ones(5, 5), bad, inf], (128, 128), "float32")
+    results["nonfinite flags"] = flags.tolist() == [0, 1, 1]
+
+    # The stage with backend="triton" on CPU tensors equals the default CPU path.
+    tensors = tuple(
+        (f"model.layers.0.mlp.{n}.weight", (torch.randn(s, generator=gen) * 0.1).bfloat16())
+        for n, s in (("gate_proj", (150, 64)), ("down_proj", (64, 150)))
+    )
+    bucket = WeightBucket(tensors, 0, True, 1)
+
+    async def both():
+        a, b = Fp8Quantize(backend="triton"), Fp8Quantize()
+        await a.open(); await b.open()
+        (x,) = await a.process(bucket)
+        (y,) = await b.process(bucket)
+        return x, y
+    x, y = anyio.run(both)
+    results["stage triton == cpu"] = x.names == y.names and all(
+        torch.equal(p.view(torch.uint8), q.view(torch.uint8))
+        for (_, p), (_, q) in zip(x.tensors, y.tensors)
+    )
+    print("RESULTS " + json.dumps(results))
+    """
+)
+
+
+@pytest.mark.slow
+def test_triton_kernel_matches_torch_definition_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULTS "))
+    results = json.loads(line.removeprefix("RESULTS "))
+    failed = sorted(k for k, ok in results.items() if not ok)
+    assert not failed, failed
+    assert len(results) >= 40
