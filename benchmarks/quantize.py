@@ -87,6 +87,15 @@ def load_sglang_block_quantizer() -> (
     return fn  # type: ignore[no-any-return]
 
 
+_KERNEL_LOOPS = 10
+
+
+def _triton_ready() -> bool:
+    from weightpipe.stages import _fp8_triton
+
+    return _fp8_triton.available()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -132,9 +141,18 @@ def _case(
         for t in matrices:
             sglang(t)
 
+    def kernel() -> None:
+        # The batched launch alone, no host wait per bucket: what the GPU sustains.
+        from weightpipe.stages import _fp8_triton
+
+        for _ in range(_KERNEL_LOOPS):
+            _fp8_triton.quantize_block_batch(matrices, (128, 128), "float32")
+
     methods: dict[str, Callable[[], None]] = {"quantize": quantize, "copy": copy}
     if sglang is not None:
         methods["sglang"] = run_sglang
+    if device.type == "cuda" and _triton_ready():
+        methods["kernel"] = kernel
     for fn in methods.values():  # warm-up: first-touch pages, thread pools, kernels
         fn()
     times: dict[str, list[float]] = {k: [] for k in methods}
@@ -155,6 +173,9 @@ def _case(
         "quantize_best_gbs": nbytes / min(times["quantize"]) / 1e9,
         "copy_best_gbs": nbytes / min(times["copy"]) / 1e9,
     }
+    if "kernel" in med:
+        kernel_bytes = sum(t.nbytes for t in matrices) * _KERNEL_LOOPS
+        row["kernel_gbs"] = kernel_bytes / med["kernel"] / 1e9
     if "sglang" in med:
         sg_bytes = sum(t.nbytes for t in matrices)
         row["sglang_gbs"] = sg_bytes / med["sglang"] / 1e9
@@ -221,6 +242,8 @@ def _table(result: dict[str, Any]) -> str:
             f"{row['case']:24s} {row['quantize_gbs']:10.3f} {row['copy_gbs']:10.3f} "
             f"{row['ratio_to_copy']:6.3f} {sg:>11s} {sx:>8s}"
         )
+        if "kernel_gbs" in row:
+            lines.append(f"{'':24s} kernel only (batched launch): {row['kernel_gbs']:.1f} GB/s")
     return "\n".join(lines)
 
 
