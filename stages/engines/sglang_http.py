@@ -192,7 +192,8 @@ class SGLangHTTPEngine:
             ok = False
         if not ok:
             message = _message(response)
-            if path == "/flush_cache" or _CACHE_NOT_FLUSHED.search(message):
+            refused = response.status_code == 400 or response.status_code < 300
+            if refused and (path == "/flush_cache" or _CACHE_NOT_FLUSHED.search(message)):
                 raise _Retryable(f"{path} failed: {message}")
             raise EngineError(
                 self.name,

@@ -369,3 +369,43 @@ def test_bad_arguments() -> None:
         SGLangHTTPEngine("http://x", tp_size=0)
     with pytest.raises(ValueError, match="session"):
         SGLangHTTPEngine("http://x", session="maybe")  # type: ignore[arg-type]
+
+
+# -- through the Load stage and the pipeline ----------------------------------------------
+
+
+async def test_pipeline_load_into_the_double() -> None:
+    from weightpipe.pipeline import Pipeline
+    from weightpipe.stages.load import Load
+
+    with SGLangHTTPDouble(_spec(), running_requests=3) as server:
+        async with SGLangHTTPEngine(server.url) as engine:
+            load = Load(engine, mode="pause", pause_mode="retract")
+            await Pipeline([load], depth=2).run(_buckets(9))
+            assert await engine.version() == 9
+        assert load.report.committed
+        _assert_applied(server, _model())
+        paths = server.paths()
+        assert paths[0] == "/pause_generation"
+        assert paths.index("/continue_generation") > paths.index("/update_weight_version")
+        assert server.paused is None
+
+
+async def test_pipeline_fault_mid_sync_resumes_and_keeps_the_version() -> None:
+    from weightpipe.pipeline import Pipeline, StageError
+    from weightpipe.stages.load import Load
+
+    bad = [*_model()[:3], ("model.layers.7.unknown.weight", torch.zeros(3))]
+    with SGLangHTTPDouble(_spec()) as server:
+        async with SGLangHTTPEngine(server.url, backoff_s=0) as engine:
+            load = Load(engine, mode="prefetch", pause_mode="in_place")
+            await Pipeline([load], depth=2).run(_buckets(1))
+            with pytest.raises(StageError) as info:
+                await Pipeline([load], depth=2).run(_buckets(2, bad))
+            cause = info.value.__cause__
+            assert isinstance(cause, EngineError)
+            assert cause.tensor == "model.layers.7.unknown.weight"
+            assert await engine.version() == 1
+        assert load.report.aborted
+        assert server.paused is None  # generation resumed
+        assert not server.session_open
