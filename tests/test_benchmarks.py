@@ -1,0 +1,67 @@
+"""The benchmarks run end to end at a tiny size and write what they promise.
+
+Figures are not asserted (timings belong in the JSON, not in tests); the structure and
+the invariants that don't depend on timing are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from benchmarks import overhead, sweep
+from weightpipe.stages.cli import main as cli
+
+
+def test_overhead_writes_its_figures(tmp_path: Path) -> None:
+    path = tmp_path / "overhead.json"
+    result = overhead.main(
+        [
+            "--json",
+            str(path),
+            "--items",
+            "2000",
+            "--repeats",
+            "1",
+            "--work-items",
+            "20",
+            "--numel",
+            "4096",
+        ]
+    )
+    data = json.loads(path.read_text())
+    for key in ("per_hop_us", "efficiency", "pipelined_s", "sequential_s", "speedup", "machine"):
+        assert key in data
+    assert data["per_hop_us"] > 0
+    assert set(data["busy_s"]) == {"fetch", "quantize", "load"}
+    assert result["bottleneck"] in {"fetch", "quantize", "load"}
+
+
+def test_sweep_via_weightpipe_bench(tmp_path: Path) -> None:
+    json_path, plot_path = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    status = cli(
+        [
+            "bench",
+            "--json",
+            str(json_path),
+            "--plot",
+            str(plot_path),
+            "sweep.preset=tiny",
+            "sweep.depths=[1,2]",
+            "sweep.bucket_mib=[1,4]",
+        ]
+    )
+    assert status == 0
+    data = json.loads(json_path.read_text())
+    assert len(data["results"]) == 4
+    assert set(data["sequential"]) == {"1", "4"}
+    rec = data["recommended"]
+    assert rec["depth"] in (1, 2) and rec["bucket_mib"] in (1, 4)
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shapes = dict(sweep.model_shapes(sweep.PRESETS["llama-8b"]))
+    assert shapes["model.layers.31.mlp.down_proj.weight"] == (4096, 14336)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (1024, 4096)
+    tiny = sweep.model_shapes(sweep.PRESETS["tiny"])
+    assert data["total_bytes"] == sum(2 * math.prod(shape) for _, shape in tiny)
+    assert data["tensors"] == len(tiny)
