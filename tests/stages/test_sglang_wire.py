@@ -203,3 +203,35 @@ def test_double_schemas_match_sglangs_request_structs() -> None:
     real = _struct_fields(source)
     for struct, ours in FIELDS_0523.items():
         assert ours == real[struct], struct
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_payload_decodes_in_another_process_via_cuda_ipc() -> None:
+    # On GPUs the payload carries CUDA-IPC handles: another process on the same GPU maps
+    # the sender's memory, so the sender's tensors must stay alive until it has read them.
+    tensors = [(n, t.cuda()) for n, t in _awkward()]
+    torch.cuda.synchronize()
+    text = wire.b64encode_payloads(wire.encode_flattened_bucket(tensors))[0]
+    script = (
+        "import sys, torch\n"
+        "from sglang.srt.utils import MultiprocessingSerializer\n"
+        "from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket\n"
+        "d = MultiprocessingSerializer.deserialize(sys.stdin.read().strip())\n"
+        "assert d['flattened_tensor'].is_cuda\n"
+        "b = FlattenedTensorBucket(flattened_tensor=d['flattened_tensor'], "
+        "metadata=d['metadata'])\n"
+        "for n, t in b.reconstruct_tensors():\n"
+        "    print(n, t.contiguous().view(torch.uint8).cpu().tolist())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = [f"{n} {t.contiguous().view(torch.uint8).cpu().tolist()}" for n, t in tensors]
+    assert done.stdout.strip().splitlines() == expected
