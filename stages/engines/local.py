@@ -306,6 +306,7 @@ class LocalEngine:
         self._pending: int | None = None
         self._loaded: set[str] = set()
         self._undo: dict[str, torch.Tensor] = {}
+        self._spare: dict[str, torch.Tensor] = {}
         self._work: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._paused = False
         self._pause_mode: PauseMode | None = None
@@ -674,17 +675,16 @@ class LocalEngine:
         updates: list[tuple[str, torch.Tensor]] = []
         for name, tensor, scale in plan:
             param = self._params[name]
+            with self._cond:
+                fresh = self._spare.pop(name, None)
+            if fresh is None:
+                fresh = torch.empty_like(param)
             if scale is not None:
-                fresh = dequantize_fp8(
-                    tensor.to(self.device),
-                    scale.to(self.device),
-                    block=self.block_size,
-                    dtype=param.dtype,
-                    name=name,
-                ).contiguous()
+                _dequantize_into(
+                    fresh, tensor.to(self.device), scale.to(self.device), self.block_size, name
+                )
             else:
                 # A copy, never the bucket's own storage: Fetch recycles its buffers.
-                fresh = torch.empty_like(param)
                 fresh.copy_(tensor)
             updates.append((name, fresh))
         if self.device.type == "cuda":
@@ -709,13 +709,20 @@ class LocalEngine:
             self._mark_weights_changed()
 
     def _finish(self, version: int, *, commit: bool) -> None:
+        # The storages that stop being served (the old ones on commit, the new ones on
+        # abort) become the next sync's spares: no fresh allocation, and no page faults,
+        # per sync, at the price of keeping one spare copy of every parameter synced.
         with torch.no_grad():
-            if not commit:
+            if commit:
+                retired = self._undo
+            else:
+                retired = {name: self._params[name].data for name in self._undo}
                 for name, old in self._undo.items():
                     self._params[name].data = old
         with self._cond:
             if commit:
                 self._version = version
+            self._spare.update(retired)
             self._pending = None
             self._undo = {}
             self._loaded = set()
@@ -919,3 +926,34 @@ def _scale_owner(name: str) -> str | None:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return None
+
+
+def _dequantize_into(
+    out: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    name: str,
+) -> None:
+    """``out[...] = dequantize_fp8(weight, scale)``, bit for bit, without big temporaries.
+
+    Block scales are applied one band of ``block[0]`` rows at a time through a small
+    float32 scratch, so no weight-sized float32 tensors are allocated and page-faulted
+    (which costs more than the maths on a CPU); each element is still
+    ``float32(q) * float32(scale)`` rounded to ``out.dtype``, exactly as
+    ``weightpipe.stages.fp8.dequantize_fp8`` computes it. Other scale shapes go through
+    that function itself.
+    """
+    scale = scale.to(torch.float32)
+    if weight.dim() != 2 or tuple(scale.shape) != scale_shape(tuple(weight.shape), "block", block):
+        out.copy_(dequantize_fp8(weight, scale, block=block, dtype=out.dtype, name=name))
+        return
+    rows, cols = weight.shape
+    column_scales = scale.repeat_interleave(block[1], dim=1)[:, :cols]
+    scratch = torch.empty((min(block[0], rows), cols), dtype=torch.float32, device=out.device)
+    for band, start in enumerate(range(0, rows, block[0])):
+        stop = min(start + block[0], rows)
+        part = scratch[: stop - start]
+        part.copy_(weight[start:stop])
+        part.mul_(column_scales[band])
+        out[start:stop].copy_(part)

@@ -369,3 +369,14 @@ async def test_loaded_storage_is_a_copy_of_the_bucket() -> None:
     await engine.commit(1)
     source.zero_()  # a producer reusing its buffer must not reach into the engine
     assert not torch.equal(engine.parameter(Q), source)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (128, 128), (129, 257), (300, 5), (5, 300)])
+def test_band_dequantisation_is_bit_identical_to_the_fp8_module(shape: tuple[int, int]) -> None:
+    from weightpipe.stages.engines.local import _dequantize_into
+
+    weight = torch.randn(shape) * 3
+    q, scale = quantize_fp8(weight)
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    _dequantize_into(out, q, scale, (128, 128), "w")
+    assert torch.equal(out, dequantize_fp8(q, scale, dtype=torch.bfloat16))
