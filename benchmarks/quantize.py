@@ -101,12 +101,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[], Any], device: torch.device) -> float:
+def _time(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the whole process) for one call."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _case(
@@ -156,10 +157,14 @@ def _case(
     for fn in methods.values():  # warm-up: first-touch pages, thread pools, kernels
         fn()
     times: dict[str, list[float]] = {k: [] for k in methods}
+    cpu_times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(repeats):
         for key, fn in methods.items():
-            times[key].append(_time(fn, device))
+            wall, cpu = _time(fn, device)
+            times[key].append(wall)
+            cpu_times[key].append(cpu)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
     row: dict[str, Any] = {
         "case": label,
         "tensors": len(named),
@@ -168,10 +173,15 @@ def _case(
         "quantize_gbs": nbytes / med["quantize"] / 1e9,
         "copy_gbs": nbytes / med["copy"] / 1e9,
         "sglang_gbs": None,
+        "sglang_gbs_per_cpu_s": None,
         "ratio_to_copy": med["copy"] / med["quantize"],
         "speedup_vs_sglang": None,
         "quantize_best_gbs": nbytes / min(times["quantize"]) / 1e9,
         "copy_best_gbs": nbytes / min(times["copy"]) / 1e9,
+        # Bytes per CPU-second: less sensitive to other processes than wall time.
+        "quantize_gbs_per_cpu_s": nbytes / max(med_cpu["quantize"], 1e-9) / 1e9,
+        "copy_gbs_per_cpu_s": nbytes / max(med_cpu["copy"], 1e-9) / 1e9,
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if "kernel" in med:
         kernel_bytes = sum(t.nbytes for t in matrices) * _KERNEL_LOOPS
@@ -180,6 +190,7 @@ def _case(
         sg_bytes = sum(t.nbytes for t in matrices)
         row["sglang_gbs"] = sg_bytes / med["sglang"] / 1e9
         row["speedup_vs_sglang"] = row["quantize_gbs"] / row["sglang_gbs"]
+        row["sglang_gbs_per_cpu_s"] = sg_bytes / max(med_cpu["sglang"], 1e-9) / 1e9
     return row
 
 
