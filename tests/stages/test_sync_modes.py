@@ -7,7 +7,9 @@ Synchronisation is by events (a gate stage) and the engine's counters, never by 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -327,3 +329,58 @@ async def test_buckets_of_another_version_are_refused() -> None:
     with pytest.raises(StageError, match="does not belong to the sync of v3"):
         await sync_weights(source, engine, version=3)
     assert engine.calls == []  # refused before prefetch mode paused anything
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES)
+async def test_cuda_fetch_fp8quantize_load(mode: str) -> None:  # pragma: no cover
+    async with make_engine(device="cuda") as engine:
+        new = engine.random_weights(seed=21)
+        report = await sync_weights(
+            list(new.items()),
+            engine,
+            version=1,
+            stages=[Fetch(BUCKET_BYTES, device="cuda"), Fp8Quantize()],
+            mode=mode,  # type: ignore[arg-type]
+        )
+        assert report.load.committed
+        name = "model.layers.0.mlp.up_proj.weight"
+        q, scale = quantize_fp8(new[name].cuda())
+        served = engine.parameter(name)
+        assert served.is_cuda
+        assert torch.equal(served, dequantize_fp8(q, scale, dtype=served.dtype))
+        assert torch.equal(engine.parameter("lm_head.weight").cpu(), new["lm_head.weight"])
+        await assert_still_generating(engine)
+
+
+def test_overlap_benchmark_writes_every_mode(tmp_path: Path) -> None:
+    from benchmarks import overlap
+
+    path = tmp_path / "overlap.json"
+    overlap.main(
+        [
+            "--json",
+            str(path),
+            "--size",
+            "small",
+            "--repeats",
+            "1",
+            "--idle-s",
+            "0.05",
+            "--batch",
+            "2",
+            "--new-tokens",
+            "4",
+            "--bucket-mb",
+            "1",
+        ]
+    )
+    data = json.loads(path.read_text())
+    assert set(data["modes"]) == {"pause", "prefetch", "prefetch_lookahead", "in_flight"}
+    for figures in data["modes"].values():
+        for key in ("sync_s", "hard_pause_ms", "tokens_per_s_idle", "tokens_per_s_during_sync"):
+            assert figures[key] >= 0
+    assert data["modes"]["in_flight"]["hard_pause_ms"] == 0
+    assert data["fp8"] is True
+    assert data["final_version"] == 4
