@@ -37,7 +37,7 @@ from weightpipe.pipeline import Stage
 
 from ._bucketing import BucketPlanner, TensorLayout, copy_into, tensor_alignment, unflatten
 from .bucket import WeightBucket
-from .sources import materialise
+from .sources import FileSpan, materialise
 
 __all__ = ["EmptySource", "Fetch", "FetchStats"]
 
@@ -86,7 +86,11 @@ def _allocate_host(nbytes: int, *, pin: bool) -> torch.Tensor:
         advise = getattr(mmap, "MADV_HUGEPAGE", None)
         if advise is not None:
             region.madvise(advise)
-        return torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+        buffer = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+        # Fault the pages in now, from user space: faults taken inside a read() into the
+        # buffer were measured to stall several times longer.
+        buffer.fill_(0)
+        return buffer
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
@@ -160,7 +164,7 @@ class _OpenBucket:
         self.index = index
         self.layouts: list[TensorLayout] = []
         self.tensors: list[tuple[str, torch.Tensor]] = []  # flatten=False only
-        self.pending: list[tuple[TensorLayout, torch.Tensor]] = []
+        self.pending: list[tuple[TensorLayout, torch.Tensor | FileSpan]] = []
         self.device_sources: list[tuple[TensorLayout, torch.Tensor]] = []
         self.pending_bytes = 0
         self.host: torch.Tensor | None = None
@@ -297,19 +301,31 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         """Bytes of host buffers the pool keeps for reuse."""
         return self._pool.retained_bytes
 
-    async def process(self, item: tuple[str, torch.Tensor]) -> AsyncIterator[WeightBucket]:
+    async def process(
+        self, item: tuple[str, torch.Tensor | FileSpan]
+    ) -> AsyncIterator[WeightBucket]:
         """Admit one pair; yields the previous bucket when this tensor opens a new one.
+
+        The value is a tensor or a ``FileSpan`` (read straight into the bucket buffer).
 
         Raises:
             TypeError: the item is not a ``(str, Tensor)`` pair (names the tensor).
+            OSError: a ``FileSpan`` could not be read.
             ValueError: a duplicate name, a name outside ``allow``, or a sparse, meta,
                 quantized or complex tensor (names the tensor).
         """
         name, tensor = self._validate(item)
-        if hasattr(tensor, "full_tensor"):  # a DTensor shard: gather it (a collective)
+        if isinstance(tensor, FileSpan) and not self.flatten:
+            tensor = await anyio.to_thread.run_sync(tensor.load, limiter=self._limiter)
+        if isinstance(tensor, torch.Tensor) and hasattr(tensor, "full_tensor"):
+            # A DTensor shard: gather it (a collective every rank joins in this order).
             tensor = await anyio.to_thread.run_sync(materialise, name, tensor)
         self._names.add(name)
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = (
+            tensor.nbytes
+            if isinstance(tensor, FileSpan)
+            else tensor.numel() * tensor.element_size()
+        )
         align = tensor_alignment(tensor.dtype, self.align_bytes)
         opens, offset = self._planner.place(nbytes, align)
         if opens and self._open_bucket is not None:
@@ -323,15 +339,15 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         self._counts["bytes"] += nbytes
         bucket.tensor_bytes += nbytes
         bucket.used = offset + nbytes
-        if not tensor.is_contiguous():
+        if isinstance(tensor, torch.Tensor) and not tensor.is_contiguous():
             bucket.made_contiguous += 1
             self._counts["made_contiguous"] += 1
+        bucket.layouts.append(layout)
         if not self.flatten:
-            bucket.layouts.append(layout)
+            assert isinstance(tensor, torch.Tensor)
             bucket.tensors.append((name, tensor))
             return
-        bucket.layouts.append(layout)
-        if self._cuda and tensor.device.type == "cuda":
+        if self._cuda and isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
             bucket.device_sources.append((layout, tensor))
             return
         bucket.pending.append((layout, tensor))
@@ -367,13 +383,13 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
 
     # -- validation ---------------------------------------------------------------------
 
-    def _validate(self, item: object) -> tuple[str, torch.Tensor]:
+    def _validate(self, item: object) -> tuple[str, torch.Tensor | FileSpan]:
         if not isinstance(item, tuple | list) or len(item) != 2 or not isinstance(item[0], str):
             text = repr(item)
             text = text if len(text) <= 80 else text[:77] + "..."
             raise TypeError(f"fetch: expected a (name, tensor) pair, got {text}")
         name, tensor = item
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, torch.Tensor | FileSpan):
             raise TypeError(
                 f"tensor {name!r}: expected a torch.Tensor, got {type(tensor).__qualname__}"
             )
@@ -383,6 +399,10 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             )
         if self.allow is not None and not self._allowed(name):
             raise ValueError(f"tensor {name!r}: not in the allow-list")
+        if isinstance(tensor, FileSpan):
+            if tensor.dtype.is_complex:
+                raise ValueError(f"tensor {name!r}: complex dtype {tensor.dtype} is not supported")
+            return name, tensor
         if tensor.layout != torch.strided:
             raise ValueError(f"tensor {name!r}: {tensor.layout} tensors are not supported")
         if tensor.is_meta:
@@ -410,7 +430,10 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             bucket.host = self._pool.take(self._capacity_for(bucket))
         host = bucket.host
         for layout, tensor in bucket.pending:
-            copy_into(host, layout, tensor)
+            if isinstance(tensor, FileSpan):
+                tensor.read_into(host[layout.offset : layout.end])
+            else:
+                copy_into(host, layout, tensor)
         bucket.pending = []  # drop the source tensors as soon as their bytes are copied
         bucket.pending_bytes = 0
 

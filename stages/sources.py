@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import json
-import mmap
+import math
+import os
 import struct
-import sys
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -24,6 +24,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import anyio.to_thread
 import torch
 
 __all__ = [
+    "FileSpan",
     "NamedTensor",
     "materialise",
     "named_tensors",
@@ -231,64 +233,144 @@ def safetensors_index(path: str | Path) -> list[tuple[Path, list[tuple[str, int]
 
 
 def safetensors_source(
-    path: str | Path, *, window_bytes: int = 256 << 20, prefault: bool = True
-) -> Iterator[NamedTensor]:
+    path: str | Path, *, window_bytes: int = 256 << 20, direct: bool = False
+) -> Iterable[tuple[str, torch.Tensor | FileSpan]]:
     """Stream a safetensors checkpoint one tensor at a time (see ``safetensors_index``).
 
-    Tensors come from ``safetensors.safe_open(..., framework="pt")``: zero-copy views of
-    a memory-mapped file, whose pages are read only when a consumer touches them. A
-    mapping stays alive as long as any tensor from it does, so the file is reopened after
-    every ``window_bytes`` of tensors: resident file pages are then bounded by the
-    tensors still alive downstream plus one window, never by the file's size. Files are
-    closed when the generator finishes or is closed early.
+    By default tensors come from ``safetensors.safe_open(..., framework="pt")``: zero-copy
+    views of a memory-mapped file, whose pages are read only when a consumer touches
+    them. A mapping stays alive as long as any tensor from it does, so the file is
+    reopened after every ``window_bytes`` of tensors: resident file pages are then
+    bounded by the tensors still alive downstream plus one window, never by the file's
+    size. Files are closed when the generator finishes or is closed early.
 
-    With ``prefault`` (Linux 5.14+, silently skipped elsewhere) each tensor's pages are
-    mapped in one ``madvise(MADV_POPULATE_READ)`` call before it is yielded. The
-    generator runs on the source's own thread, so this overlaps with the consumer's copy
-    of the previous tensor, which then takes no page faults; the price is that the few
-    tensors queued ahead of the consumer are resident early.
+    With ``direct=True`` it returns a list of ``FileSpan``s instead (offsets from the same
+    headers, no file opened yet): Fetch reads each one straight into its bucket buffer
+    with ``preadv``, one kernel copy and no page faults, which is what a plain sequential
+    read costs. Use it only where the stream feeds Fetch (or a consumer that calls
+    ``FileSpan.load()``).
 
     Raises:
-        FileNotFoundError, ValueError: see ``safetensors_index`` (raised on first use).
+        FileNotFoundError, ValueError: see ``safetensors_index`` (raised on first use;
+            with ``direct``, by this call).
         ValueError: ``window_bytes`` < 1.
     """
     if window_bytes < 1:
         raise ValueError(f"window_bytes must be >= 1, got {window_bytes}")
-    return _stream_safetensors(Path(path), window_bytes, prefault)
+    if direct:
+        # Spans are a few dozen bytes each, so the whole plan is built at once: a list is
+        # iterated on the event loop, saving a thread round trip per tensor.
+        return list(_stream_spans(Path(path)))
+    return _stream_safetensors(Path(path), window_bytes)
 
 
-_MADV_POPULATE_READ = 22  # linux/mman.h, since 5.14
-_PAGE = mmap.PAGESIZE
+# Reads go in pieces of this size: large enough to amortise the syscall, small enough
+# that the kernel's copy streams through cache the way a plain sequential read does.
+_READ_CHUNK_BYTES = 16 << 20
 
 
-class _Prefaulter:
-    """Populates a tensor's page tables with one madvise call; disables itself on error."""
+@dataclass(frozen=True)
+class FileSpan:
+    """A tensor still on disk: ``nbytes`` bytes at byte ``offset`` of the file ``path``.
 
-    def __init__(self) -> None:
-        self.madvise: Any = None
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                madvise = libc.madvise
-                madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                madvise.restype = ctypes.c_int
-                self.madvise = madvise
-            except (OSError, AttributeError):
-                self.madvise = None
+    Stands in for a tensor where the consumer can read it into place itself (Fetch does):
+    it has the ``dtype``, ``shape`` and ``nbytes`` a tensor has, ``read_into`` and
+    ``load``.
+    """
 
-    def __call__(self, tensor: torch.Tensor) -> None:
-        if self.madvise is None or tensor.numel() == 0:
+    path: str
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def read_into(self, out: torch.Tensor) -> None:
+        """Read the bytes into ``out``, a contiguous CPU uint8 tensor of ``nbytes``.
+
+        Raises:
+            ValueError: ``out`` is not such a tensor.
+            OSError: the read failed or the file is shorter than the span (names it).
+        """
+        nbytes = self.nbytes
+        if out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError("FileSpan.read_into needs a contiguous CPU uint8 tensor")
+        if out.numel() != nbytes:
+            raise ValueError(f"FileSpan.read_into: {out.numel()} bytes given for {nbytes}")
+        if nbytes == 0:
             return
-        address = tensor.data_ptr()
-        start = address - address % _PAGE
-        if self.madvise(start, address - start + tensor.nbytes, _MADV_POPULATE_READ) != 0:
-            self.madvise = None  # an older kernel: plain page faults it is
+        # A writable view of the tensor's memory without numpy (not a dependency).
+        view = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
+        done = 0
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            while done < nbytes:
+                chunk = view[done : done + _READ_CHUNK_BYTES]
+                count = os.preadv(descriptor, [chunk], self.offset + done)
+                if count <= 0:
+                    raise OSError(
+                        f"{self.path}: file ends {nbytes - done} bytes short of the tensor "
+                        f"at offset {self.offset}"
+                    )
+                done += count
+        finally:
+            os.close(descriptor)
+
+    def load(self) -> torch.Tensor:
+        """The tensor, read into new memory."""
+        raw = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.read_into(raw)
+        typed = raw if self.dtype == torch.uint8 else raw.view(self.dtype)
+        return typed.view(self.shape)
 
 
-def _stream_safetensors(path: Path, window_bytes: int, prefault: bool) -> Iterator[NamedTensor]:
+def _stream_spans(path: Path) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
+    for file, entries in safetensors_index(path):
+        header = _read_header(file)
+        with file.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+        data_start = 8 + length
+        for name, _ in entries:
+            info = header[name]
+            try:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            except KeyError as exc:
+                raise ValueError(
+                    f"tensor {name!r}: dtype {info.get('dtype')!r} in {file} is not supported"
+                ) from exc
+            shape = tuple(int(s) for s in info["shape"])
+            span = FileSpan(str(file), data_start + int(info["data_offsets"][0]), dtype, shape)
+            if span.nbytes != int(info["data_offsets"][1]) - int(info["data_offsets"][0]):
+                raise ValueError(f"tensor {name!r}: its size in {file} disagrees with its shape")
+            yield name, span
+
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _stream_safetensors(
+    path: Path, window_bytes: int
+) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
     from safetensors import safe_open
 
-    populate = _Prefaulter() if prefault else None
     for file, entries in safetensors_index(path):
         windows: list[list[str]] = [[]]
         filled = 0
@@ -303,7 +385,4 @@ def _stream_safetensors(path: Path, window_bytes: int, prefault: bool) -> Iterat
                 continue
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in window:
-                    tensor = handle.get_tensor(name)
-                    if populate is not None:
-                        populate(tensor)
-                    yield name, tensor
+                    yield name, handle.get_tensor(name)
