@@ -834,6 +834,10 @@ class LocalEngine:
         finally:
             with self._cond:
                 self._accepting = False
+                request, self._pause_request = self._pause_request, None
+                if request is not None:  # stopped (or failed) before it could pause
+                    self._enter_pause(request[0], time.perf_counter())
+                    request[1].set_result(None)
             self._drain_work()
 
     def _loop(self) -> None:

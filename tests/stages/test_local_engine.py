@@ -380,3 +380,20 @@ def test_band_dequantisation_is_bit_identical_to_the_fp8_module(shape: tuple[int
     out = torch.empty(shape, dtype=torch.bfloat16)
     _dequantize_into(out, q, scale, (128, 128), "w")
     assert torch.equal(out, dequantize_fp8(q, scale, dtype=torch.bfloat16))
+
+
+async def test_a_failed_generation_thread_fails_every_later_call() -> None:
+    engine = make_engine()
+
+    def fake_broken_model(**kwargs: object) -> object:
+        raise RuntimeError("fake model failure")
+
+    engine.model = fake_broken_model
+    async with engine:
+        with pytest.raises(EngineError, match="generation failed: RuntimeError: fake model"):
+            await engine.wait_for_tokens(1)
+        with pytest.raises(EngineError, match="generation failed"):
+            await engine.begin(1)
+        with pytest.raises(EngineError, match="generation failed"):
+            await engine.pause("abort")
+    assert await engine.version() == 0
