@@ -277,6 +277,10 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
     finally:
         if local is not None:
             await local.stop()
+        aclose = getattr(engine, "aclose", None)
+        if aclose is not None:  # an HTTP engine owns a connection pool
+            with anyio.CancelScope(shield=True):
+                await aclose()
         if server is not None:
             server.close()
     return rows

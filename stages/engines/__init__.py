@@ -1,5 +1,20 @@
-"""Engines the Load stage drives: SGLang (HTTP, in-process, distributed) and ``local``."""
+"""Engines the Load stage drives: SGLang (HTTP, in-process, distributed) and ``local``.
+
+None of these imports sglang or transformers: each engine imports what it needs when it is
+constructed.
+"""
 
 from .base import Engine, EngineError, PauseMode, SyncMode
+from .sglang_distributed import SGLangDistributedEngine
+from .sglang_engine import SGLangEngine
+from .sglang_http import SGLangHTTPEngine
 
-__all__ = ["Engine", "EngineError", "PauseMode", "SyncMode"]
+__all__ = [
+    "Engine",
+    "EngineError",
+    "PauseMode",
+    "SGLangDistributedEngine",
+    "SGLangEngine",
+    "SGLangHTTPEngine",
+    "SyncMode",
+]
