@@ -21,6 +21,7 @@ from weightpipe.pipeline import Pipeline, as_async_iter
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.sources import (
+    FileSpan,
     materialise,
     named_tensors,
     safetensors_index,
@@ -282,3 +283,51 @@ def test_dtensor_shards_are_gathered_in_order_on_every_rank() -> None:
                 process.kill()
     failed = {r: d for r, (s, d) in reports.items() if s != "ok"}
     assert not failed, "\n".join(f"rank {r}:\n{d}" for r, d in sorted(failed.items()))
+
+
+# -- direct reads: FileSpans that Fetch reads straight into its buffers ---------------------
+
+
+def test_direct_spans_match_the_memory_mapped_tensors(tmp_path: Path) -> None:
+    tensors = _write_sharded(tmp_path)
+    spans = safetensors_source(tmp_path, direct=True)
+    assert isinstance(spans, list)  # iterated on the event loop, no thread per tensor
+    mapped = list(safetensors_source(tmp_path))
+    assert [n for n, _ in spans] == [n for n, _ in mapped]
+    for name, span in spans:
+        assert isinstance(span, FileSpan)
+        loaded = span.load()
+        assert loaded.dtype == tensors[name].dtype
+        assert loaded.shape == tensors[name].shape
+        assert torch.equal(loaded.view(torch.uint8), tensors[name].view(torch.uint8))
+
+
+async def test_direct_spans_through_fetch_are_bit_exact(tmp_path: Path) -> None:
+    tensors = _write_sharded(tmp_path)
+    for flatten in (True, False):
+        buckets: list[WeightBucket] = []
+
+        async def sink(bucket: WeightBucket, into: list[WeightBucket] = buckets) -> None:
+            into.append(bucket)
+
+        await Pipeline([Fetch(200, flatten=flatten)]).run(
+            safetensors_source(tmp_path, direct=True), sink=sink
+        )
+        got = {n: t for b in buckets for n, t in b.tensors}
+        assert sorted(got) == sorted(tensors)
+        for name, tensor in got.items():
+            assert isinstance(tensor, torch.Tensor)
+            assert torch.equal(tensor.view(torch.uint8), tensors[name].view(torch.uint8))
+
+
+def test_file_span_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"\x00" * 10)
+    span = FileSpan(str(path), 4, torch.float32, (4,))
+    assert span.nbytes == 16
+    with pytest.raises(OSError, match=r"short\.bin: file ends 10 bytes short"):
+        span.load()
+    with pytest.raises(ValueError, match="contiguous CPU uint8"):
+        span.read_into(torch.empty(4))
+    with pytest.raises(ValueError, match="8 bytes given for 16"):
+        span.read_into(torch.empty(8, dtype=torch.uint8))
