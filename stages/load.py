@@ -7,9 +7,9 @@ moves only once every bucket was accepted). The sync mode decides when generatio
 ``pause`` pauses when the stage opens (for the whole sync), ``prefetch`` when the first
 bucket is ready to load (or, with a ``prefetch_bytes`` look-ahead, once that many bytes or
 the last bucket are ready, so fetch and quantize overlap generation for longer),
-``in_flight`` never. Whatever happens (an engine error, a timeout,
-a failure upstream, cancellation) ``close`` aborts an uncommitted sync and resumes
-generation, so the engine keeps serving the old version. Every engine call runs under
+``in_flight`` never. Whatever happens (an engine error, a timeout, a failure upstream,
+cancellation) ``close`` aborts an uncommitted sync and resumes generation, so the engine
+keeps serving the old version. Every engine call runs under
 ``timeout_s``, since a pause/update race in an engine can hang forever. The stage keeps
 its state per sync (reset in ``open``) and exposes a frozen ``LoadReport``.
 """
