@@ -2,7 +2,8 @@
 
 One spawn runs every scenario in sequence, since starting torch in three processes is
 most of the cost: a bit-exact round trip of every dtype through ``DistributedSender.send``,
-the same through ``Pipeline([Fetch])`` with the sender as sink, an abort that receivers
+the same through ``Pipeline([Fetch])`` with the sender as sink, the same once more into a
+rollout-side ``Pipeline([Fetch])`` fed by ``distributed_source``, an abort that receivers
 see as an error naming the bucket, and a receive that times out naming the bucket.
 """
 
@@ -89,13 +90,23 @@ def _sender(results: Any, done: Any) -> None:
         await Pipeline([Fetch(4096, version=6)]).run(pairs, sink=sender)
 
     anyio.run(via_pipeline)
+    sender.send(pairs, version=8, bucket_bytes=1 << 20)  # rollouts re-bucket it themselves
     sender.abort("trainer crashed", version=7)
     results.put((0, "ok", buckets))
     done.wait(60)  # stay up (and silent) while receivers time out
 
 
 def _receiver(rank: int, results: Any) -> None:
-    from weightpipe.stages.distributed import DistributedReceiver, TransportError
+    import anyio
+
+    from weightpipe.pipeline import Pipeline
+    from weightpipe.stages.bucket import WeightBucket
+    from weightpipe.stages.distributed import (
+        DistributedReceiver,
+        TransportError,
+        distributed_source,
+    )
+    from weightpipe.stages.fetch import Fetch
 
     want = make_tensors()
     receiver = DistributedReceiver(timeout_s=20)
@@ -106,6 +117,20 @@ def _receiver(rank: int, results: Any) -> None:
     assert {b.version for b in buckets} == {6}
     assert all(b.nbytes <= 4096 or len(b) == 1 for b in buckets)
     _check_pairs([p for b in buckets for p in b.tensors], want)
+
+    async def rollout_pipeline() -> list[WeightBucket]:
+        received: list[WeightBucket] = []
+
+        async def sink(bucket: WeightBucket) -> None:
+            received.append(bucket)
+
+        source = distributed_source(timeout_s=20)
+        await Pipeline([Fetch(2048, version=8)]).run(source, sink=sink)
+        return received
+
+    rebucketed = anyio.run(rollout_pipeline)
+    assert len(rebucketed) > 1
+    _check_pairs([p for b in rebucketed for p in b.tensors], want)
     messages = []
     for timeout_s in (20.0, 1.0):  # the abort, then nothing at all
         try:

@@ -195,6 +195,27 @@ async def test_buffers_are_recycled_once_dropped() -> None:
     assert len(set(seen)) <= 2
 
 
+async def test_pool_is_kept_between_syncs_unless_told_otherwise() -> None:
+    pairs = [(f"w{i}", torch.ones(1000)) for i in range(8)]
+    seen: list[int] = []
+
+    async def sink(bucket: WeightBucket) -> None:
+        assert bucket.buffer is not None
+        seen.append(bucket.buffer.untyped_storage().data_ptr())
+
+    fetch = Fetch(8192)
+    await Pipeline([fetch]).run(pairs, sink=sink)
+    first = set(seen)
+    assert fetch.retained_bytes >= 8192
+    await Pipeline([fetch]).run(pairs, sink=sink)
+    assert set(seen) == first  # the second sync reused the first one's buffers
+    fetch.release_buffers()
+    assert fetch.retained_bytes == 0
+    releasing = Fetch(8192, retain_buffers=False)
+    await Pipeline([releasing]).run(pairs, sink=sink)
+    assert releasing.retained_bytes == 0
+
+
 # -- bad input: an error naming the tensor, and nothing of its bucket downstream ---------
 
 
