@@ -219,6 +219,8 @@ def plot(path: str, result: dict[str, Any]) -> None:
         label="during sync",
     )
     right.set_xticks(list(xs), modes)
+    for axis in (left, right):
+        axis.tick_params(axis="x", labelrotation=15)
     right.set_ylabel("tokens/s")
     right.set_title("generation throughput")
     right.legend()
