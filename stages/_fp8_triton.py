@@ -80,7 +80,9 @@ if triton is not None:
         x = tl.load(src + index, mask=mask, other=0.0).to(tl.float32)
 
         ax = tl.abs(x)
-        bad = tl.max(tl.max(((ax != ax) | (ax == float("inf"))).to(tl.int32), axis=1), axis=0)
+        # NaN fails ax == ax; Inf is above the largest float32.
+        nonfinite = (ax != ax) | (ax > 3.4028234663852886e38)
+        bad = tl.max(tl.max(nonfinite.to(tl.int32), axis=1), axis=0)
         amax = tl.max(tl.max(ax, axis=1), axis=0)
         scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)
         if UE8M0:
@@ -180,13 +182,11 @@ def quantize_block_batch(
                 owners.append(i)
         for start in range(0, len(src_ptrs), _MAX_MATRICES):
             part = slice(start, start + _MAX_MATRICES)
-            tables = [
-                _device_table(values[part], device)
-                for values in (src_ptrs, dst_ptrs, scale_ptrs, rows, cols, owners)
-            ]
-            grid = (max_blocks, len(src_ptrs[part]))
-            _fp8_block_kernel[grid](
-                *tables,
+            columns = (src_ptrs, dst_ptrs, scale_ptrs, rows, cols, owners)
+            # One [6, n] table, one host-to-device copy; its rows are the kernel's tables.
+            table = _device_table([values[part] for values in columns], device)
+            _fp8_block_kernel[(max_blocks, table.shape[1])](
+                *table.unbind(0),
                 flags,
                 FP8_EPSILON,
                 SRC_DTYPE=_TRITON_DTYPES[dtype],
@@ -199,7 +199,7 @@ def quantize_block_batch(
     return results, flags
 
 
-def _device_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
+def _device_table(values: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
     table = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":
         # Pinned + non_blocking: the copy is ordered on the current stream, the host

@@ -519,8 +519,14 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         device = bucket.tensors[idx[0]][1].device
         stream = self._stream(device)
         chosen = [i for i in idx if plan[i]]
+        producer = torch.cuda.current_stream(device)
         with torch.cuda.device(device), torch.cuda.stream(stream):
-            bucket.wait_ready(stream)
+            if bucket.ready is not None:
+                bucket.wait_ready(stream)
+            else:
+                # No event: the tensors were made on this thread's current stream (the
+                # default one unless the caller chose another); order after it.
+                stream.wait_stream(producer)
             for i in idx:
                 # The inputs were allocated on the producer's stream and are read on ours.
                 bucket.tensors[i][1].record_stream(stream)
