@@ -440,19 +440,23 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
     def _seal(self, bucket: _OpenBucket) -> tuple[torch.Tensor, Any]:
         """Finish the copies; returns the bucket's buffer and its ready event (or None)."""
         used = bucket.used
-        if bucket.pending or bucket.host is None:
-            self._copy_pending(bucket)
-        host = bucket.host
-        assert host is not None
         if not self._cuda:
-            return host[:used], None
+            if bucket.pending or bucket.host is None:
+                self._copy_pending(bucket)
+            assert bucket.host is not None
+            return bucket.host[:used], None
+        if bucket.pending:
+            self._copy_pending(bucket)
+        host = bucket.host  # None when every tensor of the bucket was already on a GPU
         stream = self._stream
         device_buffer = torch.empty(used, dtype=torch.uint8, device=self.device)
         # The buffer was allocated on the current stream; the copy stream must not write
         # before earlier work there, nor may the allocator reuse it before the copy ends.
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            if used:
+            if used and host is not None:
+                # One H2D copy for the whole bucket; GPU-resident tensors then overwrite
+                # their own ranges, in stream order.
                 device_buffer.copy_(host[:used], non_blocking=True)
             for layout, tensor in bucket.device_sources:
                 tensor.record_stream(stream)
@@ -460,7 +464,8 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             device_buffer.record_stream(stream)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
-        self._pool.mark_copied(host, event)
+        if host is not None:
+            self._pool.mark_copied(host, event)
         bucket.device_sources = []
         return device_buffer, event
 
