@@ -109,3 +109,37 @@ def test_triton_kernel_matches_torch_definition_under_the_interpreter():
     failed = sorted(k for k, ok in results.items() if not ok)
     assert not failed, failed
     assert len(results) >= 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("dtype_name", "ue8m0"), [("bfloat16", False), ("float32", True)])
+def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name, ue8m0):
+    """Ahead-of-time compile for sm_90: PTX with IEEE divisions, no FMA contraction."""
+    triton = pytest.importorskip("triton")
+    pytest.importorskip("triton.backends.nvidia")
+    from triton.backends.compiler import GPUTarget
+
+    from weightpipe.stages import _fp8_triton
+
+    table = {name: "*i64" for name in ("src", "dst", "scale", "rows", "cols", "owner")}
+    signature = {f"{k}_table": v for k, v in table.items()}
+    signature |= {"flags": "*i32", "eps": "fp32"}
+    signature |= {k: "constexpr" for k in ("SRC_DTYPE", "BLOCK_M", "BLOCK_N", "UE8M0")}
+    source = triton.compiler.ASTSource(
+        fn=_fp8_triton._fp8_block_kernel,
+        signature=signature,
+        constexprs={
+            "SRC_DTYPE": getattr(triton.language, dtype_name),
+            "BLOCK_M": 128,
+            "BLOCK_N": 128,
+            "UE8M0": ue8m0,
+        },
+    )
+    kernel = triton.compile(
+        source,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": 8, "enable_fp_fusion": False},
+    )
+    ptx = kernel.asm["ptx"]
+    assert "div.rn.f32" in ptx
+    assert "fma.rn.f32" not in ptx
