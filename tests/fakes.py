@@ -2,14 +2,14 @@
 
 ``FakeEngine`` speaks the ``Engine`` protocol, records every call and can be told to fail
 (or never answer) at any step, so the Load stage's fault handling can be tested without a
-model. ``FakeBucketize`` stands in for Fetch, and ``FakeGate`` holds a sync at a chosen
-bucket, so tests synchronise on events, not sleeps.
+model; ``FakeGate`` holds a sync at a chosen bucket, so tests synchronise on events, not
+sleeps; ``fake_broken_model`` stands in for a model whose forward pass fails.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import anyio
@@ -20,9 +20,9 @@ from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import EngineError, PauseMode
 
 __all__ = [
-    "FakeBucketize",
     "FakeEngine",
     "FakeGate",
+    "fake_broken_model",
     "fake_buckets",
     "small_llama_config",
 ]
@@ -131,37 +131,6 @@ def fake_buckets(
     ]
 
 
-class FakeBucketize(Stage[tuple[str, torch.Tensor], WeightBucket]):
-    """A minimal Fetch stand-in: ``per_bucket`` tensors per bucket, no copies."""
-
-    name: ClassVar[str] = "fake_bucketize"
-
-    def __init__(self, per_bucket: int, *, version: int = 0) -> None:
-        self.per_bucket = per_bucket
-        self.version = version
-        self._held: list[tuple[str, torch.Tensor]] = []
-        self._index = 0
-
-    async def open(self) -> None:
-        self._held = []
-        self._index = 0
-
-    async def process(self, item: tuple[str, torch.Tensor]) -> AsyncIterator[WeightBucket]:
-        # A full bucket leaves only when the next tensor arrives, so is_last is exact.
-        if len(self._held) == self.per_bucket:
-            yield self._emit(is_last=False)
-        self._held.append(item)
-
-    async def flush(self) -> AsyncIterator[WeightBucket]:
-        yield self._emit(is_last=True)
-
-    def _emit(self, *, is_last: bool) -> WeightBucket:
-        bucket = WeightBucket(tuple(self._held), self._index, is_last, self.version)
-        self._held = []
-        self._index += 1
-        return bucket
-
-
 class FakeGate(Stage[WeightBucket, WeightBucket]):
     """Passes buckets on, but holds bucket ``hold_at`` until ``release`` is set.
 
@@ -201,3 +170,8 @@ def small_llama_config(**overrides: Any) -> Any:
         max_position_embeddings=256,
         **overrides,
     )
+
+
+def fake_broken_model(**kwargs: object) -> object:
+    """A model whose every forward pass fails (for the local engine's failure path)."""
+    raise RuntimeError("fake model failure")

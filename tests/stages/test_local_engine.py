@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fakes import fake_buckets, small_llama_config
+from tests.fakes import fake_broken_model, fake_buckets, small_llama_config
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError
 from weightpipe.stages.engines.local import LocalEngine
@@ -384,10 +384,6 @@ def test_band_dequantisation_is_bit_identical_to_the_fp8_module(shape: tuple[int
 
 async def test_a_failed_generation_thread_fails_every_later_call() -> None:
     engine = make_engine()
-
-    def fake_broken_model(**kwargs: object) -> object:
-        raise RuntimeError("fake model failure")
-
     engine.model = fake_broken_model
     async with engine:
         with pytest.raises(EngineError, match="generation failed: RuntimeError: fake model"):
