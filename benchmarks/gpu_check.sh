@@ -9,6 +9,11 @@ PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
+# A bare device machine has torch (CUDA) but not this package: install it in place,
+# offline (no dependencies are fetched).
+if ! "$PY" -c "import weightpipe.stages.quantize" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+fi
 "$PY" - <<'PYEOF' | tee "$OUT/device.txt"
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
