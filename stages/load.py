@@ -177,7 +177,8 @@ class Load(Stage[WeightBucket, WeightBucket]):
         """Start a sync; in ``pause`` mode generation stops here, before any fetch.
 
         Raises:
-            EngineError: the engine failed to pause (generation is resumed by ``close``).
+            EngineError: the engine failed to pause or timed out (resume is tried here first,
+                since the pipeline does not close a stage whose ``open`` failed).
         """
         self._reset()
         self._last_report = None
