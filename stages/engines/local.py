@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -245,6 +245,7 @@ class LocalEngine:
         block_size: the FP8 block shape ``[out, in]`` that block scales refer to.
         initial_version: the version the random weights are reported as.
         history: finished outputs kept for ``outputs()``.
+        prepare_threads: threads that build a bucket's new tensors (dequantisation).
 
     ``start()`` (or ``async with``) starts the generation thread; without it, ``load``
     and friends apply directly and nothing generates.
@@ -265,11 +266,15 @@ class LocalEngine:
         block_size: tuple[int, int] = (128, 128),
         initial_version: int | None = 0,
         history: int = 1024,
+        prepare_threads: int = 2,
     ) -> None:
         from transformers import LlamaForCausalLM
 
-        if batch_size < 1 or prompt_len < 1 or max_new_tokens < 1:
-            raise ValueError("batch_size, prompt_len and max_new_tokens must be >= 1")
+        if min(batch_size, prompt_len, max_new_tokens, prepare_threads) < 1:
+            raise ValueError(
+                "batch_size, prompt_len, max_new_tokens and prepare_threads must be >= 1"
+            )
+        self.prepare_threads = prepare_threads
         self.config = config if config is not None else default_config()
         self.device = torch.device(
             device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -324,6 +329,7 @@ class LocalEngine:
         self._accepting = False  # the generation thread will still run queued work
         self._failure: BaseException | None = None
         self._limiter = anyio.CapacityLimiter(1)
+        self._pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -362,6 +368,9 @@ class LocalEngine:
         with self._cond:
             self._thread = None
             self._batch = None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     @property
     def running(self) -> bool:
@@ -672,24 +681,37 @@ class LocalEngine:
         """Fresh tensors in each parameter's layout, built off the generation thread."""
         if self.device.type == "cuda":
             bucket.wait_ready()
-        updates: list[tuple[str, torch.Tensor]] = []
-        for name, tensor, scale in plan:
-            param = self._params[name]
-            with self._cond:
-                fresh = self._spare.pop(name, None)
-            if fresh is None:
-                fresh = torch.empty_like(param)
-            if scale is not None:
-                _dequantize_into(
-                    fresh, tensor.to(self.device), scale.to(self.device), self.block_size, name
+        if self.prepare_threads > 1 and len(plan) > 1 and self.device.type == "cpu":
+            # FP8 -> float32 conversion is single-threaded in torch on CPU: spread the
+            # bucket's tensors over a few threads (torch releases the GIL).
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.prepare_threads, thread_name_prefix="weightpipe-local-prepare"
                 )
-            else:
-                # A copy, never the bucket's own storage: Fetch recycles its buffers.
-                fresh.copy_(tensor)
-            updates.append((name, fresh))
+            updates = list(self._pool.map(self._prepare_one, plan))
+        else:
+            updates = [self._prepare_one(entry) for entry in plan]
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         return updates
+
+    def _prepare_one(
+        self, entry: tuple[str, torch.Tensor, torch.Tensor | None]
+    ) -> tuple[str, torch.Tensor]:
+        name, tensor, scale = entry
+        param = self._params[name]
+        with self._cond:
+            fresh = self._spare.pop(name, None)
+        if fresh is None:
+            fresh = torch.empty_like(param)
+        if scale is not None:
+            _dequantize_into(
+                fresh, tensor.to(self.device), scale.to(self.device), self.block_size, name
+            )
+        else:
+            # A copy, never the bucket's own storage: Fetch recycles its buffers.
+            fresh.copy_(tensor)
+        return name, fresh
 
     def _apply(self, updates: list[tuple[str, torch.Tensor]], version: int) -> None:
         # Runs on the generation thread (or a worker when not running), between steps.
