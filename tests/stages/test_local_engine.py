@@ -108,7 +108,7 @@ async def test_pause_abort_finishes_running_requests_as_aborted() -> None:
         engine.max_new_tokens = NEW_TOKENS
         await engine.resume()
         await engine.wait_for_outputs(2 * BATCH)
-        after = engine.outputs()[BATCH:]
+        after = engine.outputs()[BATCH : 2 * BATCH]
     assert [o.request_id for o in aborted] == list(range(BATCH))
     assert all(o.finish_reason == "abort" for o in aborted)
     assert all(2 <= len(o.tokens) < LONG for o in aborted)
