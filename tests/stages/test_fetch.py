@@ -211,6 +211,10 @@ async def test_pool_is_kept_between_syncs_unless_told_otherwise() -> None:
     assert set(seen) == first  # the second sync reused the first one's buffers
     fetch.release_buffers()
     assert fetch.retained_bytes == 0
+    fetch.reserve(2)
+    assert fetch.retained_bytes == 2 * 8192
+    with pytest.raises(ValueError, match="reserve 1 to 4 buffers"):
+        fetch.reserve(5)
     releasing = Fetch(8192, retain_buffers=False)
     await Pipeline([releasing]).run(pairs, sink=sink)
     assert releasing.retained_bytes == 0

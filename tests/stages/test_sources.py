@@ -315,6 +315,16 @@ async def test_direct_spans_through_fetch_are_bit_exact(tmp_path: Path) -> None:
         )
         got = {n: t for b in buckets for n, t in b.tensors}
         assert sorted(got) == sorted(tensors)
+        spans = dict(safetensors_source(tmp_path, direct=True))
+        for bucket in buckets if flatten else []:
+            assert bucket.buffer is not None
+            for name, tensor in bucket.tensors:
+                offset = tensor.data_ptr() - bucket.buffer.data_ptr()
+                assert offset % tensor.element_size() == 0
+                span = spans[name]
+                assert isinstance(span, FileSpan)
+                if span.offset % 64 % tensor.element_size() == 0:
+                    assert offset % 64 == span.offset % 64  # same phase as in the file
         for name, tensor in got.items():
             assert isinstance(tensor, torch.Tensor)
             assert torch.equal(tensor.view(torch.uint8), tensors[name].view(torch.uint8))
