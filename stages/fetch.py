@@ -8,7 +8,9 @@ bucket is a view of that buffer and rebuilds bit-exactly. Copies run in the stag
 worker thread in batches, so the event loop never moves bytes. On CUDA the buffer is
 assembled in pinned host memory and sent with one ``non_blocking`` copy on a dedicated
 copy stream; downstream gets the event recorded after it (``bucket.ready``), never a
-host synchronisation per tensor. On CPU the same path runs without streams.
+host synchronisation per tensor. On CPU the same path runs without streams. A source
+may hand Fetch ``FileSpan``s instead of tensors (``safetensors_source(direct=True)``):
+those are read from the file straight into the bucket buffer, one kernel copy each.
 
 Memory invariant (why ``is_last`` is exact): a bucket is emitted only when the first
 tensor of the next bucket has arrived (then ``is_last=False``) or at ``flush`` (then

@@ -83,10 +83,12 @@ def named_tensors(
     - ``Mapping`` (a state_dict): its items in order.
     - a sync iterable or an async iterable/generator of pairs: passed through.
 
-    Tensors are detached, and DTensors are gathered with ``full_tensor()`` as they are
-    reached (sync sources in ``as_async_iter``'s worker thread, async ones in a worker
-    thread of their own). Values are not otherwise checked: Fetch validates each pair and
-    names the offending tensor.
+    Tensors are detached, and DTensors (FSDP2, tensor parallel) are gathered with
+    ``full_tensor()`` as they are reached (sync sources in ``as_async_iter``'s worker
+    thread, async ones in a worker thread of their own). FSDP1's flat parameters are not
+    unflattened here: hand over the module's ``state_dict()`` taken under
+    ``FSDP.state_dict_type(..., FULL_STATE_DICT)`` instead. Values are not otherwise
+    checked: Fetch validates each pair and names the offending tensor.
 
     Raises:
         TypeError: ``obj`` is none of the above (a str or bytes is refused too).
