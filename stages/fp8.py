@@ -20,18 +20,28 @@ definition, bit for bit:
 
 The float32 ``scale`` is what SGLang calls ``weight_scale_inv`` (the dequantization
 multiplier: ``w ~= q * scale``). Inputs are never modified.
+
+On CPU the work is split into row bands spread over a few worker threads, each band's
+temporaries kept in reusable per-thread buffers and large outputs on huge pages. Block
+scaling runs a numba kernel that fuses the passes over a cache-sized chunk when numba is
+installed (torch's own float8 cast is a scalar loop that dominates otherwise), else
+band-wise torch ops; ``WEIGHTPIPE_FP8_CPU_KERNEL=torch`` forces the latter. The numba
+kernel and the Triton kernel round float32 to e4m3 on the integer bits; tests hold every
+path to the plain reference (``quantize_fp8_reference``) bit for bit.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 import mmap
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -56,6 +66,7 @@ __all__ = [
     "quantize_tensor_fp8",
     "reference_with_amax",
     "scale_shape",
+    "warm_up_cpu_kernel",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -319,10 +330,12 @@ def _block_band(
     bo = block[0]
     end = min(r0 + rows, w.shape[0])
     full_end = r0 + (end - r0) // bo * bo
+    kernel = _numba_kernel() if _CPU_KERNEL != "torch" else None
+    run = _block_rows if kernel is None else _block_rows_numba
     if full_end > r0:
-        _block_rows(w, q, s, amax_out, r0, full_end, block, scale_fmt)
+        run(w, q, s, amax_out, r0, full_end, block, scale_fmt)
     if end > full_end:  # the matrix's partial last row block
-        _block_rows(w, q, s, amax_out, full_end, end, block, scale_fmt)
+        run(w, q, s, amax_out, full_end, end, block, scale_fmt)
 
 
 def _block_rows(
@@ -362,6 +375,184 @@ def _block_rows(
         s[rb0 : rb0 + n_rb, b0 : b0 + nb] = scale
         divisor = scale.repeat_interleave(bi, dim=1)[:, None, :width]
         _divide_cast(src, divisor, q[r0:r1, c0:c1], (n_rb, rb_rows, width))
+
+
+# --------------------------------------------------------------------------- numba kernel
+
+# Which CPU kernel block quantization uses: "auto" (numba when importable, else torch),
+# "torch" or "numba". Both compute the module's definition bit for bit; numba fuses the
+# passes over a cache-sized chunk (about 1.7x faster per core on AVX-512 here), torch's
+# own float8 cast being a scalar loop. Set WEIGHTPIPE_FP8_CPU_KERNEL=torch to force torch.
+_CPU_KERNEL = os.environ.get("WEIGHTPIPE_FP8_CPU_KERNEL", "auto")
+_NUMBA_LOCK = threading.Lock()
+_NUMBA_STATE: list[Any] = []  # [] = not tried yet; [None] = unavailable; [fn] = compiled
+# Columns per kernel chunk: 128 rows x 1024 float32 = 512 KiB, resident in L2.
+_NUMBA_CHUNK_COLUMNS = 1024
+
+
+def _numba_kernel() -> Any:
+    """The compiled band kernel, or None without numba (compiled once, ~2 s)."""
+    if _NUMBA_STATE:
+        return _NUMBA_STATE[0]
+    with _NUMBA_LOCK:
+        if not _NUMBA_STATE:
+            try:
+                _NUMBA_STATE.append(_build_numba_kernel())
+            except ImportError:
+                if _CPU_KERNEL == "numba":
+                    raise
+                _NUMBA_STATE.append(None)
+    return _NUMBA_STATE[0]
+
+
+def warm_up_cpu_kernel() -> bool:
+    """Compile the numba CPU kernel now (about 2 s, once per process); True if in use.
+
+    Optional: the first CPU block quantization compiles it otherwise.
+    """
+    return _CPU_KERNEL != "torch" and _numba_kernel() is not None
+
+
+def _build_numba_kernel() -> Any:
+    import numpy as np
+
+    numba = importlib.import_module("numba")
+    f448 = np.float32(FP8_MAX)
+    eps = np.float32(FP8_EPSILON)
+    c16384 = np.float32(16384.0)
+    c512 = np.float32(512.0)
+
+    # error_model="numpy": no ZeroDivisionError branch per division (it blocks SIMD).
+    # Every float constant is float32 so that nothing is computed in double precision.
+    @numba.njit(nogil=True, boundscheck=False, error_model="numpy", cache=False)  # type: ignore[misc]
+    def band(src16, src32, bf16, q, s, a, rb0, bo, bi, ue8m0, xi, xf, colmax, scl, bits):  # type: ignore[no-untyped-def]
+        rows = src16.shape[0] if bf16 else src32.shape[0]
+        n = src16.shape[1] if bf16 else src32.shape[1]
+        n_rb = max(1, rows // bo)
+        rb_rows = rows // n_rb
+        chunk = xi.shape[1]
+        floats = bits.view(np.float32)
+        for rb in range(n_rb):
+            for c0 in range(0, n, chunk):
+                w = min(n, c0 + chunk) - c0
+                cm = colmax[:w]
+                for c in range(w):
+                    cm[c] = 0
+                # 1. widen to float32 bits in the chunk buffer; column max of |bits|
+                for r in range(rb_rows):
+                    xr = xi[r, :w]
+                    if bf16:
+                        sr = src16[rb * rb_rows + r, c0 : c0 + w]
+                        for c in range(w):
+                            b = np.int32(sr[c]) << 16
+                            xr[c] = b
+                            m = b & np.int32(0x7FFFFFFF)
+                            cm[c] = m if m > cm[c] else cm[c]
+                    else:
+                        sr32 = src32[rb * rb_rows + r, c0 : c0 + w]
+                        for c in range(w):
+                            b = sr32[c]
+                            xr[c] = b
+                            m = b & np.int32(0x7FFFFFFF)
+                            cm[c] = m if m > cm[c] else cm[c]
+                # 2. per block: amax (bits -> float), scale, ue8m0 rounding
+                for cs in range(0, w, bi):
+                    ce = min(w, cs + bi)
+                    m = np.int32(0)
+                    for c in range(cs, ce):
+                        m = cm[c] if cm[c] > m else m
+                    bits[0] = m
+                    amax = floats[0]
+                    cb = (c0 + cs) // bi
+                    a[rb0 + rb, cb] = amax
+                    guarded = amax if amax > eps else eps
+                    scale = guarded / f448
+                    if ue8m0:
+                        floats[0] = scale
+                        sb = bits[0]
+                        e = (sb >> 23) & np.int32(0xFF)
+                        if sb & np.int32(0x7FFFFF):
+                            e += 1
+                        e = min(max(e, np.int32(1)), np.int32(254))
+                        bits[0] = e << 23
+                        scale = floats[0]
+                    s[rb0 + rb, cb] = scale
+                    for c in range(cs, ce):
+                        scl[c] = scale
+                # 3. divide and clamp in place; 4. e4m3 bits as in the Triton kernel
+                sc = scl[:w]
+                for r in range(rb_rows):
+                    xr = xf[r, :w]
+                    for c in range(w):
+                        y = xr[c] / sc[c]
+                        if y > f448:
+                            y = f448
+                        if y < -f448:
+                            y = -f448
+                        xr[c] = y
+                    xir = xi[r, :w]
+                    qr = q[rb * rb_rows + r, c0 : c0 + w]
+                    for c in range(w):
+                        yb = xir[c]
+                        mag = yb & np.int32(0x7FFFFFFF)
+                        normal = (
+                            (mag + np.int32(0x7FFFF) + ((mag >> 20) & np.int32(1))) >> 20
+                        ) - np.int32(960)
+                        sub = np.int32(((abs(xr[c]) + c16384) - c16384) * c512)
+                        code = normal if mag >= np.int32(0x3C800000) else sub
+                        qr[c] = np.uint8((code | ((yb >> 24) & np.int32(0x80))) & np.int32(0xFF))
+
+    return band
+
+
+def _block_rows_numba(
+    w: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    amax_out: torch.Tensor,
+    r0: int,
+    r1: int,
+    block: tuple[int, int],
+    scale_fmt: ScaleFormat,
+) -> None:
+    """``_block_rows`` through the numba kernel (same arguments, same bits)."""
+    import numpy as np
+
+    kernel = _numba_kernel()
+    bo, bi = block
+    band = w[r0:r1]
+    chunk = max(bi, _NUMBA_CHUNK_COLUMNS // bi * bi)
+    xi = _SCRATCH.get(torch.int32, bo * chunk).view(bo, chunk).numpy()
+    colmax = _SCRATCH.get(torch.int16, 2 * chunk).view(torch.int32).numpy()
+    scl = _SCRATCH.get(torch.uint8, 4 * chunk).view(torch.float32).numpy()
+    bits = _SCRATCH.get(torch.int64, 1).view(torch.int32).numpy()
+    dummy16 = np.zeros((1, 1), dtype=np.uint16)
+    dummy32 = np.zeros((1, 1), dtype=np.int32)
+    if band.dtype == torch.bfloat16:
+        src16, src32, bf16 = band.view(torch.int16).numpy().view(np.uint16), dummy32, True
+    elif band.dtype == torch.float32:
+        src16, src32, bf16 = dummy16, band.view(torch.int32).numpy(), False
+    else:  # float16: widen with torch first (exact), then the same kernel
+        wide = _SCRATCH.get(torch.float32, band.numel()).view(band.shape)
+        wide.copy_(band)
+        src16, src32, bf16 = dummy16, wide.view(torch.int32).numpy(), False
+    kernel(
+        src16,
+        src32,
+        bf16,
+        q[r0:r1].view(torch.uint8).numpy(),
+        s.numpy(),
+        amax_out.numpy(),
+        r0 // bo,
+        bo,
+        bi,
+        scale_fmt == "ue8m0",
+        xi,
+        xi.view(np.float32),
+        colmax,
+        scl,
+        bits,
+    )
 
 
 def _channel_band(
@@ -475,7 +666,9 @@ class _Job:
         self.block = block
         self.scale_fmt: ScaleFormat = scale_fmt
         self.nonfinite = False
-        src = weight if weight.is_contiguous() else weight.contiguous()
+        # detach: a Parameter that requires grad is read as plain data (no autograd graph).
+        src = weight.detach()
+        src = src if src.is_contiguous() else src.contiguous()
         *_, out_dim, in_dim = src.shape
         self.matrices = src.reshape(-1, out_dim, in_dim)
         self.qweight = _empty_output(src.shape, FP8_DTYPE)

@@ -29,6 +29,7 @@ import torch
 
 from weightpipe.pipeline import Stage
 
+from . import fp8 as fp8_module
 from .bucket import WeightBucket
 from .fp8 import (
     FP8_DTYPE,
@@ -403,6 +404,10 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
                     f"blocks only (method={self.method!r}, block={list(self.block)})"
                 )
         self._limiter = anyio.CapacityLimiter(self.workers)
+        if self.method == "block" and self.backend != "triton" and not torch.cuda.is_available():
+            # Compile the CPU kernel (numba, ~2 s once per process) before the first
+            # bucket rather than inside the first sync.
+            await anyio.to_thread.run_sync(fp8_module.warm_up_cpu_kernel)
 
     async def close(self) -> None:
         self._streams.clear()

@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from weightpipe.stages import fp8 as fp8_module
 from weightpipe.stages.fp8 import (
     FP8_DTYPE,
     FP8_EPSILON,
@@ -28,6 +29,18 @@ from weightpipe.stages.fp8 import (
 )
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+KERNELS = ["torch", "numba"]
+
+
+@pytest.fixture(params=KERNELS)
+def cpu_kernel(request, monkeypatch):
+    """Run a test once per CPU block kernel (numba skipped where it is not installed)."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setattr(fp8_module, "_CPU_KERNEL", request.param)
+    return request.param
+
+
 METHODS = ["block", "channel", "tensor"]
 FORMATS = ["float32", "ue8m0"]
 
@@ -54,7 +67,7 @@ def assert_same(a: Fp8Tensor, b: Fp8Tensor) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("scale_fmt", FORMATS)
-def test_fast_path_equals_definition(shape, dtype, method, scale_fmt):
+def test_fast_path_equals_definition(shape, dtype, method, scale_fmt, cpu_kernel):
     w = _weight(shape, dtype)
     ref = quantize_fp8_reference(w, method=method, scale_fmt=scale_fmt)
     for threads in (1, 2):
@@ -65,7 +78,7 @@ def test_fast_path_equals_definition(shape, dtype, method, scale_fmt):
     assert 0.0 <= worst <= 1.0
 
 
-def test_block_scale_shapes_cover_partial_edges():
+def test_block_scale_shapes_cover_partial_edges(cpu_kernel):
     q, s = quantize_block_fp8(_weight((127, 129), torch.bfloat16))
     assert q.shape == (127, 129)  # no padding in the output
     assert s.shape == (1, 2)
@@ -91,7 +104,7 @@ def test_large_llama_mlp_matrix_every_block_within_bound():
     assert check_fp8(w, got) <= 1.0
 
 
-def test_expert_stack_is_quantized_per_expert_matrix():
+def test_expert_stack_is_quantized_per_expert_matrix(cpu_kernel):
     w = _weight((4, 256, 384), torch.bfloat16)
     w[2] *= 100.0  # a much larger expert must not change the others' scales
     got = quantize_block_fp8(w, threads=2)
@@ -159,7 +172,7 @@ def _e4m3_values() -> list[float]:
     return values
 
 
-def test_cast_rounds_to_nearest_even_like_an_independent_model():
+def test_cast_rounds_to_nearest_even_like_an_independent_model(cpu_kernel):
     """With amax = 448 the scale is exactly 1, so q is the e4m3 rounding of w itself."""
     table = _e4m3_values()
     lo = torch.tensor(table[:-1], dtype=torch.float32)
@@ -192,7 +205,7 @@ def test_cast_rounds_to_nearest_even_like_an_independent_model():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("method", METHODS)
-def test_nonfinite_raises_naming_the_tensor(dtype, bad, method):
+def test_nonfinite_raises_naming_the_tensor(dtype, bad, method, cpu_kernel):
     w = _weight((200, 300), dtype)
     w[199, 299] = bad  # in the partial edge block
     with pytest.raises(NonFiniteWeightError, match=r"layers\.7\.mlp\.down_proj") as info:
@@ -213,7 +226,7 @@ def test_many_reports_nonfinite_as_none_and_quantizes_the_rest():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_input_is_never_mutated(dtype):
+def test_input_is_never_mutated(dtype, cpu_kernel):
     # verl's bug: a single block column, no padding, float32 -> scaled in place.
     for shape in ((128, 128), (256, 128), (64, 100), (2, 128, 128)):
         w = _weight(shape, dtype) * 1000
@@ -232,6 +245,14 @@ def test_input_is_never_mutated(dtype):
 def test_non_contiguous_input_equals_contiguous():
     base = _weight((300, 260), torch.bfloat16)
     assert_same(quantize_block_fp8(base.t()), quantize_block_fp8(base.t().contiguous()))
+
+
+def test_parameter_that_requires_grad_is_read_as_data(cpu_kernel):
+    param = torch.nn.Parameter(_weight((200, 130), torch.float32))
+    for method in METHODS:
+        got = quantize_fp8(param, method=method, threads=2)
+        assert not got.qweight.requires_grad
+        assert_same(got, quantize_fp8_reference(param.detach(), method=method))
 
 
 def test_dequantize_round_trips_and_infers_the_method():
@@ -275,7 +296,7 @@ def test_bad_arguments_raise_with_the_name():
         quantize_block_fp8(w, block=(0, 128))
 
 
-def test_agrees_with_sglang_per_block_cast_to_fp8():
+def test_agrees_with_sglang_per_block_cast_to_fp8(cpu_kernel):
     """SGLang's own quantizer (DeepGEMM's): ue8m0 scales, amax guarded by 1e-4.
 
     Where the definitions coincide (ue8m0, [128, 128]) the bits must be equal: its
@@ -316,9 +337,21 @@ def weights(draw: st.DrawFn) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(w=weights(), method=st.sampled_from(METHODS), scale_fmt=st.sampled_from(FORMATS))
-def test_property_error_bound_and_definition(w, method, scale_fmt):
-    got = quantize_fp8(w, method=method, scale_fmt=scale_fmt, threads=2)
+@given(
+    w=weights(),
+    method=st.sampled_from(METHODS),
+    scale_fmt=st.sampled_from(FORMATS),
+    kernel=st.sampled_from(KERNELS),
+)
+def test_property_error_bound_and_definition(w, method, scale_fmt, kernel):
+    if kernel == "numba" and fp8_module._numba_kernel() is None:
+        kernel = "torch"
+    saved = fp8_module._CPU_KERNEL
+    fp8_module._CPU_KERNEL = kernel
+    try:
+        got = quantize_fp8(w, method=method, scale_fmt=scale_fmt, threads=2)
+    finally:
+        fp8_module._CPU_KERNEL = saved
     assert_same(got, quantize_fp8_reference(w, method=method, scale_fmt=scale_fmt))
     assert check_fp8(w, got) <= 1.0
     if scale_fmt == "ue8m0":
