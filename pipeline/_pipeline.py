@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 SOURCE = "source"
+SINK = "sink"
 
 
 class StageError(RuntimeError):
@@ -57,7 +58,8 @@ class StageError(RuntimeError):
 
     Attributes:
         stage: the stage's name (``"source"`` for the source iterator).
-        phase: ``"open"``, ``"process"``, ``"flush"``, ``"close"`` or ``"source"``.
+        phase: ``"open"``, ``"process"``, ``"flush"``, ``"close"``, ``"source"`` or
+            ``"sink"`` (the ``sink`` callable given to ``run``, reported as stage "sink").
         item: a description of the item being processed, or ``None``.
     The original exception is ``__cause__``.
     """
@@ -280,7 +282,9 @@ class Pipeline:
             name = stage_name(stage)
             if not callable(getattr(stage, "process", None)):
                 raise ValueError(f"stage {position} ({name!r}) has no process() method")
-            if name in names or name == SOURCE:
+            if name in (SOURCE, SINK):
+                raise ValueError(f"stage {position}: the name {name!r} is reserved")
+            if name in names:
                 raise ValueError(f"two stages are named {name!r}; give each a unique name")
             workers = getattr(stage, "workers", 1)
             if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -437,8 +441,12 @@ class Pipeline:
             meter.bytes_out += nbytes(out)
             if sink is not None:
                 started = time.perf_counter()
-                await sink(out)
-                meter.blocked_s += time.perf_counter() - started
+                try:
+                    await sink(out)
+                except Exception as exc:
+                    raise self._fail(run, SINK, "sink", describe_item(out), exc) from exc
+                finally:
+                    meter.blocked_s += time.perf_counter() - started
 
         return emit_last
 

@@ -72,17 +72,22 @@ def stage_name(stage: object) -> str:
 
 def item_nbytes(item: object) -> int:
     """Bytes an item carries: its ``nbytes`` (tensors, buckets), summed over a tuple."""
-    nbytes = getattr(item, "nbytes", None)
-    if isinstance(nbytes, int):
+    nbytes = _nbytes_of(item)
+    if nbytes is not None:
         return nbytes
     if isinstance(item, tuple):
-        total = 0
-        for part in item:
-            part_bytes = getattr(part, "nbytes", None)
-            if isinstance(part_bytes, int):
-                total += part_bytes
-        return total
+        return sum(_nbytes_of(part) or 0 for part in item)
     return 0
+
+
+def _nbytes_of(obj: object) -> int | None:
+    # Some objects raise instead of answering (a sparse tensor's .nbytes): count them as
+    # 0 here so the stage that validates them gets to refuse them by name.
+    try:
+        nbytes = getattr(obj, "nbytes", None)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    return nbytes if isinstance(nbytes, int) else None
 
 
 def describe_item(item: Any, index: int | None = None) -> str:

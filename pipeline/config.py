@@ -147,8 +147,13 @@ class EngineConfig:
     load_format: str = "flattened_bucket"
     """``flattened_bucket`` or ``named_tensors``."""
     tp_size: int = 1
+    prefetch_bytes: int | None = 0
+    """``prefetch`` mode: bytes fetched and quantized ahead before pausing (0: pause at
+    the first bucket ready to load; null: the whole sync, memory permitting)."""
 
     def __post_init__(self) -> None:
+        if self.prefetch_bytes is not None:
+            _at_least("engine.prefetch_bytes", self.prefetch_bytes, 0)
         _choice(
             "engine.kind",
             self.kind,

@@ -10,7 +10,7 @@ only when the engine that needs them is constructed.
 from .bucket import WeightBucket
 from .distributed import DistributedReceiver, DistributedSender, TransportError, distributed_source
 from .engines import Engine, EngineError, PauseMode, SyncMode
-from .engines.local import GenerationStats, LocalEngine
+from .engines.local import GenerationOutput, GenerationStats, GenerationWindow, LocalEngine
 from .engines.sglang_distributed import SGLangDistributedEngine
 from .engines.sglang_engine import SGLangEngine
 from .engines.sglang_http import SGLangHTTPEngine
@@ -25,7 +25,7 @@ from .fp8 import (
 )
 from .load import Load, LoadReport
 from .quantize import Fp8Quantize, Fp8Selection, select_for_fp8
-from .sources import named_tensors, safetensors_source
+from .sources import FileSpan, named_tensors, safetensors_source
 from .sync import SyncReport, sync_weights
 
 __all__ = [
@@ -35,11 +35,14 @@ __all__ = [
     "EngineError",
     "Fetch",
     "FetchStats",
+    "FileSpan",
     "Fp8CheckError",
     "Fp8Quantize",
     "Fp8Selection",
     "Fp8Tensor",
+    "GenerationOutput",
     "GenerationStats",
+    "GenerationWindow",
     "Load",
     "LoadReport",
     "LocalEngine",

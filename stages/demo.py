@@ -222,6 +222,7 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                             mode=config.engine.mode,  # type: ignore[arg-type]
                             pause_mode=config.engine.pause_mode,  # type: ignore[arg-type]
                             timeout_s=config.engine.timeout_s,
+                            prefetch_bytes=config.engine.prefetch_bytes,
                             observer=metrics,
                         )
                     except BaseException as exc:

@@ -5,6 +5,7 @@ constructed.
 """
 
 from .base import Engine, EngineError, PauseMode, SyncMode
+from .local import LocalEngine
 from .sglang_distributed import SGLangDistributedEngine
 from .sglang_engine import SGLangEngine
 from .sglang_http import SGLangHTTPEngine
@@ -12,6 +13,7 @@ from .sglang_http import SGLangHTTPEngine
 __all__ = [
     "Engine",
     "EngineError",
+    "LocalEngine",
     "PauseMode",
     "SGLangDistributedEngine",
     "SGLangEngine",

@@ -222,6 +222,27 @@ async def test_source_error_is_named_source() -> None:
     assert isinstance(info.value.__cause__, OSError)
 
 
+async def test_sink_error_is_named_sink_not_hidden_as_a_closed_channel() -> None:
+    async def sink(item: int) -> None:
+        if item == 2:
+            raise PermissionError("engine refused")
+
+    with pytest.raises(StageError) as info:
+        await Pipeline([Passthrough("a")]).run(range(5), sink=sink)
+    assert info.value.stage == "sink"
+    assert info.value.phase == "sink"
+    assert isinstance(info.value.__cause__, PermissionError)
+
+
+async def test_items_whose_nbytes_raises_reach_the_stage() -> None:
+    sparse = torch.eye(3).to_sparse()
+    with pytest.raises(RuntimeError):
+        _ = sparse.nbytes
+    report = await Pipeline([Passthrough("a")]).run([("w", sparse)])
+    assert report.stages[0].items_in == 1
+    assert report.stages[0].bytes_in == 0
+
+
 async def test_non_iterable_source_is_refused_by_name() -> None:
     with pytest.raises(StageError, match="int"):
         await Pipeline([Passthrough("a")]).run(42)  # type: ignore[arg-type]
@@ -359,6 +380,7 @@ async def test_second_concurrent_run_is_refused() -> None:
         ({"stages": [Passthrough("a")], "depth": 0}, "depth must be >= 1"),
         ({"stages": [Passthrough("a")], "depth": float("inf")}, "unbounded"),
         ({"stages": [Passthrough("a"), Passthrough("a")]}, "two stages are named 'a'"),
+        ({"stages": [Passthrough("sink")]}, "reserved"),
         ({"stages": [Passthrough("a", workers=0)]}, "workers must be"),
         ({"stages": [object()]}, "has no process"),
     ],
