@@ -7,8 +7,9 @@ quantizer the Fp8Quantize stage uses, and in the same run a plain bf16 ``copy_``
 same tensors into preallocated ones (``copy_gbs``) and, where the real ``sglang`` package is
 installed, SGLang's own pure-torch ``per_block_cast_to_fp8`` (``sglang_gbs``). Every figure
 is the median of ``--repeats`` timed runs after a warm-up, the three methods interleaved
-per repeat so that load from other processes hits them alike. Writes JSON and prints a
-table.
+per repeat so that load from other processes hits them alike; CPU-seconds figures and the
+load average are recorded too, since this machine is shared. Writes JSON and prints a
+table. ``WEIGHTPIPE_FP8_CPU_KERNEL=torch`` measures the torch band path instead of numba.
 
 SGLang's function is taken from the installed package's source file (its module cannot
 be imported without SGLang's GPU stack): the two function definitions are compiled from
@@ -201,6 +202,9 @@ def run(
     dev = torch.device(device)
     cpu_threads = threads if threads is not None else max(1, min(4, os.cpu_count() or 1))
     sglang_fn = load_sglang_block_quantizer() if sglang else None
+    from weightpipe.stages.fp8 import warm_up_cpu_kernel
+
+    cpu_kernel = "numba" if warm_up_cpu_kernel() else "torch"  # compiled outside timings
     gen = torch.Generator().manual_seed(1)
     square = [
         (
@@ -218,6 +222,7 @@ def run(
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpu_threads": cpu_threads,
+        "cpu_kernel": cpu_kernel,
         "torch": torch.__version__,
         "repeats": repeats,
         "sglang_available": sglang_fn is not None,
@@ -245,7 +250,11 @@ def _table(result: dict[str, Any]) -> str:
         f"{'case':24s} {'quant GB/s':>10s} {'copy GB/s':>10s} {'ratio':>6s} "
         f"{'sglang GB/s':>11s} {'x sglang':>8s}"
     )
-    lines = [f"device: {result['device']} ({result['device_name']})", head]
+    lines = [
+        f"device: {result['device']} ({result['device_name']}), CPU kernel "
+        f"{result['cpu_kernel']}, {result['cpu_threads']} band threads",
+        head,
+    ]
     for row in result["cases"]:
         sg = "-" if row["sglang_gbs"] is None else f"{row['sglang_gbs']:.3f}"
         sx = "-" if row["speedup_vs_sglang"] is None else f"{row['speedup_vs_sglang']:.1f}"
