@@ -11,7 +11,7 @@ it is given into a scratch buffer, as an engine writing its parameters would.
 In the same run, the sequential baseline the peers use is measured: each bucket is
 fetched, quantized and loaded before the next one starts. Each setting reports throughput
 (GB/s of bf16 input), speed-up over the baseline, and peak RSS growth against the bound
-``(depth + stages + 1) * max(bucket_bytes, largest tensor)`` plus a fixed overhead. The
+``(depth + stages + 1) * bucket_bytes`` plus a fixed overhead (see ``memory_bound``). The
 recommended setting is the fastest one whose peak memory stays within that bound.
 
 Usage: ``python -m benchmarks.sweep --json out/sweep.json --plot out/sweep.png`` or
@@ -42,8 +42,20 @@ from weightpipe.stages.quantize import Fp8Quantize
 from ._report import print_table, write_json
 
 MiB = 1 << 20
+STAGES = 3
 FIXED_OVERHEAD_BYTES = 256 * MiB
 """Allowance for allocator slack, thread stacks and the quantizer's scratch space."""
+
+
+def memory_bound(depth: int, bucket_bytes: int, largest_tensor_bytes: int) -> int:
+    """``(depth + stages + 1) * bucket_bytes`` plus the fixed overhead.
+
+    The fixed part is the allowance above plus two copies of the largest tensor: a tensor
+    larger than a bucket travels alone, in a buffer of its own size (Fetch's copy and the
+    quantizer's output), whatever ``bucket_bytes`` says.
+    """
+    fixed = FIXED_OVERHEAD_BYTES + 2 * largest_tensor_bytes
+    return (depth + STAGES + 1) * bucket_bytes + fixed
 
 
 @dataclass(frozen=True)
@@ -308,8 +320,7 @@ async def sweep(config: WeightpipeConfig, *, progress: bool = True) -> dict[str,
                 version += 1
                 bar.update(task, description=f"depth {depth}, {mib} MiB, {workers} workers")
                 result = await run_pipelined(model, engine, depth, mib * MiB, workers, version)
-                effective = max(mib * MiB, model.largest_bytes)
-                bound = (depth + 3 + 1) * effective + FIXED_OVERHEAD_BYTES
+                bound = memory_bound(depth, mib * MiB, model.largest_bytes)
                 result.update(
                     depth=depth,
                     bucket_mib=mib,
