@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tests.fakes import FakeCheckpointEngine
+
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-class CheckpointEngine:
-    """Stands in for a checkpoint engine's receiving side: an async generator of weights."""
-
-    def __init__(self, model: Any) -> None:
-        self.weights = [(n, p.detach().clone()) for n, p in model.named_parameters()]
-
-    async def receive_weights(self) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
-        for name, tensor in self.weights:
-            yield name, tensor
 
 
 def test_embedding_example_runs() -> None:
@@ -36,6 +26,6 @@ def test_embedding_example_runs() -> None:
     namespace: dict[str, Any] = {
         "__name__": "readme_example",
         "my_model": model,
-        "my_checkpoint_engine": CheckpointEngine(model),
+        "my_checkpoint_engine": FakeCheckpointEngine(model),
     }
     exec(compile(example, str(README), "exec"), namespace)

@@ -9,6 +9,7 @@ import anyio
 import pytest
 import torch
 
+from tests.fakes import FakeCudaEvent, FakeCudaStream
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages._bucketing import tensor_alignment
 from weightpipe.stages.bucket import WeightBucket
@@ -371,46 +372,24 @@ async def test_cuda_buckets_are_ready_after_their_event() -> None:  # pragma: no
         assert torch.equal(_bytes(a), _bytes(b)), name
 
 
-class _FakeStream:
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.waited: list[Any] = []
-
-    def wait_stream(self, other: Any) -> None:
-        self.waited.append(other)
-
-    def wait_event(self, event: Any) -> None:
-        self.waited.append(event)
-
-
-class _FakeEvent:
-    def __init__(self) -> None:
-        self.recorded_on: Any = None
-
-    def record(self, stream: Any) -> None:
-        self.recorded_on = stream
-
-    def query(self) -> bool:
-        return True
-
-
 async def test_cuda_code_path_runs_with_fake_streams(monkeypatch: pytest.MonkeyPatch) -> None:
     """The stream/event bookkeeping of the CUDA path, exercised on CPU tensors."""
     import contextlib
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
-    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeCudaStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeCudaStream())
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
     fetch = Fetch(4096)
     fetch._cuda = True  # the CUDA branch, with "device" memory that is host memory
     fetch._pool.pin = False
     pairs = every_dtype()
     buckets, _ = await run_fetch(fetch, pairs)
-    assert isinstance(fetch._stream, _FakeStream)
+    assert isinstance(fetch._stream, FakeCudaStream)
     for bucket in buckets:
-        assert isinstance(bucket.ready, _FakeEvent)
+        assert isinstance(bucket.ready, FakeCudaEvent)
         assert bucket.ready.recorded_on is fetch._stream
         bucket.wait_ready()
     check_buckets(buckets, pairs, 4096)

@@ -17,13 +17,14 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from tests.fakes.sglang_engine import FakeSGLangEngine
+from tests.fakes.sglang_http import SGLangHTTPDouble
+from tests.fakes.sglang_receiver import SubprocessReceiver
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError
 from weightpipe.stages.engines.sglang_distributed import SGLangDistributedEngine
 from weightpipe.stages.engines.sglang_engine import SGLangEngine
 from weightpipe.stages.engines.sglang_http import SGLangHTTPEngine
-
-from .sglang_double import FakeSGLangEngine, SGLangHTTPDouble, SubprocessReceiver
 
 pytestmark = pytest.mark.slow
 

@@ -20,11 +20,15 @@ from typing import Any
 import pytest
 import torch
 
+from tests.fakes.sglang_engine import (
+    FakePausableSGLangEngine,
+    FakeSGLangEngine,
+    FakeSGLangEngine0512,
+    FakeSGLangModule,
+)
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError
 from weightpipe.stages.engines.sglang_engine import SGLangEngine, import_sglang
-
-from .sglang_double import FakeSGLangEngine, FakeSGLangEngine0512
 
 
 def _model() -> list[tuple[str, torch.Tensor]]:
@@ -190,14 +194,7 @@ async def test_pause_and_resume_are_noops_without_engine_support() -> None:
 
 
 async def test_pause_uses_the_engine_when_it_has_one() -> None:
-    class Pausable(FakeSGLangEngine):
-        def pause_generation(self, mode: str = "abort") -> None:
-            self.calls.append(f"pause:{mode}")
-
-        def continue_generation(self) -> None:
-            self.calls.append("continue")
-
-    fake = Pausable(_spec())
+    fake = FakePausableSGLangEngine(_spec())
     engine = SGLangEngine(fake)
     await engine.pause("retract")
     await engine.resume()
@@ -205,18 +202,11 @@ async def test_pause_uses_the_engine_when_it_has_one() -> None:
 
 
 async def test_lazy_construction_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
-    built: list[dict[str, Any]] = []
-
-    class FakeModule:
-        @staticmethod
-        def Engine(**kwargs: Any) -> FakeSGLangEngine:
-            built.append(kwargs)
-            return FakeSGLangEngine(_spec())
-
-    monkeypatch.setattr("weightpipe.stages.engines.sglang_engine.import_sglang", lambda: FakeModule)
+    module = FakeSGLangModule(_spec())
+    monkeypatch.setattr("weightpipe.stages.engines.sglang_engine.import_sglang", lambda: module)
     engine = SGLangEngine(model_path="/models/x", tp_size=1)
     await _sync(engine, 1, _bucket(1))
-    assert built == [{"model_path": "/models/x", "tp_size": 1}]
+    assert module.built == [{"model_path": "/models/x", "tp_size": 1}]
     fake = engine.engine
     await engine.aclose()
     assert fake.shut_down

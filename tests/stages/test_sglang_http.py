@@ -15,11 +15,11 @@ import httpx
 import pytest
 import torch
 
+from tests.fakes.sglang_http import SGLangHTTPDouble
+from tests.fakes.sglang_model import SessionRefusal
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError
 from weightpipe.stages.engines.sglang_http import SGLangHTTPEngine, parse_version, uses_sessions
-
-from .sglang_double import SessionRefusal, SGLangHTTPDouble
 
 
 def _model() -> list[tuple[str, torch.Tensor]]:

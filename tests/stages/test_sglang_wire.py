@@ -25,9 +25,9 @@ from sglang.srt.utils import MultiprocessingSerializer
 from sglang.srt.utils.common import normalize_serialized_named_tensor_payloads
 from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
 
+from tests.fakes.sglang_http import FIELDS_0523
+from tests.fakes.sglang_model import reconstruct_flattened
 from weightpipe.stages.engines import _sglang_wire as wire
-
-from .sglang_double import FIELDS_0523, _reconstruct_flattened
 
 
 def _awkward() -> list[tuple[str, torch.Tensor]]:
@@ -77,7 +77,7 @@ def test_flattened_bucket_decodes_with_sglang(metadata: str, tp_size: int) -> No
         if metadata != "namespace":
             assert all(isinstance(m, FlattenedTensorMetadata) for m in data["metadata"])
         assert all(m.start_idx % 16 == 0 for m in data["metadata"])
-        _same(_reconstruct_flattened(data), tensors)
+        _same(reconstruct_flattened(data), tensors)
 
 
 def test_named_tensors_decode_with_sglang() -> None:
@@ -109,7 +109,7 @@ def test_existing_aligned_buffer_is_reused() -> None:
     assert isinstance(data, dict)
     # same storage: the pickler shared the caller's buffer instead of a copy
     assert data["flattened_tensor"].numel() == buffer.numel()
-    _same(_reconstruct_flattened(data), tensors)
+    _same(reconstruct_flattened(data), tensors)
 
 
 def test_non_view_tensors_with_a_buffer_are_copied() -> None:
@@ -118,7 +118,7 @@ def test_non_view_tensors_with_a_buffer_are_copied() -> None:
     (payload,) = wire.encode_flattened_bucket(tensors, buffer=unrelated, cpu_strategy=None)
     data = MultiprocessingSerializer.deserialize(payload)
     assert isinstance(data, dict)
-    _same(_reconstruct_flattened(data), tensors)
+    _same(reconstruct_flattened(data), tensors)
 
 
 def test_distributed_order_matches_sglangs_receive_bucket() -> None:

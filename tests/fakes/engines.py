@@ -1,35 +1,34 @@
-"""Test fakes, all in one place: a scriptable engine, small stand-in stages, bucket makers.
+"""Test fakes of engines and models: a scriptable ``Engine``, a checkpoint engine's
+receiving side, a small model config and a model that fails.
 
-``FakeEngine`` speaks the ``Engine`` protocol, records every call and can be told to fail
-(or never answer) at any step, so the Load stage's fault handling can be tested without a
-model; ``FakeGate`` holds a sync at a chosen bucket, so tests synchronise on events, not
-sleeps; ``fake_broken_model`` stands in for a model whose forward pass fails.
+``FakeEngine`` is a fake of the ``Engine`` protocol (no model behind it): it records every
+call and can be told to fail (or never answer) at any step, so the Load stage's fault
+handling can be tested without a model; ``FakeCheckpointEngine`` is a fake of a checkpoint
+engine's receiving side (an async generator of weights); ``fake_broken_model`` stands in for
+a model whose forward pass fails.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
 
 import anyio
 import torch
 
-from weightpipe.pipeline import Stage
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import EngineError, PauseMode
 
 __all__ = [
+    "FakeCheckpointEngine",
     "FakeEngine",
-    "FakeGate",
     "fake_broken_model",
-    "fake_buckets",
     "small_llama_config",
 ]
 
 
 class FakeEngine:
-    """An ``Engine`` that records calls and fails where told.
+    """A fake of the ``Engine`` protocol (no model behind it): records calls, fails where told.
 
     Args:
         fail_at: call name (``begin``, ``load``, ``commit``, ``abort``, ``pause``,
@@ -111,47 +110,6 @@ class FakeEngine:
         self.paused = False
 
 
-def fake_buckets(
-    tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]],
-    *,
-    per_bucket: int,
-    version: int,
-) -> list[WeightBucket]:
-    """Split named tensors into buckets of ``per_bucket`` tensors (the last one marked)."""
-    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
-    count = max(1, math.ceil(len(items) / per_bucket))
-    return [
-        WeightBucket(
-            tensors=tuple(items[i * per_bucket : (i + 1) * per_bucket]),
-            index=i,
-            is_last=i == count - 1,
-            version=version,
-        )
-        for i in range(count)
-    ]
-
-
-class FakeGate(Stage[WeightBucket, WeightBucket]):
-    """Passes buckets on, but holds bucket ``hold_at`` until ``release`` is set.
-
-    ``reached`` is set when the held bucket arrives, so a test can look at the engine
-    while the sync is known to be waiting upstream of Load.
-    """
-
-    name: ClassVar[str] = "fake_gate"
-
-    def __init__(self, hold_at: int = 0) -> None:
-        self.hold_at = hold_at
-        self.reached = anyio.Event()
-        self.release = anyio.Event()
-
-    async def process(self, item: WeightBucket) -> list[WeightBucket]:
-        if item.index == self.hold_at:
-            self.reached.set()
-            await self.release.wait()
-        return [item]
-
-
 def small_llama_config(**overrides: Any) -> Any:
     """A Llama config small enough for fast tests, with FP8 edge blocks.
 
@@ -173,5 +131,18 @@ def small_llama_config(**overrides: Any) -> Any:
 
 
 def fake_broken_model(**kwargs: object) -> object:
-    """A model whose every forward pass fails (for the local engine's failure path)."""
+    """A fake model (stands in for a transformers model): every forward call raises, for
+    the local engine's failure path."""
     raise RuntimeError("fake model failure")
+
+
+class FakeCheckpointEngine:
+    """A fake of a checkpoint engine's receiving side: an async generator of the weights of
+    ``model`` (copied at construction)."""
+
+    def __init__(self, model: Any) -> None:
+        self.weights = [(n, p.detach().clone()) for n, p in model.named_parameters()]
+
+    async def receive_weights(self) -> AsyncGenerator[tuple[str, torch.Tensor], None]:
+        for name, tensor in self.weights:
+            yield name, tensor

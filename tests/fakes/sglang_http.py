@@ -10,42 +10,34 @@ installed ``sglang`` package (``normalize_serialized_named_tensor_payloads``,
 rank by rank as SGLang's TP workers do, so a test passes only if real SGLang could read what
 our client sent. Faults are injected by counters and events, never by timing: answer 503 k
 times, refuse with success=false, hang until released. The distributed endpoints delegate to
-an optional receiver object (see test_sglang_distributed).
+an optional receiver object (see sglang_receiver and test_sglang_distributed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import threading
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from aiohttp import web
 from sglang.srt.utils import MultiprocessingSerializer
 from sglang.srt.utils.common import normalize_serialized_named_tensor_payloads
-from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
+
+from .sglang_model import SessionRefusal, check_against_spec, reconstruct_flattened
+from .sglang_receiver import DistributedReceiver
 
 __all__ = [
+    "FIELDS_0523",
+    "UPDATE_TENSOR_FIELDS",
     "Call",
-    "DistributedReceiver",
-    "FakeSGLangEngine",
-    "FakeSGLangEngine0512",
     "SGLangHTTPDouble",
-    "SessionRefusal",
-    "SubprocessReceiver",
-    "check_against_spec",
 ]
 
 Behaviour = Literal["0.5.23", "0.5.12"]
-
-SessionRefusal = (
-    "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
-)
 
 # Request fields per version, as SGLang's request structs declare them (the 0.5.23 sets are
 # checked against the installed io_struct.py by test_sglang_wire); unknown fields are a 422,
@@ -109,17 +101,6 @@ class Call:
     path: str
     body: dict[str, Any]
     authorized: bool
-
-
-class DistributedReceiver(Protocol):
-    """What the double delegates the distributed endpoints to (blocking calls, run in a
-    worker thread of the double's loop)."""
-
-    def init_group(self, body: dict[str, Any]) -> tuple[bool, str]: ...
-
-    def receive(self, body: dict[str, Any]) -> tuple[bool, str, list[tuple[str, torch.Tensor]]]: ...
-
-    def destroy_group(self, body: dict[str, Any]) -> tuple[bool, str]: ...
 
 
 @dataclass
@@ -370,7 +351,7 @@ class SGLangHTTPDouble:
             for rank in range(self.tp_size):
                 data = MultiprocessingSerializer.deserialize(raw[rank])
                 if body.get("load_format") == "flattened_bucket":
-                    per_rank.append(_reconstruct_flattened(data))
+                    per_rank.append(reconstruct_flattened(data))
                 elif body.get("load_format") is None:
                     per_rank.append([(str(n), t) for n, t in data])
                 else:
@@ -468,336 +449,6 @@ class SGLangHTTPDouble:
             return _answer(False, "no distributed receiver configured in the double")
         ok, message = await asyncio.to_thread(self.receiver.destroy_group, request[_BODY])
         return _answer(ok, message)
-
-
-def check_against_spec(
-    spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
-    tensors: list[tuple[str, torch.Tensor]],
-) -> str | None:
-    """SGLang-like refusal message for the first tensor the model cannot take, or None."""
-    for name, tensor in tensors:
-        if name not in spec:
-            return f"Failed to update parameter online: KeyError: {name!r} is not a parameter"
-        shape, dtype = spec[name]
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            return (
-                f"Failed to update parameter online: {name} expects "
-                f"{tuple(shape)} {dtype}, got {tuple(tensor.shape)} {tensor.dtype}"
-            )
-    return None
-
-
-class FakeSGLangEngine:
-    """A named fake of the in-process ``sglang.Engine`` (0.5.23 surface), not SGLang.
-
-    Its weight methods have exactly the real Engine's signatures (test_sglang_engine checks
-    them against the installed engine.py) and answer ``(success, message)`` the way the
-    real ones do. Payloads go the real route: plain tensors are serialized per rank with
-    SGLang's ``MultiprocessingSerializer`` (as ``Engine._serialize_tensors_per_rank``
-    does), flattened payloads are normalized with SGLang's helper, and each rank decodes
-    its own entry with SGLang's safe unpickler and ``FlattenedTensorBucket``.
-    """
-
-    def __init__(
-        self,
-        spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
-        *,
-        tp_size: int = 1,
-        running_requests: int = 0,
-    ) -> None:
-        self.spec = dict(spec)
-        self.tp_size = tp_size
-        self.running_requests = running_requests
-        self.weights: dict[str, torch.Tensor] = {}
-        self.session_open = False
-        self.calls: list[str] = []
-        self.flush_cache_args: list[bool] = []
-        self.refuse_next: str | None = None
-        self.raise_next: BaseException | None = None
-        self.block: threading.Event | None = None  # a call waits on it when set
-        self.entered_block = threading.Event()
-        self.shut_down = False
-        self.receiver: DistributedReceiver | None = None
-
-    def _enter(self, name: str) -> None:
-        self.calls.append(name)
-        if self.block is not None:
-            self.entered_block.set()
-            self.block.wait()
-        if self.raise_next is not None:
-            exc, self.raise_next = self.raise_next, None
-            raise exc
-
-    def begin_weight_update(self, selector: str = "all") -> tuple[bool, str]:
-        self._enter("begin_weight_update")
-        if self.session_open:
-            return False, "a weight-update session is already open; call end_weight_update() first"
-        self.session_open = True
-        return True, "Success"
-
-    def end_weight_update(self) -> tuple[bool, str]:
-        self._enter("end_weight_update")
-        if not self.session_open:
-            return False, "no weight-update session is open; call begin_weight_update() first"
-        self.session_open = False
-        return True, "Success"
-
-    def _requires_session(self) -> bool:
-        return True
-
-    def update_weights_from_tensor(
-        self,
-        named_tensors: Any,
-        load_format: str | None = None,
-        flush_cache: bool = True,
-    ) -> tuple[bool, str]:
-        self._enter("update_weights_from_tensor")
-        self.flush_cache_args.append(flush_cache)
-        if self.refuse_next is not None:
-            message, self.refuse_next = self.refuse_next, None
-            return False, message
-        if self._requires_session() and not self.session_open:
-            return False, SessionRefusal
-        if load_format == "flattened_bucket":
-            raw = normalize_serialized_named_tensor_payloads(named_tensors)
-        else:
-            raw = [MultiprocessingSerializer.serialize(named_tensors) for _ in range(self.tp_size)]
-        decoded: list[tuple[str, torch.Tensor]] = []
-        for rank in range(self.tp_size):
-            data = MultiprocessingSerializer.deserialize(raw[rank])
-            if load_format == "flattened_bucket":
-                decoded = _reconstruct_flattened(data)
-            else:
-                decoded = [(str(n), t) for n, t in data]
-            problem = check_against_spec(self.spec, decoded)
-            if problem is not None:
-                return False, problem
-        for name, tensor in decoded:
-            self.weights[name] = tensor.clone()
-        if flush_cache and self.running_requests:
-            return False, "Weights were updated, but the cache was not flushed"
-        return True, "Success"
-
-    def init_weights_update_group(
-        self,
-        master_address: str,
-        master_port: int,
-        rank_offset: int,
-        world_size: int,
-        group_name: str,
-        backend: str = "nccl",
-    ) -> tuple[bool, str]:
-        self._enter("init_weights_update_group")
-        if self.receiver is None:
-            return False, "no distributed receiver configured in the fake"
-        return self.receiver.init_group(
-            {
-                "master_address": master_address,
-                "master_port": master_port,
-                "rank_offset": rank_offset,
-                "world_size": world_size,
-                "group_name": group_name,
-                "backend": backend,
-            }
-        )
-
-    def update_weights_from_distributed(
-        self,
-        names: list[str],
-        dtypes: list[str],
-        shapes: list[list[int]],
-        group_name: str = "weight_update_group",
-        flush_cache: bool = True,
-        load_format: str | None = None,
-    ) -> tuple[bool, str]:
-        self._enter("update_weights_from_distributed")
-        self.flush_cache_args.append(flush_cache)
-        if self.receiver is None:
-            return False, "no distributed receiver configured in the fake"
-        if self._requires_session() and not self.session_open:
-            return False, (
-                "update_weights_from_distributed must run between "
-                "begin_weight_update() and end_weight_update()"
-            )
-        ok, message, tensors = self.receiver.receive(
-            {
-                "names": names,
-                "dtypes": dtypes,
-                "shapes": shapes,
-                "group_name": group_name,
-                "load_format": load_format,
-            }
-        )
-        if not ok:
-            return ok, message
-        problem = check_against_spec(self.spec, tensors)
-        if problem is not None:
-            return False, problem
-        for name, tensor in tensors:
-            self.weights[name] = tensor.clone()
-        return True, message
-
-    def destroy_weights_update_group(self, group_name: str) -> tuple[bool, str]:
-        self._enter("destroy_weights_update_group")
-        if self.receiver is None:
-            return False, "no distributed receiver configured in the fake"
-        return self.receiver.destroy_group({"group_name": group_name})
-
-    def flush_cache(self) -> Any:
-        self._enter("flush_cache")
-        ok = self.running_requests == 0
-        return types.SimpleNamespace(success=ok, message="" if ok else "requests are running")
-
-    def get_model_info(self) -> dict[str, Any]:
-        return {"weight_version": "default"}
-
-    def shutdown(self) -> None:
-        self.shut_down = True
-
-
-class FakeSGLangEngine0512(FakeSGLangEngine):
-    """The fake without weight-update sessions, as sglang 0.5.12's Engine."""
-
-    def __getattribute__(self, name: str) -> Any:
-        if name in ("begin_weight_update", "end_weight_update"):
-            raise AttributeError(name)
-        return super().__getattribute__(name)
-
-    def _requires_session(self) -> bool:
-        return False
-
-
-class SubprocessReceiver:
-    """Stands in for SGLang's receiving TP rank of a distributed update (not SGLang itself).
-
-    A spawned process that joins the update group with SGLang's own
-    ``init_custom_process_group`` and receives the way SGLang's weight updater does:
-    ``FlattenedTensorBucket.empty`` from the announced names/dtypes/shapes and one
-    broadcast into it for ``flattened_bucket``, else one broadcast per tensor. Plug it into
-    ``SGLangHTTPDouble.receiver`` (or a fake Engine) to serve the distributed endpoints.
-    """
-
-    def __init__(self, tp_rank: int = 0) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=_receiver_main, args=(child, tp_rank), name="sglang-receiver", daemon=True
-        )
-        self._proc.start()
-        child.close()
-        self._lock = threading.Lock()
-
-    def _ask(self, command: str, body: dict[str, Any]) -> Any:
-        with self._lock:
-            self._conn.send((command, body))
-            return self._conn.recv()
-
-    def init_group(self, body: dict[str, Any]) -> tuple[bool, str]:
-        ok, message = self._ask("init", body)
-        return bool(ok), str(message)
-
-    def receive(self, body: dict[str, Any]) -> tuple[bool, str, list[tuple[str, torch.Tensor]]]:
-        ok, message, raw = self._ask("recv", body)
-        tensors = [
-            (
-                name,
-                torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                .view(getattr(torch, dtype))
-                .reshape(shape),
-            )
-            for name, dtype, shape, data in raw
-        ]
-        return bool(ok), str(message), tensors
-
-    def destroy_group(self, body: dict[str, Any]) -> tuple[bool, str]:
-        ok, message = self._ask("destroy", body)
-        return bool(ok), str(message)
-
-    def close(self) -> None:
-        if self._proc.is_alive():
-            with contextlib.suppress(OSError):
-                self._conn.send(("stop", {}))
-            self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout=30)
-        self._conn.close()
-        self._proc.close()
-
-
-def _receiver_main(conn: Any, tp_rank: int) -> None:
-    """The receiving rank's loop (runs in the spawned process)."""
-    import torch.distributed as dist
-    from sglang.srt.utils.common import init_custom_process_group
-
-    groups: dict[str, Any] = {}
-    while True:
-        command, body = conn.recv()
-        if command == "stop":
-            break
-        try:
-            if command == "init":
-                groups[body["group_name"]] = init_custom_process_group(
-                    backend=body["backend"],
-                    init_method=f"tcp://{body['master_address']}:{body['master_port']}",
-                    world_size=body["world_size"],
-                    rank=body["rank_offset"] + tp_rank,
-                    group_name=body["group_name"],
-                )
-                conn.send((True, "Succeeded to initialize custom process group."))
-            elif command == "recv":
-                group = groups[body["group_name"]]
-                names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
-                if body.get("load_format") == "flattened_bucket":
-                    bucket = FlattenedTensorBucket.empty(names, dtypes, shapes, "cpu")
-                    dist.broadcast(bucket.get_flattened_tensor(), src=0, group=group)
-                    received = bucket.reconstruct_tensors()
-                else:
-                    received = []
-                    handles = []
-                    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
-                        weight = torch.empty(shape, dtype=getattr(torch, dtype))
-                        handles.append(dist.broadcast(weight, src=0, group=group, async_op=True))
-                        received.append((name, weight))
-                    for handle in handles:
-                        handle.wait()
-                raw = [
-                    (
-                        n,
-                        str(t.dtype).removeprefix("torch."),
-                        list(t.shape),
-                        t.contiguous().view(torch.uint8).numpy().tobytes(),
-                    )
-                    for n, t in received
-                ]
-                conn.send((True, "Succeeded to update parameter online.", raw))
-            elif command == "destroy":
-                dist.destroy_process_group(groups.pop(body["group_name"]))
-                conn.send((True, "Succeeded to destroy custom process group."))
-        except Exception as exc:
-            failure = f"Failed to {command}: {type(exc).__name__}: {exc}"
-            conn.send((False, failure, []) if command == "recv" else (False, failure))
-    for group in groups.values():
-        dist.destroy_process_group(group)
-
-
-def _reconstruct_flattened(data: Any) -> list[tuple[str, torch.Tensor]]:
-    """What SGLang's weight updater does with a flattened_bucket payload."""
-    metadata = [
-        FlattenedTensorMetadata(
-            name=m.name,
-            shape=m.shape,
-            dtype=m.dtype,
-            start_idx=m.start_idx,
-            end_idx=m.end_idx,
-            numel=m.numel,
-        )
-        for m in data["metadata"]
-    ]
-    bucket = FlattenedTensorBucket(flattened_tensor=data["flattened_tensor"], metadata=metadata)
-    return [(str(n), t) for n, t in bucket.reconstruct_tensors()]
 
 
 def _answer(success: bool, message: str) -> web.Response:

@@ -1,0 +1,144 @@
+"""Test fakes of SGLang's receiving side of a distributed weight update (not SGLang itself).
+
+``DistributedReceiver`` is what the HTTP double and the fake in-process engine delegate the
+distributed endpoints to; ``SubprocessReceiver`` is a fake of SGLang's receiving TP rank: a
+spawned process that joins the update group and receives with SGLang's own code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Protocol
+
+import torch
+from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+__all__ = ["DistributedReceiver", "SubprocessReceiver"]
+
+
+class DistributedReceiver(Protocol):
+    """What the fakes delegate the distributed endpoints to (blocking calls; the HTTP double
+    runs them in a worker thread of its loop)."""
+
+    def init_group(self, body: dict[str, Any]) -> tuple[bool, str]: ...
+
+    def receive(self, body: dict[str, Any]) -> tuple[bool, str, list[tuple[str, torch.Tensor]]]: ...
+
+    def destroy_group(self, body: dict[str, Any]) -> tuple[bool, str]: ...
+
+
+class SubprocessReceiver:
+    """A fake of SGLang's receiving TP rank of a distributed update (not SGLang itself).
+
+    A spawned process that joins the update group with SGLang's own
+    ``init_custom_process_group`` and receives the way SGLang's weight updater does:
+    ``FlattenedTensorBucket.empty`` from the announced names/dtypes/shapes and one
+    broadcast into it for ``flattened_bucket``, else one broadcast per tensor. Plug it into
+    ``SGLangHTTPDouble.receiver`` (or a fake Engine) to serve the distributed endpoints.
+    """
+
+    def __init__(self, tp_rank: int = 0) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_receiver_main, args=(child, tp_rank), name="sglang-receiver", daemon=True
+        )
+        self._proc.start()
+        child.close()
+        self._lock = threading.Lock()
+
+    def _ask(self, command: str, body: dict[str, Any]) -> Any:
+        with self._lock:
+            self._conn.send((command, body))
+            return self._conn.recv()
+
+    def init_group(self, body: dict[str, Any]) -> tuple[bool, str]:
+        ok, message = self._ask("init", body)
+        return bool(ok), str(message)
+
+    def receive(self, body: dict[str, Any]) -> tuple[bool, str, list[tuple[str, torch.Tensor]]]:
+        ok, message, raw = self._ask("recv", body)
+        tensors = [
+            (
+                name,
+                torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                .view(getattr(torch, dtype))
+                .reshape(shape),
+            )
+            for name, dtype, shape, data in raw
+        ]
+        return bool(ok), str(message), tensors
+
+    def destroy_group(self, body: dict[str, Any]) -> tuple[bool, str]:
+        ok, message = self._ask("destroy", body)
+        return bool(ok), str(message)
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError):
+                self._conn.send(("stop", {}))
+            self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=30)
+        self._conn.close()
+        self._proc.close()
+
+
+def _receiver_main(conn: Any, tp_rank: int) -> None:
+    """The receiving rank's loop (runs in the spawned process)."""
+    import torch.distributed as dist
+    from sglang.srt.utils.common import init_custom_process_group
+
+    groups: dict[str, Any] = {}
+    while True:
+        command, body = conn.recv()
+        if command == "stop":
+            break
+        try:
+            if command == "init":
+                groups[body["group_name"]] = init_custom_process_group(
+                    backend=body["backend"],
+                    init_method=f"tcp://{body['master_address']}:{body['master_port']}",
+                    world_size=body["world_size"],
+                    rank=body["rank_offset"] + tp_rank,
+                    group_name=body["group_name"],
+                )
+                conn.send((True, "Succeeded to initialize custom process group."))
+            elif command == "recv":
+                group = groups[body["group_name"]]
+                names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+                if body.get("load_format") == "flattened_bucket":
+                    bucket = FlattenedTensorBucket.empty(names, dtypes, shapes, "cpu")
+                    dist.broadcast(bucket.get_flattened_tensor(), src=0, group=group)
+                    received = bucket.reconstruct_tensors()
+                else:
+                    received = []
+                    handles = []
+                    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+                        weight = torch.empty(shape, dtype=getattr(torch, dtype))
+                        handles.append(dist.broadcast(weight, src=0, group=group, async_op=True))
+                        received.append((name, weight))
+                    for handle in handles:
+                        handle.wait()
+                raw = [
+                    (
+                        n,
+                        str(t.dtype).removeprefix("torch."),
+                        list(t.shape),
+                        t.contiguous().view(torch.uint8).numpy().tobytes(),
+                    )
+                    for n, t in received
+                ]
+                conn.send((True, "Succeeded to update parameter online.", raw))
+            elif command == "destroy":
+                dist.destroy_process_group(groups.pop(body["group_name"]))
+                conn.send((True, "Succeeded to destroy custom process group."))
+        except Exception as exc:
+            failure = f"Failed to {command}: {type(exc).__name__}: {exc}"
+            conn.send((False, failure, []) if command == "recv" else (False, failure))
+    for group in groups.values():
+        dist.destroy_process_group(group)
