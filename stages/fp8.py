@@ -386,8 +386,8 @@ def _block_rows(
 _CPU_KERNEL = os.environ.get("WEIGHTPIPE_FP8_CPU_KERNEL", "auto")
 _NUMBA_LOCK = threading.Lock()
 _NUMBA_STATE: list[Any] = []  # [] = not tried yet; [None] = unavailable; [fn] = compiled
-# Columns per kernel chunk: 128 rows x 1024 float32 = 512 KiB, resident in L2.
-_NUMBA_CHUNK_COLUMNS = 1024
+# Columns per kernel chunk: a 128 x 4096 bf16 chunk (1 MiB) is read twice, from cache.
+_NUMBA_CHUNK_COLUMNS = 4096
 
 
 def _numba_kernel() -> Any:
@@ -417,88 +417,98 @@ def _build_numba_kernel() -> Any:
     import numpy as np
 
     numba = importlib.import_module("numba")
+    llvm_ir = importlib.import_module("llvmlite.ir")
+    nb_types = numba.core.types
+
+    # Scalar bit casts (numba has no scalar ``view``): float32 <-> int32 as LLVM bitcasts.
+    @numba.extending.intrinsic  # type: ignore[misc]
+    def f32_bits(typingctx, x):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.bitcast(args[0], llvm_ir.IntType(32))
+
+        return nb_types.int32(nb_types.float32), codegen
+
+    @numba.extending.intrinsic  # type: ignore[misc]
+    def bits_f32(typingctx, x):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.bitcast(args[0], llvm_ir.FloatType())
+
+        return nb_types.float32(nb_types.int32), codegen
+
     f448 = np.float32(FP8_MAX)
     eps = np.float32(FP8_EPSILON)
     c16384 = np.float32(16384.0)
-    c512 = np.float32(512.0)
 
     # error_model="numpy": no ZeroDivisionError branch per division (it blocks SIMD).
-    # Every float constant is float32 so that nothing is computed in double precision.
+    # Every float constant is float32, so nothing is computed in double precision.
     @numba.njit(nogil=True, boundscheck=False, error_model="numpy", cache=False)  # type: ignore[misc]
-    def band(src16, src32, bf16, q, s, a, rb0, bo, bi, ue8m0, xi, xf, colmax, scl, bits):  # type: ignore[no-untyped-def]
+    def band(src16, src32, bf16, q, s, a, rb0, bo, bi, ue8m0, colmax, scl):  # type: ignore[no-untyped-def]
         rows = src16.shape[0] if bf16 else src32.shape[0]
         n = src16.shape[1] if bf16 else src32.shape[1]
         n_rb = max(1, rows // bo)
         rb_rows = rows // n_rb
-        chunk = xi.shape[1]
-        floats = bits.view(np.float32)
+        chunk = colmax.shape[0]
         for rb in range(n_rb):
             for c0 in range(0, n, chunk):
                 w = min(n, c0 + chunk) - c0
+                # 1. column max of |bits| over the row block (bf16 bits widen by << 16)
                 cm = colmax[:w]
                 for c in range(w):
                     cm[c] = 0
-                # 1. widen to float32 bits in the chunk buffer; column max of |bits|
                 for r in range(rb_rows):
-                    xr = xi[r, :w]
                     if bf16:
                         sr = src16[rb * rb_rows + r, c0 : c0 + w]
                         for c in range(w):
-                            b = np.int32(sr[c]) << 16
-                            xr[c] = b
-                            m = b & np.int32(0x7FFFFFFF)
+                            m = (np.int32(sr[c]) << 16) & np.int32(0x7FFFFFFF)
                             cm[c] = m if m > cm[c] else cm[c]
                     else:
                         sr32 = src32[rb * rb_rows + r, c0 : c0 + w]
                         for c in range(w):
-                            b = sr32[c]
-                            xr[c] = b
-                            m = b & np.int32(0x7FFFFFFF)
+                            m = sr32[c] & np.int32(0x7FFFFFFF)
                             cm[c] = m if m > cm[c] else cm[c]
-                # 2. per block: amax (bits -> float), scale, ue8m0 rounding
+                # 2. per block: amax, scale = max(amax, eps) / 448, ue8m0 rounding up
                 for cs in range(0, w, bi):
                     ce = min(w, cs + bi)
                     m = np.int32(0)
                     for c in range(cs, ce):
                         m = cm[c] if cm[c] > m else m
-                    bits[0] = m
-                    amax = floats[0]
+                    amax = bits_f32(m)
                     cb = (c0 + cs) // bi
                     a[rb0 + rb, cb] = amax
-                    guarded = amax if amax > eps else eps
-                    scale = guarded / f448
+                    scale = (amax if amax > eps else eps) / f448
                     if ue8m0:
-                        floats[0] = scale
-                        sb = bits[0]
+                        sb = f32_bits(scale)
                         e = (sb >> 23) & np.int32(0xFF)
                         if sb & np.int32(0x7FFFFF):
                             e += 1
                         e = min(max(e, np.int32(1)), np.int32(254))
-                        bits[0] = e << 23
-                        scale = floats[0]
+                        scale = bits_f32(e << 23)
                     s[rb0 + rb, cb] = scale
                     for c in range(cs, ce):
                         scl[c] = scale
-                # 3. divide and clamp in place; 4. e4m3 bits as in the Triton kernel
+                # 3. divide, clamp, round to e4m3 on the bits (as the Triton kernel does)
                 sc = scl[:w]
                 for r in range(rb_rows):
-                    xr = xf[r, :w]
+                    qr = q[rb * rb_rows + r, c0 : c0 + w]
+                    if bf16:
+                        sr = src16[rb * rb_rows + r, c0 : c0 + w]
+                    else:
+                        sr32 = src32[rb * rb_rows + r, c0 : c0 + w]
                     for c in range(w):
-                        y = xr[c] / sc[c]
+                        x = bits_f32(np.int32(sr[c]) << 16) if bf16 else bits_f32(sr32[c])
+                        y = x / sc[c]
                         if y > f448:
                             y = f448
                         if y < -f448:
                             y = -f448
-                        xr[c] = y
-                    xir = xi[r, :w]
-                    qr = q[rb * rb_rows + r, c0 : c0 + w]
-                    for c in range(w):
-                        yb = xir[c]
+                        yb = f32_bits(y)
                         mag = yb & np.int32(0x7FFFFFFF)
                         normal = (
                             (mag + np.int32(0x7FFFF) + ((mag >> 20) & np.int32(1))) >> 20
                         ) - np.int32(960)
-                        sub = np.int32(((abs(xr[c]) + c16384) - c16384) * c512)
+                        # below 2**-6: |y| + 2**14 rounds |y| to a multiple of 2**-9 (the
+                        # ulp of 2**14), and its low bits count those multiples
+                        sub = f32_bits(abs(y) + c16384) - np.int32(0x46800000)
                         code = normal if mag >= np.int32(0x3C800000) else sub
                         qr[c] = np.uint8((code | ((yb >> 24) & np.int32(0x80))) & np.int32(0xFF))
 
@@ -522,10 +532,8 @@ def _block_rows_numba(
     bo, bi = block
     band = w[r0:r1]
     chunk = max(bi, _NUMBA_CHUNK_COLUMNS // bi * bi)
-    xi = _SCRATCH.get(torch.int32, bo * chunk).view(bo, chunk).numpy()
-    colmax = _SCRATCH.get(torch.int16, 2 * chunk).view(torch.int32).numpy()
+    colmax = _SCRATCH.get(torch.int32, chunk).numpy()
     scl = _SCRATCH.get(torch.uint8, 4 * chunk).view(torch.float32).numpy()
-    bits = _SCRATCH.get(torch.int64, 1).view(torch.int32).numpy()
     dummy16 = np.zeros((1, 1), dtype=np.uint16)
     dummy32 = np.zeros((1, 1), dtype=np.int32)
     if band.dtype == torch.bfloat16:
@@ -547,11 +555,8 @@ def _block_rows_numba(
         bo,
         bi,
         scale_fmt == "ue8m0",
-        xi,
-        xi.view(np.float32),
         colmax,
         scl,
-        bits,
     )
 
 
