@@ -36,10 +36,12 @@ __all__ = [
     "aligned_layout",
     "b64encode_payloads",
     "distributed_order",
+    "distributed_update_request",
     "dtype_name",
     "encode_flattened_bucket",
     "encode_named_tensors",
     "flatten",
+    "init_group_request",
     "metadata_objects",
     "tensor_named_in",
 ]
@@ -85,6 +87,22 @@ def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
+def _layout(
+    tensors: Sequence[tuple[str, torch.Tensor]],
+    starts: Sequence[int],
+    ends: Sequence[int],
+    total_bytes: int,
+) -> FlatLayout:
+    return FlatLayout(
+        names=tuple(n for n, _ in tensors),
+        shapes=tuple(t.shape for _, t in tensors),
+        dtypes=tuple(t.dtype for _, t in tensors),
+        starts=tuple(starts),
+        ends=tuple(ends),
+        total_bytes=total_bytes,
+    )
+
+
 def aligned_layout(
     tensors: Sequence[tuple[str, torch.Tensor]], *, align: int = ALIGN_BYTES
 ) -> FlatLayout:
@@ -103,14 +121,7 @@ def aligned_layout(
         starts.append(offset)
         offset += t.numel() * t.element_size()
         ends.append(offset)
-    return FlatLayout(
-        names=tuple(n for n, _ in tensors),
-        shapes=tuple(t.shape for _, t in tensors),
-        dtypes=tuple(t.dtype for _, t in tensors),
-        starts=tuple(starts),
-        ends=tuple(ends),
-        total_bytes=offset,
-    )
+    return _layout(tensors, starts, ends, offset)
 
 
 def flatten(
@@ -157,14 +168,7 @@ def _views_into(buffer: torch.Tensor, tensors: Sequence[tuple[str, torch.Tensor]
             raise ValueError(f"tensor {name!r} is not an aligned contiguous view of the buffer")
         starts.append(start)
         ends.append(start + nbytes)
-    return FlatLayout(
-        names=tuple(n for n, _ in tensors),
-        shapes=tuple(t.shape for _, t in tensors),
-        dtypes=tuple(t.dtype for _, t in tensors),
-        starts=tuple(starts),
-        ends=tuple(ends),
-        total_bytes=int(buffer.numel()),
-    )
+    return _layout(tensors, starts, ends, int(buffer.numel()))
 
 
 def metadata_objects(layout: FlatLayout, kind: MetadataKind = "auto") -> list[Any]:
@@ -299,6 +303,45 @@ def distributed_order(
     size is a multiple of every itemsize that follows it.
     """
     return sorted(tensors, key=lambda item: -item[1].element_size())
+
+
+def init_group_request(
+    master_address: str,
+    master_port: int,
+    rank_offset: int,
+    world_size: int,
+    group_name: str,
+    backend: str,
+) -> dict[str, Any]:
+    """The arguments of SGLang's ``init_weights_update_group`` (the in-process Engine's
+    keyword arguments and the HTTP endpoint's JSON body are the same fields)."""
+    return {
+        "master_address": master_address,
+        "master_port": master_port,
+        "rank_offset": rank_offset,
+        "world_size": world_size,
+        "group_name": group_name,
+        "backend": backend,
+    }
+
+
+def distributed_update_request(
+    names: Sequence[str],
+    dtypes: Sequence[str],
+    shapes: Sequence[Sequence[int]],
+    group_name: str,
+    load_format: str | None,
+) -> dict[str, Any]:
+    """The arguments of SGLang's ``update_weights_from_distributed`` for one bucket, with
+    ``flush_cache=False`` (the cache is flushed once, at commit)."""
+    return {
+        "names": list(names),
+        "dtypes": list(dtypes),
+        "shapes": [list(s) for s in shapes],
+        "group_name": group_name,
+        "flush_cache": False,
+        "load_format": load_format,
+    }
 
 
 def tensor_named_in(message: str, names: Sequence[str]) -> str | None:

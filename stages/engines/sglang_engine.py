@@ -274,12 +274,9 @@ class SGLangEngine:
         await self._run(
             "init_weights_update_group",
             lambda: self.engine.init_weights_update_group(
-                master_address=master_address,
-                master_port=master_port,
-                rank_offset=rank_offset,
-                world_size=world_size,
-                group_name=group_name,
-                backend=backend,
+                **wire.init_group_request(
+                    master_address, master_port, rank_offset, world_size, group_name, backend
+                )
             ),
         )
 
@@ -299,12 +296,7 @@ class SGLangEngine:
         await self._run(
             "update_weights_from_distributed",
             lambda: self.engine.update_weights_from_distributed(
-                names=list(names),
-                dtypes=list(dtypes),
-                shapes=[list(s) for s in shapes],
-                group_name=group_name,
-                flush_cache=False,
-                load_format=load_format,
+                **wire.distributed_update_request(names, dtypes, shapes, group_name, load_format)
             ),
             names,
         )

@@ -403,14 +403,9 @@ class SGLangHTTPEngine:
         Raises:
             EngineError: the server refused, failed or timed out.
         """
-        body = {
-            "master_address": master_address,
-            "master_port": master_port,
-            "rank_offset": rank_offset,
-            "world_size": world_size,
-            "group_name": group_name,
-            "backend": backend,
-        }
+        body = wire.init_group_request(
+            master_address, master_port, rank_offset, world_size, group_name, backend
+        )
         await self._call("POST", "/init_weights_update_group", body, retries=0)
 
     async def update_weights_from_distributed(
@@ -428,15 +423,8 @@ class SGLangHTTPEngine:
             EngineError: the server refused (naming a tensor its message names), failed or
                 timed out. Never retried: the broadcast it pairs with happens once.
         """
-        body: dict[str, Any] = {
-            "names": list(names),
-            "dtypes": list(dtypes),
-            "shapes": [list(s) for s in shapes],
-            "group_name": group_name,
-            "flush_cache": False,
-            "abort_all_requests": False,
-            "load_format": load_format,
-        }
+        body = wire.distributed_update_request(names, dtypes, shapes, group_name, load_format)
+        body["abort_all_requests"] = False
         await self._call("POST", "/update_weights_from_distributed", body, tensors=names, retries=0)
 
     async def destroy_weights_update_group(self, group_name: str) -> None:
