@@ -15,10 +15,14 @@ import math
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import (
+    MemoryObjectReceiveStream,
+    MemoryObjectSendStream,
+    MemoryObjectStreamStatistics,
+)
 
 __all__ = [
     "ChannelReceiver",
@@ -28,6 +32,17 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+class _Stream(Protocol):
+    """What ``_ChannelEnd`` needs of either anyio stream end."""
+
+    def close(self) -> None: ...
+    def statistics(self) -> MemoryObjectStreamStatistics: ...
+
+
+S = TypeVar("S", bound=_Stream)
+E = TypeVar("E", bound="_ChannelEnd[Any]")
 
 
 @dataclass(frozen=True)
@@ -67,14 +82,40 @@ class _Meter:
         self.receive_starved_s = 0.0
 
 
-class ChannelSender(Generic[T]):
-    """The sending end. ``await send(item)`` waits while the buffer is full."""
+class _ChannelEnd(Generic[S]):
+    """What both ends share: the stream, the channel's meter, closing, statistics."""
 
     __slots__ = ("_meter", "_stream")
 
-    def __init__(self, stream: MemoryObjectSendStream[T], meter: _Meter) -> None:
+    def __init__(self, stream: S, meter: _Meter) -> None:
         self._stream = stream
         self._meter = meter
+
+    def close(self) -> None:
+        self._stream.close()
+
+    async def aclose(self) -> None:
+        self._stream.close()
+
+    def statistics(self) -> ChannelStatistics:
+        return _snapshot(self._meter, self._stream.statistics().current_buffer_used)
+
+    def __enter__(self: E) -> E:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ChannelSender(_ChannelEnd[MemoryObjectSendStream[T]], Generic[T]):
+    """The sending end. ``await send(item)`` waits while the buffer is full."""
+
+    __slots__ = ()
 
     async def send(self, item: T) -> None:
         """Send one item, waiting for room if the channel is full.
@@ -102,35 +143,11 @@ class ChannelSender(Generic[T]):
         """Another sender on the same channel; the stream ends when all are closed."""
         return ChannelSender(self._stream.clone(), self._meter)
 
-    def close(self) -> None:
-        self._stream.close()
 
-    async def aclose(self) -> None:
-        self._stream.close()
-
-    def statistics(self) -> ChannelStatistics:
-        return _snapshot(self._meter, self._stream.statistics().current_buffer_used)
-
-    def __enter__(self) -> ChannelSender[T]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class ChannelReceiver(Generic[T]):
+class ChannelReceiver(_ChannelEnd[MemoryObjectReceiveStream[T]], Generic[T]):
     """The receiving end; iterate it with ``async for`` until every sender closed."""
 
-    __slots__ = ("_meter", "_stream")
-
-    def __init__(self, stream: MemoryObjectReceiveStream[T], meter: _Meter) -> None:
-        self._stream = stream
-        self._meter = meter
+    __slots__ = ()
 
     async def receive(self) -> T:
         """Receive one item, waiting for one if the channel is empty.
@@ -159,26 +176,6 @@ class ChannelReceiver(Generic[T]):
 
     def clone(self) -> ChannelReceiver[T]:
         return ChannelReceiver(self._stream.clone(), self._meter)
-
-    def close(self) -> None:
-        self._stream.close()
-
-    async def aclose(self) -> None:
-        self._stream.close()
-
-    def statistics(self) -> ChannelStatistics:
-        return _snapshot(self._meter, self._stream.statistics().current_buffer_used)
-
-    def __enter__(self) -> ChannelReceiver[T]:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _snapshot(meter: _Meter, current: int) -> ChannelStatistics:
