@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,6 +30,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
+from tests.helpers import free_port
 from weightpipe.pipeline import Pipeline, RunReport, Stage, StageError
 from weightpipe.pipeline.metrics import MetricsServer, WeightpipeMetrics, serve_metrics
 
@@ -98,15 +98,6 @@ def make_tensors() -> list[torch.Tensor]:
 
 
 # The Prometheus server -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    # Racy by nature (the port is free when we look), but Prometheus exits at once if it
-    # lost the race, and the readiness wait then reports its log.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -194,6 +185,8 @@ def prometheus(
         "    static_configs:\n"
         f"      - targets: ['{endpoint.addr}:{endpoint.port}']\n"
     )
+    # Prometheus exits at once if it lost the race for the port, and the readiness wait
+    # then reports its log.
     port = free_port()
     log = tmp_path / "prometheus.log"
     with log.open("wb") as log_file:

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import DTYPES, as_bytes, random_tensor
 from weightpipe.stages._bucketing import (
     BucketPlanner,
     TensorLayout,
@@ -19,37 +20,6 @@ from weightpipe.stages._bucketing import (
     tensor_alignment,
     unflatten,
 )
-
-DTYPES = [
-    torch.bfloat16,
-    torch.float16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-]
-
-
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    numel = 1
-    for size in shape:
-        numel *= size
-    generator = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=generator)
-    if dtype == torch.bool:
-        raw = raw % 2
-    return raw.view(dtype).view(shape)
-
 
 sizes_and_aligns = st.lists(
     st.tuples(st.integers(0, 5000), st.sampled_from([1, 2, 4, 8, 256])), max_size=60
@@ -117,7 +87,7 @@ tensor_specs = st.lists(
 def test_flatten_round_trip_is_bit_exact_and_aligned(
     specs: list[tuple[torch.dtype, tuple[int, ...], int]], align: int
 ) -> None:
-    pairs = [(f"t{i}", _random_tensor(d, shape, seed)) for i, (d, shape, seed) in enumerate(specs)]
+    pairs = [(f"t{i}", random_tensor(d, shape, seed)) for i, (d, shape, seed) in enumerate(specs)]
     buffer, layout = flatten(pairs, align)
     assert buffer.dtype == torch.uint8
     assert buffer.dim() == 1
@@ -131,7 +101,7 @@ def test_flatten_round_trip_is_bit_exact_and_aligned(
     for (name, got), (_, want) in zip(rebuilt, pairs, strict=True):
         assert got.dtype == want.dtype
         assert got.shape == want.shape
-        assert torch.equal(_bytes(got), _bytes(want)), name
+        assert torch.equal(as_bytes(got), as_bytes(want)), name
         if got.numel():
             assert got.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 

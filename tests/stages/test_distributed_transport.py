@@ -10,7 +10,6 @@ see as an error naming the bucket, and a receive that times out naming the bucke
 from __future__ import annotations
 
 import queue
-import socket
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -19,28 +18,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.helpers import DTYPES, as_bytes, free_port
+
 pytestmark = pytest.mark.slow
 
 WORLD = 3
-DTYPES = [
-    torch.bfloat16,
-    torch.float16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_tensors() -> list[tuple[str, torch.Tensor]]:
@@ -61,12 +43,8 @@ def make_tensors() -> list[tuple[str, torch.Tensor]]:
     return pairs
 
 
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
-
-
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bytes(a), _bytes(b))
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
 
 
 def _check_pairs(got: list[tuple[str, torch.Tensor]], want: list[tuple[str, torch.Tensor]]) -> None:
@@ -163,7 +141,7 @@ def test_three_process_round_trip_abort_and_timeout() -> None:
     context = mp.get_context("spawn")
     results = context.Queue()
     done = context.Event()
-    port = _free_port()
+    port = free_port()
     processes = [
         context.Process(target=_worker, args=(rank, port, results, done), daemon=True)
         for rank in range(WORLD)

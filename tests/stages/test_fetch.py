@@ -10,47 +10,19 @@ import pytest
 import torch
 
 from tests.fakes import FakeCudaEvent, FakeCudaStream
+from tests.helpers import DTYPES, as_bytes, random_tensor
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages._bucketing import tensor_alignment
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.fetch import Fetch, FetchStats
 from weightpipe.stages.sources import named_tensors
 
-DTYPES = [
-    torch.bfloat16,
-    torch.float16,
-    torch.float32,
-    torch.float64,
-    torch.int8,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-]
-
-
-def _bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
-
-
-def _random(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    numel = 1
-    for size in shape:
-        numel *= size
-    generator = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=generator)
-    if dtype == torch.bool:
-        raw = raw % 2
-    return raw.view(dtype).view(shape)
-
 
 def every_dtype() -> list[tuple[str, torch.Tensor]]:
     pairs = []
     for i, dtype in enumerate(DTYPES):
         for j, shape in enumerate([(17, 9), (), (0,), (300,)]):
-            pairs.append((f"m.{i}.{j}", _random(dtype, shape, 100 * i + j)))
+            pairs.append((f"m.{i}.{j}", random_tensor(dtype, shape, 100 * i + j)))
     return pairs
 
 
@@ -74,7 +46,7 @@ def check_buckets(
     for (name, a), (_, b) in zip(got, pairs, strict=True):
         assert a.dtype == b.dtype, name
         assert a.shape == b.shape, name
-        assert torch.equal(_bytes(a), _bytes(b)), name
+        assert torch.equal(as_bytes(a), as_bytes(b)), name
     for bucket in buckets:
         assert bucket.nbytes <= bucket_bytes or len(bucket) == 1
         assert bucket.buffer is not None
@@ -166,11 +138,11 @@ async def test_flatten_false_passes_tensors_through() -> None:
     assert all(b.buffer is None for b in buckets)
     got = [p for b in buckets for p in b.tensors]
     for (name, a), (_, b) in zip(got, pairs, strict=True):
-        assert torch.equal(_bytes(a), _bytes(b)), name
+        assert torch.equal(as_bytes(a), as_bytes(b)), name
 
 
 async def test_recycled_buffers_never_overwrite_buckets_still_held() -> None:
-    pairs = [(f"w{i}", _random(torch.bfloat16, (1000,), i)) for i in range(40)]
+    pairs = [(f"w{i}", random_tensor(torch.bfloat16, (1000,), i)) for i in range(40)]
     buckets, _ = await run_fetch(Fetch(4096, keep_buffers=2), pairs)  # every bucket kept
     check_buckets(buckets, pairs, 4096)
     assert len(
@@ -179,7 +151,7 @@ async def test_recycled_buffers_never_overwrite_buckets_still_held() -> None:
 
 
 async def test_buffers_are_recycled_once_dropped() -> None:
-    pairs = [(f"w{i}", _random(torch.bfloat16, (3 << 20,), i)) for i in range(12)]  # 6 MiB
+    pairs = [(f"w{i}", random_tensor(torch.bfloat16, (3 << 20,), i)) for i in range(12)]  # 6 MiB
     seen: list[int] = []
     matches = 0
 
@@ -188,7 +160,7 @@ async def test_buffers_are_recycled_once_dropped() -> None:
         assert bucket.buffer is not None
         seen.append(bucket.buffer.untyped_storage().data_ptr())
         name, tensor = bucket.tensors[0]
-        matches += torch.equal(_bytes(tensor), _bytes(dict(pairs)[name]))
+        matches += torch.equal(as_bytes(tensor), as_bytes(dict(pairs)[name]))
 
     await Pipeline([Fetch(13 << 20, keep_buffers=2)], depth=1).run(pairs, sink=sink)
     assert len(seen) == 6
@@ -369,7 +341,7 @@ async def test_cuda_buckets_are_ready_after_their_event() -> None:  # pragma: no
     got = [(n, t.cpu()) for b in buckets for n, t in b.tensors]
     check_buckets_cpu = [(n, t.cpu()) for n, t in pairs]
     for (name, a), (_, b) in zip(got, check_buckets_cpu, strict=True):
-        assert torch.equal(_bytes(a), _bytes(b)), name
+        assert torch.equal(as_bytes(a), as_bytes(b)), name
 
 
 async def test_cuda_code_path_runs_with_fake_streams(monkeypatch: pytest.MonkeyPatch) -> None:

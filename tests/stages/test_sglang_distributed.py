@@ -11,7 +11,6 @@ than one receiving rank (the layout is per rank identical; only world size chang
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 from tests.fakes.sglang_engine import FakeSGLangEngine
 from tests.fakes.sglang_http import SGLangHTTPDouble
 from tests.fakes.sglang_receiver import SubprocessReceiver
+from tests.helpers import bits, free_port, sync
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError
 from weightpipe.stages.engines.sglang_distributed import SGLangDistributedEngine
@@ -44,24 +44,13 @@ def _spec() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {n: (tuple(t.shape), t.dtype) for n, t in _model()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
 def _assert_received(
     weights: dict[str, torch.Tensor], sent: list[tuple[str, torch.Tensor]]
 ) -> None:
     for name, tensor in sent:
         assert weights[name].dtype == tensor.dtype, name
         assert weights[name].shape == tensor.shape, name
-        assert torch.equal(_bits(weights[name]), _bits(tensor)), name
+        assert torch.equal(bits(weights[name]), bits(tensor)), name
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +62,6 @@ def receiver() -> Iterator[SubprocessReceiver]:
         yield rank
     finally:
         rank.close()
-
-
-async def _sync(engine: SGLangDistributedEngine, version: int, buckets: list[WeightBucket]) -> None:
-    await engine.begin(version)
-    try:
-        for bucket in buckets:
-            await engine.load(bucket)
-        await engine.commit(version)
-    except BaseException:
-        await engine.abort(version)
-        raise
 
 
 def _buckets(version: int, tensors: list[tuple[str, torch.Tensor]]) -> list[WeightBucket]:
@@ -108,18 +86,18 @@ async def test_flattened_buckets_over_http_control_0523(receiver: SubprocessRece
             engine = SGLangDistributedEngine(
                 control,
                 master_address="127.0.0.1",
-                master_port=_free_port(),
+                master_port=free_port(),
                 group_name="wp_flat",
                 timeout_s=60,
             )
             try:
-                await _sync(engine, 1, _buckets(1, _model()))
+                await sync(engine, 1, _buckets(1, _model()))
                 assert await engine.version() == 1
                 _assert_received(server.weights, _model())
                 # the group is reused by the next sync
                 second = [(n, t.clone()) for n, t in _model()]
                 second[-1] = ("lm_head.weight", torch.ones(5, 7, dtype=torch.bfloat16))
-                await _sync(engine, 2, _buckets(2, second))
+                await sync(engine, 2, _buckets(2, second))
                 assert await engine.version() == 2
                 _assert_received(server.weights, second)
             finally:
@@ -151,13 +129,13 @@ async def test_per_tensor_broadcasts_on_0512(receiver: SubprocessReceiver) -> No
             engine = SGLangDistributedEngine(
                 control,
                 master_address="127.0.0.1",
-                master_port=_free_port(),
+                master_port=free_port(),
                 group_name="wp_per_tensor",
                 load_format=None,
                 timeout_s=60,
             )
             try:
-                await _sync(engine, 3, [WeightBucket(tuple(tensors), 0, True, 3)])
+                await sync(engine, 3, [WeightBucket(tuple(tensors), 0, True, 3)])
             finally:
                 await engine.close()
             assert await control.version() == 3
@@ -181,19 +159,19 @@ async def test_refused_bucket_names_the_tensor_and_the_group_is_rebuilt(
             engine = SGLangDistributedEngine(
                 control,
                 master_address="127.0.0.1",
-                master_port=_free_port(),
+                master_port=free_port(),
                 group_name="wp_refused",
                 timeout_s=60,
             )
             try:
                 with pytest.raises(EngineError, match="is not a parameter") as info:
-                    await _sync(engine, 1, _buckets(1, _model()))
+                    await sync(engine, 1, _buckets(1, _model()))
                 assert info.value.tensor == "lm_head.weight"
                 assert await engine.version() is None
                 assert not server.session_open
                 # the next sync rebuilds the group and succeeds
                 ok = [(n, t) for n, t in _model() if n != "lm_head.weight"]
-                await _sync(engine, 2, _buckets(2, ok))
+                await sync(engine, 2, _buckets(2, ok))
                 assert await engine.version() == 2
                 _assert_received(server.weights, ok)
             finally:
@@ -207,7 +185,7 @@ async def test_group_that_cannot_form_is_one_clear_error() -> None:
             engine = SGLangDistributedEngine(
                 control,
                 master_address="127.0.0.1",
-                master_port=_free_port(),
+                master_port=free_port(),
                 group_name="wp_no_group",
                 timeout_s=5,
             )
@@ -222,12 +200,12 @@ async def test_in_process_control(receiver: SubprocessReceiver) -> None:
     engine = SGLangDistributedEngine(
         SGLangEngine(fake),
         master_address="127.0.0.1",
-        master_port=_free_port(),
+        master_port=free_port(),
         group_name="wp_in_process",
         timeout_s=60,
     )
     try:
-        await _sync(engine, 5, _buckets(5, _model()))
+        await sync(engine, 5, _buckets(5, _model()))
     finally:
         await engine.close()
     assert await engine.version() == 5

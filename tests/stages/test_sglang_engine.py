@@ -26,6 +26,7 @@ from tests.fakes.sglang_engine import (
     FakeSGLangEngine0512,
     FakeSGLangModule,
 )
+from tests.helpers import sync
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError
 from weightpipe.stages.engines.sglang_engine import SGLangEngine, import_sglang
@@ -49,16 +50,6 @@ def _spec() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
 
 def _bucket(version: int, tensors: list[tuple[str, torch.Tensor]] | None = None) -> WeightBucket:
     return WeightBucket(tuple(_model() if tensors is None else tensors), 0, True, version)
-
-
-async def _sync(engine: SGLangEngine, version: int, bucket: WeightBucket) -> None:
-    await engine.begin(version)
-    try:
-        await engine.load(bucket)
-        await engine.commit(version)
-    except BaseException:
-        await engine.abort(version)
-        raise
 
 
 def _engine_methods() -> dict[str, ast.FunctionDef]:
@@ -113,7 +104,7 @@ async def test_sync_bit_identical(load_format: str) -> None:
     fake = FakeSGLangEngine(_spec(), tp_size=2)
     engine = SGLangEngine(fake, tp_size=2, load_format=load_format)  # type: ignore[arg-type]
     assert await engine.version() is None
-    await _sync(engine, 4, _bucket(4))
+    await sync(engine, 4, [_bucket(4)])
     assert await engine.version() == 4
     assert fake.calls == [
         "begin_weight_update",
@@ -129,7 +120,7 @@ async def test_sync_bit_identical(load_format: str) -> None:
 async def test_no_sessions_on_0512_engine() -> None:
     fake = FakeSGLangEngine0512(_spec())
     engine = SGLangEngine(fake)
-    await _sync(engine, 1, _bucket(1))
+    await sync(engine, 1, [_bucket(1)])
     assert fake.calls == ["update_weights_from_tensor", "flush_cache"]
     assert await engine.version() == 1
 
@@ -137,7 +128,7 @@ async def test_no_sessions_on_0512_engine() -> None:
 async def test_session_off_against_0523_is_refused_clearly() -> None:
     engine = SGLangEngine(FakeSGLangEngine(_spec()), session="off")
     with pytest.raises(EngineError, match="must run between begin_weight_update"):
-        await _sync(engine, 1, _bucket(1))
+        await sync(engine, 1, [_bucket(1)])
     assert await engine.version() is None
 
 
@@ -146,7 +137,7 @@ async def test_refusal_names_the_tensor_and_keeps_the_version() -> None:
     engine = SGLangEngine(fake, initial_version=3)
     bad = [("model.layers.0.self_attn.q_proj.weight", torch.zeros(6, 8))]
     with pytest.raises(EngineError, match=r"expects \(6, 8\) torch.float8_e4m3fn") as info:
-        await _sync(engine, 4, _bucket(4, bad))
+        await sync(engine, 4, [_bucket(4, bad)])
     assert info.value.tensor == "model.layers.0.self_attn.q_proj.weight"
     assert await engine.version() == 3
     assert not fake.session_open
@@ -156,11 +147,11 @@ async def test_unknown_name_and_engine_exception() -> None:
     fake = FakeSGLangEngine(_spec())
     engine = SGLangEngine(fake)
     with pytest.raises(EngineError, match="is not a parameter") as info:
-        await _sync(engine, 1, _bucket(1, [("nope.weight", torch.zeros(1))]))
+        await sync(engine, 1, [_bucket(1, [("nope.weight", torch.zeros(1))])])
     assert info.value.tensor == "nope.weight"
     fake.raise_next = RuntimeError("CUDA error: an illegal memory access")
     with pytest.raises(EngineError, match="begin_weight_update raised RuntimeError: CUDA"):
-        await _sync(engine, 2, _bucket(2))
+        await sync(engine, 2, [_bucket(2)])
     assert await engine.version() is None
 
 
@@ -168,7 +159,7 @@ async def test_flush_failure_at_commit_keeps_the_version() -> None:
     fake = FakeSGLangEngine(_spec(), running_requests=1)
     engine = SGLangEngine(fake, initial_version=0)
     with pytest.raises(EngineError, match="flush_cache failed: requests are running"):
-        await _sync(engine, 1, _bucket(1))
+        await sync(engine, 1, [_bucket(1)])
     assert await engine.version() == 0
 
 
@@ -205,7 +196,7 @@ async def test_lazy_construction_and_shutdown(monkeypatch: pytest.MonkeyPatch) -
     module = FakeSGLangModule(_spec())
     monkeypatch.setattr("weightpipe.stages.engines.sglang_engine.import_sglang", lambda: module)
     engine = SGLangEngine(model_path="/models/x", tp_size=1)
-    await _sync(engine, 1, _bucket(1))
+    await sync(engine, 1, [_bucket(1)])
     assert module.built == [{"model_path": "/models/x", "tp_size": 1}]
     fake = engine.engine
     await engine.aclose()

@@ -17,6 +17,7 @@ import torch
 
 from tests.fakes.sglang_http import SGLangHTTPDouble
 from tests.fakes.sglang_model import SessionRefusal
+from tests.helpers import bits, sync
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError
 from weightpipe.stages.engines.sglang_http import SGLangHTTPEngine, parse_version, uses_sessions
@@ -50,10 +51,6 @@ def _buckets(
     ]
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
 @pytest.fixture
 def double() -> Iterator[SGLangHTTPDouble]:
     with SGLangHTTPDouble(_spec()) as server:
@@ -66,24 +63,13 @@ def double_0512() -> Iterator[SGLangHTTPDouble]:
         yield server
 
 
-async def _sync(engine: SGLangHTTPEngine, version: int, buckets: list[WeightBucket]) -> None:
-    await engine.begin(version)
-    try:
-        for bucket in buckets:
-            await engine.load(bucket)
-        await engine.commit(version)
-    except BaseException:
-        await engine.abort(version)
-        raise
-
-
 def _assert_applied(server: SGLangHTTPDouble, tensors: list[tuple[str, torch.Tensor]]) -> None:
     assert set(server.weights) == {n for n, _ in tensors}
     for name, sent in tensors:
         got = server.weights[name]
         assert got.dtype == sent.dtype, name
         assert got.shape == sent.shape, name
-        assert torch.equal(_bits(got), _bits(sent)), name
+        assert torch.equal(bits(got), bits(sent)), name
 
 
 def test_engine_satisfies_protocol() -> None:
@@ -98,7 +84,7 @@ async def test_sync_is_bit_identical_on_both_sglang_versions(
     with SGLangHTTPDouble(_spec(), behave_like=behave_like) as server:  # type: ignore[arg-type]
         async with SGLangHTTPEngine(server.url, load_format=load_format) as engine:  # type: ignore[arg-type]
             assert await engine.version() is None  # "default" is not a number
-            await _sync(engine, 7, _buckets(7))
+            await sync(engine, 7, _buckets(7))
             assert await engine.version() == 7
         _assert_applied(server, _model())
         assert server.weight_version == "7"
@@ -107,7 +93,7 @@ async def test_sync_is_bit_identical_on_both_sglang_versions(
 
 async def test_request_sequence_on_0523(double: SGLangHTTPDouble) -> None:
     async with SGLangHTTPEngine(double.url) as engine:
-        await _sync(engine, 3, _buckets(3))
+        await sync(engine, 3, _buckets(3))
     assert double.paths() == [
         "/server_info",
         "/begin_weight_update",
@@ -127,7 +113,7 @@ async def test_request_sequence_on_0523(double: SGLangHTTPDouble) -> None:
 
 async def test_no_sessions_on_0512(double_0512: SGLangHTTPDouble) -> None:
     async with SGLangHTTPEngine(double_0512.url) as engine:
-        await _sync(engine, 1, _buckets(1))
+        await sync(engine, 1, _buckets(1))
         assert engine.server_version == "0.5.12"
     paths = double_0512.paths()
     assert paths[:2] == ["/server_info", "/get_server_info"]  # falls back to the old name
@@ -138,13 +124,13 @@ async def test_no_sessions_on_0512(double_0512: SGLangHTTPDouble) -> None:
 async def test_tensor_parallel_ranks_each_decode_their_own_payload() -> None:
     with SGLangHTTPDouble(_spec(), tp_size=2) as server:
         async with SGLangHTTPEngine(server.url, tp_size=2) as engine:
-            await _sync(engine, 1, _buckets(1))
+            await sync(engine, 1, _buckets(1))
         assert len(server.updates) == 2
         for per_rank in server.updates:
             assert len(per_rank) == 2
             for (n0, t0), (n1, t1) in zip(per_rank[0], per_rank[1], strict=True):
                 assert n0 == n1
-                assert torch.equal(_bits(t0), _bits(t1))
+                assert torch.equal(bits(t0), bits(t1))
         _assert_applied(server, _model())
 
 
@@ -159,13 +145,13 @@ async def test_flattened_buffer_from_fetch_is_sent_as_is(double: SGLangHTTPDoubl
     )
     bucket = WeightBucket(views, index=0, is_last=True, version=2, buffer=buffer)
     async with SGLangHTTPEngine(double.url) as engine:
-        await _sync(engine, 2, [bucket])
+        await sync(engine, 2, [bucket])
     _assert_applied(double, tensors)
 
 
 async def test_namespace_metadata_decodes_with_sglang(double: SGLangHTTPDouble) -> None:
     async with SGLangHTTPEngine(double.url, metadata="namespace") as engine:
-        await _sync(engine, 4, _buckets(4))
+        await sync(engine, 4, _buckets(4))
     _assert_applied(double, _model())
 
 
@@ -190,7 +176,7 @@ async def test_sessions_probed_when_server_hides_its_version(behave_like: str) -
         version_in_server_info=False,
     ) as server:
         async with SGLangHTTPEngine(server.url) as engine:
-            await _sync(engine, 5, _buckets(5))
+            await sync(engine, 5, _buckets(5))
             assert await engine.version() == 5
         assert ("/end_weight_update" in server.paths()) == (behave_like == "0.5.23")
 
@@ -221,7 +207,7 @@ async def test_session_on_against_0512_names_the_missing_endpoint(
 async def test_bearer_api_key() -> None:
     with SGLangHTTPDouble(_spec(), api_key="s3cret") as server:
         async with SGLangHTTPEngine(server.url, api_key="s3cret") as engine:
-            await _sync(engine, 1, _buckets(1))
+            await sync(engine, 1, _buckets(1))
         assert all(c.authorized for c in server.calls)
         async with SGLangHTTPEngine(server.url, api_key="wrong", backoff_s=0) as engine:
             with pytest.raises(EngineError, match="401"):
@@ -245,18 +231,18 @@ async def test_flush_refused_while_requests_run_in_place() -> None:
         async with SGLangHTTPEngine(server.url, retries=2, backoff_s=0) as engine:
             await engine.pause("in_place")
             with pytest.raises(EngineError, match=r"flush_cache failed.*after 3 attempts"):
-                await _sync(engine, 1, _buckets(1))
+                await sync(engine, 1, _buckets(1))
             await engine.resume()
             assert await engine.version() is None  # version never set
             assert server.paths().count("/flush_cache") == 3  # cache-not-flushed is retried
             await engine.pause("retract")  # retracted requests let the flush through
-            await _sync(engine, 2, _buckets(2))
+            await sync(engine, 2, _buckets(2))
             assert await engine.version() == 2
 
 
 async def test_no_flush_when_disabled(double: SGLangHTTPDouble) -> None:
     async with SGLangHTTPEngine(double.url, flush_cache_on_commit=False) as engine:
-        await _sync(engine, 1, _buckets(1))
+        await sync(engine, 1, _buckets(1))
     assert "/flush_cache" not in double.paths()
 
 
@@ -266,7 +252,7 @@ async def test_no_flush_when_disabled(double: SGLangHTTPDouble) -> None:
 async def test_5xx_is_retried_then_succeeds(double: SGLangHTTPDouble) -> None:
     double.fail_with_503("/update_weights_from_tensor", 2)
     async with SGLangHTTPEngine(double.url, retries=3, backoff_s=0) as engine:
-        await _sync(engine, 1, _buckets(1))
+        await sync(engine, 1, _buckets(1))
         assert await engine.version() == 1
     assert double.paths().count("/update_weights_from_tensor") == 4  # 2 refused + 2 buckets
     _assert_applied(double, _model())
@@ -276,7 +262,7 @@ async def test_5xx_gives_up_after_retries(double: SGLangHTTPDouble) -> None:
     double.fail_with_503("/update_weights_from_tensor", 10)
     async with SGLangHTTPEngine(double.url, retries=2, backoff_s=0) as engine:
         with pytest.raises(EngineError, match=r"503.*gave up after 3 attempts") as info:
-            await _sync(engine, 1, _buckets(1))
+            await sync(engine, 1, _buckets(1))
         assert info.value.retryable
         assert await engine.version() is None
     assert not double.session_open  # abort closed the session
@@ -296,9 +282,9 @@ async def test_validation_failures_name_the_tensor_and_are_not_retried(
 ) -> None:
     tensors = [*_model()[:3], bad]
     async with SGLangHTTPEngine(double.url, backoff_s=0) as engine:
-        await _sync(engine, 1, _buckets(1))
+        await sync(engine, 1, _buckets(1))
         with pytest.raises(EngineError, match=match) as info:
-            await _sync(engine, 2, _buckets(2, tensors))
+            await sync(engine, 2, _buckets(2, tensors))
         assert info.value.tensor == bad[0]
         assert not info.value.retryable
         assert await engine.version() == 1  # unchanged
@@ -312,14 +298,14 @@ async def test_success_false_is_one_clear_error(double: SGLangHTTPDouble) -> Non
         with pytest.raises(
             EngineError, match=r"/update_weights_from_tensor failed \(400\): out of memory"
         ):
-            await _sync(engine, 1, _buckets(1))
+            await sync(engine, 1, _buckets(1))
         assert await engine.version() is None
     assert double.paths().count("/update_weights_from_tensor") == 1
 
 
 async def test_load_failing_mid_sync_keeps_old_version(double: SGLangHTTPDouble) -> None:
     async with SGLangHTTPEngine(double.url, backoff_s=0) as engine:
-        await _sync(engine, 1, _buckets(1))
+        await sync(engine, 1, _buckets(1))
         first, second = _buckets(2)
         await engine.begin(2)
         await engine.load(first)
@@ -332,7 +318,7 @@ async def test_load_failing_mid_sync_keeps_old_version(double: SGLangHTTPDouble)
         assert "/update_weight_version" in double.paths()  # only from sync 1
         assert double.paths().count("/update_weight_version") == 1
         double.allow("/update_weights_from_tensor")
-        await _sync(engine, 3, _buckets(3))  # the engine is usable again
+        await sync(engine, 3, _buckets(3))  # the engine is usable again
         assert await engine.version() == 3
 
 
@@ -348,7 +334,7 @@ async def test_timeout_on_a_hung_update(double: SGLangHTTPDouble) -> None:
     double.hang("/update_weights_from_tensor")
     async with SGLangHTTPEngine(double.url, timeout_s=0.5, retries=3) as engine:
         with pytest.raises(EngineError, match=r"timed out after 0\.5 s"):
-            await _sync(engine, 1, _buckets(1))
+            await sync(engine, 1, _buckets(1))
         assert double.wait_until_hanging()
         assert await engine.version() is None
     assert double.paths().count("/update_weights_from_tensor") == 1  # a hang is not retried
@@ -358,7 +344,7 @@ async def test_timeout_on_a_hung_update(double: SGLangHTTPDouble) -> None:
 async def test_shared_client_is_left_open(double: SGLangHTTPDouble) -> None:
     async with httpx.AsyncClient() as client:
         async with SGLangHTTPEngine(double.url, client=client) as engine:
-            await _sync(engine, 1, _buckets(1))
+            await sync(engine, 1, _buckets(1))
         assert not client.is_closed
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-import socket
 import traceback
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -17,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
+from tests.helpers import free_port
 from weightpipe.pipeline import Pipeline, as_async_iter
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.fetch import Fetch
@@ -210,12 +210,6 @@ async def test_safetensors_streaming_memory_is_bounded_by_buckets_not_files(
 # -- DTensor shards gathered with full_tensor() (2 processes, gloo) ------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _dtensor_worker(rank: int, port: int, results: Any) -> None:
     import torch.distributed as dist
 
@@ -261,7 +255,7 @@ def _dtensor_worker(rank: int, port: int, results: Any) -> None:
 def test_dtensor_shards_are_gathered_in_order_on_every_rank() -> None:
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
+    port = free_port()
     processes = [
         context.Process(target=_dtensor_worker, args=(rank, port, results), daemon=True)
         for rank in range(2)
