@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
+from tests.helpers import free_port
 from weightpipe.pipeline.config import load_config
 from weightpipe.stages.demo import fp8_weight_names, run_demo
 
@@ -31,9 +30,7 @@ def test_demo_runs_and_verifies_every_sync(capsys: pytest.CaptureFixture[str]) -
 def test_demo_exits_non_zero_when_the_engine_is_unreachable(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     config = load_config(
         overrides=[
             "demo.steps=2",

@@ -9,16 +9,14 @@ see as an error naming the bucket, and a receive that times out naming the bucke
 
 from __future__ import annotations
 
-import queue
 import traceback
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.helpers import DTYPES, as_bytes, free_port
+from tests.helpers import DTYPES, as_bytes, free_port, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -138,30 +136,7 @@ def _worker(rank: int, port: int, results: Any, done: Any) -> None:
 
 
 def test_three_process_round_trip_abort_and_timeout() -> None:
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    done = context.Event()
-    port = free_port()
-    processes = [
-        context.Process(target=_worker, args=(rank, port, results, done), daemon=True)
-        for rank in range(WORLD)
-    ]
-    for process in processes:
-        process.start()
-    reports: dict[int, tuple[str, Any]] = {}
-    try:
-        while len(reports) < WORLD:
-            try:
-                rank, status, detail = results.get(timeout=90)
-            except queue.Empty:
-                pytest.fail(f"no report from ranks {sorted(set(range(WORLD)) - set(reports))}")
-            reports[rank] = (status, detail)
-    finally:
-        done.set()
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
+    reports = run_ranks(_worker, WORLD, free_port(), with_done=True)
     failed = {rank: detail for rank, (status, detail) in reports.items() if status != "ok"}
     assert not failed, "\n".join(f"rank {r} failed:\n{d}" for r, d in sorted(failed.items()))
     assert reports[0][1] > 3  # several buckets, including the lone oversize one

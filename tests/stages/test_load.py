@@ -24,6 +24,13 @@ def buckets(version: int = 1, count: int = 3) -> list[WeightBucket]:
     return fake_buckets(tensors, per_bucket=1, version=version)
 
 
+async def failing_source() -> AsyncIterator[WeightBucket]:
+    """Two buckets of a sync, then the trainer goes away."""
+    for bucket in buckets()[:2]:
+        yield bucket
+    raise OSError("trainer went away")
+
+
 async def run(load: Load, source: object, *stages: object) -> None:
     await Pipeline([*stages, load], depth=2).run(source)  # type: ignore[arg-type]
 
@@ -105,14 +112,9 @@ async def test_prefetch_holds_buckets_back_up_to_its_budget(
 
 
 async def test_prefetch_failure_while_holding_touches_nothing() -> None:
-    async def source() -> AsyncIterator[WeightBucket]:
-        for bucket in buckets()[:2]:
-            yield bucket
-        raise OSError("trainer went away")
-
     engine = FakeEngine()
     with pytest.raises(StageError, match="trainer went away"):
-        await run(Load(engine, mode="prefetch", prefetch_bytes=None), source())
+        await run(Load(engine, mode="prefetch", prefetch_bytes=None), failing_source())
     assert engine.calls == []
 
 
@@ -217,15 +219,10 @@ async def test_failed_resume_after_commit_is_reported() -> None:
 
 
 async def test_upstream_failure_mid_sync_aborts() -> None:
-    async def source() -> AsyncIterator[WeightBucket]:
-        for bucket in buckets()[:2]:
-            yield bucket
-        raise OSError("trainer went away")
-
     engine = FakeEngine()
     load = Load(engine, mode="pause")
     with pytest.raises(StageError) as info:
-        await run(load, source())
+        await run(load, failing_source())
     assert info.value.stage == "source"
     assert ("abort", 1) in engine.calls
     assert await engine.version() == 0

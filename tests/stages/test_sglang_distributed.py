@@ -12,6 +12,7 @@ than one receiving rank (the layout is per rank identical; only world size chang
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -72,6 +73,17 @@ def _buckets(version: int, tensors: list[tuple[str, torch.Tensor]]) -> list[Weig
     ]
 
 
+def _local_engine(control: Any, group_name: str, **kwargs: Any) -> SGLangDistributedEngine:
+    """The engine under test, rank 0 of a group on 127.0.0.1 at a free port."""
+    return SGLangDistributedEngine(
+        control,
+        master_address="127.0.0.1",
+        master_port=free_port(),
+        group_name=group_name,
+        **kwargs,
+    )
+
+
 def test_satisfies_protocol() -> None:
     control = SGLangHTTPEngine("http://127.0.0.1:1")
     assert isinstance(
@@ -83,13 +95,7 @@ async def test_flattened_buckets_over_http_control_0523(receiver: SubprocessRece
     with SGLangHTTPDouble(_spec()) as server:
         server.receiver = receiver
         async with SGLangHTTPEngine(server.url) as control:
-            engine = SGLangDistributedEngine(
-                control,
-                master_address="127.0.0.1",
-                master_port=free_port(),
-                group_name="wp_flat",
-                timeout_s=60,
-            )
+            engine = _local_engine(control, "wp_flat", timeout_s=60)
             try:
                 await sync(engine, 1, _buckets(1, _model()))
                 assert await engine.version() == 1
@@ -126,14 +132,7 @@ async def test_per_tensor_broadcasts_on_0512(receiver: SubprocessReceiver) -> No
     with SGLangHTTPDouble(spec, behave_like="0.5.12") as server:
         server.receiver = receiver
         async with SGLangHTTPEngine(server.url) as control:
-            engine = SGLangDistributedEngine(
-                control,
-                master_address="127.0.0.1",
-                master_port=free_port(),
-                group_name="wp_per_tensor",
-                load_format=None,
-                timeout_s=60,
-            )
+            engine = _local_engine(control, "wp_per_tensor", load_format=None, timeout_s=60)
             try:
                 await sync(engine, 3, [WeightBucket(tuple(tensors), 0, True, 3)])
             finally:
@@ -156,13 +155,7 @@ async def test_refused_bucket_names_the_tensor_and_the_group_is_rebuilt(
     with SGLangHTTPDouble(spec) as server:
         server.receiver = receiver
         async with SGLangHTTPEngine(server.url) as control:
-            engine = SGLangDistributedEngine(
-                control,
-                master_address="127.0.0.1",
-                master_port=free_port(),
-                group_name="wp_refused",
-                timeout_s=60,
-            )
+            engine = _local_engine(control, "wp_refused", timeout_s=60)
             try:
                 with pytest.raises(EngineError, match="is not a parameter") as info:
                     await sync(engine, 1, _buckets(1, _model()))
@@ -182,13 +175,7 @@ async def test_refused_bucket_names_the_tensor_and_the_group_is_rebuilt(
 async def test_group_that_cannot_form_is_one_clear_error() -> None:
     with SGLangHTTPDouble(_spec()) as server:  # no receiver: the double refuses the group
         async with SGLangHTTPEngine(server.url) as control:
-            engine = SGLangDistributedEngine(
-                control,
-                master_address="127.0.0.1",
-                master_port=free_port(),
-                group_name="wp_no_group",
-                timeout_s=5,
-            )
+            engine = _local_engine(control, "wp_no_group", timeout_s=5)
             with pytest.raises(EngineError, match="init_weights_update_group failed"):
                 await engine.begin(1)
             assert await engine.version() is None
@@ -197,13 +184,7 @@ async def test_group_that_cannot_form_is_one_clear_error() -> None:
 async def test_in_process_control(receiver: SubprocessReceiver) -> None:
     fake = FakeSGLangEngine(_spec())
     fake.receiver = receiver
-    engine = SGLangDistributedEngine(
-        SGLangEngine(fake),
-        master_address="127.0.0.1",
-        master_port=free_port(),
-        group_name="wp_in_process",
-        timeout_s=60,
-    )
+    engine = _local_engine(SGLangEngine(fake), "wp_in_process", timeout_s=60)
     try:
         await sync(engine, 5, _buckets(5, _model()))
     finally:

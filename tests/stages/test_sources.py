@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import queue
 import traceback
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -13,10 +12,9 @@ from typing import Any
 import anyio
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from tests.helpers import free_port
+from tests.helpers import free_port, run_ranks
 from weightpipe.pipeline import Pipeline, as_async_iter
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.fetch import Fetch
@@ -253,28 +251,7 @@ def _dtensor_worker(rank: int, port: int, results: Any) -> None:
 
 @pytest.mark.slow
 def test_dtensor_shards_are_gathered_in_order_on_every_rank() -> None:
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = free_port()
-    processes = [
-        context.Process(target=_dtensor_worker, args=(rank, port, results), daemon=True)
-        for rank in range(2)
-    ]
-    for process in processes:
-        process.start()
-    reports = {}
-    try:
-        for _ in processes:
-            try:
-                rank, status, detail = results.get(timeout=90)
-            except queue.Empty:
-                pytest.fail("a DTensor worker never reported")
-            reports[rank] = (status, detail)
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
+    reports = run_ranks(_dtensor_worker, 2, free_port())
     failed = {r: d for r, (s, d) in reports.items() if s != "ok"}
     assert not failed, "\n".join(f"rank {r}:\n{d}" for r, d in sorted(failed.items()))
 
