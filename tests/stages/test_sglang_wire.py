@@ -140,32 +140,43 @@ def test_distributed_order_matches_sglangs_receive_bucket() -> None:
     _same(receive.reconstruct_tensors(), ordered)
 
 
-def test_payload_decodes_in_an_unrelated_process() -> None:
-    tensors = _awkward()
-    payloads = wire.encode_flattened_bucket(tensors, cpu_strategy="file_system")
-    text = wire.b64encode_payloads(payloads)[0]
+def _decode_in_another_process(text: str, *, cuda: bool, timeout_s: int) -> list[str]:
+    """Decode one base64 payload with SGLang's code in a fresh interpreter; one line
+    ``name [bytes...]`` per tensor. Asserts the process succeeded (and, with ``cuda``,
+    that the payload arrived as a CUDA tensor)."""
     script = (
         "import sys, torch\n"
         "from sglang.srt.utils import MultiprocessingSerializer\n"
         "from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket\n"
         "d = MultiprocessingSerializer.deserialize(sys.stdin.read().strip())\n"
-        "b = FlattenedTensorBucket(flattened_tensor=d['flattened_tensor'], "
+        + ("assert d['flattened_tensor'].is_cuda\n" if cuda else "")
+        + "b = FlattenedTensorBucket(flattened_tensor=d['flattened_tensor'], "
         "metadata=d['metadata'])\n"
         "for n, t in b.reconstruct_tensors():\n"
-        "    print(n, t.contiguous().view(torch.uint8).tolist())\n"
+        f"    print(n, t.contiguous().view(torch.uint8){'.cpu()' if cuda else ''}.tolist())\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script],
         input=text,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    expected = [f"{n} {t.contiguous().view(torch.uint8).tolist()}" for n, t in tensors]
-    assert lines == expected
+    return done.stdout.strip().splitlines()
+
+
+def _byte_lines(tensors: list[tuple[str, torch.Tensor]]) -> list[str]:
+    return [f"{n} {t.contiguous().view(torch.uint8).cpu().tolist()}" for n, t in tensors]
+
+
+def test_payload_decodes_in_an_unrelated_process() -> None:
+    tensors = _awkward()
+    payloads = wire.encode_flattened_bucket(tensors, cpu_strategy="file_system")
+    text = wire.b64encode_payloads(payloads)[0]
+    lines = _decode_in_another_process(text, cuda=False, timeout_s=120)
+    assert lines == _byte_lines(tensors)
 
 
 def test_encode_errors() -> None:
@@ -213,25 +224,5 @@ def test_cuda_payload_decodes_in_another_process_via_cuda_ipc() -> None:
     tensors = [(n, t.cuda()) for n, t in _awkward()]
     torch.cuda.synchronize()
     text = wire.b64encode_payloads(wire.encode_flattened_bucket(tensors))[0]
-    script = (
-        "import sys, torch\n"
-        "from sglang.srt.utils import MultiprocessingSerializer\n"
-        "from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket\n"
-        "d = MultiprocessingSerializer.deserialize(sys.stdin.read().strip())\n"
-        "assert d['flattened_tensor'].is_cuda\n"
-        "b = FlattenedTensorBucket(flattened_tensor=d['flattened_tensor'], "
-        "metadata=d['metadata'])\n"
-        "for n, t in b.reconstruct_tensors():\n"
-        "    print(n, t.contiguous().view(torch.uint8).cpu().tolist())\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        input=text,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    expected = [f"{n} {t.contiguous().view(torch.uint8).cpu().tolist()}" for n, t in tensors]
-    assert done.stdout.strip().splitlines() == expected
+    lines = _decode_in_another_process(text, cuda=True, timeout_s=300)
+    assert lines == _byte_lines(tensors)
