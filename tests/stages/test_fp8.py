@@ -367,3 +367,19 @@ def test_property_ue8m0_never_under_scales(amax):
     s = fp8_scale_from_amax(a, "ue8m0")
     assert float(torch.frexp(s)[0]) == 0.5
     assert max(amax, FP8_EPSILON) / float(s) <= 448.0
+
+
+def test_quotient_one_ulp_above_448_still_maps_to_448(cpu_kernel):
+    """amax / RN(amax / 448) can round to 448.00003: the clamp (or the rounding) gives 448."""
+    gen = torch.Generator().manual_seed(11)
+    amax = torch.rand(4096, generator=gen) * 10 + 0.01
+    over = amax / (amax / torch.tensor(448.0)) > 448.0
+    assert bool(over.any())
+    w = torch.zeros(64, 128)
+    picked = amax[over][:64]
+    w[: picked.numel(), 0] = picked  # each row block's amax is its own row's value
+    for method in METHODS:
+        got = quantize_fp8(w, method=method, block=(1, 128))
+        assert_same(got, quantize_fp8_reference(w, method=method, block=(1, 128)))
+    q = quantize_block_fp8(w, block=(1, 128)).qweight
+    assert bool((q[: picked.numel(), 0].float() == 448.0).all())
