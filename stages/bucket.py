@@ -61,11 +61,20 @@ class WeightBucket:
     def wait_ready(self, stream: Any = None) -> None:
         """Make ``stream`` (default: the current CUDA stream) wait for this bucket.
 
-        No-op on CPU. Never blocks the host.
+        The bucket's CUDA tensors are also recorded on ``stream``: they were allocated on
+        the producer's stream, and without the record the caching allocator could hand
+        their memory out again while ``stream`` still reads it. No-op on CPU. Never blocks
+        the host.
         """
-        if self.ready is not None:
-            target = stream if stream is not None else torch.cuda.current_stream()
-            target.wait_event(self.ready)
+        if self.ready is None:
+            return
+        target = stream if stream is not None else torch.cuda.current_stream()
+        target.wait_event(self.ready)
+        for _, tensor in self.tensors:
+            if tensor.is_cuda:
+                tensor.record_stream(target)
+        if self.buffer is not None and self.buffer.is_cuda:
+            self.buffer.record_stream(target)
 
     def with_tensors(
         self, tensors: tuple[tuple[str, torch.Tensor], ...], *, ready: Any = None, **meta: Any
