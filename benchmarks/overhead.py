@@ -6,11 +6,15 @@ Two measurements, each against a baseline taken in the same run:
   channel hop is what the framework itself costs (median of several repeats). The plain
   ``for`` loop doing the same no-op calls is reported beside it.
 * ``efficiency``: three stages with unequal per-item costs from real work, each in its
-  stage's worker thread (torch ops release the GIL): a copy out of a source tensor, an FP8
-  quantization, a copy into a destination. ``efficiency`` is the slowest stage's busy time
-  divided by the pipelined wall time (1.0 means the pipeline runs exactly as fast as its
-  bottleneck allows); ``sequential_s`` runs the same three calls one after another per
-  item in the same process, with the same torch thread count, right after.
+  stage's worker thread, shaped like a weight sync: ``fetch`` reads the item's bytes from
+  a file with O_DIRECT (a real device read that bypasses the page cache, so it waits on
+  the disk instead of copying from memory), ``quantize`` FP8-quantizes them with torch
+  (CPU-bound, releases the GIL), ``load`` dequantizes it into a bf16 destination, as
+  the local engine installs FP8 weights. ``efficiency`` is the slowest stage's busy
+  time divided by the pipelined wall time (1.0: the pipeline runs exactly as fast as its
+  bottleneck allows);
+  ``sequential_s`` runs the same three calls one after another per item, in the same
+  process, with the same torch thread count, alternating with the pipelined runs.
 
 Usage: ``python -m benchmarks.overhead --json out/overhead.json``
 """
@@ -18,6 +22,9 @@ Usage: ``python -m benchmarks.overhead --json out/overhead.json``
 from __future__ import annotations
 
 import argparse
+import mmap
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -54,47 +61,73 @@ class Threaded(Stage[int, int]):
 
 
 class Workload:
-    """Real per-item work of unequal cost on preallocated, pre-touched ring buffers.
+    """Per-item work of the efficiency measurement, on preallocated ring buffers.
 
-    Item ``i`` uses slot ``i % SLOTS``. A pipeline of three single-worker stages at depth
-    ``d`` has at most ``3 * (d + 1) + 1`` items alive, so ``SLOTS`` (16) is safe for the
-    depths this benchmark uses (checked in ``measure_efficiency``). Buffers are written
-    once before timing so neither run pays first-touch page faults.
+    Item ``i`` uses slot ``i % SLOTS``; a pipeline of three single-worker stages at depth
+    ``d`` has at most ``3 * (d + 1) + 1`` items alive, which ``measure_efficiency`` checks
+    against ``SLOTS``. Staging buffers come from anonymous mmaps, so they are
+    page-aligned as O_DIRECT requires.
     """
 
     SLOTS = 16
 
-    def __init__(self, numel: int) -> None:
+    def __init__(self, directory: str, items: int, item_bytes: int) -> None:
+        self.item_bytes = item_bytes
+        self.path = os.path.join(directory, "items.bin")
+        if item_bytes % (2 * 128 * 1024):
+            raise ValueError("an item is a [rows, 1024] bf16 matrix, rows a multiple of 128")
         generator = torch.Generator().manual_seed(0)
-        self.source = [torch.randn(numel, generator=generator) for _ in range(4)]
-        self.staged = [
-            torch.zeros(numel, dtype=torch.bfloat16).fill_(1.0) for _ in range(self.SLOTS)
-        ]
-        self.quantized = [
-            torch.zeros(numel, dtype=torch.float8_e4m3fn).fill_(1.0) for _ in range(self.SLOTS)
-        ]
-        self.destination = torch.zeros(numel, dtype=torch.float8_e4m3fn).fill_(1.0)
-        self.checksum = 0
+        values = torch.randn(item_bytes // 2, generator=generator) * 0.02
+        chunk = values.to(torch.bfloat16).view(torch.uint8)
+        with open(self.path, "wb") as file:
+            for _ in range(items):
+                file.write(chunk.numpy().tobytes())
+            file.flush()
+            os.fsync(file.fileno())
+        flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+        try:
+            self.fd = os.open(self.path, flags)
+            self.direct = bool(flags & getattr(os, "O_DIRECT", 0))
+        except OSError:  # a filesystem without O_DIRECT (tmpfs): plain reads
+            self.fd = os.open(self.path, os.O_RDONLY)
+            self.direct = False
+        self._maps = [mmap.mmap(-1, item_bytes) for _ in range(self.SLOTS)]
+        self.staged = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
+        numel = item_bytes // 2
+        self.rows = numel // 1024
+        self.quantized = [torch.zeros(numel, dtype=torch.float8_e4m3fn) for _ in range(self.SLOTS)]
+        self.scales = [torch.zeros(self.rows // 128 * 8) for _ in range(self.SLOTS)]
+        self.destination = torch.zeros(numel, dtype=torch.bfloat16)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        del self.staged
+        for m in self._maps:
+            m.close()
 
     def fetch(self, i: int) -> int:
-        # Gather: the trainer's fp32 master weights checked and cast to bf16 for the wire.
-        staged = self.staged[i % self.SLOTS]
-        staged.copy_(self.source[i % len(self.source)])
-        if not bool(staged.abs().amax().isfinite()):
-            raise ValueError(f"item {i} is not finite")
+        buffer = self._maps[i % self.SLOTS]
+        offset = (i % (os.path.getsize(self.path) // self.item_bytes)) * self.item_bytes
+        if os.preadv(self.fd, [buffer], offset) != self.item_bytes:
+            raise OSError(f"short read of item {i}")
         return i
 
     def quantize(self, i: int) -> int:
-        x = self.staged[i % self.SLOTS]
-        scale = x.abs().amax().clamp_min(1e-12) / FP8_MAX
-        self.quantized[i % self.SLOTS].copy_(torch.div(x, scale).clamp_(-FP8_MAX, FP8_MAX))
+        # Block FP8 of a [rows, 1024] bf16 matrix, 128x128 blocks (plain torch ops).
+        x = self.staged[i % self.SLOTS].view(torch.bfloat16).float()
+        blocks = x.view(self.rows // 128, 128, 8, 128)
+        scale = blocks.abs().amax(dim=(1, 3), keepdim=True).clamp_min(1e-4) / FP8_MAX
+        q = torch.div(blocks, scale).clamp_(-FP8_MAX, FP8_MAX)
+        self.quantized[i % self.SLOTS].copy_(q.view(-1))
+        self.scales[i % self.SLOTS].copy_(scale.view(-1))
         return i
 
     def load(self, i: int) -> int:
-        # Install: copy the FP8 payload into the engine's parameter, then read it back
-        # (a checksum of the installed bytes, as a loader that verifies would).
-        self.destination.copy_(self.quantized[i % self.SLOTS])
-        self.checksum = int(self.destination.view(torch.uint8).sum(dtype=torch.int64))
+        # Install into a bf16 parameter the way the local engine does: dequantize.
+        slot = i % self.SLOTS
+        q = self.quantized[slot].view(self.rows // 128, 128, 8, 128).float()
+        scale = self.scales[slot].view(self.rows // 128, 1, 8, 1)
+        self.destination.copy_(torch.mul(q, scale).view(-1))
         return i
 
 
@@ -122,10 +155,19 @@ async def measure_hops(items: int, stages: int, repeats: int) -> dict[str, float
     }
 
 
-async def measure_efficiency(items: int, numel: int, depth: int, repeats: int) -> dict[str, Any]:
+async def measure_efficiency(
+    items: int, item_bytes: int, depth: int, repeats: int, directory: str
+) -> dict[str, Any]:
     if 3 * (depth + 1) + 1 > Workload.SLOTS:
         raise ValueError(f"depth {depth} needs more than {Workload.SLOTS} ring slots")
-    work = Workload(numel)
+    work = Workload(directory, items, item_bytes)
+    try:
+        return await _measure(work, items, depth, repeats)
+    finally:
+        work.close()
+
+
+async def _measure(work: Workload, items: int, depth: int, repeats: int) -> dict[str, Any]:
     for i in range(Workload.SLOTS):  # warm caches and allocator
         work.load(work.quantize(work.fetch(i)))
     limiter = anyio.CapacityLimiter(1)
@@ -167,7 +209,8 @@ async def measure_efficiency(items: int, numel: int, depth: int, repeats: int) -
         "bottleneck": slowest.name,
         "busy_s": {s.name: s.busy_s for s in report.stages},
         "efficiency_items": items,
-        "efficiency_numel": numel,
+        "efficiency_item_bytes": work.item_bytes,
+        "o_direct": work.direct,
         "depth": depth,
         "pipelined_runs_s": sorted(run[0] for run in runs),
         "sequential_runs_s": sorted(sequential_runs),
@@ -177,7 +220,10 @@ async def measure_efficiency(items: int, numel: int, depth: int, repeats: int) -
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)  # one core per stage; the sequential run uses the same setting
     hops = await measure_hops(args.items, args.stages, args.repeats)
-    efficiency = await measure_efficiency(args.work_items, args.numel, args.depth, args.repeats)
+    with tempfile.TemporaryDirectory(dir=args.dir) as directory:
+        efficiency = await measure_efficiency(
+            args.work_items, args.item_kib * 1024, args.depth, args.repeats, directory
+        )
     return {**hops, **efficiency}
 
 
@@ -188,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work-items", type=int, default=300)
-    parser.add_argument("--numel", type=int, default=1 << 20, help="elements per work item")
+    parser.add_argument("--item-kib", type=int, default=1024, help="bytes per work item")
+    parser.add_argument("--dir", help="where the work file goes (a disk, not tmpfs)")
     parser.add_argument("--depth", type=int, default=2)
     args = parser.parse_args(argv)
     result = anyio.run(main_async, args)

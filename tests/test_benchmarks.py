@@ -26,8 +26,10 @@ def test_overhead_writes_its_figures(tmp_path: Path) -> None:
             "1",
             "--work-items",
             "20",
-            "--numel",
-            "4096",
+            "--item-kib",
+            "256",
+            "--dir",
+            str(tmp_path),
         ]
     )
     data = json.loads(path.read_text())
@@ -35,6 +37,7 @@ def test_overhead_writes_its_figures(tmp_path: Path) -> None:
         assert key in data
     assert data["per_hop_us"] > 0
     assert set(data["busy_s"]) == {"fetch", "quantize", "load"}
+    assert data["efficiency_item_bytes"] == 256 * 1024
     assert result["bottleneck"] in {"fetch", "quantize", "load"}
 
 
