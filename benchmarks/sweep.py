@@ -367,16 +367,31 @@ def plot(result: dict[str, Any], path: str) -> None:
     lines: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for row in result["results"]:
         lines.setdefault((row["bucket_mib"], row["workers"]), []).append(row)
+    colors: dict[int, str] = {}
     for (mib, workers), rows in sorted(lines.items()):
         rows.sort(key=lambda r: r["depth"])
         depths = [r["depth"] for r in rows]
         label = f"{mib} MiB" + (f", {workers} workers" if workers > 1 else "")
-        ax_speed.plot(depths, [r["gbs"] for r in rows], marker="o", label=label)
+        (line,) = ax_speed.plot(depths, [r["gbs"] for r in rows], marker="o", label=label)
+        colors.setdefault(mib, line.get_color())
         ax_mem.plot(
-            depths, [r["peak_rss_growth_bytes"] / MiB for r in rows], marker="o", label=label
+            depths,
+            [r["peak_rss_growth_bytes"] / MiB for r in rows],
+            marker="o",
+            label=label,
+            color=line.get_color(),
         )
     for mib, base in result["sequential"].items():
-        ax_speed.axhline(base["gbs"], linestyle=":", linewidth=1, label=f"sequential {mib} MiB")
+        ax_speed.axhline(
+            base["gbs"],
+            linestyle=":",
+            linewidth=1.2,
+            color=colors.get(int(mib)),
+            label=f"sequential {mib} MiB",
+        )
+    all_depths = sorted({r["depth"] for r in result["results"]})
+    for ax in (ax_speed, ax_mem):
+        ax.set_xticks(all_depths)
     ax_speed.set(xlabel="queue depth", ylabel="GB/s of bf16 input", title="throughput")
     ax_mem.set(xlabel="queue depth", ylabel="peak RSS growth (MiB)", title="peak memory")
     for ax in (ax_speed, ax_mem):
