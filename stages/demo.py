@@ -35,7 +35,7 @@ from weightpipe.pipeline.metrics import MetricsServer, WeightpipeMetrics, serve_
 from .engines.base import Engine
 from .engines.local import LocalEngine
 from .factory import build_engine, build_fetch, build_llama_config, build_quantize
-from .fp8 import check_fp8, dequantize_fp8, quantize_fp8
+from .fp8 import check_fp8, dequantize_fp8, quantize_fp8, warm_up_cpu_kernel
 from .sync import SyncReport, sync_weights
 
 __all__ = ["DemoSync", "run_demo"]
@@ -43,7 +43,11 @@ __all__ = ["DemoSync", "run_demo"]
 
 @dataclass(frozen=True)
 class DemoSync:
-    """One row of the demo's final table."""
+    """One row of the demo's final table.
+
+    ``tokens_per_s_idle`` is generation outside syncs so far (the trainer runs then too),
+    the fair comparison for ``report.tokens_per_s_during_sync``.
+    """
 
     version: int
     step: int
@@ -171,6 +175,9 @@ def print_table(console: Console, rows: list[DemoSync]) -> None:
 async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
     block = (int(config.quantize.block[0]), int(config.quantize.block[1]))
     trainer = await anyio.to_thread.run_sync(Trainer, config)
+    # Compile the fused CPU FP8 kernel now (a few seconds, once per process), not inside
+    # the first sync, where it would show up as a stall of generation.
+    await anyio.to_thread.run_sync(warm_up_cpu_kernel)
     engine: Engine = build_engine(config.engine, config.model, block=block)
     local = engine if isinstance(engine, LocalEngine) else None
     fetch = build_fetch(config.fetch)
@@ -184,6 +191,7 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
     if quantize is not None:
         console.print(f"engine quantization_config: {quantize.quantization_config()}")
     rows: list[DemoSync] = []
+    idle_tokens, idle_s = 0, 0.0
     sync_done = anyio.Event()
     sync_done.set()
     failure: list[BaseException] = []
@@ -209,8 +217,15 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                 async def run_sync(
                     version: int, step: int, snapshot: list[tuple[str, torch.Tensor]]
                 ) -> None:
-                    nonlocal window
-                    idle = window.close().tokens_per_s if window is not None else None
+                    nonlocal window, idle_tokens, idle_s
+                    idle: float | None = None
+                    if window is not None:
+                        # Generation outside syncs so far (training runs in both): a
+                        # cumulative rate, so a short gap between two syncs can't read 0.
+                        stats = window.close()
+                        idle_tokens += stats.tokens
+                        idle_s += stats.elapsed_s
+                        idle = idle_tokens / idle_s if idle_s > 0 else None
                     started = time.perf_counter()
                     try:
                         report = await sync_weights(

@@ -386,6 +386,7 @@ def _block_rows(
 _CPU_KERNEL = os.environ.get("WEIGHTPIPE_FP8_CPU_KERNEL", "auto")
 _NUMBA_LOCK = threading.Lock()
 _NUMBA_STATE: list[Any] = []  # [] = not tried yet; [None] = unavailable; [fn] = compiled
+_WARMED_UP: list[bool] = []  # non-empty once every input dtype's signature is compiled
 # Columns per kernel chunk: a 128 x 4096 bf16 chunk (1 MiB) is read twice, from cache.
 _NUMBA_CHUNK_COLUMNS = 4096
 
@@ -408,9 +409,18 @@ def _numba_kernel() -> Any:
 def warm_up_cpu_kernel() -> bool:
     """Compile the numba CPU kernel now (about 2 s, once per process); True if in use.
 
-    Optional: the first CPU block quantization compiles it otherwise.
+    numba compiles lazily, once per argument-type signature, on the first call: this
+    quantizes a tiny matrix of every input dtype so no real quantization (say the first
+    sync, while an engine generates) pays for compilation. Optional: the first CPU block
+    quantization of each dtype compiles it otherwise.
     """
-    return _CPU_KERNEL != "torch" and _numba_kernel() is not None
+    if _CPU_KERNEL == "torch" or _numba_kernel() is None:
+        return False
+    if not _WARMED_UP:
+        for dtype in _HIGH_PRECISION:
+            quantize_fp8(torch.ones(128, 128, dtype=dtype), name="warm-up")
+        _WARMED_UP.append(True)
+    return True
 
 
 def _build_numba_kernel() -> Any:

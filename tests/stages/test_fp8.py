@@ -383,3 +383,18 @@ def test_quotient_one_ulp_above_448_still_maps_to_448(cpu_kernel):
         assert_same(got, quantize_fp8_reference(w, method=method, block=(1, 128)))
     q = quantize_block_fp8(w, block=(1, 128)).qweight
     assert bool((q[: picked.numel(), 0].float() == 448.0).all())
+
+
+def test_warm_up_compiles_every_signature_real_inputs_use() -> None:
+    # The first sync must not pay for numba's lazy compilation: after the warm-up, no
+    # input dtype or shape adds a signature to the kernel.
+    from weightpipe.stages import fp8 as fp8_module
+
+    if not fp8_module.warm_up_cpu_kernel():
+        pytest.skip("the numba CPU kernel is not in use")
+    kernel = fp8_module._numba_kernel()
+    compiled = len(kernel.signatures)
+    assert compiled >= 1
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        fp8_module.quantize_fp8(torch.randn(300, 260).to(dtype), name="w")
+    assert len(kernel.signatures) == compiled
