@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.helpers import free_port
 from weightpipe.pipeline.config import load_config
@@ -52,3 +53,41 @@ def test_demo_exits_non_zero_when_the_engine_is_unreachable(
 def test_fp8_names_come_from_scale_tensors() -> None:
     names = ["a.weight", "a.weight_scale_inv", "b.weight", "c.weight", "c.weight_scale"]
     assert fp8_weight_names(names) == {"a.weight", "c.weight"}
+
+
+def test_demo_against_sglangs_http_surface() -> None:
+    # `weightpipe demo --engine sglang --url URL`, pointed at the test double of SGLang's
+    # weight endpoints (which decodes every payload with SGLang's own code).
+    from transformers import LlamaForCausalLM
+
+    from tests.fakes.sglang_http import SGLangHTTPDouble
+    from weightpipe.stages.bucket import WeightBucket
+    from weightpipe.stages.factory import build_llama_config
+    from weightpipe.stages.quantize import Fp8Quantize
+
+    overrides = [
+        "demo.steps=2",
+        "demo.sync_every=2",
+        "demo.progress=false",
+        "metrics.enabled=false",
+        "model.num_layers=1",
+    ]
+    base = load_config(overrides=overrides)
+    model = LlamaForCausalLM(build_llama_config(base.model))
+    sample = WeightBucket(
+        tuple((n, p.detach().bfloat16()) for n, p in model.named_parameters()),
+        index=0,
+        is_last=True,
+        version=1,
+    )
+    sent = Fp8Quantize().quantize_bucket(sample)
+    spec = {name: (tuple(t.shape), t.dtype) for name, t in sent.tensors}
+    with SGLangHTTPDouble(spec) as server:
+        config = load_config(overrides=[*overrides, "engine.kind=sglang_http"])
+        config.engine.url = server.url
+        assert run_demo(config) == 0
+        assert server.weight_version == "1"
+        assert set(server.weights) == set(spec)
+        fp8 = [n for n, (_, dtype) in spec.items() if dtype == torch.float8_e4m3fn]
+        assert fp8
+        assert all(server.weights[n].dtype == torch.float8_e4m3fn for n in fp8)
