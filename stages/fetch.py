@@ -25,8 +25,6 @@ are reused once downstream has dropped every view of them; the pool outlives a s
 from __future__ import annotations
 
 import fnmatch
-import mmap
-import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -38,6 +36,7 @@ import torch
 from weightpipe.pipeline import Stage
 
 from ._bucketing import BucketPlanner, TensorLayout, copy_into, tensor_alignment, unflatten
+from ._pool import BufferPool
 from .bucket import WeightBucket
 from .sources import FileSpan, materialise
 
@@ -51,10 +50,6 @@ _COPY_BATCH_BYTES = 16 << 20
 
 # FileSpans are placed at their file offset modulo this (see process()).
 _READ_PHASE_BYTES = 64
-
-# Buffers at least this large are mapped with MADV_HUGEPAGE: first-touch page faults on
-# fresh 4 KiB pages otherwise cost more than the copy itself.
-_HUGEPAGE_MIN_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -74,84 +69,6 @@ class FetchStats:
     made_contiguous: int = 0
     buckets: int = 0
     syncs: int = 0
-
-
-def _use_count(tensor: torch.Tensor) -> int:
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    if count is None:  # pragma: no cover - older torch: never recycle
-        return -1
-    return int(count(tensor.untyped_storage()._cdata))
-
-
-def _allocate_host(nbytes: int, *, pin: bool) -> torch.Tensor:
-    if pin:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    if nbytes >= _HUGEPAGE_MIN_BYTES and sys.platform.startswith("linux"):
-        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        advise = getattr(mmap, "MADV_HUGEPAGE", None)
-        if advise is not None:
-            region.madvise(advise)
-        buffer = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
-        # Fault the pages in now, from user space: faults taken inside a read() into the
-        # buffer were measured to stall several times longer.
-        buffer.fill_(0)
-        return buffer
-    return torch.empty(nbytes, dtype=torch.uint8)
-
-
-class _BufferPool:
-    """Host buffers reused once nothing but the pool holds them.
-
-    A buffer is free when its storage has no user beyond the pool's own reference (every
-    bucket view downstream is gone) and, on CUDA, the copy that last read it finished.
-    The smallest free buffer that fits is reused; otherwise a new one of
-    ``max(nbytes, capacity)`` bytes is allocated (so a lone oversize tensor's buffer is
-    reused by the next sync's). At most ``keep`` buffers are retained: past that the
-    oldest is forgotten, and freed as soon as downstream drops it.
-    """
-
-    def __init__(self, capacity: int, keep: int, *, pin: bool) -> None:
-        self.capacity = capacity
-        self.keep = keep
-        self.pin = pin
-        # [buffer, use count when idle, event of the last copy out of it]
-        self._entries: list[list[Any]] = []
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        best: list[Any] | None = None
-        for entry in self._entries:
-            buffer, idle, event = entry
-            if buffer.numel() < nbytes or _use_count(buffer) != idle:
-                continue
-            if event is not None and not event.query():
-                continue
-            if best is None or buffer.numel() < best[0].numel():
-                best = entry
-        if best is not None:
-            best[2] = None
-            return best[0]  # type: ignore[no-any-return]
-        buffer = _allocate_host(max(nbytes, self.capacity), pin=self.pin)
-        if len(self._entries) >= self.keep:
-            self._entries.pop(0)
-        self._entries.append([buffer, _use_count(buffer), None])
-        return buffer
-
-    def reserve(self, count: int) -> None:
-        while len(self._entries) < count:
-            buffer = _allocate_host(self.capacity, pin=self.pin)
-            self._entries.append([buffer, _use_count(buffer), None])
-
-    def mark_copied(self, buffer: torch.Tensor, event: Any) -> None:
-        for entry in self._entries:
-            if entry[0] is buffer:
-                entry[2] = event
-
-    @property
-    def retained_bytes(self) -> int:
-        return sum(int(entry[0].numel()) for entry in self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 class _OpenBucket:
@@ -257,7 +174,7 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         self._allow_patterns = tuple(a for a in allowed if any(c in a for c in "*?["))
         self._cuda = self.device.type == "cuda"
         self._limiter = anyio.CapacityLimiter(1)
-        self._pool = _BufferPool(bucket_bytes, keep_buffers, pin=self._cuda)
+        self._pool = BufferPool(bucket_bytes, keep_buffers, pin=self._cuda)
         self._stream: Any = None
         self._counts = {"tensors": 0, "bytes": 0, "made_contiguous": 0, "buckets": 0, "syncs": 0}
         self._names: set[str] = set()

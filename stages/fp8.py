@@ -57,6 +57,7 @@ __all__ = [
     "check_fp8",
     "dequantize_fp8",
     "fp8_error_bound",
+    "fp8_output_bytes",
     "fp8_scale_from_amax",
     "quantize_block_fp8",
     "quantize_channel_fp8",
@@ -675,6 +676,7 @@ class _Job:
         method: Fp8Method,
         block: tuple[int, int],
         scale_fmt: ScaleFormat,
+        qweight: torch.Tensor | None = None,
     ) -> None:
         self.name = name
         self.method = method
@@ -686,7 +688,7 @@ class _Job:
         src = src if src.is_contiguous() else src.contiguous()
         *_, out_dim, in_dim = src.shape
         self.matrices = src.reshape(-1, out_dim, in_dim)
-        self.qweight = _empty_output(src.shape, FP8_DTYPE)
+        self.qweight = _empty_output(src.shape, FP8_DTYPE) if qweight is None else qweight
         self.scale = torch.empty(scale_shape(src.shape, method, block), dtype=torch.float32)
         self.q3 = self.qweight.view(-1, out_dim, in_dim)
         # Block and channel amax, one per scale entry: checked once when the job ends.
@@ -753,6 +755,31 @@ class _Job:
         return Fp8Tensor(self.qweight, self.scale)
 
 
+_ARENA_ALIGN = 256
+
+
+def fp8_output_bytes(named: Sequence[tuple[str, torch.Tensor]]) -> int:
+    """Bytes of an ``arena`` that holds the FP8 outputs of ``named`` (see quantize_fp8_many)."""
+    return sum(-(-weight.numel() // _ARENA_ALIGN) * _ARENA_ALIGN for _, weight in named)
+
+
+def _carve(
+    arena: torch.Tensor, named: Sequence[tuple[str, torch.Tensor]]
+) -> list[torch.Tensor | None]:
+    need = fp8_output_bytes(named)
+    if arena.dtype != torch.uint8 or arena.device.type != "cpu" or arena.dim() != 1:
+        raise ValueError(f"arena must be a 1-D uint8 CPU tensor, got {arena.dtype} {arena.shape}")
+    if arena.numel() < need:
+        raise ValueError(f"arena holds {arena.numel()} bytes; these outputs need {need}")
+    views: list[torch.Tensor | None] = []
+    offset = 0
+    for _, weight in named:
+        numel = weight.numel()
+        views.append(arena[offset : offset + numel].view(FP8_DTYPE).view(weight.shape))
+        offset += -(-numel // _ARENA_ALIGN) * _ARENA_ALIGN
+    return views
+
+
 def quantize_fp8_many(
     named: Sequence[tuple[str, torch.Tensor]],
     *,
@@ -760,6 +787,7 @@ def quantize_fp8_many(
     block: tuple[int, int] = (128, 128),
     scale_fmt: ScaleFormat = "float32",
     threads: int = 1,
+    arena: torch.Tensor | None = None,
 ) -> list[Fp8Tensor | None]:
     """Quantize several CPU tensors at once, splitting all of them into row bands.
 
@@ -770,8 +798,14 @@ def quantize_fp8_many(
     pool of ``threads`` band workers (each with single-threaded torch ops) and the calling
     thread waits for it.
 
+    ``arena``: a uint8 CPU buffer of at least ``fp8_output_bytes(named)`` bytes; the FP8
+    outputs are then views into it (each at a 256-byte boundary) instead of fresh
+    allocations, so a caller that recycles arenas (the Fp8Quantize stage) skips the
+    first-touch page faults of new output memory.
+
     Raises:
-        ValueError, TypeError: a bad argument, naming the tensor; the input is untouched.
+        ValueError, TypeError: a bad argument, naming the tensor; the input is untouched;
+            an ``arena`` that is too small or not uint8.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -779,7 +813,11 @@ def quantize_fp8_many(
         _check_args(weight, method, block, scale_fmt, name)
         if weight.device.type != "cpu":
             raise ValueError(f"tensor {name!r}: quantize_fp8_many takes CPU tensors")
-    jobs = [_Job(name, weight, method, block, scale_fmt) for name, weight in named]
+    outputs = _carve(arena, named) if arena is not None else [None] * len(named)
+    jobs = [
+        _Job(name, weight, method, block, scale_fmt, out)
+        for (name, weight), out in zip(named, outputs, strict=True)
+    ]
     tensor_jobs = [job for job in jobs if job.method == "tensor"]
     if tensor_jobs:
         _run_tasks([t for job in tensor_jobs for t in job.amax_tasks()], threads)

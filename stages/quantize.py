@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,6 +31,7 @@ import torch
 from weightpipe.pipeline import Stage
 
 from . import fp8 as fp8_module
+from ._pool import BufferPool
 from .bucket import WeightBucket
 from .fp8 import (
     FP8_DTYPE,
@@ -37,6 +39,7 @@ from .fp8 import (
     Fp8Tensor,
     NonFiniteWeightError,
     ScaleFormat,
+    fp8_output_bytes,
     quantize_fp8_many,
     reference_with_amax,
 )
@@ -320,6 +323,10 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         self.cpu_threads = cpu_threads if cpu_threads is not None else _default_cpu_threads()
         self._limiter: anyio.CapacityLimiter | None = None
         self._streams: dict[int, Any] = {}
+        # Output arenas of CPU buckets: buckets in flight here and downstream (a few
+        # channel slots) plus one being written.
+        self._arenas = BufferPool(0, keep=workers + 4, pin=False)
+        self._arena_lock = threading.Lock()
 
     # ------------------------------------------------------------------ engine config
 
@@ -486,14 +493,25 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
             for i, result, bad in zip(idx, outs, flags.tolist(), strict=True):
                 results[i] = None if bad else result
             return
+        arena = self._take_arena(fp8_output_bytes(named))
         many = quantize_fp8_many(
             named,
             method=self.method,
             block=self.block,
             scale_fmt=self.scale_fmt,
             threads=self.cpu_threads,
+            arena=arena,
         )
         results.update(zip(idx, many, strict=True))
+
+    def _take_arena(self, nbytes: int) -> torch.Tensor:
+        # One recycled buffer holds a bucket's FP8 outputs. It is reused only once every
+        # view of it downstream is gone (the pool checks the storage's use count), so a
+        # bucket still waiting to be loaded is never overwritten; at most `keep` arenas
+        # are retained, the rest freed when dropped.
+        with self._arena_lock:
+            self._arenas.capacity = max(self._arenas.capacity, nbytes)
+            return self._arenas.take(nbytes)
 
     def _stream(self, device: torch.device) -> Any:
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -437,3 +437,38 @@ def test_constructor_rejects_bad_settings():
     with pytest.raises(ValueError, match="block"):
         Fp8Quantize(block=(0, 128))
     assert Fp8Quantize.name == "quantize"
+
+
+def test_output_arenas_are_recycled_only_once_released() -> None:
+    gen = torch.Generator().manual_seed(3)
+    tensors = tuple(
+        (f"model.layers.0.mlp.{n}.weight", torch.randn(256, 384, generator=gen).bfloat16())
+        for n in ("up_proj", "down_proj")
+    )
+    bucket = WeightBucket(tensors, index=0, is_last=True, version=1)
+    stage = Fp8Quantize()
+    first = stage.quantize_bucket(bucket)
+    kept = {n: t.clone() for n, t in first.tensors}
+    second = stage.quantize_bucket(bucket)  # `first` is still held: a new arena
+    first_ptr = first.tensors[0][1].data_ptr()
+    assert second.tensors[0][1].data_ptr() != first_ptr
+    for name, tensor in first.tensors:
+        assert torch.equal(tensor.view(torch.uint8), kept[name].view(torch.uint8)), name
+    ptrs = {first_ptr, second.tensors[0][1].data_ptr()}
+    del first, second, tensor
+    third = stage.quantize_bucket(bucket)  # both released: one of them is reused
+    assert third.tensors[0][1].data_ptr() in ptrs
+    for name, tensor in third.tensors:
+        assert torch.equal(tensor.view(torch.uint8), kept[name].view(torch.uint8)), name
+
+
+def test_arena_too_small_is_refused() -> None:
+    from weightpipe.stages.fp8 import fp8_output_bytes, quantize_fp8_many
+
+    named = [("w", torch.ones(128, 300, dtype=torch.bfloat16))]
+    need = fp8_output_bytes(named)
+    assert need >= 128 * 300 and need % 256 == 0
+    with pytest.raises(ValueError, match="arena holds"):
+        quantize_fp8_many(named, arena=torch.empty(need - 1, dtype=torch.uint8))
+    (result,) = quantize_fp8_many(named, arena=torch.empty(need, dtype=torch.uint8))
+    assert result is not None and result.qweight.shape == (128, 300)
