@@ -9,7 +9,10 @@ it is given into a scratch buffer, as an engine writing its parameters would.
 ``sweep.sink=local`` loads into the embedded local engine instead (tiny preset).
 
 In the same run, the sequential baseline the peers use is measured: each bucket is
-fetched, quantized and loaded before the next one starts. Each setting reports throughput
+fetched, quantized and loaded before the next one starts, with the same stages (one core
+each), and again with the quantizer on every core (``sequential_all_cores``, the strongest
+loop a 2-core CPU allows: where every stage is CPU work, pipelining can only win by what
+the other stages add, so this one is the honest upper bar). Each setting reports throughput
 (GB/s of bf16 input), speed-up over the baseline, and peak RSS growth against the bound
 ``(depth + stages + 1) * bucket_bytes`` plus a fixed overhead (see ``memory_bound``). The
 recommended setting is the fastest one whose peak memory stays within that bound.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -200,8 +204,11 @@ class RssSampler:
         return self.peak - self.base
 
 
-def _stages(bucket_bytes: int, workers: int) -> tuple[Fetch, Fp8Quantize]:
-    return Fetch(bucket_bytes), Fp8Quantize(workers=workers)
+def _stages(bucket_bytes: int, workers: int, cpu_threads: int = 1) -> tuple[Fetch, Fp8Quantize]:
+    # One core per stage by default: the pipeline's parallelism comes from running the
+    # stages side by side (and ``workers`` buckets at once), not from one stage taking
+    # every core.
+    return Fetch(bucket_bytes), Fp8Quantize(workers=workers, cpu_threads=cpu_threads)
 
 
 async def run_pipelined(
@@ -233,10 +240,10 @@ async def _outputs(result: Any) -> list[Any]:
 
 
 async def run_sequential(
-    model: SyntheticModel, engine: Any, bucket_bytes: int, version: int
+    model: SyntheticModel, engine: Any, bucket_bytes: int, version: int, cpu_threads: int = 1
 ) -> dict[str, Any]:
     """Each bucket fetched, quantized and loaded before the next tensor is read."""
-    fetch, quantize = _stages(bucket_bytes, 1)
+    fetch, quantize = _stages(bucket_bytes, 1, cpu_threads)
     fetch.version = version
     load = Load(engine, mode="pause", version=version)
 
@@ -299,6 +306,7 @@ async def sweep(config: WeightpipeConfig, *, progress: bool = True) -> dict[str,
     ]
     results: list[dict[str, Any]] = []
     baselines: dict[int, dict[str, Any]] = {}
+    all_cores: dict[int, dict[str, Any]] = {}
     version = 0
     total = len(settings) + len(cfg.bucket_mib) + 1
     with _progress(total, progress) as bar:
@@ -313,6 +321,11 @@ async def sweep(config: WeightpipeConfig, *, progress: bool = True) -> dict[str,
             version += 1
             bar.update(task, description=f"sequential {mib} MiB")
             baselines[mib] = await run_sequential(model, engine, mib * MiB, version)
+            # The strongest sequential loop on this machine: the quantizer on every core.
+            version += 1
+            all_cores[mib] = await run_sequential(
+                model, engine, mib * MiB, version, cpu_threads=os.cpu_count() or 1
+            )
             bar.advance(task)
             for depth, setting_mib, workers in settings:
                 if setting_mib != mib:
@@ -333,7 +346,7 @@ async def sweep(config: WeightpipeConfig, *, progress: bool = True) -> dict[str,
                 bar.advance(task)
     candidates = [r for r in results if r["within_bound"]] or results
     best = max(candidates, key=lambda r: r["gbs"])
-    best_sequential = max(b["gbs"] for b in baselines.values())
+    best_sequential = max(b["gbs"] for b in [*baselines.values(), *all_cores.values()])
     return {
         "benchmark": "sweep",
         "preset": cfg.preset,
@@ -342,6 +355,7 @@ async def sweep(config: WeightpipeConfig, *, progress: bool = True) -> dict[str,
         "largest_tensor_bytes": model.largest_bytes,
         "tensors": len(model.shapes),
         "sequential": {str(k): v for k, v in baselines.items()},
+        "sequential_all_cores": {str(k): v for k, v in all_cores.items()},
         "results": results,
         "recommended": {
             "depth": best["depth"],
@@ -349,7 +363,7 @@ async def sweep(config: WeightpipeConfig, *, progress: bool = True) -> dict[str,
             "workers": best["workers"],
             "gbs": best["gbs"],
             "speedup_vs_sequential_same_bucket": best["speedup"],
-            "speedup_vs_best_sequential": best["gbs"] / best_sequential,
+            "speedup_vs_best_sequential_any_setting": best["gbs"] / best_sequential,
             "peak_rss_growth_bytes": best["peak_rss_growth_bytes"],
             "memory_bound_bytes": best["memory_bound_bytes"],
         },
@@ -430,11 +444,18 @@ def report(result: dict[str, Any]) -> None:
             "bottleneck",
         ],
     )
+    for mib, base in result["sequential"].items():
+        strong = result["sequential_all_cores"][mib]
+        print(
+            f"sequential {mib} MiB: {base['gbs']:.3f} GB/s (same stages), "
+            f"{strong['gbs']:.3f} GB/s (quantizer on every core)"
+        )
     rec = result["recommended"]
     print(
         f"recommended: depth={rec['depth']} fetch.bucket_bytes={rec['bucket_mib'] * MiB} "
         f"quantize.workers={rec['workers']}: {rec['gbs']:.3f} GB/s, "
-        f"{rec['speedup_vs_sequential_same_bucket']:.2f}x the sequential baseline"
+        f"{rec['speedup_vs_sequential_same_bucket']:.2f}x the sequential baseline, "
+        f"{rec['speedup_vs_best_sequential_any_setting']:.2f}x the best sequential setting"
     )
 
 
