@@ -244,7 +244,7 @@ class SweepConfig:
     preset: str = "llama-1b"
     depths: list[int] = field(default_factory=lambda: [1, 2, 4])
     bucket_mib: list[int] = field(default_factory=lambda: [16, 64])
-    workers: list[int] = field(default_factory=lambda: [1])
+    workers: list[int] = field(default_factory=lambda: [1, 2])
     sink: str = "sink"
     """``sink`` (discard after the load stage's copy) or ``local`` (the local engine)."""
     layers: int = 0

@@ -53,6 +53,7 @@ def test_sweep_via_weightpipe_bench(tmp_path: Path) -> None:
             "sweep.preset=tiny",
             "sweep.depths=[1,2]",
             "sweep.bucket_mib=[1,4]",
+            "sweep.workers=[1]",
         ]
     )
     assert status == 0
