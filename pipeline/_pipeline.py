@@ -200,6 +200,7 @@ class _Slot:
 
     item: Any
     index: int
+    bytes_in: int
     done: anyio.Event = field(default_factory=anyio.Event)
     outputs: list[Any] = field(default_factory=list)
     busy_s: float = 0.0
@@ -532,7 +533,6 @@ class Pipeline:
         meter = run.meters[index]
         emit = self._emitter(run, index, sink)
         nbytes = self._nbytes
-        observer = self.observer
         process = stage.process
         count = 0
         async for item in receiver:
@@ -549,17 +549,29 @@ class Pipeline:
                 functools.partial(process, item),
                 emit,
             )
-            meter.busy_s += busy
-            if observer is not None:
-                observer.on_channel(receiver.statistics())
-                observer.on_item(
-                    meter.name,
-                    busy,
-                    bytes_in,
-                    meter.bytes_out - bytes_before,
-                    meter.items_out - out_before,
-                )
+            self._item_done(meter, receiver, busy, bytes_in, out_before, bytes_before)
         await self._flush(run, index, stage, emit)
+
+    def _item_done(
+        self,
+        meter: _StageMeter,
+        receiver: ChannelReceiver[Any],
+        busy: float,
+        bytes_in: int,
+        items_before: int,
+        bytes_before: int,
+    ) -> None:
+        """Account one finished input item (its outputs already emitted)."""
+        meter.busy_s += busy
+        if self.observer is not None:
+            self.observer.on_channel(receiver.statistics())
+            self.observer.on_item(
+                meter.name,
+                busy,
+                bytes_in,
+                meter.bytes_out - bytes_before,
+                meter.items_out - items_before,
+            )
 
     async def _flush(
         self, run: _Run, index: int, stage: Any, emit: Callable[[Any], Awaitable[None]]
@@ -584,7 +596,6 @@ class Pipeline:
         name = self.names[index]
         emit = self._emitter(run, index, sink)
         nbytes = self._nbytes
-        observer = self.observer
         # Slots leave in input order; at most `workers` are in flight, so the stage holds
         # at most `workers` items beyond its input channel.
         order_send: ChannelSender[_Slot]
@@ -599,9 +610,10 @@ class Pipeline:
                 count = 0
                 async for item in receiver:
                     count += 1
+                    bytes_in = nbytes(item)
                     meter.items_in += 1
-                    meter.bytes_in += nbytes(item)
-                    slot = _Slot(item, count)
+                    meter.bytes_in += bytes_in
+                    slot = _Slot(item, count, bytes_in)
                     await order_send.send(slot)
                     await work_send.send(slot)
 
@@ -627,16 +639,9 @@ class Pipeline:
                     out_before, bytes_before = meter.items_out, meter.bytes_out
                     for out in slot.outputs:
                         await emit(out)
-                    meter.busy_s += slot.busy_s
-                    if observer is not None:
-                        observer.on_channel(receiver.statistics())
-                        observer.on_item(
-                            name,
-                            slot.busy_s,
-                            nbytes(slot.item),
-                            meter.bytes_out - bytes_before,
-                            meter.items_out - out_before,
-                        )
+                    self._item_done(
+                        meter, receiver, slot.busy_s, slot.bytes_in, out_before, bytes_before
+                    )
                     slot.outputs = []
             await self._flush(run, index, stage, emit)
 
