@@ -12,13 +12,14 @@ import os
 import platform
 import statistics
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["machine", "median", "print_table", "write_json"]
+__all__ = ["PeakRss", "machine", "median", "print_table", "rss_bytes", "write_json"]
 
 
 def machine() -> dict[str, Any]:
@@ -61,3 +62,49 @@ def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
         if index == 0:
             print("  ".join("-" * width for width in widths))
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
+    except (OSError, KeyError):  # not Linux: psutil's RSS
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+class PeakRss:
+    """Samples RSS on a thread every ``interval_s`` (and on demand) and keeps the peak.
+
+    Use as a context manager around the measured run; ``growth`` is the peak above the
+    RSS at construction.
+    """
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s = interval_s
+        self.base = rss_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, rss_bytes())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base

@@ -35,7 +35,6 @@ import mmap
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.sources import safetensors_source
 
-from ._report import median, print_table, write_json
+from ._report import PeakRss, median, print_table, write_json
 
 __all__ = ["llama_shapes", "main", "write_checkpoint"]
 
@@ -120,44 +119,6 @@ def write_checkpoint(root: Path, total_bytes: int, shard_bytes: int) -> tuple[in
     return total, len(shapes)
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as status:
-            fields = dict(line.split(":", 1) for line in status if ":" in line)
-        return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
-    except (OSError, KeyError):  # not Linux: psutil's RSS
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-
-
-class _PeakRss:
-    """Samples RSS on a thread every ``interval_s`` (and on demand) and keeps the peak."""
-
-    def __init__(self, interval_s: float = 0.002) -> None:
-        self.interval_s = interval_s
-        self.base = _rss_bytes()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> None:
-        self.peak = max(self.peak, _rss_bytes())
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def __enter__(self) -> _PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
-
-
 def read_buffer(nbytes: int) -> memoryview:
     """A pre-faulted buffer of the same kind as Fetch's (anonymous, huge pages advised)."""
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -198,7 +159,7 @@ async def fetch_run(
 ) -> tuple[float, int, int, int]:
     """One pipeline pass (one sync); returns (seconds, tensor bytes, buckets, RSS growth)."""
     stats = {"bytes": 0, "buckets": 0}
-    with _PeakRss() as rss:
+    with PeakRss() as rss:
 
         async def sink(bucket: WeightBucket) -> None:
             rss.sample()
@@ -209,7 +170,7 @@ async def fetch_run(
         started = time.perf_counter()
         await Pipeline([fetch], depth=depth).run(source, sink=sink)
         seconds = time.perf_counter() - started
-    return seconds, stats["bytes"], stats["buckets"], rss.peak - rss.base
+    return seconds, stats["bytes"], stats["buckets"], rss.growth
 
 
 MODES = {"direct": True, "mmap": False}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.load import Load
 from weightpipe.stages.quantize import Fp8Quantize
 
-from ._report import print_table, write_json
+from ._report import PeakRss, print_table, write_json
 
 MiB = 1 << 20
 STAGES = 3
@@ -170,40 +169,6 @@ class CopySink:
         pass
 
 
-class RssSampler:
-    """Samples this process's RSS every few milliseconds in a thread; reports peak growth."""
-
-    def __init__(self, interval_s: float = 0.002) -> None:
-        import psutil
-
-        self.process = psutil.Process()
-        self.interval_s = interval_s
-        self.base = 0
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> RssSampler:
-        self.base = self.peak = int(self.process.memory_info().rss)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, int(self.process.memory_info().rss))
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, int(self.process.memory_info().rss))
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
-
-
 def _stages(bucket_bytes: int, workers: int, cpu_threads: int = 1) -> tuple[Fetch, Fp8Quantize]:
     # One core per stage by default: the pipeline's parallelism comes from running the
     # stages side by side (and ``workers`` buckets at once), not from one stage taking
@@ -217,7 +182,7 @@ async def run_pipelined(
     fetch, quantize = _stages(bucket_bytes, workers)
     fetch.version = version
     load = Load(engine, mode="pause", version=version)
-    with RssSampler() as rss:
+    with PeakRss() as rss:
         started = time.perf_counter()
         report = await Pipeline([fetch, quantize, load], depth=depth).run(iter(model))
         seconds = time.perf_counter() - started
@@ -251,7 +216,7 @@ async def run_sequential(
         for quantized in await _outputs(quantize.process(bucket)):
             await _outputs(load.process(quantized))
 
-    with RssSampler() as rss:
+    with PeakRss() as rss:
         started = time.perf_counter()
         for stage in (fetch, quantize, load):
             await stage.open()
