@@ -44,11 +44,10 @@ import torch
 from safetensors.torch import save_file
 
 from weightpipe.pipeline import Pipeline
+from weightpipe.stages.app.report import PeakRss, median, print_table, write_json
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.sources import safetensors_source
-
-from ._report import PeakRss, median, print_table, write_json
 
 __all__ = ["llama_shapes", "main", "write_checkpoint"]
 

@@ -34,8 +34,7 @@ import anyio.to_thread
 import torch
 
 from weightpipe.pipeline import Pipeline, RunReport, Stage
-
-from ._report import median, print_table, write_json
+from weightpipe.stages.app.report import median, print_table, write_json
 
 FP8_MAX = 448.0
 

@@ -25,12 +25,11 @@ from typing import Any
 import anyio
 import torch
 
+from weightpipe.stages.app.report import print_table, write_json
 from weightpipe.stages.engines.local import LocalEngine, default_config
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.quantize import Fp8Quantize
 from weightpipe.stages.sync import SyncReport, sync_weights
-
-from ._report import print_table, write_json
 
 # (label, sync mode, Load's prefetch_bytes): ``prefetch`` pauses at the first bucket;
 # ``prefetch_lookahead`` fetches and quantizes the whole sync before pausing.

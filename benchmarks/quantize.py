@@ -92,7 +92,7 @@ _KERNEL_LOOPS = 10
 
 
 def _triton_ready() -> bool:
-    from weightpipe.stages import _fp8_triton
+    from weightpipe.stages.fp8 import _triton as _fp8_triton
 
     return _fp8_triton.available()
 
@@ -145,7 +145,7 @@ def _case(
 
     def kernel() -> None:
         # The batched launch alone, no host wait per bucket: what the GPU sustains.
-        from weightpipe.stages import _fp8_triton
+        from weightpipe.stages.fp8 import _triton as _fp8_triton
 
         for _ in range(_KERNEL_LOOPS):
             _fp8_triton.quantize_block_batch(matrices, (128, 128), "float32")

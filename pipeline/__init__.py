@@ -6,10 +6,21 @@ in ``weightpipe.pipeline.config`` and Prometheus metrics in ``weightpipe.pipelin
 (imported on demand, so the core needs neither omegaconf nor prometheus_client loaded).
 """
 
-from ._channel import ChannelReceiver, ChannelSender, ChannelStatistics, open_channel
-from ._iter import as_async_iter
-from ._pipeline import Pipeline, PipelineObserver, RunReport, StageError, StageReport
-from ._stage import Stage, StageLike, describe_item, item_nbytes, stage_name
+from weightpipe.pipeline._channel import (
+    ChannelReceiver,
+    ChannelSender,
+    ChannelStatistics,
+    open_channel,
+)
+from weightpipe.pipeline._iter import as_async_iter
+from weightpipe.pipeline._pipeline import (
+    Pipeline,
+    PipelineObserver,
+    RunReport,
+    StageError,
+    StageReport,
+)
+from weightpipe.pipeline._stage import Stage, StageLike, describe_item, item_nbytes, stage_name
 
 __all__ = [
     "ChannelReceiver",

@@ -28,15 +28,15 @@ from typing import Any, Protocol
 
 import anyio
 
-from ._channel import (
+from weightpipe.pipeline._channel import (
     ChannelReceiver,
     ChannelSender,
     ChannelStatistics,
     check_depth,
     open_channel,
 )
-from ._iter import as_async_iter
-from ._stage import describe_item, item_nbytes, stage_name
+from weightpipe.pipeline._iter import as_async_iter
+from weightpipe.pipeline._stage import describe_item, item_nbytes, stage_name
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]

@@ -46,8 +46,8 @@ from prometheus_client import (
     start_http_server,
 )
 
-from ._channel import ChannelStatistics
-from ._pipeline import RunReport
+from weightpipe.pipeline._channel import ChannelStatistics
+from weightpipe.pipeline._pipeline import RunReport
 
 __all__ = ["MetricsServer", "WeightpipeMetrics", "serve_metrics"]
 

@@ -7,15 +7,19 @@ through a distributed update group). Heavy optional imports (transformers, sglan
 only when the engine that needs them is constructed.
 """
 
-from .bucket import WeightBucket
-from .distributed import DistributedReceiver, DistributedSender, TransportError, distributed_source
-from .engines import Engine, EngineError, PauseMode, SyncMode
-from .engines.local import GenerationOutput, GenerationStats, GenerationWindow, LocalEngine
-from .engines.sglang_distributed import SGLangDistributedEngine
-from .engines.sglang_engine import SGLangEngine
-from .engines.sglang_http import SGLangHTTPEngine
-from .fetch import Fetch, FetchStats
-from .fp8 import (
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines import Engine, EngineError, PauseMode, SyncMode
+from weightpipe.stages.engines.local import (
+    GenerationOutput,
+    GenerationStats,
+    GenerationWindow,
+    LocalEngine,
+)
+from weightpipe.stages.engines.sglang.distributed import SGLangDistributedEngine
+from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
+from weightpipe.stages.engines.sglang.inprocess import SGLangEngine
+from weightpipe.stages.fetch import Fetch, FetchStats
+from weightpipe.stages.fp8 import (
     Fp8CheckError,
     Fp8Tensor,
     NonFiniteWeightError,
@@ -23,10 +27,16 @@ from .fp8 import (
     dequantize_fp8,
     quantize_fp8,
 )
-from .load import Load, LoadReport
-from .quantize import Fp8Quantize, Fp8Selection, select_for_fp8
-from .sources import FileSpan, named_tensors, safetensors_source
-from .sync import SyncReport, sync_weights
+from weightpipe.stages.load import Load, LoadReport
+from weightpipe.stages.quantize import Fp8Quantize, Fp8Selection, select_for_fp8
+from weightpipe.stages.sources import FileSpan, named_tensors, safetensors_source
+from weightpipe.stages.sync import SyncReport, sync_weights
+from weightpipe.stages.transport.distributed import (
+    DistributedReceiver,
+    DistributedSender,
+    TransportError,
+    distributed_source,
+)
 
 __all__ = [
     "DistributedReceiver",

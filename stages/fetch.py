@@ -34,11 +34,16 @@ import anyio.to_thread
 import torch
 
 from weightpipe.pipeline import Stage
-
-from ._bucketing import BucketPlanner, TensorLayout, copy_into, tensor_alignment, unflatten
-from ._pool import BufferPool
-from .bucket import WeightBucket
-from .sources import FileSpan, materialise
+from weightpipe.stages._layout import (
+    BucketPlanner,
+    TensorLayout,
+    copy_into,
+    tensor_alignment,
+    unflatten,
+)
+from weightpipe.stages._memory import BufferPool
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.sources import FileSpan, materialise
 
 __all__ = ["EmptySource", "Fetch", "FetchStats"]
 

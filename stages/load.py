@@ -25,9 +25,8 @@ from typing import ClassVar, TypeVar
 import anyio
 
 from weightpipe.pipeline import Stage
-
-from .bucket import WeightBucket
-from .engines.base import Engine, EngineError, PauseMode, SyncMode
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import Engine, EngineError, PauseMode, SyncMode
 
 __all__ = ["Load", "LoadReport"]
 

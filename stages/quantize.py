@@ -29,11 +29,10 @@ import anyio.to_thread
 import torch
 
 from weightpipe.pipeline import Stage
-
-from . import fp8 as fp8_module
-from ._pool import BufferPool
-from .bucket import WeightBucket
-from .fp8 import (
+from weightpipe.stages import fp8 as fp8_module
+from weightpipe.stages._memory import BufferPool
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.fp8 import (
     FP8_DTYPE,
     Fp8Method,
     Fp8Tensor,
@@ -401,7 +400,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
 
     async def open(self) -> None:
         if self.backend == "triton":
-            from . import _fp8_triton
+            from weightpipe.stages.fp8 import _triton as _fp8_triton
 
             if not _fp8_triton.available():
                 raise RuntimeError("Fp8Quantize: backend='triton' but Triton is not installed")
@@ -485,7 +484,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
     ) -> None:
         named = [bucket.tensors[i] for i in idx]
         if self.backend == "triton":
-            from . import _fp8_triton
+            from weightpipe.stages.fp8 import _triton as _fp8_triton
 
             outs, flags = _fp8_triton.quantize_block_batch(
                 [t for _, t in named], self.block, self.scale_fmt
@@ -567,7 +566,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         return event
 
     def _cuda_batch(self, weights: list[torch.Tensor]) -> tuple[list[Fp8Tensor], torch.Tensor]:
-        from . import _fp8_triton
+        from weightpipe.stages.fp8 import _triton as _fp8_triton
 
         use_triton = (
             self.backend != "torch"

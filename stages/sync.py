@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from weightpipe.pipeline import Pipeline, PipelineObserver, RunReport
-
-from .engines.base import Engine, PauseMode, SyncMode
-from .engines.local import GenerationStats, LocalEngine
-from .load import Load, LoadReport
+from weightpipe.stages.engines.base import Engine, PauseMode, SyncMode
+from weightpipe.stages.engines.local import GenerationStats, LocalEngine
+from weightpipe.stages.load import Load, LoadReport
 
 __all__ = ["SyncReport", "sync_weights"]
 

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from benchmarks import overhead, sweep
-from weightpipe.stages.cli import main as cli
+from weightpipe.stages.app.cli import main as cli
 
 
 def test_overhead_writes_its_figures(tmp_path: Path) -> None:

@@ -4,11 +4,11 @@ None of these imports sglang or transformers: each engine imports what it needs 
 constructed.
 """
 
-from .base import Engine, EngineError, PauseMode, SyncMode
-from .local import LocalEngine
-from .sglang_distributed import SGLangDistributedEngine
-from .sglang_engine import SGLangEngine
-from .sglang_http import SGLangHTTPEngine
+from weightpipe.stages.engines.base import Engine, EngineError, PauseMode, SyncMode
+from weightpipe.stages.engines.local import LocalEngine
+from weightpipe.stages.engines.sglang.distributed import SGLangDistributedEngine
+from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
+from weightpipe.stages.engines.sglang.inprocess import SGLangEngine
 
 __all__ = [
     "Engine",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal, Protocol, runtime_checkable
 
-from ..bucket import WeightBucket
+from weightpipe.stages.bucket import WeightBucket
 
 __all__ = ["Engine", "EngineError", "PauseMode", "SyncMode"]
 

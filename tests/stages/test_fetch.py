@@ -12,7 +12,7 @@ import torch
 from tests.fakes import FakeCudaEvent, FakeCudaStream
 from tests.helpers import DTYPES, as_bytes, random_tensor
 from weightpipe.pipeline import Pipeline, StageError
-from weightpipe.stages._bucketing import tensor_alignment
+from weightpipe.stages._layout import tensor_alignment
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.fetch import Fetch, FetchStats
 from weightpipe.stages.sources import named_tensors

@@ -37,9 +37,9 @@ import anyio
 import anyio.to_thread
 import torch
 
-from ..bucket import WeightBucket
-from ..fp8 import FP8_DTYPE, Fp8Method, dequantize_fp8, scale_shape
-from .base import EngineError, PauseMode
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import EngineError, PauseMode
+from weightpipe.stages.fp8 import FP8_DTYPE, Fp8Method, dequantize_fp8, scale_shape
 
 __all__ = [
     "GenerationOutput",

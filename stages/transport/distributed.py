@@ -28,8 +28,14 @@ import anyio.to_thread
 import torch
 import torch.distributed as dist
 
-from ._bucketing import BucketPlanner, TensorLayout, flatten, tensor_alignment, unflatten
-from .bucket import WeightBucket
+from weightpipe.stages._layout import (
+    BucketPlanner,
+    TensorLayout,
+    flatten,
+    tensor_alignment,
+    unflatten,
+)
+from weightpipe.stages.bucket import WeightBucket
 
 __all__ = [
     "DistributedReceiver",

@@ -29,7 +29,7 @@ from tests.fakes.sglang_engine import (
 from tests.helpers import sync
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError
-from weightpipe.stages.engines.sglang_engine import SGLangEngine, import_sglang
+from weightpipe.stages.engines.sglang.inprocess import SGLangEngine, import_sglang
 
 
 def _model() -> list[tuple[str, torch.Tensor]]:
@@ -194,7 +194,7 @@ async def test_pause_uses_the_engine_when_it_has_one() -> None:
 
 async def test_lazy_construction_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
     module = FakeSGLangModule(_spec())
-    monkeypatch.setattr("weightpipe.stages.engines.sglang_engine.import_sglang", lambda: module)
+    monkeypatch.setattr("weightpipe.stages.engines.sglang.inprocess.import_sglang", lambda: module)
     engine = SGLangEngine(model_path="/models/x", tp_size=1)
     await sync(engine, 1, [_bucket(1)])
     assert module.built == [{"model_path": "/models/x", "tp_size": 1}]
@@ -213,7 +213,7 @@ async def test_missing_sglang_surfaces_on_first_use(monkeypatch: pytest.MonkeyPa
     def fail() -> Any:
         raise ImportError("the in-process SGLang engine needs the sglang package")
 
-    monkeypatch.setattr("weightpipe.stages.engines.sglang_engine.import_sglang", fail)
+    monkeypatch.setattr("weightpipe.stages.engines.sglang.inprocess.import_sglang", fail)
     engine = SGLangEngine(model_path="/models/x")
     with pytest.raises(ImportError, match="needs the sglang package"):
         await engine.begin(1)

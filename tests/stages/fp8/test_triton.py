@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 _CHILD = textwrap.dedent(
     """
     import json, math, torch, anyio
-    from weightpipe.stages import _fp8_triton as T
+    from weightpipe.stages.fp8 import _triton as T
     from weightpipe.stages.fp8 import quantize_fp8_reference
     from weightpipe.stages.bucket import WeightBucket
     from weightpipe.stages.quantize import Fp8Quantize
@@ -119,7 +119,7 @@ def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name, ue8m0):
     pytest.importorskip("triton.backends.nvidia")
     from triton.backends.compiler import GPUTarget
 
-    from weightpipe.stages import _fp8_triton
+    from weightpipe.stages.fp8 import _triton as _fp8_triton
 
     table = {name: "*i64" for name in ("src", "dst", "scale", "rows", "cols", "owner")}
     signature = {f"{k}_table": v for k, v in table.items()}

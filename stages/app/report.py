@@ -1,4 +1,4 @@
-"""Shared plumbing of the benchmarks: machine facts, JSON output, a plain table.
+"""Shared plumbing of benchmarks and `weightpipe bench`: machine facts, JSON output, a table.
 
 Every benchmark writes one JSON file with its figures, the baseline measured in the same
 run, and the machine it ran on, so numbers from different machines are never compared by

@@ -24,9 +24,9 @@ import anyio.to_thread
 import httpx
 import torch
 
-from ..bucket import WeightBucket
-from . import _sglang_wire as wire
-from .base import EngineError, PauseMode
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import EngineError, PauseMode
+from weightpipe.stages.engines.sglang import wire as wire
 
 __all__ = ["LoadFormat", "SGLangHTTPEngine", "SessionMode", "parse_version", "uses_sessions"]
 

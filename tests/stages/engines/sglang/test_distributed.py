@@ -23,9 +23,9 @@ from tests.fakes.sglang_receiver import SubprocessReceiver
 from tests.helpers import bits, free_port, sync
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError
-from weightpipe.stages.engines.sglang_distributed import SGLangDistributedEngine
-from weightpipe.stages.engines.sglang_engine import SGLangEngine
-from weightpipe.stages.engines.sglang_http import SGLangHTTPEngine
+from weightpipe.stages.engines.sglang.distributed import SGLangDistributedEngine
+from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
+from weightpipe.stages.engines.sglang.inprocess import SGLangEngine
 
 pytestmark = pytest.mark.slow
 

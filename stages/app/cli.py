@@ -103,10 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(to_yaml(config), end="")
         return 0
     if args.command == "demo":
-        from .demo import run_demo
+        from weightpipe.stages.app.demo import run_demo
 
         return run_demo(config)
-    from weightpipe.benchmarks.sweep import run_sweep
+    from weightpipe.stages.app.bench import run_sweep
 
     return run_sweep(config, json_path=args.json, plot_path=args.plot)
 

@@ -27,7 +27,7 @@ from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, Flattene
 
 from tests.fakes.sglang_http import FIELDS_0523
 from tests.fakes.sglang_model import reconstruct_flattened
-from weightpipe.stages.engines import _sglang_wire as wire
+from weightpipe.stages.engines.sglang import wire as wire
 
 
 def _awkward() -> list[tuple[str, torch.Tensor]]:

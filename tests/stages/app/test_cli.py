@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from weightpipe.stages.cli import main
+from weightpipe.stages.app.cli import main
 
 
 def test_config_show_prints_merged_yaml(capsys: pytest.CaptureFixture[str]) -> None:
@@ -25,7 +25,7 @@ def test_unknown_key_exits_2_naming_it(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_console_script_is_installed() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "weightpipe.stages.cli", "config", "show", "engine.mode=pause"],
+        [sys.executable, "-m", "weightpipe.stages.app.cli", "config", "show", "engine.mode=pause"],
         capture_output=True,
         text=True,
         check=False,

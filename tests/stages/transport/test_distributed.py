@@ -55,8 +55,8 @@ def _sender(results: Any, done: Any) -> None:
     import anyio
 
     from weightpipe.pipeline import Pipeline
-    from weightpipe.stages.distributed import DistributedSender
     from weightpipe.stages.fetch import Fetch
+    from weightpipe.stages.transport.distributed import DistributedSender
 
     pairs = make_tensors()
     sender = DistributedSender(timeout_s=20)
@@ -77,12 +77,12 @@ def _receiver(rank: int, results: Any) -> None:
 
     from weightpipe.pipeline import Pipeline
     from weightpipe.stages.bucket import WeightBucket
-    from weightpipe.stages.distributed import (
+    from weightpipe.stages.fetch import Fetch
+    from weightpipe.stages.transport.distributed import (
         DistributedReceiver,
         TransportError,
         distributed_source,
     )
-    from weightpipe.stages.fetch import Fetch
 
     want = make_tensors()
     receiver = DistributedReceiver(timeout_s=20)

@@ -28,9 +28,9 @@ import anyio.to_thread
 import torch
 import torch.distributed as dist
 
-from ..bucket import WeightBucket
-from . import _sglang_wire as wire
-from .base import EngineError, PauseMode
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import EngineError, PauseMode
+from weightpipe.stages.engines.sglang import wire as wire
 
 __all__ = ["DistributedControl", "SGLangDistributedEngine", "open_update_group"]
 

@@ -12,10 +12,9 @@ from typing import Any
 import torch
 
 from weightpipe.pipeline.config import EngineConfig, FetchConfig, ModelConfig, QuantizeConfig
-
-from .engines.base import Engine
-from .fetch import Fetch
-from .quantize import Fp8Quantize
+from weightpipe.stages.engines.base import Engine
+from weightpipe.stages.fetch import Fetch
+from weightpipe.stages.quantize import Fp8Quantize
 
 __all__ = ["build_engine", "build_fetch", "build_llama_config", "build_quantize", "torch_dtype"]
 
@@ -62,7 +61,7 @@ def build_quantize(config: QuantizeConfig) -> Fp8Quantize:
 
 def build_llama_config(model: ModelConfig) -> Any:
     """The ``transformers.LlamaConfig`` shared by the demo trainer and the local engine."""
-    from .engines.local import default_config
+    from weightpipe.stages.engines.local import default_config
 
     return default_config(
         hidden_size=model.hidden_size,
@@ -83,7 +82,7 @@ def build_engine(engine: EngineConfig, model: ModelConfig, *, block: tuple[int, 
             ``sglang_distributed`` needs the trainer's process group).
     """
     if engine.kind == "local":
-        from .engines.local import LocalEngine
+        from weightpipe.stages.engines.local import LocalEngine
 
         device = None if model.device == "auto" else model.device
         return LocalEngine(
@@ -96,7 +95,7 @@ def build_engine(engine: EngineConfig, model: ModelConfig, *, block: tuple[int, 
             block_size=block,
         )
     if engine.kind == "sglang_http":
-        from .engines.sglang_http import SGLangHTTPEngine
+        from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
 
         return SGLangHTTPEngine(
             engine.url,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import DTYPES, as_bytes, random_tensor
-from weightpipe.stages._bucketing import (
+from weightpipe.stages._layout import (
     BucketPlanner,
     TensorLayout,
     align_up,

@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from .fp8 import FP8_DTYPE, FP8_EPSILON, FP8_MAX, Fp8Tensor, ScaleFormat, scale_shape
+from weightpipe.stages.fp8 import (
+    FP8_DTYPE,
+    FP8_EPSILON,
+    FP8_MAX,
+    Fp8Tensor,
+    ScaleFormat,
+    scale_shape,
+)
 
 __all__ = ["available", "quantize_block_batch", "supports_block"]
 

@@ -857,7 +857,7 @@ def quantize_fp8(
             raise NonFiniteWeightError(name)
         return result
     if method == "block" and weight.is_cuda:
-        from . import _fp8_triton
+        from weightpipe.stages.fp8 import _triton as _fp8_triton
 
         if _fp8_triton.available() and _fp8_triton.supports_block(block):
             results, bad = _fp8_triton.quantize_block_batch([weight], block, scale_fmt)

@@ -20,7 +20,7 @@ from tests.fakes.sglang_model import SessionRefusal
 from tests.helpers import bits, sync
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError
-from weightpipe.stages.engines.sglang_http import SGLangHTTPEngine, parse_version, uses_sessions
+from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine, parse_version, uses_sessions
 
 
 def _model() -> list[tuple[str, torch.Tensor]]:
@@ -136,7 +136,7 @@ async def test_tensor_parallel_ranks_each_decode_their_own_payload() -> None:
 
 async def test_flattened_buffer_from_fetch_is_sent_as_is(double: SGLangHTTPDouble) -> None:
     tensors = _model()
-    from weightpipe.stages.engines._sglang_wire import flatten
+    from weightpipe.stages.engines.sglang.wire import flatten
 
     buffer, layout = flatten(tensors)
     views = tuple(

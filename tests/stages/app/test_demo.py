@@ -7,7 +7,7 @@ import torch
 
 from tests.helpers import free_port
 from weightpipe.pipeline.config import load_config
-from weightpipe.stages.demo import fp8_weight_names, run_demo
+from weightpipe.stages.app.demo import fp8_weight_names, run_demo
 
 
 def test_demo_runs_and_verifies_every_sync(capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,8 +61,8 @@ def test_demo_against_sglangs_http_surface() -> None:
     from transformers import LlamaForCausalLM
 
     from tests.fakes.sglang_http import SGLangHTTPDouble
+    from weightpipe.stages.app.factory import build_llama_config
     from weightpipe.stages.bucket import WeightBucket
-    from weightpipe.stages.factory import build_llama_config
     from weightpipe.stages.quantize import Fp8Quantize
 
     overrides = [

@@ -31,12 +31,16 @@ from rich.table import Table
 
 from weightpipe.pipeline.config import QuantizeConfig, WeightpipeConfig
 from weightpipe.pipeline.metrics import MetricsServer, WeightpipeMetrics, serve_metrics
-
-from .engines.base import Engine
-from .engines.local import LocalEngine
-from .factory import build_engine, build_fetch, build_llama_config, build_quantize
-from .fp8 import check_fp8, dequantize_fp8, quantize_fp8, warm_up_cpu_kernel
-from .sync import SyncReport, sync_weights
+from weightpipe.stages.app.factory import (
+    build_engine,
+    build_fetch,
+    build_llama_config,
+    build_quantize,
+)
+from weightpipe.stages.engines.base import Engine
+from weightpipe.stages.engines.local import LocalEngine
+from weightpipe.stages.fp8 import check_fp8, dequantize_fp8, quantize_fp8, warm_up_cpu_kernel
+from weightpipe.stages.sync import SyncReport, sync_weights
 
 __all__ = ["DemoSync", "run_demo"]
 

@@ -23,10 +23,10 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ..bucket import WeightBucket
-from . import _sglang_wire as wire
-from .base import EngineError, PauseMode
-from .sglang_http import LoadFormat, SessionMode
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import EngineError, PauseMode
+from weightpipe.stages.engines.sglang import wire as wire
+from weightpipe.stages.engines.sglang.http import LoadFormat, SessionMode
 
 __all__ = ["SGLangEngine", "import_sglang"]
 
