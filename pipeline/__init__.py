@@ -12,7 +12,8 @@ from weightpipe.pipeline._channel import (
     ChannelStatistics,
     open_channel,
 )
-from weightpipe.pipeline._iter import as_async_iter
+from weightpipe.pipeline._errors import WeightpipeError, leaf_exceptions
+from weightpipe.pipeline._iter import aclose_iterator, as_async_iter
 from weightpipe.pipeline._pipeline import (
     Pipeline,
     PipelineObserver,
@@ -33,9 +34,12 @@ __all__ = [
     "StageError",
     "StageLike",
     "StageReport",
+    "WeightpipeError",
+    "aclose_iterator",
     "as_async_iter",
     "describe_item",
     "item_nbytes",
+    "leaf_exceptions",
     "open_channel",
     "stage_name",
 ]

@@ -18,7 +18,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-__all__ = ["as_async_iter"]
+__all__ = ["aclose_iterator", "as_async_iter"]
 
 T = TypeVar("T")
 
@@ -69,16 +69,25 @@ def as_async_iter(source: Iterable[T] | AsyncIterable[T]) -> AsyncGenerator[T, N
     )
 
 
+async def aclose_iterator(iterator: object) -> None:
+    """Close an async iterator if it can be closed, shielded from cancellation.
+
+    The one place a source is closed: a cancelled run still runs the source's
+    ``finally`` blocks (a checkpoint engine releasing its buffers).
+    """
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with anyio.CancelScope(shield=True):
+            await aclose()
+
+
 async def _from_async(source: AsyncIterable[T]) -> AsyncGenerator[T, None]:
     iterator: AsyncIterator[T] = aiter(source)
     try:
         async for item in iterator:
             yield item
     finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            with anyio.CancelScope(shield=True):
-                await aclose()
+        await aclose_iterator(iterator)
 
 
 async def _from_container(source: Iterable[T]) -> AsyncGenerator[T, None]:

@@ -35,6 +35,7 @@ from weightpipe.pipeline._channel import (
     check_depth,
     open_channel,
 )
+from weightpipe.pipeline._errors import WeightpipeError
 from weightpipe.pipeline._iter import as_async_iter
 from weightpipe.pipeline._stage import describe_item, item_nbytes, stage_name
 
@@ -53,7 +54,7 @@ SOURCE = "source"
 SINK = "sink"
 
 
-class StageError(RuntimeError):
+class StageError(WeightpipeError, RuntimeError):
     """A stage failed; the one exception a failed run raises.
 
     Attributes:

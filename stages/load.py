@@ -26,16 +26,20 @@ import anyio
 
 from weightpipe.pipeline import Stage
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import Engine, EngineError, PauseMode, SyncMode
+from weightpipe.stages.engines.base import (
+    PAUSE_MODES,
+    SYNC_MODES,
+    Engine,
+    EngineError,
+    PauseMode,
+    SyncMode,
+)
 
 __all__ = ["Load", "LoadReport"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-SYNC_MODES: tuple[SyncMode, ...] = ("pause", "prefetch", "in_flight")
-PAUSE_MODES: tuple[PauseMode, ...] = ("abort", "retract", "in_place")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ import anyio
 import anyio.to_thread
 import torch
 
+from weightpipe.pipeline import aclose_iterator
+from weightpipe.stages.dtypes import SAFETENSORS_DTYPES
+
 __all__ = [
     "FileSpan",
     "NamedTensor",
@@ -134,10 +137,7 @@ async def _async_pairs(items: AsyncIterable[Any]) -> AsyncIterator[Any]:
             else:
                 yield _prepare(item)
     finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            with anyio.CancelScope(shield=True):
-                await aclose()
+        await aclose_iterator(iterator)
 
 
 def _module_tensors(module: torch.nn.Module, include_buffers: bool) -> Iterator[NamedTensor]:
@@ -337,7 +337,7 @@ def _stream_spans(path: Path) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
         for name, _ in entries:
             info = header[name]
             try:
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
             except KeyError as exc:
                 raise ValueError(
                     f"tensor {name!r}: dtype {info.get('dtype')!r} in {file} is not supported"
@@ -347,25 +347,6 @@ def _stream_spans(path: Path) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
             if span.nbytes != int(info["data_offsets"][1]) - int(info["data_offsets"][0]):
                 raise ValueError(f"tensor {name!r}: its size in {file} disagrees with its shape")
             yield name, span
-
-
-_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 
 
 def _stream_safetensors(

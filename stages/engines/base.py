@@ -1,4 +1,4 @@
-"""The Engine protocol: the one small surface the Load stage drives.
+"""The Engine protocol: the one small surface the Load stage drives, and its deadlines.
 
 One sync is ``begin(version)`` -> ``load(bucket)`` for every bucket -> ``commit(version)``.
 On any failure or cancellation the Load stage calls ``abort(version)`` (best effort) and
@@ -7,27 +7,64 @@ succeeded, so a half-applied sync is never visible as a new version. ``pause(mod
 ``resume()`` bracket the part of a sync during which generation must stop (the sync mode
 decides which part). Every method may raise ``EngineError``, whose message names the
 engine and, where one is at fault, the tensor.
+
+Deadlines have one owner. Load runs every engine call under a deadline of its own
+(``Load(timeout_s=...)``, by default the engine's ``default_timeout_s``); an engine sets
+no timeout of its own around a call and retries a failure only when it is retryable and
+only while that deadline leaves room (``retry_within_deadline``). The defaults:
+
+=====================  ===================  ==========================================
+engine                 default_timeout_s    why
+=====================  ===================  ==========================================
+LocalEngine            60                   in-memory; a step is milliseconds
+SGLangHTTPEngine       60                   one HTTP round trip per call
+SGLangEngine           600                  in-process; a load may recapture graphs
+SGLangDistributedEngine 600                 a broadcast of a large bucket over NCCL
+=====================  ===================  ==========================================
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+import math
+from collections.abc import Awaitable, Callable
+from typing import Literal, Protocol, TypeVar, get_args, runtime_checkable
 
+import anyio
+
+from weightpipe.pipeline import WeightpipeError
 from weightpipe.stages.bucket import WeightBucket
 
-__all__ = ["Engine", "EngineError", "PauseMode", "SyncMode"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "PAUSE_MODES",
+    "SYNC_MODES",
+    "Engine",
+    "EngineError",
+    "MeasuresGeneration",
+    "PauseMode",
+    "SyncMode",
+    "engine_name",
+    "retry_within_deadline",
+]
+
+T = TypeVar("T")
 
 PauseMode = Literal["abort", "retract", "in_place"]
 """How generation stops: drop running requests, retract them to the queue, or keep them
 in place (SGLang's modes)."""
+PAUSE_MODES: tuple[PauseMode, ...] = get_args(PauseMode)
 
 SyncMode = Literal["pause", "prefetch", "in_flight"]
 """``pause``: pause for the whole sync. ``prefetch``: fetch and quantize run during
 generation, pause from the first load. ``in_flight``: never pause; buckets are applied
 between decode steps."""
+SYNC_MODES: tuple[SyncMode, ...] = get_args(SyncMode)
+
+DEFAULT_TIMEOUT_S = 60.0
+"""The deadline of one engine call when neither Load nor the engine says otherwise."""
 
 
-class EngineError(RuntimeError):
+class EngineError(WeightpipeError, RuntimeError):
     """An engine refused or failed an operation.
 
     Attributes:
@@ -72,3 +109,61 @@ class Engine(Protocol):
 
     async def resume(self) -> None:
         """Continue generation."""
+
+
+class GenerationWindowLike(Protocol):
+    """An open measurement of generation; ``close`` ends it and returns its statistics."""
+
+    def close(self) -> object: ...
+
+
+@runtime_checkable
+class MeasuresGeneration(Protocol):
+    """An engine that can measure its own generation while a sync runs (the local engine).
+
+    ``sync_weights`` opens a window before the sync and closes it after, and puts the
+    statistics in the ``SyncReport``; an engine without ``open_window`` reports none.
+    """
+
+    def open_window(self) -> GenerationWindowLike: ...
+
+
+def engine_name(engine: object) -> str:
+    """The engine's ``name`` if it has a non-empty one, else its class name."""
+    name = getattr(engine, "name", "")
+    return name if isinstance(name, str) and name else type(engine).__name__
+
+
+async def retry_within_deadline(
+    call: Callable[[], Awaitable[T]],
+    *,
+    backoff_s: float = 0.5,
+    max_backoff_s: float = 5.0,
+    attempts: int | None = None,
+) -> T:
+    """Run ``call``; repeat it after a retryable ``EngineError`` while the deadline allows.
+
+    The deadline is the caller's (``anyio.current_effective_deadline()``, which Load sets
+    for every engine call): a retry starts only if its backoff ends before the deadline,
+    so a slow failure near the end is raised as it is instead of being cut off by the
+    deadline mid-retry. Without a deadline, ``attempts`` bounds the calls (default 4).
+    Non-retryable errors and anything that is not an ``EngineError`` propagate at once.
+
+    Raises:
+        EngineError: the last failure (``retryable`` tells whether time ran out).
+    """
+    deadline = anyio.current_effective_deadline()
+    limit = attempts if attempts is not None else (4 if math.isinf(deadline) else None)
+    delay = backoff_s
+    tried = 0
+    while True:
+        tried += 1
+        try:
+            return await call()
+        except EngineError as exc:
+            if not exc.retryable or (limit is not None and tried >= limit):
+                raise
+            if anyio.current_time() + delay >= deadline:
+                raise
+        await anyio.sleep(delay)
+        delay = min(delay * 2, max_backoff_s)

@@ -41,9 +41,18 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+
+from weightpipe.stages.fp8.spec import (
+    FP8_DTYPE,
+    FP8_EPSILON,
+    FP8_MAX,
+    Fp8Method,
+    ScaleFormat,
+    scale_shape,
+)
 
 __all__ = [
     "FP8_DTYPE",
@@ -70,12 +79,6 @@ __all__ = [
     "warm_up_cpu_kernel",
 ]
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-FP8_EPSILON = 1e-4
-
-Fp8Method = Literal["block", "channel", "tensor"]
-ScaleFormat = Literal["float32", "ue8m0"]
 
 _HIGH_PRECISION = (torch.bfloat16, torch.float16, torch.float32)
 # The integer view of each input dtype and the mask that clears its sign bit: for finite
@@ -147,18 +150,6 @@ def _check_args(
             f"tensor {name!r}: FP8 quantization needs [..., out, in], got shape "
             f"{tuple(weight.shape)}"
         )
-
-
-def scale_shape(
-    shape: Sequence[int], method: Fp8Method = "block", block: tuple[int, int] = (128, 128)
-) -> tuple[int, ...]:
-    """The shape of the float32 scale for a weight of ``shape`` ``[..., out, in]``."""
-    *lead, out_dim, in_dim = shape
-    if method == "block":
-        return (*lead, math.ceil(out_dim / block[0]), math.ceil(in_dim / block[1]))
-    if method == "channel":
-        return (*lead, out_dim, 1)
-    return tuple(lead)
 
 
 # --------------------------------------------------------------------------- definition

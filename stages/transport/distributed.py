@@ -36,6 +36,7 @@ from weightpipe.stages._layout import (
     unflatten,
 )
 from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.dtypes import dtype_from_name, dtype_name
 
 __all__ = [
     "DistributedReceiver",
@@ -64,13 +65,6 @@ def _device_for(group: Any, device: str | torch.device | None) -> torch.device:
     if "nccl" in backend:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _dtype_named(name: str) -> torch.dtype:
-    dtype = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
 
 
 class _Link:
@@ -196,7 +190,9 @@ class DistributedSender:
             "version": bucket.version,
             "is_last": bucket.is_last,
             "nbytes": int(buffer.numel()),
-            "tensors": [[e.name, str(e.dtype), list(e.shape), e.offset, e.nbytes] for e in layouts],
+            "tensors": [
+                [e.name, dtype_name(e.dtype), list(e.shape), e.offset, e.nbytes] for e in layouts
+            ],
         }
         link.send_meta(meta, bucket.index, bucket.version)
         if buffer.numel():
@@ -313,7 +309,7 @@ class DistributedReceiver:
             layouts = [
                 TensorLayout(
                     str(name),
-                    _dtype_named(str(dtype)),
+                    dtype_from_name(str(dtype)),
                     tuple(int(s) for s in shape),
                     int(offset),
                     int(size),

@@ -1,0 +1,114 @@
+"""The FP8 format weightpipe emits, and every rule about it that more than one module needs.
+
+One owner per contract: the element format and its limits, the methods and scale formats
+(as ``Literal`` types with their tuples of choices), the names SGLang loads a weight's scale
+under (and the inverse), the shape of a scale, and the coercion of a block shape. The
+quantizer, the engines, the config schema and the demo import these; none restates them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+
+__all__ = [
+    "FP8_DTYPE",
+    "FP8_EPSILON",
+    "FP8_MAX",
+    "FP8_METHODS",
+    "HIGH_PRECISION_DTYPES",
+    "NONFINITE_POLICIES",
+    "QUANTIZE_BACKENDS",
+    "SCALE_FORMATS",
+    "SCALE_SUFFIXES",
+    "Fp8Method",
+    "NonFinitePolicy",
+    "QuantizeBackend",
+    "ScaleFormat",
+    "as_block",
+    "scale_name",
+    "scale_owner",
+    "scale_shape",
+]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""The largest finite float8_e4m3fn value."""
+FP8_EPSILON = 1e-4
+"""amax is clamped to at least this before dividing (SGLang's and DeepGEMM's references)."""
+
+Fp8Method = Literal["block", "channel", "tensor"]
+"""``block``: one scale per [128, 128] tile over [out, in] (DeepSeek-style, SGLang's
+``weight_block_size``); ``channel``: one per output row; ``tensor``: one per matrix."""
+FP8_METHODS: tuple[Fp8Method, ...] = get_args(Fp8Method)
+
+ScaleFormat = Literal["float32", "ue8m0"]
+"""``float32`` scales, or ``ue8m0``: rounded up to a power of two (DeepGEMM runners)."""
+SCALE_FORMATS: tuple[ScaleFormat, ...] = get_args(ScaleFormat)
+
+NonFinitePolicy = Literal["error", "keep"]
+"""A NaN/Inf weight: ``error`` fails the sync; ``keep`` sends it unquantized."""
+NONFINITE_POLICIES: tuple[NonFinitePolicy, ...] = get_args(NonFinitePolicy)
+
+QuantizeBackend = Literal["auto", "torch", "triton"]
+"""``auto``: Triton on CUDA when installed, else torch ops (or the numba CPU kernel)."""
+QUANTIZE_BACKENDS: tuple[QuantizeBackend, ...] = get_args(QuantizeBackend)
+
+HIGH_PRECISION_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
+"""The dtypes a weight may have to be quantized."""
+
+SCALE_SUFFIXES: dict[str, tuple[Fp8Method, ...]] = {
+    "_scale_inv": ("block",),
+    "_scale": ("channel", "tensor"),
+}
+"""SGLang's parameter-name suffix of a weight's scale, and the methods that use it."""
+
+
+def scale_name(name: str, method: Fp8Method = "block") -> str:
+    """The name SGLang loads the scale of weight ``name`` under.
+
+    ``X.weight`` -> ``X.weight_scale_inv`` for block scales and ``X.weight_scale`` for
+    channel/tensor scales (SGLang's parameter names); a stacked-expert name without the
+    ``.weight`` suffix gets ``_scale_inv`` / ``_scale`` appended the same way.
+    """
+    return name + ("_scale_inv" if method == "block" else "_scale")
+
+
+def scale_owner(name: str) -> str | None:
+    """``X.weight`` for a scale name ``X.weight_scale_inv`` / ``X.weight_scale``, else None."""
+    for suffix in SCALE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def as_block(value: object, *, what: str = "block") -> tuple[int, int]:
+    """A block shape as two positive ints, or a ``ValueError`` naming ``what``.
+
+    Accepts any two-element sequence of integers (a list from a config file, a tuple);
+    refuses floats (``128.9`` is never silently truncated), bools, other lengths and
+    values below 1.
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{what} must be two positive ints [out, in], got {value!r}")
+    items = list(value)
+    if len(items) != 2 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items
+    ):
+        raise ValueError(f"{what} must be two positive ints [out, in], got {value!r}")
+    return int(items[0]), int(items[1])
+
+
+def scale_shape(
+    shape: Sequence[int], method: Fp8Method = "block", block: tuple[int, int] = (128, 128)
+) -> tuple[int, ...]:
+    """The shape of the float32 scale for a weight of ``shape`` ``[..., out, in]``."""
+    *lead, out_dim, in_dim = shape
+    if method == "block":
+        return (*lead, math.ceil(out_dim / block[0]), math.ceil(in_dim / block[1]))
+    if method == "channel":
+        return (*lead, out_dim, 1)
+    return tuple(lead)
