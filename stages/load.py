@@ -1,45 +1,61 @@
 """The Load stage: drives one ``Engine`` through a sync, bucket by bucket.
 
-``Load`` is the last stage of a sync pipeline. It turns the stream of ``WeightBucket``s
-into the engine protocol: ``begin`` before the first bucket, ``load`` for each, ``commit``
-after the bucket marked ``is_last`` (the pipeline keeps buckets in order, so the version
-moves only once every bucket was accepted). The sync mode decides when generation stops:
-``pause`` pauses when the stage opens (for the whole sync), ``prefetch`` when the first
-bucket is ready to load (or, with a ``prefetch_bytes`` look-ahead, once that many bytes or
-the last bucket are ready, so fetch and quantize overlap generation for longer),
-``in_flight`` never. Whatever happens (an engine error, a timeout, a failure upstream,
-cancellation) ``close`` aborts an uncommitted sync and resumes generation, so the engine
-keeps serving the old version. Every engine call runs under
-``timeout_s``, since a pause/update race in an engine can hang forever. The stage keeps
-its state per sync (reset in ``open``) and exposes a frozen ``LoadReport``.
+``Load`` is the last stage of a sync pipeline. It checks the stream of ``WeightBucket``s
+(in order, one version, ending with the bucket marked ``is_last``) and hands each one to
+an ``_EngineSync``: the transaction object that owns every engine call of one sync
+(``begin`` before the first bucket, ``load`` for each, ``commit`` after the last, and on
+any failure ``abort`` and ``resume``), the pause state, what the engine accepted, and the
+deadline of each call. The sync mode picks the pause policy (``PAUSE_POLICY``): ``pause``
+pauses when the stage opens, ``prefetch`` when the first bucket is ready to load (or,
+with a ``prefetch_bytes`` look-ahead, once that many bytes or the last bucket are ready,
+so fetch and quantize overlap generation for longer), ``in_flight`` never. Whatever
+happens (an engine error, a timeout, a failure upstream, cancellation) ``close`` aborts
+an uncommitted sync and resumes generation, so the engine keeps serving the old version.
+One sync at a time runs on an engine: a second ``Load`` opening on an engine that is in a
+sync is refused at ``open`` without touching the engine.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Literal, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from weightpipe.pipeline import Stage
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import (
+    DEFAULT_TIMEOUT_S,
     PAUSE_MODES,
     SYNC_MODES,
     Engine,
     EngineError,
     PauseMode,
     SyncMode,
+    engine_name,
 )
 
-__all__ = ["Load", "LoadReport"]
+__all__ = ["PAUSE_POLICY", "Load", "LoadReport", "PauseAt"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+PauseAt = Literal["open", "first_load", "never"]
+"""When a sync stops generation: when Load opens, just before the first ``load``, never."""
+
+PAUSE_POLICY: dict[SyncMode, PauseAt] = {
+    "pause": "open",
+    "prefetch": "first_load",
+    "in_flight": "never",
+}
+"""The pause policy of each sync mode (the one table of it)."""
 
 
 @dataclass(frozen=True)
@@ -77,31 +93,204 @@ class LoadReport:
     names: tuple[str, ...] = ()
 
 
+# Engines in a sync, by id() (any object can be a key; an entry lives exactly as long as
+# the sync that holds the engine, which keeps the engine alive): id -> who holds it. A
+# threading lock, since two event loops in two threads may share an engine.
+_engines_in_sync: dict[int, str] = {}
+_engines_lock = threading.Lock()
+
+
+class _EngineSync:
+    """One sync's transaction on one engine: every engine call, the pause, the accounting.
+
+    Created by ``Load.open``; ``claim`` makes it the engine's only sync until ``close``.
+    ``load`` begins the sync before the first bucket and commits after the last;
+    ``close`` aborts an uncommitted sync (best effort) and resumes a paused engine. Each
+    call runs under ``timeout_s``; a timeout becomes a retryable ``EngineError`` naming
+    the call and the engine.
+    """
+
+    def __init__(
+        self, engine: Engine, *, name: str, owner: str, pause_mode: PauseMode, timeout_s: float
+    ) -> None:
+        self.engine = engine
+        self.name = name
+        self.owner = owner
+        self.pause_mode: PauseMode = pause_mode
+        self.timeout_s = timeout_s
+        self.begun = False
+        self.committed = False
+        self.aborted = False
+        self.paused = False
+        self.abort_error: str | None = None
+        self.buckets = 0
+        self.tensors = 0
+        self.bytes = 0
+        self.load_s = 0.0
+        self.names: list[str] = []
+        self._pause_asked = False
+        self._paused_at = 0.0
+        self._hard_pause_s = 0.0
+        self._claimed = False
+
+    def claim(self) -> None:
+        """Make this the engine's only sync until ``close``.
+
+        Raises:
+            EngineError: another sync holds the engine (it is left untouched).
+        """
+        with _engines_lock:
+            holder = _engines_in_sync.get(id(self.engine))
+            if holder is not None:
+                raise EngineError(
+                    self.name,
+                    f"{self.owner} cannot start a sync while {holder} is syncing this "
+                    "engine; one sync at a time per engine",
+                )
+            _engines_in_sync[id(self.engine)] = self.owner
+            self._claimed = True
+
+    def hard_pause_s(self) -> float:
+        if self.paused:
+            return self._hard_pause_s + time.perf_counter() - self._paused_at
+        return self._hard_pause_s
+
+    async def pause(self) -> None:
+        """Stop generation (once per sync; later calls return at once)."""
+        if self._pause_asked:
+            return
+        self._pause_asked = True
+        # Counted as paused before the call returns: if it fails half-way, close resumes.
+        self.paused = True
+        self._paused_at = time.perf_counter()
+        # A pause once asked for takes effect whether or not the caller keeps waiting (the
+        # local engine enters it after its current step, an HTTP server serves a request
+        # already sent). A resume sent before it took effect is a no-op, and the pause
+        # then lands with nobody left to resume it. So the call is shielded from
+        # cancellation (never from its deadline), and a cancellation is delivered as
+        # soon as the pause returned, when close's resume can undo it.
+        with anyio.CancelScope(shield=True):
+            await self._call(
+                f"pause({self.pause_mode!r})", lambda: self.engine.pause(self.pause_mode)
+            )
+        # Generation stops when pause returns (an engine finishes its current step first):
+        # the hard pause runs from here to the end of resume.
+        self._paused_at = time.perf_counter()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
+    async def load(self, bucket: WeightBucket) -> None:
+        """Load one bucket: ``begin`` first if needed, ``commit`` (and resume) after the last."""
+        if not self.begun:
+            # Marked before the call: a begin that failed or timed out may still have
+            # opened a session on the engine, so close aborts it too.
+            self.begun = True
+            await self._call("begin", lambda: self.engine.begin(bucket.version))
+        started = time.perf_counter()
+        await self._call(f"load of {bucket.describe()}", lambda: self.engine.load(bucket))
+        self.load_s += time.perf_counter() - started
+        self.buckets += 1
+        self.tensors += len(bucket.tensors)
+        self.names.extend(name for name, _ in bucket.tensors)
+        self.bytes += bucket.nbytes
+        if bucket.is_last:
+            await self._call("commit", lambda: self.engine.commit(bucket.version))
+            self.committed = True
+            if self.paused:  # no reason to keep generation waiting until close
+                await self._resume()
+
+    async def close(self, version: int | None) -> None:
+        """Abort an uncommitted sync of ``version`` (best effort), then resume generation.
+
+        The caller shields it. Releases the engine for the next sync in any case.
+
+        Raises:
+            EngineError: generation could not be resumed (after the abort was tried).
+        """
+        try:
+            if self.begun and not self.committed and version is not None:
+                self.aborted = True
+                try:
+                    await self._call("abort", lambda: self.engine.abort(version))
+                except Exception as exc:  # must not hide the failure that caused the abort
+                    self.abort_error = f"{type(exc).__name__}: {exc}"
+                    logger.warning("abort of v%s on engine %r failed: %s", version, self.name, exc)
+            if self.paused:
+                await self._resume()
+        finally:
+            if self._claimed:
+                with _engines_lock:
+                    _engines_in_sync.pop(id(self.engine), None)
+                self._claimed = False
+
+    async def _resume(self) -> None:
+        await self._call("resume", self.engine.resume)
+        self._hard_pause_s += time.perf_counter() - self._paused_at
+        self.paused = False
+
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One engine call under ``timeout_s``; a timeout becomes an ``EngineError``."""
+        try:
+            with anyio.fail_after(self.timeout_s):
+                return await call()
+        except TimeoutError as exc:
+            raise EngineError(
+                self.name, f"{what} did not answer within {self.timeout_s} s", retryable=True
+            ) from exc
+
+
+def _resolve_timeout(engine: Engine, timeout_s: float | None) -> float:
+    """``timeout_s``, else the engine's ``default_timeout_s``, else ``DEFAULT_TIMEOUT_S``."""
+    where = "timeout_s"
+    if timeout_s is None:
+        timeout_s = getattr(engine, "default_timeout_s", None)
+        where = f"engine {engine_name(engine)!r}: default_timeout_s"
+        if timeout_s is None:
+            return DEFAULT_TIMEOUT_S
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise ValueError(f"{where} must be a number of seconds, got {timeout_s!r}")
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ValueError(f"{where} must be > 0 and finite, got {timeout_s!r}")
+    return float(timeout_s)
+
+
 class Load(Stage[WeightBucket, WeightBucket]):
     """Load buckets into ``engine``; the sync commits after the bucket with ``is_last``.
 
     Args:
         engine: any ``Engine`` (SGLang adapters, ``LocalEngine``, a test fake).
-        mode: ``pause``, ``prefetch`` (default) or ``in_flight`` (see the module doc).
+        mode: ``pause``, ``prefetch`` (default) or ``in_flight`` (see ``PAUSE_POLICY``).
         pause_mode: how the engine pauses (``abort``, ``retract``, ``in_place``).
-        timeout_s: limit for each engine call; a call past it raises ``EngineError``.
+        timeout_s: the deadline of each engine call; a call past it raises a retryable
+            ``EngineError`` naming the call and the engine. ``None`` (default): the
+            engine's ``default_timeout_s`` attribute, or ``DEFAULT_TIMEOUT_S`` (60 s) of
+            ``weightpipe.stages.engines.base`` if it has none (the table there lists each
+            engine's). Load is the one owner of this deadline: an engine retries a
+            retryable failure only inside it (``retry_within_deadline``). A pause is
+            waited for to its end even when the sync is cancelled meanwhile (see
+            ``close``), so a cancellation can take up to this long to land.
         version: when given, every bucket must carry this version.
         prefetch_bytes: ``prefetch`` mode only: how many bytes of buckets to hold back,
             generation still running, before pausing to load them. 0 (default) pauses
             at the first bucket; ``None`` holds the whole sync, so the hard pause shrinks
             to the engine's load phase, at the cost of keeping every bucket of the sync
             alive at once. Load holds at most ``prefetch_bytes`` plus one bucket.
+        name: the stage's name in the pipeline (default ``"load"``); give a second Load
+            in one pipeline (a second engine) a name of its own.
 
     Each loaded bucket is passed on unchanged, so a further stage (a second engine) may
     follow; as the last stage its outputs are dropped at once.
 
-    Raises (from ``process``/``flush``, wrapped by the pipeline in a ``StageError``):
-        EngineError: the engine refused or failed a call, or did not answer in time.
+    Raises (from ``open``/``process``/``flush``/``close``, wrapped by the pipeline in a
+    ``StageError``):
+        EngineError: the engine refused or failed a call, or did not answer in time;
+            another sync holds the engine (at ``open``, before any engine call).
         ValueError: a bucket out of order, of another version, after the last one, or
             not a ``WeightBucket``; the stream ended without a last bucket.
+    Raises (from the constructor): ValueError: an unknown mode, a bad ``timeout_s``
+    (or engine ``default_timeout_s``), ``prefetch_bytes`` or ``name``.
     """
 
-    name: ClassVar[str] = "load"
+    name: str = "load"
 
     def __init__(
         self,
@@ -109,9 +298,10 @@ class Load(Stage[WeightBucket, WeightBucket]):
         *,
         mode: SyncMode = "prefetch",
         pause_mode: PauseMode = "retract",
-        timeout_s: float = 60.0,
+        timeout_s: float | None = None,
         version: int | None = None,
         prefetch_bytes: int | None = 0,
+        name: str = "load",
     ) -> None:
         if mode not in SYNC_MODES:
             raise ValueError(f"unknown sync mode {mode!r}; expected one of {SYNC_MODES}")
@@ -119,132 +309,99 @@ class Load(Stage[WeightBucket, WeightBucket]):
             raise ValueError(f"unknown pause mode {pause_mode!r}; expected one of {PAUSE_MODES}")
         if prefetch_bytes is not None and prefetch_bytes < 0:
             raise ValueError(f"prefetch_bytes must be >= 0 or None, got {prefetch_bytes!r}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self.name = name
         self.engine = engine
         self.mode: SyncMode = mode
         self.pause_mode: PauseMode = pause_mode
-        self.timeout_s = timeout_s
+        self.timeout_s = _resolve_timeout(engine, timeout_s)
         self.version = version
         self.prefetch_bytes = prefetch_bytes
-        self._engine_name = str(getattr(engine, "name", "") or type(engine).__name__)
-        self._reset()
+        self.pause_at: PauseAt = PAUSE_POLICY[mode]
+        self._engine_name = engine_name(engine)
+        self._sync: _EngineSync | None = None
         self._last_report: LoadReport | None = None
+        self._start_stream()
 
-    def _reset(self) -> None:
+    def _start_stream(self) -> None:
         self._sync_version: int | None = None
-        self._begun = False
-        self._committed = False
-        self._aborted = False
-        self._paused = False
-        self._paused_at = 0.0
-        self._hard_pause_s = 0.0
-        self._buckets = 0
-        self._tensors = 0
-        self._bytes = 0
-        self._load_s = 0.0
-        self._abort_error: str | None = None
-        self._names: list[str] = []
         self._received = 0
+        self._holding = self.mode == "prefetch"
         self._held: list[WeightBucket] = []
         self._held_bytes = 0
 
     @property
     def report(self) -> LoadReport:
-        """The last finished sync's report, or a live one while a sync runs."""
-        if self._last_report is not None and not self._begun and not self._paused:
+        """The live report while a sync runs, else the last finished sync's."""
+        if self._sync is not None:
+            return self._report(self._sync)
+        if self._last_report is not None:
             return self._last_report
-        return self._snapshot()
+        return self._report(None)
 
-    def _snapshot(self) -> LoadReport:
-        hard_pause = self._hard_pause_s
-        if self._paused:
-            hard_pause += time.perf_counter() - self._paused_at
+    def _report(self, sync: _EngineSync | None) -> LoadReport:
         return LoadReport(
             engine=self._engine_name,
             mode=self.mode,
             pause_mode=self.pause_mode,
             version=self._sync_version,
-            committed=self._committed,
-            aborted=self._aborted,
-            buckets=self._buckets,
-            tensors=self._tensors,
-            bytes=self._bytes,
-            load_s=self._load_s,
-            hard_pause_s=hard_pause,
-            abort_error=self._abort_error,
-            names=tuple(self._names),
+            committed=sync is not None and sync.committed,
+            aborted=sync is not None and sync.aborted,
+            buckets=0 if sync is None else sync.buckets,
+            tensors=0 if sync is None else sync.tensors,
+            bytes=0 if sync is None else sync.bytes,
+            load_s=0.0 if sync is None else sync.load_s,
+            hard_pause_s=0.0 if sync is None else sync.hard_pause_s(),
+            abort_error=None if sync is None else sync.abort_error,
+            names=() if sync is None else tuple(sync.names),
         )
 
     async def open(self) -> None:
-        """Start a sync; in ``pause`` mode generation stops here, before any fetch.
+        """Start a sync: claim the engine; in ``pause`` mode generation stops here.
 
         Raises:
-            EngineError: the engine failed to pause or timed out (resume is tried here first,
-                since the pipeline does not close a stage whose ``open`` failed).
+            EngineError: another sync holds the engine (nothing was called), or the engine
+                failed to pause or timed out (resume is tried here first, since the
+                pipeline does not close a stage whose ``open`` failed).
         """
-        self._reset()
+        sync = _EngineSync(
+            self.engine,
+            name=self._engine_name,
+            owner=f"Load {self.name!r}",
+            pause_mode=self.pause_mode,
+            timeout_s=self.timeout_s,
+        )
+        sync.claim()
+        self._sync = sync
         self._last_report = None
-        if self.mode == "pause":
+        self._start_stream()
+        if self.pause_at == "open":
             try:
-                await self._pause()
+                await sync.pause()
             except BaseException:
-                # The pipeline does not close a stage whose open failed: undo here.
                 with anyio.CancelScope(shield=True):
                     try:
-                        await self._resume()
-                    except Exception as exc:
+                        await self._finish(sync)
+                    except Exception as exc:  # the pause's failure is the one to raise
                         logger.warning("resume on engine %r failed: %s", self._engine_name, exc)
-                self._last_report = self._snapshot()
-                self._paused = False
                 raise
 
     async def process(self, item: WeightBucket) -> AsyncIterator[WeightBucket]:
-        """Load one bucket (beginning the sync first, committing after the last one).
-
-        In ``prefetch`` mode with a ``prefetch_bytes`` budget, buckets are held back
-        (generation still running) until the budget or the last bucket is reached, then
-        generation pauses and they are loaded in order.
-        """
-        bucket = self._check(item)
-        self._received += 1
-        if self.mode == "prefetch" and not self._begun:
-            self._held.append(bucket)
-            self._held_bytes += bucket.nbytes
-            budget = self.prefetch_bytes
-            if not bucket.is_last and (budget is None or self._held_bytes < budget):
-                return
-            held, self._held, self._held_bytes = self._held, [], 0
-            await self._pause()
-            for one in held:
-                await self._load(one)
-                yield one
-            return
-        await self._load(bucket)
-        yield bucket
-
-    async def _load(self, bucket: WeightBucket) -> None:
-        if not self._begun:
-            # Marked before the call: a begin that failed or timed out may still have
-            # opened a session on the engine, so close aborts it too.
-            self._begun = True
-            await self._call("begin", lambda: self.engine.begin(bucket.version))
-        started = time.perf_counter()
-        await self._call(f"load of {bucket.describe()}", lambda: self.engine.load(bucket))
-        self._load_s += time.perf_counter() - started
-        self._buckets += 1
-        self._tensors += len(bucket.tensors)
-        self._names.extend(name for name, _ in bucket.tensors)
-        self._bytes += bucket.nbytes
-        if bucket.is_last:
-            await self._call("commit", lambda: self.engine.commit(bucket.version))
-            self._committed = True
-            if self._paused:  # no reason to keep generation waiting until close
-                await self._resume()
+        """Load the buckets ready to load: this one, or in ``prefetch`` mode those held back
+        until the look-ahead budget or the last bucket is reached; pause first if the
+        policy says so."""
+        sync = self._current()
+        ready = self._admit(self._check(item, sync))
+        if ready and self.pause_at == "first_load":
+            await sync.pause()
+        for bucket in ready:
+            await sync.load(bucket)
+            yield bucket
 
     async def flush(self) -> AsyncIterator[WeightBucket]:
         """Fail a stream that ended without its last bucket (``close`` then aborts)."""
-        if not self._committed:
+        if not self._current().committed:
             if self._received == 0:
                 raise ValueError("the sync carried no buckets; nothing was loaded")
             raise ValueError(
@@ -260,31 +417,41 @@ class Load(Stage[WeightBucket, WeightBucket]):
         Raises:
             EngineError: generation could not be resumed (after the abort was tried).
         """
-        try:
-            self._held, self._held_bytes = [], 0  # never loaded: nothing to undo
-            if self._begun and not self._committed and self._sync_version is not None:
-                self._aborted = True
-                version = self._sync_version
-                try:
-                    await self._call("abort", lambda: self.engine.abort(version))
-                except Exception as exc:  # must not hide the failure that caused the abort
-                    self._abort_error = f"{type(exc).__name__}: {exc}"
-                    logger.warning(
-                        "abort of v%s on engine %r failed: %s", version, self._engine_name, exc
-                    )
-            if self._paused:
-                await self._resume()
-        finally:
-            self._last_report = self._snapshot()
-            self._begun = False
-            self._paused = False
+        if self._sync is not None:
+            await self._finish(self._sync)
 
-    def _check(self, item: object) -> WeightBucket:
+    async def _finish(self, sync: _EngineSync) -> None:
+        self._held, self._held_bytes = [], 0  # never loaded: nothing to undo
+        try:
+            await sync.close(self._sync_version)
+        finally:
+            self._last_report = self._report(sync)
+            self._sync = None
+
+    def _current(self) -> _EngineSync:
+        if self._sync is None:
+            raise RuntimeError(f"Load {self.name!r} was not opened: run it in a Pipeline")
+        return self._sync
+
+    def _admit(self, bucket: WeightBucket) -> list[WeightBucket]:
+        """The buckets to load now (none while ``prefetch`` holds back for its budget)."""
+        if not self._holding:
+            return [bucket]
+        self._held.append(bucket)
+        self._held_bytes += bucket.nbytes
+        budget = self.prefetch_bytes
+        if not bucket.is_last and (budget is None or self._held_bytes < budget):
+            return []
+        ready, self._held, self._held_bytes = self._held, [], 0
+        self._holding = False
+        return ready
+
+    def _check(self, item: object, sync: _EngineSync) -> WeightBucket:
         if not isinstance(item, WeightBucket):
             raise ValueError(
                 f"Load takes WeightBuckets, got {type(item).__name__}; put Fetch before it"
             )
-        if self._committed:
+        if sync.committed:
             raise ValueError(f"{item.describe()} arrived after the last bucket was committed")
         if item.index != self._received:
             raise ValueError(f"{item.describe()} arrived in position {self._received}")
@@ -292,30 +459,5 @@ class Load(Stage[WeightBucket, WeightBucket]):
         if expected is not None and item.version != expected:
             raise ValueError(f"{item.describe()} does not belong to the sync of v{expected}")
         self._sync_version = item.version
+        self._received += 1
         return item
-
-    async def _pause(self) -> None:
-        # Counted as paused before the call returns: if it fails half-way, close resumes.
-        self._paused = True
-        self._paused_at = time.perf_counter()
-        await self._call(f"pause({self.pause_mode!r})", lambda: self.engine.pause(self.pause_mode))
-        # Generation stops when pause returns (an engine finishes its current step first):
-        # the hard pause runs from here to the end of resume.
-        self._paused_at = time.perf_counter()
-
-    async def _resume(self) -> None:
-        await self._call("resume", self.engine.resume)
-        self._hard_pause_s += time.perf_counter() - self._paused_at
-        self._paused = False
-
-    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """One engine call under ``timeout_s``; a timeout becomes an ``EngineError``."""
-        try:
-            with anyio.fail_after(self.timeout_s):
-                return await call()
-        except TimeoutError as exc:
-            raise EngineError(
-                self._engine_name,
-                f"{what} did not answer within {self.timeout_s} s",
-                retryable=True,
-            ) from exc
