@@ -1,16 +1,20 @@
-"""Recycled host buffers: large buffers are allocated once and reused, not re-faulted.
+"""Host buffers: the one allocator (huge pages, optional pinning) and the pool that recycles.
 
 A fresh large buffer costs first-touch page faults that can rival the work done in it
-(copying a bucket, writing FP8 outputs). Fetch keeps its bucket buffers and Fp8Quantize its
-output arenas in a ``BufferPool``; a buffer is handed out again only when nothing outside
-the pool still holds a view of it, so recycling never overwrites data downstream still
-reads.
+(copying a bucket, writing FP8 outputs). ``allocate_host`` is the only place weightpipe
+allocates large host buffers: pinned when a device copies from it, else huge-page advised.
+Fetch keeps its bucket buffers and Fp8Quantize its output arenas in a ``BufferPool``; a
+buffer is handed out again only when nothing outside the pool is known to hold a view of
+it, so recycling never overwrites data downstream still reads. Where torch cannot tell a
+storage's use count, a buffer counts as busy forever: the pool then allocates and retains
+nothing, rather than guess.
 """
 
 from __future__ import annotations
 
 import mmap
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,13 +27,23 @@ HUGEPAGE_MIN_BYTES = 4 << 20
 
 
 def use_count(tensor: torch.Tensor) -> int:
+    """How many references the storage of ``tensor`` has, or -1 where torch cannot tell."""
     count = getattr(torch._C, "_storage_Use_Count", None)
-    if count is None:  # pragma: no cover - older torch: never recycle
+    if count is None:
         return -1
     return int(count(tensor.untyped_storage()._cdata))
 
 
-def allocate_host(nbytes: int, *, pin: bool) -> torch.Tensor:
+def allocate_host(nbytes: int, *, pin: bool, prefault: bool = True) -> torch.Tensor:
+    """A 1-D uint8 CPU buffer of ``nbytes`` bytes (contents undefined unless prefaulted).
+
+    ``pin``: page-locked (a device copies from or into it). Otherwise a buffer of at least
+    ``HUGEPAGE_MIN_BYTES`` on Linux is an anonymous mapping advised for huge pages, freed
+    when its last view goes. ``prefault`` touches its pages now, from user space: faults
+    taken inside a ``read()`` into the buffer were measured to stall several times longer;
+    a caller whose own parallel writes touch every page first (the FP8 band workers) passes
+    False.
+    """
     if pin:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     if nbytes >= HUGEPAGE_MIN_BYTES and sys.platform.startswith("linux"):
@@ -38,11 +52,22 @@ def allocate_host(nbytes: int, *, pin: bool) -> torch.Tensor:
         if advise is not None:
             region.madvise(advise)
         buffer = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
-        # Fault the pages in now, from user space: faults taken inside a read() into the
-        # buffer were measured to stall several times longer.
-        buffer.fill_(0)
+        if prefault:
+            buffer.fill_(0)
         return buffer
     return torch.empty(nbytes, dtype=torch.uint8)
+
+
+@dataclass
+class _Entry:
+    buffer: torch.Tensor
+    idle: int  # the storage's use count while only the pool holds it (-1: unknown)
+    event: Any = None  # the CUDA event of the last copy out of it, if any
+
+    def free(self) -> bool:
+        if self.idle < 0 or use_count(self.buffer) != self.idle:
+            return False
+        return self.event is None or bool(self.event.query())
 
 
 class BufferPool:
@@ -53,48 +78,57 @@ class BufferPool:
     The smallest free buffer that fits is reused; otherwise a new one of
     ``max(nbytes, capacity)`` bytes is allocated (so a lone oversize tensor's buffer is
     reused by the next sync's). At most ``keep`` buffers are retained: past that the
-    oldest is forgotten, and freed as soon as downstream drops it.
+    oldest is forgotten, and freed as soon as downstream drops it. A buffer whose use
+    count torch cannot report is never retained (it could not be known to be free).
     """
 
     def __init__(self, capacity: int, keep: int, *, pin: bool) -> None:
         self.capacity = capacity
         self.keep = keep
         self.pin = pin
-        # [buffer, use count when idle, event of the last copy out of it]
-        self._entries: list[list[Any]] = []
+        self._entries: list[_Entry] = []
 
     def take(self, nbytes: int) -> torch.Tensor:
-        best: list[Any] | None = None
+        """A buffer of at least ``nbytes`` bytes that nothing downstream still reads."""
+        best: _Entry | None = None
         for entry in self._entries:
-            buffer, idle, event = entry
-            if buffer.numel() < nbytes or use_count(buffer) != idle:
+            if entry.buffer.numel() < nbytes or not entry.free():
                 continue
-            if event is not None and not event.query():
-                continue
-            if best is None or buffer.numel() < best[0].numel():
+            if best is None or entry.buffer.numel() < best.buffer.numel():
                 best = entry
         if best is not None:
-            best[2] = None
-            return best[0]  # type: ignore[no-any-return]
+            best.event = None
+            return best.buffer
         buffer = allocate_host(max(nbytes, self.capacity), pin=self.pin)
-        if len(self._entries) >= self.keep:
-            self._entries.pop(0)
-        self._entries.append([buffer, use_count(buffer), None])
+        self._retain(buffer)
         return buffer
 
     def reserve(self, count: int) -> None:
+        """Allocate buffers of ``capacity`` bytes until ``count`` are retained."""
         while len(self._entries) < count:
-            buffer = allocate_host(self.capacity, pin=self.pin)
-            self._entries.append([buffer, use_count(buffer), None])
+            if not self._retain(allocate_host(self.capacity, pin=self.pin)):
+                return
 
     def mark_copied(self, buffer: torch.Tensor, event: Any) -> None:
+        """``buffer`` is free again only once ``event`` (a copy out of it) completed."""
         for entry in self._entries:
-            if entry[0] is buffer:
-                entry[2] = event
+            if entry.buffer is buffer:
+                entry.event = event
 
     @property
     def retained_bytes(self) -> int:
-        return sum(int(entry[0].numel()) for entry in self._entries)
+        """Bytes of the buffers the pool keeps for reuse."""
+        return sum(int(entry.buffer.numel()) for entry in self._entries)
 
     def clear(self) -> None:
+        """Forget every buffer (each is freed once downstream drops it)."""
         self._entries.clear()
+
+    def _retain(self, buffer: torch.Tensor) -> bool:
+        idle = use_count(buffer)
+        if idle < 0:
+            return False
+        if len(self._entries) >= self.keep:
+            self._entries.pop(0)
+        self._entries.append(_Entry(buffer, idle))
+        return True

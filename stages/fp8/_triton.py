@@ -5,10 +5,10 @@ optional dependency. One launch covers every matrix of one input dtype in a buck
 matrices are described by tables of device pointers and sizes, the grid is
 ``(max blocks per matrix, matrices)`` and programs past a matrix's last block are masked
 off. Each program quantizes one ``[block_out, block_in]`` block with the definition in
-``weightpipe.stages.fp8``: IEEE divisions (``div_rn``, not Triton's approximate ``/``) and a
-round-to-nearest-even float32 -> e4m3 conversion done on the integer bits, so the result
-is the same on a GPU and under ``TRITON_INTERPRET=1`` (whose own float8 cast rounds
-differently) and equals torch's cast bit for bit. NaN/Inf set a per-tensor flag instead
+``weightpipe.stages.fp8.reference``: IEEE divisions (``div_rn``, not Triton's approximate
+``/``) and a round-to-nearest-even float32 -> e4m3 conversion done on the integer bits, so
+the result is the same on a GPU and under ``TRITON_INTERPRET=1`` (whose own float8 cast
+rounds differently) and equals torch's cast bit for bit. NaN/Inf set a per-tensor flag instead
 of raising, so no host sync happens inside the batch.
 """
 
@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
-from weightpipe.stages.fp8 import (
+from weightpipe.stages.fp8.spec import (
     FP8_DTYPE,
     FP8_EPSILON,
     FP8_MAX,
     Fp8Tensor,
     ScaleFormat,
+    as_block,
     scale_shape,
 )
 
@@ -146,6 +147,7 @@ def quantize_block_batch(
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
+    block = as_block(block)
     if not supports_block(block):
         raise ValueError(f"block {list(block)} is not a pair of powers of two")
     if not weights:

@@ -2,17 +2,21 @@
 
 One owner per contract: the element format and its limits, the methods and scale formats
 (as ``Literal`` types with their tuples of choices), the names SGLang loads a weight's scale
-under (and the inverse), the shape of a scale, and the coercion of a block shape. The
-quantizer, the engines, the config schema and the demo import these; none restates them.
+under (and the inverse), the shape of a scale, the coercion of a block shape, the result
+type ``Fp8Tensor``, the arguments a quantizer accepts (``check_quantizable``) and the error
+a NaN/Inf weight raises. The quantizer, the engines, the config schema and the demo import
+these; none restates them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
+
+from weightpipe.pipeline import WeightpipeError
 
 __all__ = [
     "FP8_DTYPE",
@@ -25,10 +29,13 @@ __all__ = [
     "SCALE_FORMATS",
     "SCALE_SUFFIXES",
     "Fp8Method",
+    "Fp8Tensor",
     "NonFinitePolicy",
+    "NonFiniteWeightError",
     "QuantizeBackend",
     "ScaleFormat",
     "as_block",
+    "check_quantizable",
     "scale_name",
     "scale_owner",
     "scale_shape",
@@ -112,3 +119,62 @@ def scale_shape(
     if method == "channel":
         return (*lead, out_dim, 1)
     return tuple(lead)
+
+
+class Fp8Tensor(NamedTuple):
+    """A quantized weight: ``qweight`` (float8_e4m3fn, the input's shape) and ``scale``.
+
+    ``scale`` is float32, the dequantization multiplier SGLang loads as
+    ``weight_scale_inv`` (block) or ``weight_scale`` (channel, tensor). Shapes for an input
+    ``[..., out, in]``: block ``[..., ceil(out/bo), ceil(in/bi)]``; channel ``[..., out, 1]``;
+    tensor ``[...]`` (a 0-dim tensor for a 2-D input); see ``scale_shape``.
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+
+
+class NonFiniteWeightError(WeightpipeError, ValueError):
+    """A weight holds NaN or Inf, so it has no FP8 representation.
+
+    A ``ValueError`` too, as it was before ``WeightpipeError`` existed.
+
+    Attributes:
+        tensor: the offending tensor's name.
+    """
+
+    def __init__(self, tensor: str, detail: str = "") -> None:
+        self.tensor = tensor
+        more = f" ({detail})" if detail else ""
+        super().__init__(f"tensor {tensor!r} contains NaN or Inf and cannot be quantized{more}")
+
+
+def check_quantizable(
+    weight: torch.Tensor, method: object, block: object, scale_fmt: object, name: str
+) -> tuple[int, int]:
+    """Refuse what no quantizer accepts; returns ``block`` as two ints (``as_block``).
+
+    Raises:
+        ValueError: an unknown method or scale format, a bad block, or fewer than 2 dims,
+            naming the tensor.
+        TypeError: the weight is not one of ``HIGH_PRECISION_DTYPES``.
+    """
+    if method not in FP8_METHODS:
+        raise ValueError(
+            f"tensor {name!r}: unknown FP8 method {method!r}, not one of {FP8_METHODS}"
+        )
+    if scale_fmt not in SCALE_FORMATS:
+        raise ValueError(
+            f"tensor {name!r}: unknown scale_fmt {scale_fmt!r}, not one of {SCALE_FORMATS}"
+        )
+    pair = as_block(block, what=f"tensor {name!r}: block")
+    if weight.dtype not in HIGH_PRECISION_DTYPES:
+        raise TypeError(
+            f"tensor {name!r}: dtype {weight.dtype} is not bfloat16, float16 or float32"
+        )
+    if weight.dim() < 2:
+        raise ValueError(
+            f"tensor {name!r}: FP8 quantization needs [..., out, in], got shape "
+            f"{tuple(weight.shape)}"
+        )
+    return pair

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from weightpipe.stages import fp8 as fp8_module
+from weightpipe.pipeline import WeightpipeError
 from weightpipe.stages.fp8 import (
     FP8_DTYPE,
     FP8_EPSILON,
+    FP8_METHODS,
+    SCALE_FORMATS,
     Fp8CheckError,
+    Fp8Method,
     Fp8Tensor,
     NonFiniteWeightError,
+    ScaleFormat,
+    _numba,
     check_fp8,
+    cpu,
     dequantize_fp8,
     fp8_scale_from_amax,
     quantize_block_fp8,
@@ -26,6 +34,7 @@ from weightpipe.stages.fp8 import (
     quantize_fp8_reference,
     quantize_tensor_fp8,
     scale_shape,
+    warm_up_cpu_kernel,
 )
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -33,19 +42,22 @@ KERNELS = ["torch", "numba"]
 
 
 @pytest.fixture(params=KERNELS)
-def cpu_kernel(request, monkeypatch):
+def cpu_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test once per CPU block kernel (numba skipped where it is not installed)."""
-    if request.param == "numba":
+    kernel: str = request.param
+    if kernel == "numba":
         pytest.importorskip("numba")
-    monkeypatch.setattr(fp8_module, "_CPU_KERNEL", request.param)
-    return request.param
+    monkeypatch.setattr(cpu, "_CPU_KERNEL", kernel)
+    return kernel
 
 
-METHODS = ["block", "channel", "tensor"]
-FORMATS = ["float32", "ue8m0"]
+METHODS = FP8_METHODS
+FORMATS = SCALE_FORMATS
 
 
-def _weight(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, std: float = 0.02):
+def _weight(
+    shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, std: float = 0.02
+) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen) * std).to(dtype)
 
@@ -67,7 +79,13 @@ def assert_same(a: Fp8Tensor, b: Fp8Tensor) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("scale_fmt", FORMATS)
-def test_fast_path_equals_definition(shape, dtype, method, scale_fmt, cpu_kernel):
+def test_fast_path_equals_definition(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    method: Fp8Method,
+    scale_fmt: ScaleFormat,
+    cpu_kernel: str,
+) -> None:
     w = _weight(shape, dtype)
     ref = quantize_fp8_reference(w, method=method, scale_fmt=scale_fmt)
     for threads in (1, 2):
@@ -78,7 +96,7 @@ def test_fast_path_equals_definition(shape, dtype, method, scale_fmt, cpu_kernel
     assert 0.0 <= worst <= 1.0
 
 
-def test_block_scale_shapes_cover_partial_edges(cpu_kernel):
+def test_block_scale_shapes_cover_partial_edges(cpu_kernel: str) -> None:
     q, s = quantize_block_fp8(_weight((127, 129), torch.bfloat16))
     assert q.shape == (127, 129)  # no padding in the output
     assert s.shape == (1, 2)
@@ -92,7 +110,7 @@ def test_block_scale_shapes_cover_partial_edges(cpu_kernel):
     )
 
 
-def test_large_llama_mlp_matrix_every_block_within_bound():
+def test_large_llama_mlp_matrix_every_block_within_bound() -> None:
     # 4096 x 11008 (Llama-2-7B's MLP), once: bit-identical to the definition and every
     # element of every block within the FP8 bound.
     w = _weight((4096, 11008), torch.bfloat16, seed=3)
@@ -104,7 +122,7 @@ def test_large_llama_mlp_matrix_every_block_within_bound():
     assert check_fp8(w, got) <= 1.0
 
 
-def test_expert_stack_is_quantized_per_expert_matrix(cpu_kernel):
+def test_expert_stack_is_quantized_per_expert_matrix(cpu_kernel: str) -> None:
     w = _weight((4, 256, 384), torch.bfloat16)
     w[2] *= 100.0  # a much larger expert must not change the others' scales
     got = quantize_block_fp8(w, threads=2)
@@ -113,14 +131,18 @@ def test_expert_stack_is_quantized_per_expert_matrix(cpu_kernel):
         alone = quantize_block_fp8(w[e].clone())
         assert torch.equal(_bits(got.qweight[e]), _bits(alone.qweight))
         assert torch.equal(got.scale[e], alone.scale)
-    for fn, shape in ((quantize_channel_fp8, (4, 256, 1)), (quantize_tensor_fp8, (4,))):
+    per: list[tuple[Callable[[torch.Tensor], Fp8Tensor], tuple[int, ...]]] = [
+        (quantize_channel_fp8, (4, 256, 1)),
+        (quantize_tensor_fp8, (4,)),
+    ]
+    for fn, shape in per:
         res = fn(w)
         assert res.scale.shape == shape
         assert check_fp8(w, res) <= 1.0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_zero_blocks_give_finite_scales_and_zeros(dtype):
+def test_zero_blocks_give_finite_scales_and_zeros(dtype: torch.dtype) -> None:
     w = torch.zeros(200, 300, dtype=dtype)
     w[150:, 200:] = 0.5  # one non-zero block among zero ones
     for method in METHODS:
@@ -134,7 +156,7 @@ def test_zero_blocks_give_finite_scales_and_zeros(dtype):
     assert s[0, 0] == pytest.approx(FP8_EPSILON / 448.0)
 
 
-def test_ue8m0_scales_are_powers_of_two_and_never_under_scale():
+def test_ue8m0_scales_are_powers_of_two_and_never_under_scale() -> None:
     gen = torch.Generator().manual_seed(5)
     # Block magnitudes over many octaves, including exact powers of two times 448.
     w = torch.randn(512, 512, generator=gen) * torch.logspace(-6, 3, 512)[:, None]
@@ -151,7 +173,7 @@ def test_ue8m0_scales_are_powers_of_two_and_never_under_scale():
     assert check_fp8(w, Fp8Tensor(q, s)) <= 1.0
 
 
-def test_ue8m0_rounds_scale_bits_up():
+def test_ue8m0_rounds_scale_bits_up() -> None:
     amax = torch.tensor([448.0, 449.0, 896.0, 0.0, 1.0, 3e30])
     s = fp8_scale_from_amax(amax, "ue8m0")
     exact = fp8_scale_from_amax(amax)
@@ -162,7 +184,7 @@ def test_ue8m0_rounds_scale_bits_up():
 
 def _e4m3_values() -> list[float]:
     """Every non-negative finite float8_e4m3fn value, from its bits (independently)."""
-    values = []
+    values: list[float] = []
     for code in range(0x7F):
         exponent, mantissa = code >> 3, code & 7
         if exponent == 0:
@@ -172,7 +194,7 @@ def _e4m3_values() -> list[float]:
     return values
 
 
-def test_cast_rounds_to_nearest_even_like_an_independent_model(cpu_kernel):
+def test_cast_rounds_to_nearest_even_like_an_independent_model(cpu_kernel: str) -> None:
     """With amax = 448 the scale is exactly 1, so q is the e4m3 rounding of w itself."""
     table = _e4m3_values()
     lo = torch.tensor(table[:-1], dtype=torch.float32)
@@ -184,7 +206,7 @@ def test_cast_rounds_to_nearest_even_like_an_independent_model(cpu_kernel):
     pos = torch.cat([extra, lo, mid, below, above])
     w = torch.cat([pos, -pos])
     assert len(set(w.tolist())) > 1000
-    expected = []
+    expected: list[int] = []
     for v in w.tolist():
         dist = [abs(abs(v) - t) for t in table]
         best = min(dist)
@@ -205,7 +227,9 @@ def test_cast_rounds_to_nearest_even_like_an_independent_model(cpu_kernel):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("method", METHODS)
-def test_nonfinite_raises_naming_the_tensor(dtype, bad, method, cpu_kernel):
+def test_nonfinite_raises_naming_the_tensor(
+    dtype: torch.dtype, bad: float, method: Fp8Method, cpu_kernel: str
+) -> None:
     w = _weight((200, 300), dtype)
     w[199, 299] = bad  # in the partial edge block
     with pytest.raises(NonFiniteWeightError, match=r"layers\.7\.mlp\.down_proj") as info:
@@ -215,7 +239,7 @@ def test_nonfinite_raises_naming_the_tensor(dtype, bad, method, cpu_kernel):
         quantize_fp8_reference(w, method=method)
 
 
-def test_many_reports_nonfinite_as_none_and_quantizes_the_rest():
+def test_many_reports_nonfinite_as_none_and_quantizes_the_rest() -> None:
     good = _weight((130, 140), torch.bfloat16)
     bad = good.clone()
     bad[5, 5] = math.nan
@@ -226,7 +250,7 @@ def test_many_reports_nonfinite_as_none_and_quantizes_the_rest():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_input_is_never_mutated(dtype, cpu_kernel):
+def test_input_is_never_mutated(dtype: torch.dtype, cpu_kernel: str) -> None:
     # verl's bug: a single block column, no padding, float32 -> scaled in place.
     for shape in ((128, 128), (256, 128), (64, 100), (2, 128, 128)):
         w = _weight(shape, dtype) * 1000
@@ -242,12 +266,12 @@ def test_input_is_never_mutated(dtype, cpu_kernel):
     assert torch.equal(base, snapshot)
 
 
-def test_non_contiguous_input_equals_contiguous():
+def test_non_contiguous_input_equals_contiguous() -> None:
     base = _weight((300, 260), torch.bfloat16)
     assert_same(quantize_block_fp8(base.t()), quantize_block_fp8(base.t().contiguous()))
 
 
-def test_parameter_that_requires_grad_is_read_as_data(cpu_kernel):
+def test_parameter_that_requires_grad_is_read_as_data(cpu_kernel: str) -> None:
     param = torch.nn.Parameter(_weight((200, 130), torch.float32))
     for method in METHODS:
         got = quantize_fp8(param, method=method, threads=2)
@@ -255,7 +279,7 @@ def test_parameter_that_requires_grad_is_read_as_data(cpu_kernel):
         assert_same(got, quantize_fp8_reference(param.detach(), method=method))
 
 
-def test_dequantize_round_trips_and_infers_the_method():
+def test_dequantize_round_trips_and_infers_the_method() -> None:
     w = _weight((300, 260), torch.bfloat16)
     for method in METHODS:
         q, s = quantize_fp8(w, method=method)
@@ -269,7 +293,7 @@ def test_dequantize_round_trips_and_infers_the_method():
         dequantize_fp8(w, s)
 
 
-def test_check_detects_a_wrong_element_and_names_it():
+def test_check_detects_a_wrong_element_and_names_it() -> None:
     w = _weight((200, 300), torch.bfloat16)
     q, s = quantize_block_fp8(w)
     bad = q.clone()
@@ -282,7 +306,7 @@ def test_check_detects_a_wrong_element_and_names_it():
         check_fp8(w[:10], Fp8Tensor(q, s), name="w")
 
 
-def test_bad_arguments_raise_with_the_name():
+def test_bad_arguments_raise_with_the_name() -> None:
     w = _weight((4, 4), torch.bfloat16)
     with pytest.raises(ValueError, match=r"'x'.*method"):
         quantize_fp8(w, method="row", name="x")  # type: ignore[arg-type]
@@ -296,7 +320,40 @@ def test_bad_arguments_raise_with_the_name():
         quantize_block_fp8(w, block=(0, 128))
 
 
-def test_agrees_with_sglang_per_block_cast_to_fp8(cpu_kernel):
+@pytest.mark.parametrize("block", [(128.9, 128), (128,), (128, 128, 1), (True, 128), "128"])
+def test_a_block_that_is_not_two_ints_is_refused_naming_it(block: object) -> None:
+    # Before one coercion owned this, (128.9, 128) was truncated to (128, 128) and (128,)
+    # raised an IndexError.
+    w = _weight((256, 256), torch.bfloat16)
+    calls: list[Callable[[], object]] = [
+        lambda: quantize_fp8(w, block=block, name="x"),  # type: ignore[arg-type]
+        lambda: quantize_fp8_reference(w, block=block, name="x"),  # type: ignore[arg-type]
+        lambda: quantize_fp8_many([("x", w)], block=block),  # type: ignore[arg-type]
+    ]
+    q, s = quantize_block_fp8(w)
+    calls.append(lambda: dequantize_fp8(q, s, block=block, name="x"))  # type: ignore[arg-type]
+    calls.append(lambda: check_fp8(w, Fp8Tensor(q, s), block=block, name="x"))  # type: ignore[arg-type]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"'x'.*block.*" + re.escape(repr(block))):
+            call()
+
+
+def test_errors_share_weightpipe_error_as_their_base() -> None:
+    w = _weight((200, 300), torch.bfloat16)
+    q, s = quantize_block_fp8(w)
+    with pytest.raises(WeightpipeError) as check:
+        check_fp8(w, Fp8Tensor(q, s * 0), name="w")
+    assert isinstance(check.value, Fp8CheckError)
+    assert not isinstance(check.value, AssertionError)  # `python -O` cannot strip it
+    bad = w.clone()
+    bad[0, 0] = math.nan
+    with pytest.raises(WeightpipeError) as nonfinite:
+        quantize_fp8(bad, name="w")
+    assert isinstance(nonfinite.value, NonFiniteWeightError)
+    assert isinstance(nonfinite.value, ValueError)  # still, for callers that caught that
+
+
+def test_agrees_with_sglang_per_block_cast_to_fp8(cpu_kernel: str) -> None:
     """SGLang's own quantizer (DeepGEMM's): ue8m0 scales, amax guarded by 1e-4.
 
     Where the definitions coincide (ue8m0, [128, 128]) the bits must be equal: its
@@ -328,7 +385,7 @@ def weights(draw: st.DrawFn) -> torch.Tensor:
     log_std = draw(st.floats(-12, 6))
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=gen) * (10.0**log_std)
+    w = torch.randn(rows, cols, generator=gen) * math.pow(10.0, log_std)
     zero_rows = draw(st.integers(0, rows))
     w[:zero_rows] = 0.0
     if dtype == torch.float16:
@@ -343,15 +400,17 @@ def weights(draw: st.DrawFn) -> torch.Tensor:
     scale_fmt=st.sampled_from(FORMATS),
     kernel=st.sampled_from(KERNELS),
 )
-def test_property_error_bound_and_definition(w, method, scale_fmt, kernel):
-    if kernel == "numba" and fp8_module._numba_kernel() is None:
+def test_property_error_bound_and_definition(
+    w: torch.Tensor, method: Fp8Method, scale_fmt: ScaleFormat, kernel: str
+) -> None:
+    if kernel == "numba" and _numba.kernel() is None:
         kernel = "torch"
-    saved = fp8_module._CPU_KERNEL
-    fp8_module._CPU_KERNEL = kernel
+    saved = cpu._CPU_KERNEL
+    cpu._CPU_KERNEL = kernel
     try:
         got = quantize_fp8(w, method=method, scale_fmt=scale_fmt, threads=2)
     finally:
-        fp8_module._CPU_KERNEL = saved
+        cpu._CPU_KERNEL = saved
     assert_same(got, quantize_fp8_reference(w, method=method, scale_fmt=scale_fmt))
     assert check_fp8(w, got) <= 1.0
     if scale_fmt == "ue8m0":
@@ -362,14 +421,14 @@ def test_property_error_bound_and_definition(w, method, scale_fmt, kernel):
 @given(
     amax=st.floats(0.0, 3.0000000054977558e38, allow_nan=False, allow_infinity=False, width=32),
 )
-def test_property_ue8m0_never_under_scales(amax):
+def test_property_ue8m0_never_under_scales(amax: float) -> None:
     a = torch.tensor([amax], dtype=torch.float32)
     s = fp8_scale_from_amax(a, "ue8m0")
     assert float(torch.frexp(s)[0]) == 0.5
     assert max(amax, FP8_EPSILON) / float(s) <= 448.0
 
 
-def test_quotient_one_ulp_above_448_still_maps_to_448(cpu_kernel):
+def test_quotient_one_ulp_above_448_still_maps_to_448(cpu_kernel: str) -> None:
     """amax / RN(amax / 448) can round to 448.00003: the clamp (or the rounding) gives 448."""
     gen = torch.Generator().manual_seed(11)
     amax = torch.rand(4096, generator=gen) * 10 + 0.01
@@ -388,13 +447,11 @@ def test_quotient_one_ulp_above_448_still_maps_to_448(cpu_kernel):
 def test_warm_up_compiles_every_signature_real_inputs_use() -> None:
     # The first sync must not pay for numba's lazy compilation: after the warm-up, no
     # input dtype or shape adds a signature to the kernel.
-    from weightpipe.stages import fp8 as fp8_module
-
-    if not fp8_module.warm_up_cpu_kernel():
+    if not warm_up_cpu_kernel():
         pytest.skip("the numba CPU kernel is not in use")
-    kernel = fp8_module._numba_kernel()
+    kernel = _numba.kernel()
     compiled = len(kernel.signatures)
     assert compiled >= 1
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        fp8_module.quantize_fp8(torch.randn(300, 260).to(dtype), name="w")
+    for dtype in DTYPES:
+        quantize_fp8(torch.randn(300, 260).to(dtype), name="w")
     assert len(kernel.signatures) == compiled
