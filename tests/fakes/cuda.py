@@ -2,8 +2,8 @@
 
 ``FakeCudaStream`` and ``FakeCudaEvent`` stand in for ``torch.cuda.Stream`` and
 ``torch.cuda.Event`` (monkeypatched in); they record what was waited on and recorded, and an
-event is always complete, so a test can check which stream an event was recorded on without
-a device.
+event is complete unless a test sets ``done = False`` (a copy still running), so a test can
+check which stream an event was recorded on, and what waits for it, without a device.
 """
 
 from __future__ import annotations
@@ -27,13 +27,17 @@ class FakeCudaStream:
 
 
 class FakeCudaEvent:
-    """A fake of ``torch.cuda.Event``: remembers the stream it was recorded on; always done."""
+    """A fake of ``torch.cuda.Event``: remembers the stream it was recorded on.
+
+    ``query()`` answers ``done`` (True unless a test pretends the work is still running).
+    """
 
     def __init__(self) -> None:
         self.recorded_on: Any = None
+        self.done = True
 
     def record(self, stream: Any) -> None:
         self.recorded_on = stream
 
     def query(self) -> bool:
-        return True
+        return self.done

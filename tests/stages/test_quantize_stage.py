@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
 import pytest
 import torch
 
+from tests.fakes import FakeCudaEvent
 from weightpipe.pipeline import Pipeline, StageError
+from weightpipe.stages._memory import BufferPool
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.fp8 import (
     FP8_DTYPE,
+    FP8_METHODS,
+    SCALE_FORMATS,
+    Fp8Tensor,
     NonFiniteWeightError,
     check_fp8,
     quantize_fp8_reference,
@@ -81,12 +87,12 @@ LLAMA_LINEAR = {
 }
 
 
-def test_selection_on_llama():
+def test_selection_on_llama() -> None:
     params = _meta_params("llama")
     assert _quantized(params, Fp8Selection()) == LLAMA_LINEAR
 
 
-def test_selection_on_qwen2_moe():
+def test_selection_on_qwen2_moe() -> None:
     params = _meta_params("qwen2_moe")
     got = _quantized(params, Fp8Selection())
     assert got == {
@@ -116,7 +122,7 @@ def test_selection_on_qwen2_moe():
     assert sel("model.layers.3.mlp.experts.17.down_proj.weight", (64, 32))
 
 
-def test_selection_on_deepseek_style_names():
+def test_selection_on_deepseek_style_names() -> None:
     params = _meta_params("deepseek")
     got = _quantized(params, Fp8Selection())
     for layer in (0, 1):
@@ -131,7 +137,7 @@ def test_selection_on_deepseek_style_names():
     assert Fp8Selection().why_not("model.layers.1.mlp.gate.e_score_correction_bias", (4,))
 
 
-def test_selection_ignored_layers_follow_sglang_matching():
+def test_selection_ignored_layers_follow_sglang_matching() -> None:
     params = _meta_params("llama")
     sel = Fp8Selection(ignored_layers=("layers.0.mlp.down_proj",))  # no "model." prefix
     assert _quantized(params, sel) == LLAMA_LINEAR - {"model.layers.0.mlp.down_proj.weight"}
@@ -152,7 +158,7 @@ def test_selection_ignored_layers_follow_sglang_matching():
     }
 
 
-def test_selection_include_and_exclude_patterns():
+def test_selection_include_and_exclude_patterns() -> None:
     params = _meta_params("llama")
     sel = Fp8Selection(include=("*.mlp.*",))
     assert _quantized(params, sel) == {n for n in LLAMA_LINEAR if ".mlp." in n}
@@ -167,7 +173,7 @@ def test_selection_include_and_exclude_patterns():
         Fp8Selection(include=("",))
 
 
-def test_quantization_config_default_matches_sglang_fp8():
+def test_quantization_config_default_matches_sglang_fp8() -> None:
     stage = Fp8Quantize(ignored_layers=["model.layers.0.mlp.down_proj"])
     assert stage.quantization_config() == {
         "quant_method": "fp8",
@@ -185,7 +191,7 @@ def test_quantization_config_default_matches_sglang_fp8():
     assert channel["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
 
 
-def test_quantization_config_expands_rules_against_the_model():
+def test_quantization_config_expands_rules_against_the_model() -> None:
     params = _meta_params("qwen2_moe")
     stage = Fp8Quantize(ignored_layers=[r"re:.*\.o_proj"], exclude=["*.shared_expert.*"])
     with pytest.raises(ValueError, match="parameters"):
@@ -203,7 +209,7 @@ def test_quantization_config_expands_rules_against_the_model():
             assert stage.selection(name, shape) == (module not in ignored)
 
 
-def test_quantization_config_refuses_to_split_a_fused_layer():
+def test_quantization_config_refuses_to_split_a_fused_layer() -> None:
     params = _meta_params("llama")
     stage = Fp8Quantize(exclude=["*.k_proj.weight"])
     with pytest.raises(ValueError, match="qkv_proj"):
@@ -213,11 +219,18 @@ def test_quantization_config_refuses_to_split_a_fused_layer():
 # ------------------------------------------------------------------ the stage
 
 
-def _bucket(tensors, index=0, is_last=True, version=7):
+def _bucket(
+    tensors: Sequence[tuple[str, torch.Tensor]],
+    index: int = 0,
+    is_last: bool = True,
+    version: int = 7,
+) -> WeightBucket:
     return WeightBucket(tuple(tensors), index, is_last, version)
 
 
-def _llama_tensors(dtype=torch.bfloat16, seed=0):
+def _llama_tensors(
+    dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> list[tuple[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     shapes = {
         "model.embed_tokens.weight": (100, 64),
@@ -235,7 +248,7 @@ def _llama_tensors(dtype=torch.bfloat16, seed=0):
     ]
 
 
-async def test_stage_output_layout_and_bits():
+async def test_stage_output_layout_and_bits() -> None:
     tensors = _llama_tensors(torch.float32)
     before = [t.clone() for _, t in tensors]
     stage = Fp8Quantize()
@@ -271,7 +284,7 @@ async def test_stage_output_layout_and_bits():
             assert got[name].dtype == FP8_DTYPE
             assert torch.equal(got[name].view(torch.uint8), ref.qweight.view(torch.uint8))
             assert torch.equal(got[scale_name(name)], ref.scale)
-            assert check_fp8(source, (got[name], got[scale_name(name)])) <= 1.0  # type: ignore[arg-type]
+            assert check_fp8(source, Fp8Tensor(got[name], got[scale_name(name)])) <= 1.0
         else:
             assert got[name].dtype == torch.bfloat16  # keep_dtype
             assert torch.equal(got[name], source.to(torch.bfloat16))
@@ -279,7 +292,7 @@ async def test_stage_output_layout_and_bits():
         assert torch.equal(t, b)  # inputs untouched
 
 
-async def test_stage_keep_dtype_none_and_passthrough_of_other_dtypes():
+async def test_stage_keep_dtype_none_and_passthrough_of_other_dtypes() -> None:
     fp8 = torch.zeros(4, 4, dtype=FP8_DTYPE)
     ids = torch.arange(5)
     w = torch.randn(64, 64, dtype=torch.float16)
@@ -302,19 +315,19 @@ async def test_stage_keep_dtype_none_and_passthrough_of_other_dtypes():
     assert got["d.norm.weight"].dtype == torch.float32
 
 
-async def test_stage_matches_the_functions_for_every_method_and_format():
+async def test_stage_matches_the_functions_for_every_method_and_format() -> None:
     tensors = _llama_tensors()
-    for method in ("block", "channel", "tensor"):
-        for fmt in ("float32", "ue8m0"):
-            stage = Fp8Quantize(method=method, scale_fmt=fmt, cpu_threads=2)  # type: ignore[arg-type]
+    for method in FP8_METHODS:
+        for fmt in SCALE_FORMATS:
+            stage = Fp8Quantize(method=method, scale_fmt=fmt, cpu_threads=2)
             got = dict(stage.quantize_bucket(_bucket(tensors)).tensors)
-            ref = quantize_fp8_reference(tensors[3][1], method=method, scale_fmt=fmt)  # type: ignore[arg-type]
+            ref = quantize_fp8_reference(tensors[3][1], method=method, scale_fmt=fmt)
             name = tensors[3][0]
             assert torch.equal(got[name].view(torch.uint8), ref.qweight.view(torch.uint8))
-            assert torch.equal(got[scale_name(name, method)], ref.scale)  # type: ignore[arg-type]
+            assert torch.equal(got[scale_name(name, method)], ref.scale)
 
 
-async def test_nonfinite_keep_counts_and_keeps_high_precision():
+async def test_nonfinite_keep_counts_and_keeps_high_precision() -> None:
     tensors = _llama_tensors()
     bad = tensors[3][1].clone()
     bad[0, 0] = math.inf
@@ -331,7 +344,7 @@ async def _source(buckets: list[WeightBucket]) -> AsyncIterator[WeightBucket]:
         yield bucket
 
 
-async def test_nonfinite_error_mid_stream_names_stage_bucket_and_tensor():
+async def test_nonfinite_error_mid_stream_names_stage_bucket_and_tensor() -> None:
     good = _llama_tensors(seed=1)
     bad = _llama_tensors(seed=2)
     broken = bad[1][1].clone()
@@ -353,14 +366,14 @@ async def test_nonfinite_error_mid_stream_names_stage_bucket_and_tensor():
     assert seen == [0]
 
 
-async def test_error_at_open_for_an_impossible_backend():
+async def test_error_at_open_for_an_impossible_backend() -> None:
     stage = Fp8Quantize(backend="triton", block=(100, 128))
     with pytest.raises(StageError) as info:
         await Pipeline([stage]).run([_bucket(_llama_tensors())])
     assert info.value.phase == "open"
 
 
-async def test_error_at_close_is_reported():
+async def test_error_at_close_is_reported() -> None:
     class FailingClose(Fp8Quantize):
         async def close(self) -> None:
             await super().close()
@@ -371,7 +384,7 @@ async def test_error_at_close_is_reported():
     assert info.value.phase == "close"
 
 
-async def test_pipeline_keeps_order_with_concurrent_workers():
+async def test_pipeline_keeps_order_with_concurrent_workers() -> None:
     buckets = [_bucket(_llama_tensors(seed=i), i, i == 5) for i in range(6)]
     out: list[WeightBucket] = []
 
@@ -390,7 +403,7 @@ async def test_pipeline_keeps_order_with_concurrent_workers():
     )
 
 
-async def test_cancellation_while_the_source_is_blocked():
+async def test_cancellation_while_the_source_is_blocked() -> None:
     started = anyio.Event()
     release = anyio.Event()
     closed: list[bool] = []
@@ -425,7 +438,7 @@ async def test_cancellation_while_the_source_is_blocked():
     assert closed == [True]
 
 
-def test_constructor_rejects_bad_settings():
+def test_constructor_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="method"):
         Fp8Quantize(method="row")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="nonfinite"):
@@ -437,6 +450,25 @@ def test_constructor_rejects_bad_settings():
     with pytest.raises(ValueError, match="block"):
         Fp8Quantize(block=(0, 128))
     assert Fp8Quantize.name == "quantize"
+
+
+@pytest.mark.parametrize("block", [(128.9, 128), (128,), (64, 64, 64)])
+def test_a_block_that_is_not_two_ints_is_refused_naming_it(block: object) -> None:
+    # Before: (128.9, 128) was silently truncated to (128, 128); (128,) an IndexError.
+    with pytest.raises(ValueError, match=r"Fp8Quantize: block .*" + re.escape(repr(block))):
+        Fp8Quantize(block=block)  # type: ignore[arg-type]
+    assert Fp8Quantize(block=[64, 32]).block == (64, 32)  # type: ignore[arg-type]
+
+
+async def test_two_quantize_stages_can_be_named_apart() -> None:
+    bad = _llama_tensors()
+    broken = bad[1][1].clone()
+    broken[0, 0] = math.nan
+    bad[1] = (bad[1][0], broken)
+    pipeline = Pipeline([Fp8Quantize(method="tensor", nonfinite="keep"), Fp8Quantize(name="q2")])
+    with pytest.raises(StageError) as info:
+        await pipeline.run([_bucket(bad)])
+    assert info.value.stage == "q2"
 
 
 def test_output_arenas_are_recycled_only_once_released() -> None:
@@ -472,3 +504,55 @@ def test_arena_too_small_is_refused() -> None:
         quantize_fp8_many(named, arena=torch.empty(need - 1, dtype=torch.uint8))
     (result,) = quantize_fp8_many(named, arena=torch.empty(need, dtype=torch.uint8))
     assert result is not None and result.qweight.shape == (128, 300)
+
+
+def test_pool_never_reuses_a_buffer_whose_use_count_is_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without torch's storage use count nothing tells a released buffer from one that a
+    # downstream view still reads: the pool must treat it as busy. It used to count every
+    # such buffer as free and hand the same memory out twice.
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    pool = BufferPool(4096, keep=4, pin=False)
+    first = pool.take(4096)
+    view = first[:16]
+    view.fill_(7)
+    second = pool.take(4096)
+    assert second.data_ptr() != first.data_ptr()
+    second.fill_(0)
+    assert bool((view == 7).all())
+    pool.reserve(2)
+    assert pool.retained_bytes == 0  # nothing kept that could never be known free
+
+
+def test_output_arenas_are_not_recycled_when_use_counts_are_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    stage = Fp8Quantize()
+    buckets = [
+        WeightBucket(
+            (("model.layers.0.mlp.up_proj.weight", torch.full((256, 384), v).bfloat16()),),
+            index=i,
+            is_last=i == 1,
+            version=1,
+        )
+        for i, v in enumerate((0.5, -3.0))
+    ]
+    first = stage.quantize_bucket(buckets[0])
+    kept = first.tensors[0][1].clone()
+    stage.quantize_bucket(buckets[1])  # `first` still held downstream
+    assert torch.equal(first.tensors[0][1].view(torch.uint8), kept.view(torch.uint8))
+
+
+def test_pool_waits_for_the_copy_out_of_a_buffer() -> None:
+    pool = BufferPool(4096, keep=2, pin=False)
+    buffer = pool.take(4096)
+    address = buffer.data_ptr()
+    copy = FakeCudaEvent()
+    copy.done = False
+    pool.mark_copied(buffer, copy)
+    del buffer
+    assert pool.take(4096).data_ptr() != address  # the device still reads it
+    copy.done = True
+    assert pool.take(4096).data_ptr() == address
