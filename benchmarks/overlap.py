@@ -26,7 +26,7 @@ import anyio
 import torch
 
 from weightpipe.stages.app.report import print_table, write_json
-from weightpipe.stages.engines.local import LocalEngine, default_config
+from weightpipe.stages.engines.local import LocalEngine, default_config, random_weights
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.quantize import Fp8Quantize
 from weightpipe.stages.sync import SyncReport, sync_weights
@@ -140,7 +140,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     config = default_config(**SIZES[args.size])
     engine = LocalEngine(config, seed=0, batch_size=args.batch, max_new_tokens=args.new_tokens)
-    weights = list(engine.random_weights(seed=1).items())
+    weights = list(random_weights(config, seed=1, dtype=engine.dtype).items())
     params = sum(t.numel() for _, t in weights)
     _, quantize_used = quantize_stage(not args.no_fp8)
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in MODES}

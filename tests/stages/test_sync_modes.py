@@ -15,42 +15,28 @@ import anyio
 import pytest
 import torch
 
-from tests.fakes import (
-    FakeEngine,
-    FakeGate,
-    fake_buckets,
-    small_llama_config,
+from tests.fakes import FakeEngine, FakeGate, fake_buckets
+from tests.fakes.local import (
+    BATCH,
+    NEW_TOKENS,
+    assert_weights,
+    local_engine,
+    new_weights,
+    snapshot,
 )
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import EngineError
-from weightpipe.stages.engines.local import LocalEngine
+from weightpipe.stages.engines.local import GenerationStats, LocalEngine
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.fp8 import dequantize_fp8, quantize_fp8
 from weightpipe.stages.load import Load
 from weightpipe.stages.quantize import Fp8Quantize
-from weightpipe.stages.sync import SyncReport, sync_weights
+from weightpipe.stages.sync import sync_weights
 
-BATCH = 4
-NEW_TOKENS = 4
 LONG = 10_000
 BUCKET_BYTES = 256 << 10
 MODES = ["pause", "prefetch", "in_flight"]
-
-
-def make_engine(**kwargs: object) -> LocalEngine:
-    options: dict[str, object] = {"batch_size": BATCH, "max_new_tokens": NEW_TOKENS}
-    options.update(kwargs)
-    return LocalEngine(small_llama_config(), **options)  # type: ignore[arg-type]
-
-
-def snapshot(engine: LocalEngine) -> dict[str, torch.Tensor]:
-    return {name: engine.parameter(name) for name in engine.parameter_specs()}
-
-
-def assert_weights(engine: LocalEngine, expected: dict[str, torch.Tensor]) -> None:
-    for name, tensor in expected.items():
-        assert torch.equal(engine.parameter(name), tensor), name
 
 
 async def assert_still_generating(engine: LocalEngine) -> None:
@@ -60,8 +46,8 @@ async def assert_still_generating(engine: LocalEngine) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_sync_installs_every_weight_in_each_mode(mode: str) -> None:
-    async with make_engine() as engine:
-        new = engine.random_weights(seed=11)
+    async with local_engine() as engine:
+        new = new_weights(engine, seed=11)
         await engine.wait_for_tokens(BATCH)
         report = await sync_weights(
             list(new.items()),
@@ -76,7 +62,6 @@ async def test_sync_installs_every_weight_in_each_mode(mode: str) -> None:
         done = len(engine.outputs())
         await engine.wait_for_outputs(done + 2 * BATCH)
         assert all(o.weight_version == 1 for o in engine.outputs()[-BATCH:])
-    assert isinstance(report, SyncReport)
     assert report.version == 1
     assert report.mode == mode
     assert report.engine == "local"
@@ -86,6 +71,9 @@ async def test_sync_installs_every_weight_in_each_mode(mode: str) -> None:
     assert report.generation is not None
     assert report.tokens_per_s_during_sync is not None
     assert report.longest_gap_s is not None
+    # The window sync_weights opened (MeasuresGeneration) heard every bucket and the commit.
+    assert isinstance(report.generation, GenerationStats)
+    assert report.generation.weight_writes == report.load.buckets + 1
     if mode == "in_flight":
         assert report.hard_pause_s == 0.0
         assert report.generation.paused_s == 0.0
@@ -96,8 +84,8 @@ async def test_sync_installs_every_weight_in_each_mode(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_fetch_fp8quantize_load_end_to_end(mode: str) -> None:
-    async with make_engine() as engine:
-        new = engine.random_weights(seed=12)
+    async with local_engine() as engine:
+        new = new_weights(engine, seed=12)
         report = await sync_weights(
             list(new.items()),
             engine,
@@ -135,8 +123,8 @@ async def test_fetch_fp8quantize_load_end_to_end(mode: str) -> None:
 async def test_generation_runs_while_upstream_works_unless_pause_mode(
     mode: str, paused_upstream: bool
 ) -> None:
-    async with make_engine() as engine:
-        new = engine.random_weights(seed=13)
+    async with local_engine() as engine:
+        new = new_weights(engine, seed=13)
         gate = FakeGate(hold_at=0)
         async with anyio.create_task_group() as group:
             group.start_soon(
@@ -158,8 +146,8 @@ async def test_generation_runs_while_upstream_works_unless_pause_mode(
 
 
 async def test_prefetch_look_ahead_keeps_generating_until_the_last_bucket() -> None:
-    async with make_engine() as engine:
-        new = engine.random_weights(seed=19)
+    async with local_engine() as engine:
+        new = new_weights(engine, seed=19)
         gate = FakeGate(hold_at=3)  # buckets 0-2 may already be waiting in Load
         async with anyio.create_task_group() as group:
             group.start_soon(
@@ -182,9 +170,9 @@ async def test_prefetch_look_ahead_keeps_generating_until_the_last_bucket() -> N
 
 
 async def test_in_flight_outputs_carry_the_version_they_finished_under() -> None:
-    async with make_engine(max_new_tokens=LONG) as engine:
+    async with local_engine(max_new_tokens=LONG) as engine:
         await engine.wait_for_tokens(BATCH)
-        new = engine.random_weights(seed=14)
+        new = new_weights(engine, seed=14)
         after_load = FakeGate(hold_at=0)  # holds bucket 0 after the engine applied it
         load = Load(engine, mode="in_flight")
         pipeline = Pipeline([Fetch(BUCKET_BYTES, version=1), load, after_load], depth=1)
@@ -220,9 +208,9 @@ def bad_tensor(kind: str, new: dict[str, torch.Tensor]) -> tuple[str, torch.Tens
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", ["unknown-name", "shape", "dtype"])
 async def test_bad_tensor_in_the_last_bucket_leaves_the_old_weights(mode: str, kind: str) -> None:
-    async with make_engine() as engine:
+    async with local_engine() as engine:
         old = snapshot(engine)
-        new = engine.random_weights(seed=15)
+        new = new_weights(engine, seed=15)
         pairs = [(n, t) for n, t in new.items() if n != "model.layers.1.mlp.up_proj.weight"]
         pairs.append(bad_tensor(kind, new))
         source = fake_buckets(pairs, per_bucket=5, version=1)
@@ -241,9 +229,9 @@ async def test_bad_tensor_in_the_last_bucket_leaves_the_old_weights(mode: str, k
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_source_failing_mid_sync_leaves_the_old_weights(mode: str) -> None:
-    async with make_engine() as engine:
+    async with local_engine() as engine:
         old = snapshot(engine)
-        new = engine.random_weights(seed=16)
+        new = new_weights(engine, seed=16)
 
         async def trainer() -> AsyncIterator[tuple[str, torch.Tensor]]:
             for count, pair in enumerate(new.items()):
@@ -266,9 +254,9 @@ async def test_source_failing_mid_sync_leaves_the_old_weights(mode: str) -> None
 
 
 async def test_cancelled_sync_leaves_the_old_weights() -> None:
-    async with make_engine() as engine:
+    async with local_engine() as engine:
         old = snapshot(engine)
-        new = engine.random_weights(seed=17)
+        new = new_weights(engine, seed=17)
         after_load = FakeGate(hold_at=1)  # bucket 1 reaches it only once the engine has it
         load = Load(engine, mode="prefetch")
         pipeline = Pipeline([Fetch(BUCKET_BYTES, version=1), load, after_load], depth=1)
@@ -288,8 +276,8 @@ async def test_cancelled_sync_leaves_the_old_weights() -> None:
 
 
 async def test_second_sync_after_a_failed_one_succeeds() -> None:
-    async with make_engine() as engine:
-        new = engine.random_weights(seed=18)
+    async with local_engine() as engine:
+        new = new_weights(engine, seed=18)
         broken = [*list(new.items())[:-1], ("lm_head.weight", torch.zeros(3))]
         with pytest.raises(StageError):
             await sync_weights(broken, engine, version=1, stages=[Fetch(BUCKET_BYTES)])
@@ -335,8 +323,8 @@ async def test_buckets_of_another_version_are_refused() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", MODES)
 async def test_cuda_fetch_fp8quantize_load(mode: str) -> None:  # pragma: no cover
-    async with make_engine(device="cuda") as engine:
-        new = engine.random_weights(seed=21)
+    async with local_engine(device="cuda") as engine:
+        new = new_weights(engine, seed=21)
         report = await sync_weights(
             list(new.items()),
             engine,
@@ -355,7 +343,7 @@ async def test_cuda_fetch_fp8quantize_load(mode: str) -> None:  # pragma: no cov
 
 
 def test_overlap_benchmark_writes_every_mode(tmp_path: Path) -> None:
-    from benchmarks import overlap
+    from weightpipe.benchmarks import overlap
 
     path = tmp_path / "overlap.json"
     overlap.main(

@@ -1,4 +1,5 @@
-"""The embedded local engine: generation, pause modes, validation, bf16/FP8 loading, undo.
+"""The embedded local engine: generation, pause modes, validation, bf16/FP8 loading, undo,
+and the listener protocol its generation windows are built on.
 
 Tests synchronise on the engine's own counters (``wait_for_tokens``/``wait_for_outputs``)
 and never assert on timings.
@@ -10,21 +11,15 @@ import pytest
 import torch
 
 from tests.fakes import fake_broken_model, fake_buckets, small_llama_config
+from tests.fakes.local import BATCH, NEW_TOKENS, RecordingListener, local_engine, new_weights
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import Engine, EngineError
-from weightpipe.stages.engines.local import LocalEngine
+from weightpipe.stages.engines.base import Engine, EngineError, MeasuresGeneration
+from weightpipe.stages.engines.local import GenerationStats
+from weightpipe.stages.engines.local.updates import dequantize_into
 from weightpipe.stages.fp8 import dequantize_fp8, quantize_fp8
 
-BATCH = 4
-NEW_TOKENS = 4
 MLP = "model.layers.0.mlp.gate_proj.weight"  # 320x192: partial FP8 blocks both ways
 Q = "model.layers.0.self_attn.q_proj.weight"
-
-
-def make_engine(**kwargs: object) -> LocalEngine:
-    options: dict[str, object] = {"batch_size": BATCH, "max_new_tokens": NEW_TOKENS}
-    options.update(kwargs)
-    return LocalEngine(small_llama_config(), **options)  # type: ignore[arg-type]
 
 
 def bucket(
@@ -33,22 +28,26 @@ def bucket(
     return WeightBucket(tuple(tensors), index, True, version)
 
 
-def test_is_an_engine_and_seeded() -> None:
-    first, second, other = make_engine(seed=3), make_engine(seed=3), make_engine(seed=4)
-    assert isinstance(first, Engine)
-    assert first.name == "local"
+def test_is_seeded_and_knows_its_parameters() -> None:
+    first, second, other = local_engine(seed=3), local_engine(seed=3), local_engine(seed=4)
+    # Checked by mypy: the protocols Load and sync_weights drive it through.
+    engine: Engine = first
+    measures: MeasuresGeneration = first
+    assert engine.name == "local"
+    assert isinstance(measures.open_window().close(), GenerationStats)  # what sync reads
+    assert first.default_timeout_s == 60
     assert torch.equal(first.parameter(MLP), second.parameter(MLP))
     assert not torch.equal(first.parameter(MLP), other.parameter(MLP))
     specs = first.parameter_specs()
     assert specs[MLP] == ((320, 192), torch.bfloat16)
     assert "lm_head.weight" in specs
-    new = first.random_weights(seed=9)
+    new = new_weights(first, seed=9)
     assert set(new) == set(specs)
     assert all(new[name].shape == specs[name][0] for name in specs)
 
 
 async def test_generates_and_tags_outputs_with_the_version() -> None:
-    async with make_engine(initial_version=7) as engine:
+    async with local_engine(initial_version=7) as engine:
         window = engine.open_window()
         await engine.wait_for_outputs(2 * BATCH)
         stats = window.close()
@@ -70,17 +69,17 @@ async def test_generates_and_tags_outputs_with_the_version() -> None:
 
 
 async def test_same_weights_generate_the_same_tokens() -> None:
-    async with make_engine(seed=1) as one:
+    async with local_engine(seed=1) as one:
         await one.wait_for_outputs(BATCH)
         first = one.outputs()[:BATCH]
-    async with make_engine(seed=1) as two:
+    async with local_engine(seed=1) as two:
         await two.wait_for_outputs(BATCH)
         second = two.outputs()[:BATCH]
     assert [o.tokens for o in first] == [o.tokens for o in second]
 
 
 async def test_pause_stops_every_step_until_resume() -> None:
-    async with make_engine() as engine:
+    async with local_engine() as engine:
         await engine.wait_for_tokens(BATCH)
         await engine.pause("in_place")
         assert engine.paused
@@ -101,7 +100,7 @@ LONG = 10_000  # requests that cannot finish while a test looks at them
 
 
 async def test_pause_abort_finishes_running_requests_as_aborted() -> None:
-    async with make_engine(max_new_tokens=LONG) as engine:
+    async with local_engine(max_new_tokens=LONG) as engine:
         await engine.wait_for_tokens(2 * BATCH)  # at least two steps into the first batch
         await engine.pause("abort")
         aborted = engine.outputs()
@@ -117,7 +116,7 @@ async def test_pause_abort_finishes_running_requests_as_aborted() -> None:
 
 
 async def test_pause_retract_restarts_requests_from_their_prompts() -> None:
-    async with make_engine(max_new_tokens=LONG) as engine:
+    async with local_engine(max_new_tokens=LONG) as engine:
         await engine.wait_for_tokens(BATCH)
         await engine.pause("retract")
         assert engine.outputs() == []
@@ -131,7 +130,7 @@ async def test_pause_retract_restarts_requests_from_their_prompts() -> None:
 
 
 async def test_pause_in_place_keeps_requests_running() -> None:
-    async with make_engine(max_new_tokens=LONG) as engine:
+    async with local_engine(max_new_tokens=LONG) as engine:
         await engine.wait_for_tokens(2 * BATCH)
         await engine.pause("in_place")
         assert engine.outputs() == []
@@ -146,14 +145,14 @@ async def test_pause_in_place_keeps_requests_running() -> None:
 
 
 async def test_unknown_pause_mode() -> None:
-    engine = make_engine()
+    engine = local_engine()
     with pytest.raises(EngineError, match="unknown pause mode"):
         await engine.pause("sleep")  # type: ignore[arg-type]
 
 
 async def test_bf16_bucket_commit_and_abort_restore() -> None:
-    engine = make_engine()  # not started: changes apply on a worker thread
-    new = engine.random_weights(seed=5)
+    engine = local_engine()  # not started: changes apply on a worker thread
+    new = new_weights(engine, seed=5)
     old_q, old_mlp = engine.parameter(Q), engine.parameter(MLP)
 
     await engine.begin(1)
@@ -172,8 +171,8 @@ async def test_bf16_bucket_commit_and_abort_restore() -> None:
 
 
 async def test_full_sync_while_generating_moves_the_version_at_commit() -> None:
-    async with make_engine() as engine:
-        new = engine.random_weights(seed=6)
+    async with local_engine() as engine:
+        new = new_weights(engine, seed=6)
         await engine.wait_for_tokens(BATCH)
         await engine.begin(1)
         for b in fake_buckets(new, per_bucket=8, version=1):
@@ -196,7 +195,7 @@ async def test_full_sync_while_generating_moves_the_version_at_commit() -> None:
 async def test_fp8_bucket_is_dequantised_like_the_fp8_module_does(
     method: str, suffix: str, scale_shape: tuple[int, ...]
 ) -> None:
-    engine = make_engine()
+    engine = local_engine()
     weight = torch.randn(320, 192, dtype=torch.bfloat16)
     q, scale = quantize_fp8(weight, method=method)  # type: ignore[arg-type]
     assert tuple(scale.shape) == scale_shape  # block: partial edge blocks both ways
@@ -212,7 +211,7 @@ async def test_fp8_bucket_is_dequantised_like_the_fp8_module_does(
 
 
 async def test_fp8_with_a_scale_of_another_block_size_is_refused() -> None:
-    engine = make_engine(block_size=(64, 64))
+    engine = local_engine(block_size=(64, 64))
     q, scale = quantize_fp8(torch.randn(320, 192))  # [128, 128] blocks: scale (3, 2)
     await engine.begin(1)
     with pytest.raises(EngineError, match=r"needs \[5, 3\] \(block \[64, 64\]\)") as info:
@@ -298,7 +297,7 @@ def bad_buckets() -> list[object]:
 async def test_bad_bucket_is_refused_before_anything_is_applied(
     tensors: list[tuple[str, torch.Tensor]], culprit: str, message: str
 ) -> None:
-    engine = make_engine()
+    engine = local_engine()
     old_q = engine.parameter(Q)
     await engine.begin(1)
     with pytest.raises(EngineError, match=message) as info:
@@ -311,7 +310,7 @@ async def test_bad_bucket_is_refused_before_anything_is_applied(
 
 
 async def test_protocol_misuse_is_refused() -> None:
-    engine = make_engine()
+    engine = local_engine()
     good = bucket([(Q, torch.zeros(192, 192, dtype=torch.bfloat16))], version=1)
     with pytest.raises(EngineError, match="outside a sync"):
         await engine.load(good)
@@ -334,7 +333,7 @@ async def test_protocol_misuse_is_refused() -> None:
 
 
 async def test_start_twice_and_stop_twice() -> None:
-    engine = make_engine()
+    engine = local_engine()
     await engine.start()
     with pytest.raises(RuntimeError, match="already running"):
         await engine.start()
@@ -344,14 +343,14 @@ async def test_start_twice_and_stop_twice() -> None:
 
 
 async def test_waiting_on_a_paused_engine_times_out_with_a_clear_error() -> None:
-    engine = make_engine()
+    engine = local_engine()
     await engine.pause("abort")  # not started: pauses at once
     with pytest.raises(EngineError, match=r"waited 0.01 s for 1 tokens; have 0 \(paused\)"):
         await engine.wait_for_tokens(1, timeout_s=0.01)
 
 
 async def test_tied_weights_answer_to_both_names() -> None:
-    engine = LocalEngine(small_llama_config(tie_word_embeddings=True), batch_size=1)
+    engine = local_engine(config=small_llama_config(tie_word_embeddings=True), batch_size=1)
     specs = engine.parameter_specs()
     assert specs["lm_head.weight"] == specs["model.embed_tokens.weight"]
     new = torch.randn(specs["lm_head.weight"][0]).to(torch.bfloat16)
@@ -362,7 +361,7 @@ async def test_tied_weights_answer_to_both_names() -> None:
 
 
 async def test_loaded_storage_is_a_copy_of_the_bucket() -> None:
-    engine = make_engine()
+    engine = local_engine()
     source = torch.randn(192, 192).to(torch.bfloat16)
     await engine.begin(1)
     await engine.load(bucket([(Q, source)]))
@@ -372,18 +371,16 @@ async def test_loaded_storage_is_a_copy_of_the_bucket() -> None:
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (128, 128), (129, 257), (300, 5), (5, 300)])
-def test_band_dequantisation_is_bit_identical_to_the_fp8_module(shape: tuple[int, int]) -> None:
-    from weightpipe.stages.engines.local import _dequantize_into
-
+def test_banded_dequantisation_is_bit_identical_to_one_call(shape: tuple[int, int]) -> None:
     weight = torch.randn(shape) * 3
     q, scale = quantize_fp8(weight)
     out = torch.empty(shape, dtype=torch.bfloat16)
-    _dequantize_into(out, q, scale, (128, 128), "w")
+    dequantize_into(out, q, scale, (128, 128), "w")
     assert torch.equal(out, dequantize_fp8(q, scale, dtype=torch.bfloat16))
 
 
 async def test_a_failed_generation_thread_fails_every_later_call() -> None:
-    engine = make_engine()
+    engine = local_engine()
     engine.model = fake_broken_model
     async with engine:
         with pytest.raises(EngineError, match="generation failed: RuntimeError: fake model"):
@@ -393,3 +390,90 @@ async def test_a_failed_generation_thread_fails_every_later_call() -> None:
         with pytest.raises(EngineError, match="generation failed"):
             await engine.pause("abort")
     assert await engine.version() == 0
+
+
+async def test_a_listener_hears_steps_writes_and_pauses_until_removed() -> None:
+    listener = RecordingListener()
+    async with local_engine() as engine:
+        engine.add_listener(listener)
+        await engine.wait_for_outputs(BATCH)
+        await engine.pause("in_place")
+        await engine.begin(1)
+        await engine.load(bucket([(Q, torch.zeros(192, 192, dtype=torch.bfloat16))]))
+        await engine.commit(1)
+        await engine.resume()
+        await engine.wait_for_tokens(engine.tokens_generated + BATCH)
+        engine.remove_listener(listener)
+        heard = len(listener.events)
+        await engine.wait_for_tokens(engine.tokens_generated + 2 * BATCH)
+    names = listener.names()
+    assert len(listener.events) == heard  # nothing after remove_listener
+    # A full batch: NEW_TOKENS steps of BATCH tokens, then the batch finished.
+    first_finish = names.index("finish")
+    assert listener.events[first_finish] == ("finish", BATCH)
+    assert all(event == ("step", BATCH) for event in listener.events[:first_finish])
+    # Paused between two steps; the bucket and the commit were applied while paused.
+    paused = names.index("pause")
+    assert names[paused : paused + 4] == ["pause", "write", "write", "resume"]
+    assert names[paused + 4] == "step"
+    assert listener.threads == {"weightpipe-local-engine", "MainThread"}  # resume: caller
+
+
+async def test_a_window_opened_during_a_pause_counts_it_whole() -> None:
+    async with local_engine() as engine:
+        await engine.wait_for_tokens(BATCH)
+        await engine.pause("in_place")
+        inside = engine.open_window()
+        spanning = inside.snapshot()
+        await engine.resume()
+        await engine.wait_for_tokens(engine.tokens_generated + BATCH)
+        after = inside.close()
+    assert spanning.tokens == 0
+    assert spanning.paused_s == spanning.elapsed_s  # paused from its opening to now
+    assert after.tokens >= BATCH
+    assert 0 < after.paused_s < after.elapsed_s
+
+
+async def test_a_closed_window_stops_listening() -> None:
+    async with local_engine() as engine:
+        window = engine.open_window()
+        await engine.wait_for_tokens(BATCH)
+        closed = window.close()
+        await engine.wait_for_tokens(engine.tokens_generated + 2 * BATCH)
+        later = window.snapshot()
+        again = window.close()
+    assert closed.tokens >= BATCH
+    assert later.tokens == closed.tokens
+    assert later.steps == closed.steps
+    assert again == closed
+
+
+async def test_window_counts_each_weight_write_of_a_sync() -> None:
+    async with local_engine() as engine:
+        new = new_weights(engine, seed=7)
+        window = engine.open_window()
+        await engine.begin(1)
+        buckets = fake_buckets(new, per_bucket=8, version=1)
+        for b in buckets:
+            await engine.load(b)
+        await engine.commit(1)
+        stats: GenerationStats = window.close()
+    assert stats.weight_writes == len(buckets) + 1  # every bucket, then the commit
+    assert stats.weight_write_s > 0
+
+
+async def test_a_failing_listener_fails_the_engine() -> None:
+    class Broken(RecordingListener):
+        def on_step(self, now: float, tokens: int) -> None:
+            raise RuntimeError("fake listener failure")
+
+    async with local_engine() as engine:
+        engine.add_listener(Broken())
+        with pytest.raises(EngineError, match="generation failed: RuntimeError: fake listener"):
+            await engine.wait_for_tokens(1)
+
+
+def test_a_block_size_that_is_not_two_positive_ints_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"block_size must be two positive ints"):
+        local_engine(block_size=(128.5, 128))
+    assert local_engine(block_size=[64, 64]).block_size == (64, 64)  # a config file's list

@@ -1,0 +1,89 @@
+"""Helpers for tests that drive the real ``LocalEngine``, and a fake generation listener.
+
+- ``local_engine``: a small, fast ``LocalEngine`` (``small_llama_config``, batches of 4,
+  4 new tokens) with any constructor argument overridden.
+- ``new_weights`` / ``snapshot`` / ``assert_weights``: what a trainer would send the
+  engine, what it serves now, and a check that it serves exactly the given tensors.
+- ``RecordingListener``: a fake ``GenerationListener`` (follows the protocol the engine's
+  own ``GenerationWindow`` implements) that records every callback in order.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from tests.fakes.engines import small_llama_config
+from weightpipe.stages.engines.local import LocalEngine, random_weights
+
+__all__ = [
+    "BATCH",
+    "NEW_TOKENS",
+    "RecordingListener",
+    "assert_weights",
+    "local_engine",
+    "new_weights",
+    "snapshot",
+]
+
+BATCH = 4
+"""The batch size of ``local_engine()``: a step yields this many tokens."""
+NEW_TOKENS = 4
+"""Tokens per request of ``local_engine()``."""
+
+
+def local_engine(*, config: Any = None, **options: Any) -> LocalEngine:
+    """A small local engine (not started); ``options`` go to ``LocalEngine``."""
+    options.setdefault("batch_size", BATCH)
+    options.setdefault("max_new_tokens", NEW_TOKENS)
+    return LocalEngine(config if config is not None else small_llama_config(), **options)
+
+
+def new_weights(engine: LocalEngine, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded new weights of the engine's shapes and dtype, as a trainer would send them."""
+    return random_weights(engine.config, seed=seed, dtype=engine.dtype)
+
+
+def snapshot(engine: LocalEngine) -> dict[str, torch.Tensor]:
+    """A copy of every parameter the engine serves now."""
+    return {name: engine.parameter(name) for name in engine.parameter_specs()}
+
+
+def assert_weights(engine: LocalEngine, expected: dict[str, torch.Tensor]) -> None:
+    """The engine serves exactly ``expected`` (bit for bit; names the first that differs)."""
+    for name, tensor in expected.items():
+        assert torch.equal(engine.parameter(name), tensor), name
+
+
+class RecordingListener:
+    """A fake ``GenerationListener``: records ``(callback, argument)`` pairs in call order,
+    and the names of the threads that called it."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float]] = []
+        self.threads: set[str] = set()
+
+    def _record(self, callback: str, value: float) -> None:
+        self.events.append((callback, value))
+        self.threads.add(threading.current_thread().name)
+
+    def on_step(self, now: float, tokens: int) -> None:
+        self._record("step", tokens)
+
+    def on_finish(self, now: float, requests: int) -> None:
+        self._record("finish", requests)
+
+    def on_write(self, seconds: float) -> None:
+        self._record("write", seconds)
+
+    def on_pause(self, now: float) -> None:
+        self._record("pause", now)
+
+    def on_resume(self, now: float) -> None:
+        self._record("resume", now)
+
+    def names(self) -> list[str]:
+        """The callbacks in call order."""
+        return [name for name, _ in self.events]
