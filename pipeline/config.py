@@ -1,372 +1,315 @@
-"""weightpipe's configuration: one typed schema, YAML files and dotlist overrides.
+"""A generic configuration loader: a dataclass schema, YAML files and dotlist overrides.
 
-This is the only module that imports omegaconf. The schema is a tree of dataclasses; the
-OmegaConf tree is created complete from it and locked in struct mode before anything is
-merged, so no key can ever be written before it exists (the seed's
-``Key 'hf_config' is not in struct`` came from the opposite order). Files and
-``key=value`` overrides merge on top; an unknown key, a wrong type or a value outside its
-choices fails with a ``ConfigError`` that names the key and lists what is valid there.
-Stage constructors never see OmegaConf: callers turn the validated tree into plain
-dataclasses with ``load_config`` and pass typed arguments on.
+The caller owns the schema (a tree of dataclasses, ``typing.Literal`` fields for sets of
+choices); this module knows none of its keys. The OmegaConf tree is created complete from
+the schema and locked in struct mode before anything is merged, so no key can be written
+before it exists. A file and then ``key=value`` overrides merge on top, and the result is
+built into the schema's own dataclasses (their ``__post_init__`` checks ranges and raises
+``ConfigError`` itself). Every failure is one ``ConfigError``: an unknown key, a wrong type
+or a value outside its choices names the dotted key, lists what is valid there and
+suggests the closest valid spelling; a file that is missing, a directory or not YAML names
+the file (and the line). This is the only module of ``weightpipe.pipeline`` that imports
+omegaconf or yaml; nothing past the loader sees an OmegaConf object.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
+import types
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
-    GrammarParseError,
     OmegaConfBaseException,
     ValidationError,
 )
 
-__all__ = [
-    "ConfigError",
-    "DemoConfig",
-    "EngineConfig",
-    "FetchConfig",
-    "MetricsConfig",
-    "ModelConfig",
-    "QuantizeConfig",
-    "SweepConfig",
-    "WeightpipeConfig",
-    "load_config",
-    "to_yaml",
-]
+from weightpipe.pipeline._errors import WeightpipeError
 
-MiB = 1 << 20
+__all__ = ["ConfigError", "load_config", "to_yaml"]
+
+T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, mistyped or out of range.
+class ConfigError(WeightpipeError, ValueError):
+    """A configuration key or file is unusable.
 
     Attributes:
-        key: the dotted key at fault (``"quantize.block"``).
+        key: the dotted key at fault (``"section.field"``), or ``None`` when the file
+            itself is (missing, a directory, not YAML, not a mapping).
         valid: the keys (or values) that would have been accepted there.
+        suggestion: the valid one closest to what was written, if any is close.
+        path: the file at fault, for a file error.
+        line: the 1-based line of a YAML syntax error.
     """
 
-    def __init__(self, key: str, problem: str, valid: Sequence[str] = ()) -> None:
-        hint = f"; valid: {', '.join(valid)}" if valid else ""
-        super().__init__(f"config key {key!r}: {problem}{hint}")
+    def __init__(
+        self,
+        key: str | None,
+        problem: str,
+        valid: Sequence[str] = (),
+        *,
+        suggestion: str | None = None,
+        path: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        if key is None:
+            where = f"config file {path!r}" + (f", line {line}" if line is not None else "")
+        else:
+            where = f"config key {key!r}"
+        hint = f"; did you mean {suggestion!r}?" if suggestion else ""
+        listed = f"; valid: {', '.join(valid)}" if valid else ""
+        super().__init__(f"{where}: {problem}{hint}{listed}")
         self.key = key
         self.valid = tuple(valid)
+        self.suggestion = suggestion
+        self.path = path
+        self.line = line
 
 
-def _choice(key: str, value: object, choices: Sequence[object]) -> None:
-    if value not in choices:
-        raise ConfigError(key, f"{value!r} is not one of the choices", [str(c) for c in choices])
+def load_config(
+    schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()
+) -> T:
+    """Build ``schema``: its defaults, then a YAML file, then ``key=value`` overrides.
+
+    Overrides use OmegaConf's dotlist grammar (``depth=4 section.pair=[1,2]``) and apply in
+    order, each over the previous ones.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type, a value outside its choices, a
+            malformed override, or a check of the schema's own ``__post_init__``; a file
+            that is missing, a directory, unreadable, not YAML or not a mapping.
+        TypeError: ``schema`` is not a dataclass type.
+    """
+    tree = _schema_tree(schema)
+    if path is not None:
+        loaded = _read_yaml(Path(path))
+        tree = _merge(schema, tree, loaded, f"in {str(path)!r}")
+    for override in overrides:
+        key, _, _ = override.partition("=")
+        key = key.strip()
+        if "=" not in override or not key:
+            raise ConfigError(override, "an override must look like key=value")
+        if OmegaConf.select(tree, key, default=_ABSENT) is _ABSENT:
+            raise _unknown_key(tree, key, f"from override {override!r}")
+        try:
+            dotlist = OmegaConf.from_dotlist([override])
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise ConfigError(
+                key, f"cannot parse override {override!r}: {_first_line(str(exc))}"
+            ) from None
+        tree = _merge(schema, tree, dotlist, f"from override {override!r}", key=key)
+    try:
+        built = OmegaConf.to_object(tree)
+    except ValidationError as exc:
+        key = _field_key(str(exc.full_key or exc.key or ""))
+        raise ConfigError(key or None, f"wrong type: {_first_line(exc.msg)}") from None
+    if not isinstance(built, schema):  # pragma: no cover - OmegaConf builds the schema
+        raise TypeError(f"OmegaConf built {type(built).__name__}, not {schema.__name__}")
+    return built
 
 
-def _at_least(key: str, value: float, low: float) -> None:
-    if value < low:
-        raise ConfigError(key, f"must be >= {low}, got {value}")
+def to_yaml(config: object) -> str:
+    """A built configuration (a dataclass instance) as YAML, loadable by ``load_config``.
+
+    Raises:
+        TypeError: ``config`` is not a dataclass instance.
+    """
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"to_yaml takes a dataclass instance, got {type(config).__name__}")
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-@dataclass
-class FetchConfig:
-    """How weights are gathered into buckets (see ``weightpipe.stages.Fetch``)."""
-
-    bucket_bytes: int = 64 * MiB
-    """Upper bound of one bucket; a larger single tensor travels alone."""
-    align_bytes: int = 256
-    """Every tensor's start in a flattened bucket is aligned to this."""
-    include_buffers: bool = False
-    """Also send a module's buffers (rotary tables, running stats)."""
-    empty_source: str = "error"
-    """``error``: an empty source fails the sync; ``empty``: it commits an empty sync."""
-    allow: list[str] = field(default_factory=list)
-    """If set, only names matching one of these patterns (``re:`` or glob) may be sent."""
-    timeout_s: float = 300.0
-    """Timeout of every torch.distributed collective of the transport."""
-
-    def __post_init__(self) -> None:
-        _at_least("fetch.bucket_bytes", self.bucket_bytes, 1)
-        _at_least("fetch.align_bytes", self.align_bytes, 1)
-        _choice("fetch.empty_source", self.empty_source, ("error", "empty"))
-        _at_least("fetch.timeout_s", self.timeout_s, 0.001)
+_ABSENT = object()
 
 
-@dataclass
-class QuantizeConfig:
-    """FP8 quantization settings; the SGLang server's quantization_config follows them."""
-
-    enabled: bool = True
-    method: str = "block"
-    """``block`` (DeepSeek-style [128, 128] tiles), ``channel`` or ``tensor``."""
-    block: list[int] = field(default_factory=lambda: [128, 128])
-    scale_fmt: str = "float32"
-    """``float32`` scales, or ``ue8m0`` (power-of-two, rounded up) for DeepGEMM."""
-    nonfinite: str = "error"
-    """A NaN/Inf weight: ``error`` fails the sync; ``keep`` sends it unquantized."""
-    keep_dtype: str = "bfloat16"
-    """Dtype of the tensors that are not quantized."""
-    ignored_layers: list[str] = field(default_factory=list)
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    workers: int = 1
-    backend: str = "auto"
-    """``auto`` (Triton on CUDA when installed), ``torch`` or ``triton``."""
-
-    def __post_init__(self) -> None:
-        _choice("quantize.method", self.method, ("block", "channel", "tensor"))
-        if len(self.block) != 2 or any(b < 1 for b in self.block):
-            raise ConfigError("quantize.block", f"must be two positive integers, got {self.block}")
-        _choice("quantize.scale_fmt", self.scale_fmt, ("float32", "ue8m0"))
-        _choice("quantize.nonfinite", self.nonfinite, ("error", "keep"))
-        _choice("quantize.keep_dtype", self.keep_dtype, ("bfloat16", "float16", "float32"))
-        _at_least("quantize.workers", self.workers, 1)
-        _choice("quantize.backend", self.backend, ("auto", "torch", "triton"))
-
-
-@dataclass
-class EngineConfig:
-    """Which engine receives the weights and how a sync overlaps generation."""
-
-    kind: str = "local"
-    """``local`` (embedded engine), ``sglang_http``, ``sglang_engine``, ``sglang_distributed``."""
-    mode: str = "prefetch"
-    """``pause``, ``prefetch`` or ``in_flight`` (see ARCHITECTURE.md)."""
-    pause_mode: str = "retract"
-    """How generation pauses: ``abort``, ``retract`` or ``in_place``."""
-    url: str = "http://127.0.0.1:30000"
-    api_key: str | None = None
-    timeout_s: float = 60.0
-    """Timeout of every engine call."""
-    retries: int = 3
-    """Retries of a retryable engine answer (5xx, reset, cache not flushed)."""
-    session: str = "auto"
-    """Weight-update sessions (SGLang >= 0.5.23): ``auto`` detects, ``on``/``off`` force."""
-    load_format: str = "flattened_bucket"
-    """``flattened_bucket`` or ``named_tensors``."""
-    tp_size: int = 1
-    prefetch_bytes: int | None = 0
-    """``prefetch`` mode: bytes fetched and quantized ahead before pausing (0: pause at
-    the first bucket ready to load; null: the whole sync, memory permitting)."""
-
-    def __post_init__(self) -> None:
-        if self.prefetch_bytes is not None:
-            _at_least("engine.prefetch_bytes", self.prefetch_bytes, 0)
-        _choice(
-            "engine.kind",
-            self.kind,
-            ("local", "sglang_http", "sglang_engine", "sglang_distributed"),
-        )
-        _choice("engine.mode", self.mode, ("pause", "prefetch", "in_flight"))
-        _choice("engine.pause_mode", self.pause_mode, ("abort", "retract", "in_place"))
-        _at_least("engine.timeout_s", self.timeout_s, 0.001)
-        _at_least("engine.retries", self.retries, 0)
-        _choice("engine.session", self.session, ("auto", "on", "off"))
-        _choice("engine.load_format", self.load_format, ("flattened_bucket", "named_tensors"))
-        _at_least("engine.tp_size", self.tp_size, 1)
-
-
-@dataclass
-class ModelConfig:
-    """The local engine's (and the demo trainer's) Llama-architecture model."""
-
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    vocab_size: int = 2048
-    dtype: str = "bfloat16"
-    seed: int = 0
-    batch_size: int = 8
-    """Sequences the local engine generates at once."""
-    max_new_tokens: int = 32
-    """Tokens per request before it finishes and a new one starts."""
-    device: str = "auto"
-    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
-
-    def __post_init__(self) -> None:
-        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads"):
-            _at_least(f"model.{key}", getattr(self, key), 1)
-        _at_least("model.num_kv_heads", self.num_kv_heads, 1)
-        _at_least("model.vocab_size", self.vocab_size, 2)
-        _at_least("model.batch_size", self.batch_size, 1)
-        _at_least("model.max_new_tokens", self.max_new_tokens, 1)
-        _choice("model.dtype", self.dtype, ("bfloat16", "float16", "float32"))
-        _choice("model.device", self.device, ("auto", "cpu", "cuda"))
-        if self.hidden_size % self.num_heads:
-            raise ConfigError("model.hidden_size", "must be a multiple of model.num_heads")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError("model.num_kv_heads", "must divide model.num_heads")
-
-
-@dataclass
-class MetricsConfig:
-    """Prometheus exposition."""
-
-    enabled: bool = True
-    addr: str = "127.0.0.1"
-    """Bind address; loopback unless you mean to expose it."""
-    port: int = 9464
-    """0 picks a free port."""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError("metrics.port", f"must be in 0..65535, got {self.port}")
-
-
-@dataclass
-class DemoConfig:
-    """The demo's trainer loop."""
-
-    steps: int = 10
-    """Optimizer steps in all."""
-    sync_every: int = 2
-    """Sync the weights to the engine every this many steps."""
-    lr: float = 1e-3
-    batch_size: int = 4
-    seq_len: int = 64
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        _at_least("demo.steps", self.steps, 1)
-        _at_least("demo.sync_every", self.sync_every, 1)
-        _at_least("demo.batch_size", self.batch_size, 1)
-        _at_least("demo.seq_len", self.seq_len, 2)
-
-
-@dataclass
-class SweepConfig:
-    """``weightpipe bench``: the depth x bucket size sweep."""
-
-    preset: str = "llama-1b"
-    depths: list[int] = field(default_factory=lambda: [1, 2, 4])
-    bucket_mib: list[int] = field(default_factory=lambda: [16, 64])
-    workers: list[int] = field(default_factory=lambda: [1, 2])
-    sink: str = "sink"
-    """``sink`` (discard after the load stage's copy) or ``local`` (the local engine)."""
-    layers: int = 0
-    """Decoder layers to stream (0: the preset's own count)."""
-
-    def __post_init__(self) -> None:
-        _choice("sweep.preset", self.preset, ("tiny", "llama-1b", "llama-8b"))
-        _choice("sweep.sink", self.sink, ("sink", "local"))
-        for key in ("depths", "bucket_mib", "workers"):
-            values = getattr(self, key)
-            if not values or any(v < 1 for v in values):
-                raise ConfigError(
-                    f"sweep.{key}", f"must be a non-empty list of ints >= 1: {values}"
-                )
-
-
-@dataclass
-class WeightpipeConfig:
-    """The whole configuration tree."""
-
-    depth: int = 2
-    """Capacity of every channel between stages (memory bound vs slack)."""
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-
-    def __post_init__(self) -> None:
-        _at_least("depth", self.depth, 1)
-
-
-def _valid_keys(tree: DictConfig, key: str) -> list[str]:
-    """The keys that exist at the parent of dotted ``key``."""
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    node: Any = OmegaConf.select(tree, parent) if parent else tree
-    if isinstance(node, DictConfig):
-        return [f"{parent}.{k!s}" if parent else str(k) for k in node]
-    return []
-
-
-def _schema() -> DictConfig:
-    tree = OmegaConf.structured(WeightpipeConfig)
-    assert isinstance(tree, DictConfig)
+def _schema_tree(schema: type[Any]) -> DictConfig:
+    """The complete tree of ``schema``'s defaults, in struct mode before any merge."""
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        raise TypeError(f"a config schema must be a dataclass type, got {schema!r}")
+    tree = OmegaConf.structured(schema)
+    if not isinstance(tree, DictConfig):  # pragma: no cover - a dataclass is a mapping
+        raise TypeError(f"schema {schema.__name__} did not become a mapping")
     OmegaConf.set_struct(tree, True)
     return tree
 
 
-def _merge(tree: DictConfig, other: Any, origin: str) -> DictConfig:
+def _read_yaml(path: Path) -> DictConfig:
+    where = str(path)
+    if path.is_dir():
+        raise ConfigError(None, "is a directory, not a YAML file", path=where)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(None, "no such file", path=where) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(None, f"cannot be read: {reason}", path=where) from None
+    try:
+        loaded = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "syntax error"
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(None, f"not valid YAML: {problem}", path=where, line=line) from None
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError(None, f"not valid YAML: {_first_line(str(exc))}", path=where) from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(None, "must hold a mapping at the top level", path=where)
+    return loaded
+
+
+def _merge(
+    schema: type[Any], tree: DictConfig, other: DictConfig, origin: str, *, key: str = ""
+) -> DictConfig:
     try:
         merged = OmegaConf.merge(tree, other)
     except (ConfigAttributeError, ConfigKeyError) as exc:
-        key = str(exc.full_key or exc.key or "")
-        raise ConfigError(key, f"unknown key (from {origin})", _valid_keys(tree, key)) from None
+        raise _unknown_key(tree, str(exc.full_key or exc.key or key), origin) from None
     except ValidationError as exc:
-        key = str(exc.full_key or exc.key or "")
-        node = OmegaConf.select(tree, key) if key else None
-        expected = type(node).__name__ if node is not None else "the schema's type"
-        raise ConfigError(
-            key, f"wrong type (from {origin}): {_first_line(exc.msg)}; expected {expected}"
-        ) from None
-    assert isinstance(merged, DictConfig)
+        at = _field_key(str(exc.full_key or "")) or key or _failing_key(tree, other)
+        raise _wrong_value(schema, tree, at, OmegaConf.select(other, at), exc, origin) from None
+    if not isinstance(merged, DictConfig):  # pragma: no cover - merging mappings
+        raise TypeError("merging two mappings did not give a mapping")
     return merged
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> WeightpipeConfig:
-    """Build the configuration: defaults, then a YAML file, then ``key=value`` overrides.
+def _unknown_key(tree: DictConfig, key: str, origin: str) -> ConfigError:
+    valid = _keys_near(tree, key)
+    return ConfigError(key, f"unknown key ({origin})", valid, suggestion=_closest(key, valid))
 
-    Overrides use OmegaConf's dotlist grammar: ``depth=4 quantize.block=[128,128]``.
 
-    Raises:
-        ConfigError: an unknown key, a wrong type, a malformed override or a value out of
-            range; the message names the key and lists the valid keys or choices.
-        FileNotFoundError: ``path`` does not exist.
-    """
-    tree = _schema()
-    if path is not None:
-        text = Path(path).read_text()
+def _wrong_value(
+    schema: type[Any],
+    tree: DictConfig,
+    key: str,
+    given: object,
+    exc: ValidationError,
+    origin: str,
+) -> ConfigError:
+    expected = _field_type(schema, key)
+    if get_origin(expected) is Literal:
+        choices = [str(c) for c in get_args(expected)]
+        return ConfigError(
+            key,
+            f"{_plain(given)!r} is not one of the choices ({origin})",
+            choices,
+            suggestion=_closest(str(_plain(given)), choices),
+        )
+    if isinstance(expected, type) and dataclasses.is_dataclass(expected):
+        keys = _keys_near(tree, f"{key}.?")
+        close = _closest(str(_plain(given)), [k.rsplit(".", 1)[-1] for k in keys])
+        return ConfigError(
+            key,
+            f"is a section, not a value ({origin})",
+            keys,
+            suggestion=f"{key}.{close}" if close else None,
+        )
+    problem = f"wrong type ({origin}): {_first_line(exc.msg)}; expected {_type_name(expected)}"
+    if expected is bool:  # a misspelt ``true``/``false`` gets the spelling it missed
+        return ConfigError(key, problem, suggestion=_closest(str(given).lower(), _BOOLS))
+    return ConfigError(key, problem)
+
+
+_BOOLS = ("true", "false")
+
+
+def _failing_key(tree: DictConfig, other: DictConfig) -> str:
+    """The first leaf of ``other`` that does not merge alone (errors without a key)."""
+    for key, value in _leaves(other, ""):
         try:
-            loaded = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
-        except (OmegaConfBaseException, yaml.YAMLError) as exc:
-            raise ConfigError(str(path), f"not valid YAML: {_first_line(str(exc))}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(str(path), "the file must hold a mapping at the top level")
-        tree = _merge(tree, loaded, str(path))
-    for override in overrides:
-        if "=" not in override:
-            raise ConfigError(override, "an override must look like key=value")
-        key = override.split("=", 1)[0].strip()
-        if OmegaConf.select(tree, key, default=_MISSING) is _MISSING:
-            raise ConfigError(
-                key, f"unknown key (from override {override!r})", _valid_keys(tree, key)
+            OmegaConf.merge(tree, _nested(key, value))
+        except OmegaConfBaseException:
+            return key
+    return ""
+
+
+def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(node, DictConfig):
+        out: list[tuple[str, Any]] = []
+        for name in node:
+            key = f"{prefix}.{name!s}" if prefix else str(name)
+            out += (
+                _leaves(node[name], key)
+                if isinstance(node[name], DictConfig)
+                else [(key, node[name])]
             )
-        try:
-            dotlist = OmegaConf.from_dotlist([override])
-        except (GrammarParseError, OmegaConfBaseException, yaml.YAMLError) as exc:
-            detail = _first_line(str(exc))
-            raise ConfigError(key, f"cannot parse override {override!r}: {detail}") from None
-        tree = _merge(tree, dotlist, f"override {override!r}")
-    try:
-        config = OmegaConf.to_object(tree)
-    except ValidationError as exc:
-        key = str(exc.full_key or exc.key or "")
-        raise ConfigError(key, f"wrong type: {_first_line(exc.msg)}") from None
-    assert isinstance(config, WeightpipeConfig)
-    return config
+        return out
+    return [(prefix, node)]
 
 
-_MISSING = object()
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    plain = _plain(value)
+    for part in reversed(key.split(".")):
+        plain = {part: plain}
+    if not isinstance(plain, dict):  # pragma: no cover - key is never empty here
+        raise TypeError(key)
+    return plain
 
 
-def to_yaml(config: WeightpipeConfig) -> str:
-    """The configuration as YAML (what ``weightpipe config show`` prints)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+def _keys_near(tree: DictConfig, key: str) -> list[str]:
+    """The keys at the deepest existing section above dotted ``key``."""
+    parts = key.split(".")[:-1]
+    while parts:
+        node = OmegaConf.select(tree, ".".join(parts), default=None)
+        if isinstance(node, DictConfig):
+            break
+        parts.pop()
+    parent = ".".join(parts)
+    node = OmegaConf.select(tree, parent) if parent else tree
+    return [f"{parent}.{k!s}" if parent else str(k) for k in node]
 
 
-def as_dict(config: Any) -> dict[str, Any]:
-    """A section (or the whole tree) as plain Python containers."""
-    return dataclasses.asdict(config)
+def _field_type(schema: type[Any], key: str) -> Any:
+    """The annotation of dotted ``key`` in ``schema`` (``None`` if no field has it)."""
+    current: Any = schema
+    for part in key.split(".") if key else ():
+        if not (isinstance(current, type) and dataclasses.is_dataclass(current)):
+            return None
+        hints = get_type_hints(current)
+        if part not in hints:
+            return None
+        current = _without_none(hints[part])
+    return current
+
+
+def _without_none(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _type_name(tp: Any) -> str:
+    if tp is None:
+        return "the schema's type"
+    if isinstance(tp, type) and get_origin(tp) is None:
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _field_key(key: str) -> str:
+    """``section.pair[0]`` -> ``section.pair``: errors name the field, not an element."""
+    return re.sub(r"\[\d+\]", "", key)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value)
+    return value
+
+
+def _closest(word: str, valid: Sequence[str]) -> str | None:
+    matches = difflib.get_close_matches(word, list(valid), n=1, cutoff=0.6)
+    return matches[0] if matches and matches[0] != word else None
 
 
 def _first_line(text: str | None) -> str:
-    return (text or "").strip().splitlines()[0] if text and text.strip() else "invalid value"
+    return text.strip().splitlines()[0] if text and text.strip() else "invalid value"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,13 +36,29 @@ import anyio
 import torch
 
 from weightpipe.pipeline import Pipeline
-from weightpipe.pipeline.config import WeightpipeConfig, load_config
+from weightpipe.pipeline.config import ConfigError
+from weightpipe.stages.app.config import SweepPreset, WeightpipeConfig, load_weightpipe_config
 from weightpipe.stages.app.report import PeakRss, print_table, write_json
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import PauseMode
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.load import Load
 from weightpipe.stages.quantize import Fp8Quantize
+
+__all__ = [
+    "FIXED_OVERHEAD_BYTES",
+    "PRESETS",
+    "CopySink",
+    "Preset",
+    "SyntheticModel",
+    "main",
+    "memory_bound",
+    "model_shapes",
+    "run_pipelined",
+    "run_sequential",
+    "run_sweep",
+    "sweep",
+]
 
 MiB = 1 << 20
 STAGES = 3
@@ -71,7 +88,7 @@ class Preset:
     tied: bool
 
 
-PRESETS = {
+PRESETS: dict[SweepPreset, Preset] = {
     "tiny": Preset(256, 688, 4, 8, 8, 2048, False),
     "llama-1b": Preset(2048, 8192, 16, 32, 8, 128256, True),
     "llama-8b": Preset(4096, 14336, 32, 32, 8, 128256, False),
@@ -446,7 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="e.g. sweep.preset=llama-8b sweep.depths=[1,2]"
     )
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_weightpipe_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"sweep: {exc}", file=sys.stderr)
+        return 2
     return run_sweep(
         config, json_path=args.json, plot_path=args.plot, progress=not args.no_progress
     )

@@ -12,7 +12,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from weightpipe.pipeline.config import ConfigError, WeightpipeConfig, load_config, to_yaml
+from weightpipe.pipeline.config import ConfigError, to_yaml
+from weightpipe.stages.app.config import WeightpipeConfig, load_weightpipe_config
 
 __all__ = ["main"]
 
@@ -54,7 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="sweep depth x bucket size and recommend a setting",
-        description="Runs benchmarks.sweep with settings from the sweep section.",
+        description="Runs the sweep of weightpipe.stages.app.bench (benchmarks/sweep.py is "
+        "its script) with settings from the sweep section.",
     )
     bench.add_argument("--json", metavar="PATH", default="weightpipe-sweep.json")
     bench.add_argument("--plot", metavar="PATH", default="weightpipe-sweep.png")
@@ -88,8 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         overrides += _demo_overrides(args)
     try:
-        config: WeightpipeConfig = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as exc:
+        config: WeightpipeConfig = load_weightpipe_config(args.config, overrides)
+    except ConfigError as exc:
         print(f"weightpipe: {exc}", file=sys.stderr)
         return 2
     if args.command == "demo":

@@ -1,8 +1,9 @@
 """Typed configuration sections -> stage and engine objects.
 
-``weightpipe.pipeline.config`` turns files and overrides into plain dataclasses; this
-module is the one place that knows which constructor argument each field feeds, so the
-demo, the sweep and a user's trainer build identical stages from one configuration.
+The one place that knows which constructor argument each config field feeds, so the demo,
+the sweep and a user's trainer build identical stages from one configuration; the stages
+themselves take typed arguments and never see the config tree. Dtype names resolve
+through ``weightpipe.stages.dtypes`` and block shapes through ``stages.fp8.spec.as_block``.
 """
 
 from __future__ import annotations
@@ -11,51 +12,45 @@ from typing import Any
 
 import torch
 
-from weightpipe.pipeline.config import EngineConfig, FetchConfig, ModelConfig, QuantizeConfig
+from weightpipe.stages.app.config import (
+    ENGINE_KINDS,
+    EngineConfig,
+    FetchConfig,
+    ModelConfig,
+    QuantizeConfig,
+)
+from weightpipe.stages.dtypes import dtype_from_name
 from weightpipe.stages.engines.base import Engine
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.quantize import Fp8Quantize
 
-__all__ = ["build_engine", "build_fetch", "build_llama_config", "build_quantize", "torch_dtype"]
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``.
-
-    Raises:
-        ValueError: an unknown dtype name (lists the known ones).
-    """
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; known: {sorted(_DTYPES)}") from None
+__all__ = ["build_engine", "build_fetch", "build_llama_config", "build_quantize"]
 
 
 def build_fetch(config: FetchConfig, *, device: str | torch.device = "cpu") -> Fetch:
+    """The Fetch stage ``config`` describes, its buckets on ``device``."""
     return Fetch(
         config.bucket_bytes,
         align_bytes=config.align_bytes,
         device=device,
-        empty_source="empty" if config.empty_source == "empty" else "error",
+        empty_source=config.empty_source,
         allow=list(config.allow) or None,
     )
 
 
 def build_quantize(config: QuantizeConfig) -> Fp8Quantize:
-    block = (int(config.block[0]), int(config.block[1]))
+    """The Fp8Quantize stage ``config`` describes (``config.enabled`` is the caller's)."""
     return Fp8Quantize(
-        block=block,
-        method=config.method,  # type: ignore[arg-type]
-        scale_fmt=config.scale_fmt,  # type: ignore[arg-type]
-        nonfinite=config.nonfinite,  # type: ignore[arg-type]
-        keep_dtype=torch_dtype(config.keep_dtype),
+        block=config.block_shape,
+        method=config.method,
+        scale_fmt=config.scale_fmt,
+        nonfinite=config.nonfinite,
+        keep_dtype=dtype_from_name(config.keep_dtype),
         ignored_layers=list(config.ignored_layers),
         include=list(config.include),
         exclude=list(config.exclude),
         workers=config.workers,
-        backend=config.backend,  # type: ignore[arg-type]
+        backend=config.backend,
     )
 
 
@@ -74,24 +69,20 @@ def build_llama_config(model: ModelConfig) -> Any:
 
 
 def build_engine(engine: EngineConfig, model: ModelConfig, *, block: tuple[int, int]) -> Engine:
-    """The engine ``engine.kind`` names.
+    """The engine ``engine.kind`` names (every ``EngineKind`` is buildable).
 
-    Raises:
-        ValueError: a kind that needs more than a configuration to build
-            (``sglang_engine`` wraps an in-process ``sglang.Engine`` the caller owns;
-            ``sglang_distributed`` needs the trainer's process group).
+    ``block`` is the FP8 block shape the local engine dequantizes with.
     """
     if engine.kind == "local":
         from weightpipe.stages.engines.local import LocalEngine
 
-        device = None if model.device == "auto" else model.device
         return LocalEngine(
             build_llama_config(model),
             seed=model.seed,
             batch_size=model.batch_size,
             max_new_tokens=model.max_new_tokens,
-            dtype=torch_dtype(model.dtype),
-            device=device,
+            dtype=dtype_from_name(model.dtype),
+            device=None if model.device == "auto" else model.device,
             block_size=block,
         )
     if engine.kind == "sglang_http":
@@ -102,11 +93,8 @@ def build_engine(engine: EngineConfig, model: ModelConfig, *, block: tuple[int, 
             api_key=engine.api_key,
             timeout_s=engine.timeout_s,
             retries=engine.retries,
-            session=engine.session,  # type: ignore[arg-type]
-            load_format=engine.load_format,  # type: ignore[arg-type]
+            session=engine.session,
+            load_format=engine.load_format,
             tp_size=engine.tp_size,
         )
-    raise ValueError(
-        f"engine.kind={engine.kind!r} can't be built from configuration alone: construct "
-        "it in your trainer (see README, 'Pointing it at SGLang') and pass it to sync_weights"
-    )
+    raise ValueError(f"engine.kind: no factory for {engine.kind!r}; known: {ENGINE_KINDS}")

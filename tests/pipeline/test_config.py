@@ -1,106 +1,196 @@
-"""Config: complete struct-mode schema, YAML + dotlist merge, errors that name the key."""
+"""The generic loader: any dataclass schema, a struct-mode tree complete before any merge,
+YAML + dotlist, and one ConfigError that names the key (or the file and line)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
-from weightpipe.pipeline.config import (
-    ConfigError,
-    WeightpipeConfig,
-    _schema,
-    load_config,
-    to_yaml,
-)
+from weightpipe.pipeline import WeightpipeError
+from weightpipe.pipeline.config import ConfigError, _schema_tree, load_config, to_yaml
+
+Color = Literal["red", "green", "blue"]
 
 
-def test_defaults_are_complete_and_typed() -> None:
-    config = load_config()
-    assert isinstance(config, WeightpipeConfig)
-    assert config.quantize.block == [128, 128]
-    assert config.engine.kind == "local"
-    assert config.metrics.addr == "127.0.0.1"
+@dataclass
+class Inner:
+    color: Color = "red"
+    pair: list[int] = field(default_factory=lambda: [1, 2])
+    enabled: bool = True
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.pair) != 2:
+            raise ConfigError("inner.pair", f"must be two ints, got {self.pair}")
 
 
-def test_schema_is_in_struct_mode_from_the_start() -> None:
-    # The seed's failure: writing a key the schema did not declare.
-    tree = _schema()
+@dataclass
+class Schema:
+    count: int = 2
+    ratio: float = 0.5
+    inner: Inner = field(default_factory=Inner)
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ConfigError("count", f"must be >= 1, got {self.count}")
+
+
+def test_defaults_build_the_schema() -> None:
+    config = load_config(Schema)
+    assert config == Schema()
+    assert type(config.inner) is Inner
+
+
+def test_the_tree_is_complete_and_in_struct_mode_before_any_merge() -> None:
+    tree = _schema_tree(Schema)
+    assert OmegaConf.is_struct(tree)
+    assert OmegaConf.select(tree, "inner.pair") == [1, 2]
     with pytest.raises(ConfigAttributeError):
-        tree.model.hf_config = {"x": 1}
+        tree.inner.undeclared = 1
 
 
-def test_overrides_merge_with_types() -> None:
-    config = load_config(overrides=["depth=4", "quantize.block=[64,128]", "engine.api_key=k"])
-    assert config.depth == 4
-    assert config.quantize.block == [64, 128]
-    assert config.engine.api_key == "k"
-
-
-def test_file_then_overrides(tmp_path: Path) -> None:
+def test_file_then_overrides_in_order(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("depth: 3\nfetch:\n  bucket_bytes: 1024\n")
-    config = load_config(path, ["depth=5"])
-    assert (config.depth, config.fetch.bucket_bytes) == (5, 1024)
+    path.write_text("count: 3\ninner:\n  color: green\n")
+    config = load_config(Schema, path, ["count=5", "inner.pair=[7,8]", "inner.label=x", "count=6"])
+    assert (config.count, config.inner.color, config.inner.pair) == (6, "green", [7, 8])
+    assert config.inner.label == "x"
+
+
+def test_config_error_is_a_weightpipe_error_and_a_value_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(Schema, overrides=["cuont=1"])
+    assert isinstance(info.value, WeightpipeError)
+    assert isinstance(info.value, ValueError)
 
 
 @pytest.mark.parametrize(
-    ("overrides", "key", "fragment"),
+    ("override", "key", "suggestion", "valid"),
     [
-        (["dpeth=3"], "dpeth", "valid: depth, fetch"),
-        (["quantize.blok=[1,2]"], "quantize.blok", "quantize.block"),
-        (["nosuch.section.key=1"], "nosuch.section.key", "unknown key"),
-        (["depth=abc"], "depth", "expected int"),
-        (["fetch.bucket_bytes=1.5"], "fetch.bucket_bytes", "wrong type"),
-        (["quantize.method=fancy"], "quantize.method", "valid: block, channel, tensor"),
-        (["engine.mode=sometimes"], "engine.mode", "pause, prefetch, in_flight"),
-        (["quantize.block=[1]"], "quantize.block", "two positive integers"),
-        (["depth=0"], "depth", ">= 1"),
-        (["depth"], "depth", "key=value"),
-        (["metrics.port=70000"], "metrics.port", "0..65535"),
-        (["model.num_heads=3"], "model.hidden_size", "multiple"),
-        (["quantize.block=[1,2"], "quantize.block", "cannot parse"),
+        ("cuont=1", "cuont", "count", ("count", "ratio", "inner")),
+        ("inner.colr=red", "inner.colr", "inner.color", ("inner.color", "inner.pair")),
+        ("nosuch.deep.key=1", "nosuch.deep.key", None, ("count", "ratio", "inner")),
+        ("inner.nosuch.key=1", "inner.nosuch.key", None, ("inner.color",)),
+        ("inner.color=gren", "inner.color", "green", ("red", "green", "blue")),
+        ("inner.enabled=ture", "inner.enabled", "true", ()),
+        ("inner=rde", "inner", None, ("inner.color", "inner.pair")),
+        ("inner=colr", "inner", "inner.color", ("inner.color", "inner.pair")),
     ],
 )
-def test_every_override_error_names_the_key(overrides: list[str], key: str, fragment: str) -> None:
+def test_unknown_keys_and_bad_values_name_the_key_and_suggest(
+    override: str, key: str, suggestion: str | None, valid: tuple[str, ...]
+) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(overrides=overrides)
+        load_config(Schema, overrides=[override])
+    error = info.value
+    assert error.key == key
+    assert error.suggestion == suggestion
+    assert set(valid) <= set(error.valid)
+    assert f"config key {key!r}" in str(error)
+    if suggestion:
+        assert f"did you mean {suggestion!r}?" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "fragment"),
+    [
+        ("count=abc", "count", "expected int"),
+        ("count=1.5", "count", "wrong type"),
+        ("inner.pair=[a,b]", "inner.pair", "expected list[int]"),
+        ("count=0", "count", ">= 1"),
+        ("inner.pair=[1]", "inner.pair", "two ints"),
+        ("count", "count", "key=value"),
+        ("=3", "=3", "key=value"),
+        ("inner.pair=[1,2", "inner.pair", "cannot parse"),
+    ],
+)
+def test_every_override_error_names_the_key(override: str, key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(Schema, overrides=[override])
     assert info.value.key == key
     assert fragment in str(info.value)
 
 
-def test_unknown_key_in_file_names_file_and_key(tmp_path: Path) -> None:
+def test_unknown_key_in_a_file_names_file_key_and_valid_keys(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("fetch:\n  bucket_bytes: 1024\n  bogus: 1\n")
+    path.write_text("inner:\n  color: blue\n  colour: red\n")
     with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert info.value.key == "fetch.bogus"
+        load_config(Schema, path)
+    assert info.value.key == "inner.colour"
+    assert info.value.suggestion == "inner.color"
     assert str(path) in str(info.value)
-    assert "fetch.bucket_bytes" in info.value.valid
+    assert "inner.pair" in info.value.valid
 
 
-def test_wrong_type_in_file(tmp_path: Path) -> None:
+def test_wrong_type_in_a_file_names_the_key(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("fetch:\n  bucket_bytes: lots\n")
-    with pytest.raises(ConfigError, match=r"fetch\.bucket_bytes"):
-        load_config(path)
+    path.write_text("inner:\n  color: purple\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Schema, path)
+    assert info.value.key == "inner.color"
+    assert info.value.valid == ("red", "green", "blue")
+
+
+def test_a_scalar_for_a_section_in_a_file_names_the_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("count: 3\ninner: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Schema, path)
+    assert info.value.key == "inner"
+
+
+def test_yaml_syntax_error_names_file_and_line_not_a_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("count: 3\ninner:\n  pair: [1, 2\n  color: red\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Schema, path)
+    error = info.value
+    assert error.key is None
+    assert error.path == str(path)
+    assert error.line == 4
+    assert str(error).startswith(f"config file {str(path)!r}, line 4: not valid YAML")
+    assert "config key" not in str(error)
 
 
 def test_non_mapping_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="mapping"):
-        load_config(path)
+    with pytest.raises(ConfigError, match="mapping") as info:
+        load_config(Schema, path)
+    assert info.value.key is None
 
 
-def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
-        load_config(tmp_path / "none.yaml")
+def test_empty_file_is_the_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("\n")
+    assert load_config(Schema, path) == Schema()
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_missing_file_or_directory_is_a_config_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "none.yaml" if kind == "missing" else tmp_path
+    with pytest.raises(ConfigError) as info:
+        load_config(Schema, path)
+    assert info.value.key is None
+    assert info.value.path == str(path)
+    assert ("no such file" if kind == "missing" else "directory") in str(info.value)
 
 
 def test_yaml_round_trip() -> None:
-    config = load_config(overrides=["depth=7"])
-    again = OmegaConf.to_object(OmegaConf.merge(_schema(), OmegaConf.create(to_yaml(config))))
-    assert again == config
+    config = load_config(Schema, overrides=["count=7", "inner.color=blue"])
+    again = load_config(Schema, overrides=[])
+    assert again != config
+    tree = OmegaConf.merge(_schema_tree(Schema), OmegaConf.create(to_yaml(config)))
+    assert OmegaConf.to_object(tree) == config
+
+
+def test_a_schema_must_be_a_dataclass_type() -> None:
+    with pytest.raises(TypeError):
+        load_config(dict)
+    with pytest.raises(TypeError):
+        to_yaml(Schema)
