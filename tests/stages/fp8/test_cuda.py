@@ -13,10 +13,14 @@ import torch
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.fp8 import (
     FP8_DTYPE,
+    Fp8Method,
+    Fp8Tensor,
     NonFiniteWeightError,
+    ScaleFormat,
     check_fp8,
     quantize_fp8,
     quantize_fp8_reference,
+    scale_name,
 )
 from weightpipe.stages.quantize import Fp8Quantize
 
@@ -29,12 +33,12 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SHAPES = [(1, 1), (127, 129), (128, 128), (4096, 11008), (8, 384, 520)]
 
 
-def _weight(shape, dtype, seed=0):
+def _weight(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
 
 
-def _same(got, ref) -> bool:
+def _same(got: tuple[torch.Tensor, torch.Tensor], ref: Fp8Tensor) -> bool:
     q, s = got
     return bool(
         torch.equal(q.cpu().view(torch.uint8), ref.qweight.view(torch.uint8))
@@ -45,7 +49,9 @@ def _same(got, ref) -> bool:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
-def test_cuda_paths_equal_the_cpu_definition(shape, dtype, scale_fmt):
+def test_cuda_paths_equal_the_cpu_definition(
+    shape: tuple[int, ...], dtype: torch.dtype, scale_fmt: ScaleFormat
+) -> None:
     w = _weight(shape, dtype)
     ref = quantize_fp8_reference(w, scale_fmt=scale_fmt)
     wc = w.cuda()
@@ -57,13 +63,13 @@ def test_cuda_paths_equal_the_cpu_definition(shape, dtype, scale_fmt):
 
 
 @pytest.mark.parametrize("method", ["channel", "tensor"])
-def test_cuda_channel_and_tensor_equal_the_cpu_definition(method):
+def test_cuda_channel_and_tensor_equal_the_cpu_definition(method: Fp8Method) -> None:
     w = _weight((300, 520), torch.bfloat16)
     ref = quantize_fp8_reference(w, method=method)
     assert _same(quantize_fp8(w.cuda(), method=method), ref)
 
 
-def test_rounding_table_on_the_gpu():
+def test_rounding_table_on_the_gpu() -> None:
     codes = torch.arange(0, 0x7F, dtype=torch.uint8).view(FP8_DTYPE).float()
     mid = (codes[:-1] + codes[1:]) / 2
     probes = torch.cat(
@@ -81,13 +87,13 @@ def test_rounding_table_on_the_gpu():
     assert _same(quantize_fp8(row.cuda(), block=(1, 1024)), ref)
 
 
-def test_stage_on_cuda_uses_its_stream_and_hands_an_event():
+def test_stage_on_cuda_uses_its_stream_and_hands_an_event() -> None:
     names = [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(16)]
     tensors = [(n, _weight((256, 384), torch.bfloat16, seed=i).cuda()) for i, n in enumerate(names)]
     tensors.append(("model.norm.weight", torch.ones(384, device="cuda")))
-    producer = torch.cuda.Stream()
+    producer = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     with torch.cuda.stream(producer):
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
         ready.record(producer)
     stage = Fp8Quantize()
     bucket = WeightBucket(tuple(tensors), 0, True, 1, ready=ready)
@@ -97,13 +103,14 @@ def test_stage_on_cuda_uses_its_stream_and_hands_an_event():
     got = dict(out.tensors)
     for name, w in tensors[:-1]:
         ref = quantize_fp8_reference(w.cpu())
-        assert _same((got[name], got[name + "_scale_inv"]), ref)
-        assert check_fp8(w.cpu(), (got[name].cpu(), got[name + "_scale_inv"].cpu())) <= 1.0  # type: ignore[arg-type]
+        q, s = got[name], got[scale_name(name)]
+        assert _same((q, s), ref)
+        assert check_fp8(w.cpu(), Fp8Tensor(q.cpu(), s.cpu())) <= 1.0
     assert got["model.norm.weight"].dtype == torch.bfloat16
     assert out.meta["quantized"] == 16
 
 
-def test_stage_on_cuda_nonfinite_error_and_keep():
+def test_stage_on_cuda_nonfinite_error_and_keep() -> None:
     w = _weight((200, 300), torch.bfloat16).cuda()
     w[5, 5] = math.nan
     bucket = WeightBucket((("a.o_proj.weight", w),), 0, True, 1)

@@ -22,7 +22,7 @@ _CHILD = textwrap.dedent(
     """
     import json, math, torch, anyio
     from weightpipe.stages.fp8 import _triton as T
-    from weightpipe.stages.fp8 import quantize_fp8_reference
+    from weightpipe.stages.fp8 import HIGH_PRECISION_DTYPES, SCALE_FORMATS, quantize_fp8_reference
     from weightpipe.stages.bucket import WeightBucket
     from weightpipe.stages.quantize import Fp8Quantize
 
@@ -36,8 +36,8 @@ _CHILD = textwrap.dedent(
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(1, 1), (127, 129), (128, 128), (130, 260), (2, 3, 129)]
-    for fmt in ("float32", "ue8m0"):
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for fmt in SCALE_FORMATS:
+        for dtype in HIGH_PRECISION_DTYPES:
             ws = [(torch.randn(s, generator=gen) * 0.05).to(dtype) for s in shapes]
             ws.append(torch.zeros(64, 200, dtype=dtype))
             outs, flags = T.quantize_block_batch(ws, (128, 128), fmt)
@@ -93,7 +93,7 @@ _CHILD = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_triton_kernel_matches_torch_definition_under_the_interpreter():
+def test_triton_kernel_matches_torch_definition_under_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD],
@@ -113,7 +113,7 @@ def test_triton_kernel_matches_torch_definition_under_the_interpreter():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("dtype_name", "ue8m0"), [("bfloat16", False), ("float32", True)])
-def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name, ue8m0):
+def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name: str, ue8m0: bool) -> None:
     """Ahead-of-time compile for sm_90: PTX with IEEE divisions, no FMA contraction."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
