@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +33,29 @@ def test_console_script_is_installed() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "mode: pause" in done.stdout
+
+
+@pytest.mark.parametrize("what", ["directory", "missing", "bad yaml"])
+def test_a_bad_config_file_is_one_line_and_exit_2(
+    what: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = {"directory": tmp_path, "missing": tmp_path / "none.yaml"}.get(what)
+    if path is None:
+        path = tmp_path / "bad.yaml"
+        path.write_text("depth: 3\nfetch: [1\n")
+    assert main(["config", "show", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"weightpipe: config file {str(path)!r}")
+    assert "Traceback" not in err
+
+
+def test_config_show_of_a_directory_from_the_shell() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "weightpipe.stages.app.cli", "config", "show", "--config", "/tmp"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr == "weightpipe: config file '/tmp': is a directory, not a YAML file\n"
