@@ -394,8 +394,9 @@ async def test_a_failed_generation_thread_fails_every_later_call() -> None:
 
 async def test_a_listener_hears_steps_writes_and_pauses_until_removed() -> None:
     listener = RecordingListener()
-    async with local_engine() as engine:
-        engine.add_listener(listener)
+    engine = local_engine()
+    engine.add_listener(listener)  # before start: it hears the very first step
+    async with engine:
         await engine.wait_for_outputs(BATCH)
         await engine.pause("in_place")
         await engine.begin(1)
@@ -408,14 +409,15 @@ async def test_a_listener_hears_steps_writes_and_pauses_until_removed() -> None:
         await engine.wait_for_tokens(engine.tokens_generated + 2 * BATCH)
     names = listener.names()
     assert len(listener.events) == heard  # nothing after remove_listener
-    # A full batch: NEW_TOKENS steps of BATCH tokens, then the batch finished.
-    first_finish = names.index("finish")
-    assert listener.events[first_finish] == ("finish", BATCH)
-    assert all(event == ("step", BATCH) for event in listener.events[:first_finish])
+    # The first batch: a prefill and decode steps of BATCH tokens each; its last step
+    # finishes the batch (reported before the step itself).
+    assert names[: NEW_TOKENS + 1] == ["step"] * (NEW_TOKENS - 1) + ["finish", "step"]
+    assert listener.events[NEW_TOKENS - 1] == ("finish", BATCH)
+    assert all(value == BATCH for name, value in listener.events if name == "step")
     # Paused between two steps; the bucket and the commit were applied while paused.
-    paused = names.index("pause")
-    assert names[paused : paused + 4] == ["pause", "write", "write", "resume"]
-    assert names[paused + 4] == "step"
+    paused, resumed = names.index("pause"), names.index("resume")
+    assert names[paused : resumed + 1] == ["pause", "write", "write", "resume"]
+    assert "step" in names[resumed:]
     assert listener.threads == {"weightpipe-local-engine", "MainThread"}  # resume: caller
 
 
