@@ -7,7 +7,10 @@ at a time, a collective every rank must join in the same order), any sync or asy
 iterable of pairs (a checkpoint engine's ``receive_weights()`` async generator), and a
 directory of safetensors shards read through the safetensors library, memory-mapped,
 one tensor at a time. For the torch.distributed receiver see ``weightpipe.stages.
-distributed``.
+distributed``. A source that lends its buffers (it overwrites a tensor it yielded once it
+is asked for the next one, as verl's NCCL checkpoint engine does with its double buffer)
+is declared with ``borrowed_tensors``, which copies each tensor exactly once before the
+source advances; owned tensors are never copied.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from weightpipe.stages.dtypes import SAFETENSORS_DTYPES
 __all__ = [
     "FileSpan",
     "NamedTensor",
+    "borrowed_tensors",
     "materialise",
     "named_tensors",
     "safetensors_index",
@@ -369,3 +373,78 @@ def _stream_safetensors(
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in window:
                     yield name, handle.get_tensor(name)
+
+
+# -- borrowed buffers -----------------------------------------------------------------------
+
+# Copies at least this large run in a worker thread; smaller ones are cheaper inline than
+# a thread round trip (an MoE has thousands of small tensors).
+_INLINE_COPY_BYTES = 1 << 20
+
+
+def _own(item: Any) -> Any:
+    """The pair with its tensor copied into fresh memory (finished before returning)."""
+    item = _prepare(item)
+    if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
+        return item  # Fetch rejects it with the tensor's name
+    name, tensor = item
+    copy = tensor.clone(memory_format=torch.contiguous_format)
+    if copy.is_cuda:
+        # The lender may overwrite its buffer from another stream as soon as it advances.
+        torch.cuda.current_stream(copy.device).synchronize()
+    return name, copy
+
+
+def borrowed_tensors(
+    source: Iterable[Any] | AsyncIterable[Any],
+) -> Iterator[NamedTensor] | AsyncIterator[NamedTensor]:
+    """Declare that ``source`` lends its buffers: copy each tensor once, before it advances.
+
+    A lending source (verl's NCCL checkpoint engine yields views into a double buffer that
+    the next broadcast overwrites) is only safe for a consumer that is done with a tensor
+    before asking for the next one; a pipeline, whose channels hold items, is not. Each
+    tensor is therefore cloned (contiguous; on CUDA the copy is finished before the source
+    is asked for the next item), and the clone is the one copy the sync makes: pair this
+    with ``Fetch(flatten=False)``, which passes owned tensors on without copying them
+    again. Sync sources are advanced, and copied, in ``as_async_iter``'s worker thread;
+    async ones copy large tensors in a worker thread of their own. Sources that give
+    owned tensors need no declaration and are never copied.
+
+    Raises:
+        TypeError: ``source`` is not iterable (a str or bytes is refused too).
+    """
+    if isinstance(source, str | bytes):
+        raise TypeError(f"borrowed_tensors: expected tensors, got a {type(source).__name__}")
+    if isinstance(source, AsyncIterable):
+        return _async_owned(source)
+    if isinstance(source, Iterable):
+        return _sync_owned(source)
+    raise TypeError(
+        "borrowed_tensors: expected an (async) iterable of (name, tensor) pairs, got "
+        f"{type(source).__qualname__}"
+    )
+
+
+def _sync_owned(items: Iterable[Any]) -> Iterator[Any]:
+    iterator = iter(items)
+    try:
+        for item in iterator:
+            yield _own(item)
+    finally:
+        close = getattr(iterator, "close", None)
+        if callable(close):
+            close()  # a generator's finally (an open file, a collective) runs now
+
+
+async def _async_owned(items: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    iterator = aiter(items)
+    try:
+        async for item in iterator:
+            tensor = item[1] if isinstance(item, tuple) and len(item) == 2 else None
+            big = isinstance(tensor, torch.Tensor) and tensor.nbytes >= _INLINE_COPY_BYTES
+            if big or callable(getattr(tensor, "full_tensor", None)):
+                yield await anyio.to_thread.run_sync(_own, item)
+            else:
+                yield _own(item)
+    finally:
+        await aclose_iterator(iterator)
