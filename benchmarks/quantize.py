@@ -92,9 +92,9 @@ _KERNEL_LOOPS = 10
 
 
 def _triton_ready() -> bool:
-    from weightpipe.stages.fp8 import _triton as _fp8_triton
+    from weightpipe.stages.fp8 import triton_usable
 
-    return _fp8_triton.available()
+    return triton_usable("block", (128, 128))
 
 
 def _sync(device: torch.device) -> None:
@@ -145,10 +145,10 @@ def _case(
 
     def kernel() -> None:
         # The batched launch alone, no host wait per bucket: what the GPU sustains.
-        from weightpipe.stages.fp8 import _triton as _fp8_triton
+        from weightpipe.stages.fp8 import quantize_fp8_batch
 
         for _ in range(_KERNEL_LOOPS):
-            _fp8_triton.quantize_block_batch(matrices, (128, 128), "float32")
+            quantize_fp8_batch(matrices, backend="triton")
 
     methods: dict[str, Callable[[], None]] = {"quantize": quantize, "copy": copy}
     if sglang is not None:

@@ -22,6 +22,7 @@ from weightpipe.stages.fp8.spec import (
     NonFiniteWeightError,
     QuantizeBackend,
     ScaleFormat,
+    as_block,
     check_quantizable,
 )
 
@@ -84,8 +85,10 @@ def quantize_fp8_batch(
     is then meaningless). Nothing waits on the device.
 
     Raises:
-        RuntimeError, ValueError: as ``check_backend``, for ``backend="triton"``.
+        RuntimeError, ValueError: as ``check_backend``, for ``backend="triton"``; a
+            ``block`` that is not two positive ints.
     """
+    block = as_block(block)
     if not weights:
         return [], torch.zeros(0, dtype=torch.int32)
     check_backend(backend, method, block)
