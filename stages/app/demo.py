@@ -16,6 +16,7 @@ non-zero.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -29,8 +30,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from weightpipe.pipeline.config import QuantizeConfig, WeightpipeConfig
-from weightpipe.pipeline.metrics import MetricsServer, WeightpipeMetrics, serve_metrics
+from weightpipe.pipeline import WeightpipeError, leaf_exceptions
+from weightpipe.stages.app.config import QuantizeConfig, WeightpipeConfig
 from weightpipe.stages.app.factory import (
     build_engine,
     build_fetch,
@@ -40,6 +41,7 @@ from weightpipe.stages.app.factory import (
 from weightpipe.stages.engines.base import Engine
 from weightpipe.stages.engines.local import LocalEngine
 from weightpipe.stages.fp8 import check_fp8, dequantize_fp8, quantize_fp8, warm_up_cpu_kernel
+from weightpipe.stages.metrics import MetricsServer, WeightpipeMetrics, serve_metrics
 from weightpipe.stages.sync import SyncReport, sync_weights
 
 __all__ = ["DemoSync", "run_demo"]
@@ -116,16 +118,12 @@ def verify_engine(
         AssertionError: a parameter differs (names it).
     """
     worst = 0.0
-    block = (int(quantize.block[0]), int(quantize.block[1]))
+    block = quantize.block_shape
     for name, source in snapshot:
         served = engine.parameter(name).cpu()
         if name in quantized:
             q = quantize_fp8(
-                source,
-                method=quantize.method,  # type: ignore[arg-type]
-                block=block,
-                scale_fmt=quantize.scale_fmt,  # type: ignore[arg-type]
-                name=name,
+                source, method=quantize.method, block=block, scale_fmt=quantize.scale_fmt, name=name
             )
             worst = max(worst, check_fp8(source, q, block=block, name=name))
             expected = dequantize_fp8(q.qweight, q.scale, block=block, dtype=served.dtype)
@@ -177,7 +175,7 @@ def print_table(console: Console, rows: list[DemoSync]) -> None:
 
 
 async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
-    block = (int(config.quantize.block[0]), int(config.quantize.block[1]))
+    block = config.quantize.block_shape
     trainer = await anyio.to_thread.run_sync(Trainer, config)
     # Compile the fused CPU FP8 kernel now (a few seconds, once per process), not inside
     # the first sync, where it would show up as a stall of generation.
@@ -198,12 +196,15 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
     idle_tokens, idle_s = 0, 0.0
     sync_done = anyio.Event()
     sync_done.set()
-    failure: list[BaseException] = []
     try:
         if local is not None:
             await local.start()
             await local.wait_for_tokens(config.model.batch_size)
         version = (await engine.version()) or 0
+        # The last version a sync committed: what a failed sync leaves the engine serving
+        # (the transaction guarantees it), so the failure path never asks an engine that
+        # may be down, which would replace the sync's StageError by its own error.
+        committed = version
         window = local.open_window() if local is not None else None
         progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -221,7 +222,7 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                 async def run_sync(
                     version: int, step: int, snapshot: list[tuple[str, torch.Tensor]]
                 ) -> None:
-                    nonlocal window, idle_tokens, idle_s
+                    nonlocal window, idle_tokens, idle_s, committed
                     idle: float | None = None
                     if window is not None:
                         # Generation outside syncs so far (training runs in both): a
@@ -238,22 +239,22 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                             version=version,
                             stages=stages,
                             depth=config.depth,
-                            mode=config.engine.mode,  # type: ignore[arg-type]
-                            pause_mode=config.engine.pause_mode,  # type: ignore[arg-type]
+                            mode=config.engine.mode,
+                            pause_mode=config.engine.pause_mode,
                             timeout_s=config.engine.timeout_s,
                             prefetch_bytes=config.engine.prefetch_bytes,
                             observer=metrics,
                         )
-                    except BaseException as exc:
+                    except Exception:
+                        # Raising cancels the task group; run_demo unwraps the group.
                         metrics.record_sync(
                             seconds=time.perf_counter() - started,
                             nbytes=0,
                             ok=False,
-                            version=await engine.version(),
+                            version=committed,
                         )
-                        failure.append(exc)
-                        group.cancel_scope.cancel()
                         raise
+                    committed = report.version
                     metrics.record_sync(
                         seconds=report.seconds,
                         nbytes=report.bytes,
@@ -289,8 +290,6 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                         snapshot = await anyio.to_thread.run_sync(trainer.snapshot)
                         version += 1
                         group.start_soon(run_sync, version, step, snapshot)
-        if failure:
-            raise failure[0]
         served = await engine.version()
         if served != version:
             raise AssertionError(f"the engine serves v{served}, the trainer sent v{version}")
@@ -306,23 +305,70 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
     return rows
 
 
+def _by_importance(leaves: list[BaseException]) -> list[BaseException]:
+    """weightpipe's own errors first (the StageError of a failed sync), then other errors,
+    then whatever is not an ``Exception`` (a cancellation)."""
+
+    def rank(exc: BaseException) -> int:
+        if isinstance(exc, WeightpipeError):
+            return 0
+        return 1 if isinstance(exc, Exception) else 2
+
+    return sorted(leaves, key=rank)
+
+
+def start_shm_manager_detached() -> None:
+    """Start torch's shared-memory manager now, with ``/dev/null`` as its stdin and stderr.
+
+    CPU payloads to an SGLang server are shared-memory handles (the ``file_system``
+    strategy), and the first one makes libshm fork ``torch_shm_manager``, which replaces
+    only its stdout and inherits every other descriptor. It outlives this process while a
+    receiver holds the memory, so it would keep the caller's terminal or pipe open
+    (``weightpipe demo --engine sglang | tail`` would wait for it). One manager serves the
+    whole process, so starting it here, while our stdio points at ``/dev/null``, is enough.
+    """
+    import torch.multiprocessing  # initialises libshm (the manager's path)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        storage = torch.UntypedStorage(1)  # type: ignore[no-untyped-call]
+        storage._share_filename_cpu_()  # forks the manager on the first call only
+    finally:
+        for fd, copy in zip((0, 1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
 def run_demo(config: WeightpipeConfig) -> int:
     """Run the demo; returns the process exit status (0 only if every sync checked out)."""
     console = Console()
     if not console.is_terminal:
         console = Console(width=132)  # a log or pipe: keep the table on one line per row
     started = time.perf_counter()
+    if config.engine.kind == "sglang_http":
+        start_shm_manager_detached()
     try:
         rows = anyio.run(_demo, config, console)
     except BaseException as exc:  # a CLI reports, then exits non-zero
-        if isinstance(exc, KeyboardInterrupt):
+        # A failure inside the task group arrives wrapped in an exception group: report
+        # the errors themselves (a StageError names stage, bucket and tensor).
+        leaves = leaf_exceptions(exc)
+        if any(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
             console.print("[red]interrupted[/red]")
             return 130
-        console.print(f"[red]demo failed:[/red] {type(exc).__name__}: {exc}")
-        cause = exc.__cause__
-        while cause is not None:
-            console.print(f"  caused by {type(cause).__name__}: {cause}")
-            cause = cause.__cause__
+        for index, leaf in enumerate(_by_importance(leaves)):
+            label = "demo failed:" if index == 0 else "  and:"
+            console.print(f"[red]{label}[/red] {type(leaf).__name__}: {leaf}", highlight=False)
+            cause = leaf.__cause__
+            while cause is not None:
+                console.print(f"  caused by {type(cause).__name__}: {cause}", highlight=False)
+                cause = cause.__cause__
         return 1
     print_table(console, rows)
     console.print(
@@ -334,6 +380,6 @@ def run_demo(config: WeightpipeConfig) -> int:
 
 
 if __name__ == "__main__":
-    from weightpipe.pipeline.config import load_config
+    from weightpipe.stages.app.config import load_weightpipe_config
 
-    sys.exit(run_demo(load_config(overrides=sys.argv[1:])))
+    sys.exit(run_demo(load_weightpipe_config(overrides=sys.argv[1:])))

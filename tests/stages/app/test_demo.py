@@ -1,17 +1,29 @@
-"""The demo end to end: exit 0 with every sync verified; non-zero on a failure."""
+"""The demo end to end: exit 0 with every sync verified; the StageError and exit 1 on a
+failure; no process left holding the caller's pipes once it exits."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from tests.fakes import FakeEngine
 from tests.helpers import free_port
-from weightpipe.pipeline.config import load_config
+from weightpipe.stages.app import demo
+from weightpipe.stages.app.config import WeightpipeConfig, load_weightpipe_config
 from weightpipe.stages.app.demo import fp8_weight_names, run_demo
+from weightpipe.stages.engines.base import Engine, EngineError
+
+REPO = Path(__file__).resolve().parents[3]
+SMALL = ["demo.progress=false", "metrics.enabled=false", "model.num_layers=1"]
 
 
 def test_demo_runs_and_verifies_every_sync(capsys: pytest.CaptureFixture[str]) -> None:
-    config = load_config(
+    config = load_weightpipe_config(
         overrides=[
             "demo.steps=4",
             "demo.sync_every=2",
@@ -32,12 +44,10 @@ def test_demo_exits_non_zero_when_the_engine_is_unreachable(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     port = free_port()  # a port nothing listens on
-    config = load_config(
+    config = load_weightpipe_config(
         overrides=[
+            *SMALL,
             "demo.steps=2",
-            "demo.progress=false",
-            "metrics.enabled=false",
-            "model.num_layers=1",
             "engine.kind=sglang_http",
             f"engine.url=http://127.0.0.1:{port}",
             "engine.timeout_s=2",
@@ -48,6 +58,58 @@ def test_demo_exits_non_zero_when_the_engine_is_unreachable(
     assert run_demo(config) == 1
     out = capsys.readouterr().out
     assert "demo failed" in out
+    assert "TaskGroup" not in out
+
+
+def test_a_stage_failing_inside_the_task_group_prints_its_stage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Fetch refuses every tensor outside its allow-list: a StageError raised inside the
+    # demo's task group, which anyio wraps in an exception group.
+    config = load_weightpipe_config(
+        overrides=[*SMALL, "demo.steps=2", "fetch.allow=[model.embed_tokens.weight]"]
+    )
+    assert run_demo(config) == 1
+    out = capsys.readouterr().out
+    assert "demo failed: StageError: stage 'fetch'" in out
+    assert "'model.layers.0." in out  # the tensor the allow-list refused
+    assert "TaskGroup" not in out
+
+
+class _GoesDown(FakeEngine):
+    """A FakeEngine whose server dies at the first load: every call from then on fails,
+    ``version()`` included (what an unreachable HTTP engine does)."""
+
+    down = False
+
+    async def load(self, bucket: object) -> None:
+        self.down = True
+        raise EngineError(
+            self.name, "connection refused (fake)", tensor="model.embed_tokens.weight"
+        )
+
+    async def version(self) -> int | None:
+        if self.down:
+            raise EngineError(self.name, "version: connection refused (fake)")
+        return await super().version()
+
+
+def test_an_engine_going_down_reports_the_stage_error_not_the_version_query(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _GoesDown()
+
+    def build(*args: object, **kwargs: object) -> Engine:
+        return engine
+
+    monkeypatch.setattr(demo, "build_engine", build)
+    config = load_weightpipe_config(overrides=[*SMALL, "demo.steps=2", "engine.mode=pause"])
+    assert run_demo(config) == 1
+    out = capsys.readouterr().out
+    assert "demo failed: StageError: stage 'load'" in out
+    assert "bucket 0" in out
+    assert "model.embed_tokens.weight" in out
+    assert "version: connection refused" not in out
 
 
 def test_fp8_names_come_from_scale_tensors() -> None:
@@ -55,24 +117,14 @@ def test_fp8_names_come_from_scale_tensors() -> None:
     assert fp8_weight_names(names) == {"a.weight", "c.weight"}
 
 
-def test_demo_against_sglangs_http_surface() -> None:
-    # `weightpipe demo --engine sglang --url URL`, pointed at the test double of SGLang's
-    # weight endpoints (which decodes every payload with SGLang's own code).
+def _sglang_spec(base: WeightpipeConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes the demo sends: what the SGLang double's model holds."""
     from transformers import LlamaForCausalLM
 
-    from tests.fakes.sglang_http import SGLangHTTPDouble
     from weightpipe.stages.app.factory import build_llama_config
     from weightpipe.stages.bucket import WeightBucket
     from weightpipe.stages.quantize import Fp8Quantize
 
-    overrides = [
-        "demo.steps=2",
-        "demo.sync_every=2",
-        "demo.progress=false",
-        "metrics.enabled=false",
-        "model.num_layers=1",
-    ]
-    base = load_config(overrides=overrides)
     model = LlamaForCausalLM(build_llama_config(base.model))
     sample = WeightBucket(
         tuple((n, p.detach().bfloat16()) for n, p in model.named_parameters()),
@@ -81,9 +133,18 @@ def test_demo_against_sglangs_http_surface() -> None:
         version=1,
     )
     sent = Fp8Quantize().quantize_bucket(sample)
-    spec = {name: (tuple(t.shape), t.dtype) for name, t in sent.tensors}
+    return {name: (tuple(t.shape), t.dtype) for name, t in sent.tensors}
+
+
+def test_demo_against_sglangs_http_surface() -> None:
+    # `weightpipe demo --engine sglang --url URL`, pointed at the test double of SGLang's
+    # weight endpoints (which decodes every payload with SGLang's own code).
+    from tests.fakes.sglang_http import SGLangHTTPDouble
+
+    overrides = [*SMALL, "demo.steps=2", "demo.sync_every=2"]
+    spec = _sglang_spec(load_weightpipe_config(overrides=overrides))
     with SGLangHTTPDouble(spec) as server:
-        config = load_config(overrides=[*overrides, "engine.kind=sglang_http"])
+        config = load_weightpipe_config(overrides=[*overrides, "engine.kind=sglang_http"])
         config.engine.url = server.url
         assert run_demo(config) == 0
         assert server.weight_version == "1"
@@ -91,3 +152,80 @@ def test_demo_against_sglangs_http_surface() -> None:
         fp8 = [n for n, (_, dtype) in spec.items() if dtype == torch.float8_e4m3fn]
         assert fp8
         assert all(server.weights[n].dtype == torch.float8_e4m3fn for n in fp8)
+
+
+def _holders(pipe_fd: int) -> list[str]:
+    """Every process but this one with an fd on the pipe ``pipe_fd`` belongs to."""
+    target = f"pipe:[{os.fstat(pipe_fd).st_ino}]"
+    found: list[str] = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # gone, or not ours to read
+            continue
+        if target in links:
+            found.append(f"{pid} ({comm})")
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
+def test_demo_leaves_no_process_holding_the_callers_pipes() -> None:
+    # `weightpipe demo --engine sglang | tail` must end when the demo does: torch's
+    # shared-memory manager (started for the payloads' memory handles) must not inherit
+    # the demo's stdin, stdout or stderr. The double in this process still holds the
+    # received weights, so the manager is alive when the pipes are checked.
+    from tests.fakes.sglang_http import SGLangHTTPDouble
+
+    overrides = [*SMALL, "demo.steps=2", "demo.sync_every=2"]
+    spec = _sglang_spec(load_weightpipe_config(overrides=overrides))
+    pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr of the demo
+    ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
+    theirs = [pipes[0][0], pipes[1][1], pipes[2][1]]
+    with SGLangHTTPDouble(spec) as server:
+        command = [
+            sys.executable,
+            "-m",
+            "weightpipe.stages.app.cli",
+            "demo",
+            "--engine",
+            "sglang",
+            "--url",
+            server.url,
+            *overrides,
+        ]
+        try:
+            # Output stays far below a pipe's buffer, so the demo never blocks writing.
+            process = subprocess.Popen(
+                command, stdin=theirs[0], stdout=theirs[1], stderr=theirs[2], cwd=REPO
+            )
+            for fd in theirs:
+                os.close(fd)
+            status = process.wait(timeout=600)
+            names = ("stdin", "stdout", "stderr")
+            holders = {name: _holders(fd) for name, fd in zip(names, ours, strict=True)}
+            for fd in ours[1:]:
+                os.set_blocking(fd, False)
+            output = b"".join(_read_available(fd) for fd in ours[1:]).decode(errors="replace")
+            assert status == 0, output
+            assert server.weight_version == "1"
+            assert holders == {"stdin": [], "stdout": [], "stderr": []}
+        finally:
+            for fd in ours:
+                os.close(fd)
+
+
+def _read_available(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
