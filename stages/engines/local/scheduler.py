@@ -197,15 +197,18 @@ class Scheduler:
     # ------------------------------------------------------------------ observation
 
     def add_listener(self, listener: GenerationListener) -> None:
+        """Call ``listener`` from the next event on (see ``GenerationListener``)."""
         with self._cond:
             self._listeners.append(listener)
 
     def remove_listener(self, listener: GenerationListener) -> None:
+        """Stop calling ``listener``; once this returns, no callback of it runs."""
         with self._cond:
             if listener in self._listeners:
                 self._listeners.remove(listener)
 
     def open_window(self) -> GenerationWindow:
+        """A ``GenerationWindow`` listening from now on; closing it removes it."""
         # Built and registered under the lock, so it sees the pause state it opens in.
         with self._cond:
             window = GenerationWindow(
@@ -215,6 +218,7 @@ class Scheduler:
             return window
 
     def outputs(self) -> list[GenerationOutput]:
+        """The finished outputs kept, oldest first."""
         with self._cond:
             return list(self._outputs)
 
