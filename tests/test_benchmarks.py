@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from benchmarks import overhead, sweep
 from weightpipe.stages.app.cli import main as cli
 
@@ -69,3 +71,10 @@ def test_sweep_via_weightpipe_bench(tmp_path: Path) -> None:
     tiny = sweep.model_shapes(sweep.PRESETS["tiny"])
     assert data["total_bytes"] == sum(2 * math.prod(shape) for _, shape in tiny)
     assert data["tensors"] == len(tiny)
+
+
+def test_sweep_script_refuses_a_bad_key_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert sweep.main(["--no-progress", "sweep.preest=tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep: config key 'sweep.preest'")
+    assert "did you mean 'sweep.preset'?" in err

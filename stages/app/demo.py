@@ -317,7 +317,7 @@ def _by_importance(leaves: list[BaseException]) -> list[BaseException]:
     return sorted(leaves, key=rank)
 
 
-def start_shm_manager_detached() -> None:
+def _start_shm_manager_detached() -> None:
     """Start torch's shared-memory manager now, with ``/dev/null`` as its stdin and stderr.
 
     CPU payloads to an SGLang server are shared-memory handles (the ``file_system``
@@ -352,7 +352,7 @@ def run_demo(config: WeightpipeConfig) -> int:
         console = Console(width=132)  # a log or pipe: keep the table on one line per row
     started = time.perf_counter()
     if config.engine.kind == "sglang_http":
-        start_shm_manager_detached()
+        _start_shm_manager_detached()
     try:
         rows = anyio.run(_demo, config, console)
     except BaseException as exc:  # a CLI reports, then exits non-zero
