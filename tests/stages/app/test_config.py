@@ -155,3 +155,10 @@ def test_readme_table_names_only_schema_keys() -> None:
             node = getattr(node, part)
     assert "sglang_engine" not in table and "sglang_distributed" not in table
     assert "weightpipe.stages.app.config" in table
+
+
+def test_files_the_config_modules_point_to_exist() -> None:
+    repo = README.parent
+    for module in (repo / "pipeline" / "config.py", repo / "stages" / "app" / "config.py"):
+        for name in re.findall(r"[\w./-]+\.md\b", module.read_text()):
+            assert (repo / name).exists() or (repo / "docs" / name).exists(), (module, name)
