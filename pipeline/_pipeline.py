@@ -1,18 +1,20 @@
 """The pipeline runtime: stages joined by bounded channels in one task group.
 
-``Pipeline.run(source)`` opens every stage, starts one task for the source and one (or
-``workers`` + 2) per stage inside a single anyio task group, and returns a frozen
-``RunReport``. Memory is bounded by construction: between two stages there are at most
-``depth`` items in the channel plus one in each worker, so a stage with one worker pins at
-most ``depth + 1`` of its inputs. On the first error every task is cancelled, every opened
-stage is closed (shielded, in reverse order), and one ``StageError`` names the stage, the
-phase and the item, with the original exception as its cause.
+``Pipeline.run(source)`` enters every stage's resources through one
+``contextlib.AsyncExitStack``, starts one task for the source and one per stage (a stage
+with k > 1 workers gets k + 2: a dispatcher, k workers and a reorderer) inside a single
+anyio task group, and returns a frozen ``RunReport``. Memory is bounded by construction:
+a stage with k workers holds at most k items taken from its input channel, so between
+the source and the sink at most ``depth`` items per channel plus ``workers`` per stage
+are alive. On the first error every task is cancelled, every entered stage is exited
+(shielded, in reverse order, each exit bounded by ``close_timeout_s``), and one
+``StageError`` names the stage, the phase and the item, with the original exception as
+its cause.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from collections.abc import (
     AsyncIterable,
@@ -22,8 +24,14 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    AsyncExitStack,
+    nullcontext,
+)
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Protocol
 
 import anyio
@@ -32,17 +40,16 @@ from weightpipe.pipeline._channel import (
     ChannelReceiver,
     ChannelSender,
     ChannelStatistics,
+    _Wait,
     check_depth,
     open_channel,
 )
-from weightpipe.pipeline._errors import WeightpipeError
+from weightpipe.pipeline._errors import WeightpipeError, leaf_exceptions
 from weightpipe.pipeline._iter import as_async_iter
-from weightpipe.pipeline._stage import describe_item, item_nbytes, stage_name
-
-if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+from weightpipe.pipeline._stage import describe_item, item_nbytes, stage_lifespan, stage_name
 
 __all__ = [
+    "DEFAULT_CLOSE_TIMEOUT_S",
     "Pipeline",
     "PipelineObserver",
     "RunReport",
@@ -53,6 +60,9 @@ __all__ = [
 SOURCE = "source"
 SINK = "sink"
 
+DEFAULT_CLOSE_TIMEOUT_S = 60.0
+"""How long one stage's exit (``close`` or the end of ``lifespan``) may take by default."""
+
 
 class StageError(WeightpipeError, RuntimeError):
     """A stage failed; the one exception a failed run raises.
@@ -61,8 +71,10 @@ class StageError(WeightpipeError, RuntimeError):
         stage: the stage's name (``"source"`` for the source iterator).
         phase: ``"open"``, ``"process"``, ``"flush"``, ``"close"``, ``"source"`` or
             ``"sink"`` (the ``sink`` callable given to ``run``, reported as stage "sink").
+            ``open`` and ``close`` are the two halves of the stage's ``lifespan``.
         item: a description of the item being processed, or ``None``.
-    The original exception is ``__cause__``.
+    The original exception is ``__cause__`` (a ``TimeoutError`` for a close that
+    overran ``close_timeout_s``).
     """
 
     def __init__(self, stage: str, phase: str, item: str | None, cause: BaseException) -> None:
@@ -81,14 +93,16 @@ class StageReport:
     """What one stage did in a run.
 
     Attributes:
-        name: the stage's name.
+        name: the stage's name in this pipeline (numbered ``name-2``... for repeats).
         workers: concurrent ``process`` calls allowed.
         items_in / items_out: items received and emitted.
-        bytes_in / bytes_out: their ``nbytes`` (tensors and buckets carry it).
+        bytes_in / bytes_out: their ``nbytes`` (items that carry that attribute).
         busy_s: seconds inside ``process``/``flush``, summed over workers (excluding
             time spent waiting for room downstream).
-        blocked_s: seconds waiting for room in the output channel (backpressure).
-        starved_s: seconds waiting for an input item.
+        blocked_s: seconds waiting for room in the output channel (backpressure),
+            including a wait in progress. Always 0 for the last stage: its outputs go
+            to the sink, whose time is ``RunReport.sink_s``.
+        starved_s: seconds waiting for an input item, including a wait in progress.
     """
 
     name: str
@@ -107,6 +121,12 @@ class RunReport:
     """A run's statistics: one ``StageReport`` per stage, one snapshot per channel.
 
     ``channels[i]`` feeds ``stages[i]`` (``channels[0]`` carries the source's items).
+
+    Attributes:
+        sink_s: seconds spent in the ``sink`` callable given to ``run`` (0 without
+            one), including a call in progress.
+        ended: ``False`` in a live snapshot (``Pipeline.statistics()``), ``True`` in
+            the report of a finished run, whose figures no longer change.
     """
 
     stages: tuple[StageReport, ...]
@@ -114,6 +134,8 @@ class RunReport:
     wall_s: float
     source_items: int
     depth: int
+    sink_s: float = 0.0
+    ended: bool = True
 
     def stage(self, name: str) -> StageReport:
         """The report of the stage called ``name``.
@@ -131,7 +153,7 @@ class RunReport:
         return max(self.stages, key=lambda s: s.busy_s / s.workers)
 
     def format(self) -> str:
-        """A plain-text table of the report."""
+        """A plain-text table of the report; the sink gets its own line."""
         lines = [
             f"{'stage':<14}{'items in':>10}{'items out':>10}{'MB in':>10}{'busy s':>9}"
             f"{'blocked s':>11}{'starved s':>11}{'peak/depth':>12}"
@@ -142,15 +164,28 @@ class RunReport:
                 f"{stage.bytes_in / 1e6:>10.1f}{stage.busy_s:>9.3f}{stage.blocked_s:>11.3f}"
                 f"{stage.starved_s:>11.3f}{f'{channel.peak}/{channel.capacity}':>12}"
             )
-        lines.append(f"wall {self.wall_s:.3f} s, bottleneck: {self.bottleneck().name}")
+        slowest = self.bottleneck()
+        # The sink runs on the last stage's task, one call at a time: it is the
+        # bottleneck when it took longer than the busiest stage's worker did.
+        bottleneck = SINK if self.sink_s > slowest.busy_s / slowest.workers else slowest.name
+        lines.append(f"{SINK:<14}{'':>10}{'':>10}{'':>10}{self.sink_s:>9.3f}")
+        lines.append(f"wall {self.wall_s:.3f} s, bottleneck: {bottleneck}")
         return "\n".join(lines)
 
 
 class PipelineObserver(Protocol):
-    """Receives live events from a run (the metrics module implements it).
+    """Receives live events from a run (``weightpipe.pipeline.metrics`` implements it).
 
     Calls happen on the event loop and must be cheap and non-blocking.
     """
+
+    def on_run_start(self, statistics: Callable[[], RunReport]) -> None:
+        """A run started. ``statistics()`` is a snapshot of it, ongoing waits included.
+
+        It may be called from any thread (a metrics scrape) at any time, also after the
+        run ended; once its ``ended`` is ``True`` its figures are final and equal the
+        report passed to ``on_run_end``.
+        """
 
     def on_item(
         self, stage: str, seconds: float, bytes_in: int, bytes_out: int, items_out: int
@@ -179,20 +214,6 @@ class _StageMeter:
     bytes_in: int = 0
     bytes_out: int = 0
     busy_s: float = 0.0
-    blocked_s: float = 0.0
-
-    def report(self, starved_s: float) -> StageReport:
-        return StageReport(
-            name=self.name,
-            workers=self.workers,
-            items_in=self.items_in,
-            items_out=self.items_out,
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
-            busy_s=self.busy_s,
-            blocked_s=self.blocked_s,
-            starved_s=starved_s,
-        )
 
 
 @dataclass
@@ -211,9 +232,9 @@ Sink = Callable[[Any], Awaitable[None]]
 
 
 class _Run:
-    """State of one run; lives only inside ``Pipeline.run``."""
+    """State of one run; lives only inside ``Pipeline.run`` (and observers' snapshots)."""
 
-    def __init__(self, names: list[str], workers: list[int], depth: int) -> None:
+    def __init__(self, names: Sequence[str], workers: Sequence[int], depth: int) -> None:
         self.started = time.perf_counter()
         self.depth = depth
         self.meters = [_StageMeter(n, w) for n, w in zip(names, workers, strict=True)]
@@ -222,7 +243,10 @@ class _Run:
         for i, name in enumerate(names):
             self.channels.append(open_channel(depth, name=f"{upstream[i]}->{name}"))
         self.source_items = 0
+        self.sink_wait = _Wait()
         self.failures: list[StageError] = []
+        self.close_errors: list[StageError] = []
+        self.final: RunReport | None = None
 
     def close_channels(self) -> None:
         # Tasks close their own ends; this catches the ones never started (a failed open).
@@ -230,18 +254,95 @@ class _Run:
             send.close()
             receive.close()
 
-    def report(self) -> RunReport:
-        channel_stats = tuple(send.statistics() for send, _ in self.channels)
+    def statistics(self) -> RunReport:
+        """A snapshot; reads only, so an observer may call it from another thread."""
+        final = self.final
+        if final is not None:
+            return final
+        return self._report(time.perf_counter() - self.started, ended=False)
+
+    def finish(self) -> RunReport:
+        self.final = self._report(time.perf_counter() - self.started, ended=True)
+        return self.final
+
+    def _report(self, wall_s: float, *, ended: bool) -> RunReport:
+        channels = tuple(send.statistics() for send, _ in self.channels)
+        # A stage's backpressure is its output channel's send wait; the last stage has
+        # no output channel (its outputs go to the sink, reported as sink_s).
+        blocked = [c.send_blocked_s for c in channels[1:]] + [0.0]
+        stages = tuple(
+            StageReport(
+                name=meter.name,
+                workers=meter.workers,
+                items_in=meter.items_in,
+                items_out=meter.items_out,
+                bytes_in=meter.bytes_in,
+                bytes_out=meter.bytes_out,
+                busy_s=meter.busy_s,
+                blocked_s=blocked[i],
+                starved_s=channels[i].receive_starved_s,
+            )
+            for i, meter in enumerate(self.meters)
+        )
         return RunReport(
-            stages=tuple(
-                meter.report(stats.receive_starved_s)
-                for meter, stats in zip(self.meters, channel_stats, strict=True)
-            ),
-            channels=channel_stats,
-            wall_s=time.perf_counter() - self.started,
+            stages=stages,
+            channels=channels,
+            wall_s=wall_s,
             source_items=self.source_items,
             depth=self.depth,
+            sink_s=self.sink_wait.seconds(),
+            ended=ended,
         )
+
+
+class _Lifespan:
+    """One stage's resources on the run's exit stack: entered once, exited once.
+
+    Entering maps a failure to ``StageError(phase="open")``. Exiting is shielded from
+    cancellation and bounded by the close deadline; its failures (and an overrun) are
+    recorded as ``StageError(phase="close")`` on the run instead of raised, so they never
+    replace the run's own error and every other stage still gets closed.
+    """
+
+    def __init__(self, run: _Run, name: str, stage: object, close_timeout_s: float) -> None:
+        self._run = run
+        self._name = name
+        self._stage = stage
+        self._close_timeout_s = close_timeout_s
+        self._manager: AbstractAsyncContextManager[Any] | None = None
+
+    async def __aenter__(self) -> None:
+        try:
+            manager = stage_lifespan(self._stage)
+            await manager.__aenter__()
+        except Exception as exc:
+            raise StageError(self._name, "open", None, exc) from exc
+        self._manager = manager
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        manager = self._manager
+        if manager is None:  # pragma: no cover - the stack exits only what it entered
+            return False
+        self._manager = None
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + self._close_timeout_s
+            try:
+                # The stage's manager sees the run's exception, as any context manager
+                # would; whether it claims to suppress it is ignored: a stage can't
+                # swallow a run's failure or cancellation.
+                await manager.__aexit__(exc_type, exc, tb)
+            except Exception as close_exc:
+                if close_exc is not exc:
+                    self._run.close_errors.append(StageError(self._name, "close", None, close_exc))
+        if scope.cancelled_caught:
+            overrun = TimeoutError(f"close did not finish within {self._close_timeout_s} s")
+            self._run.close_errors.append(StageError(self._name, "close", None, overrun))
+        return False
 
 
 def _start_outputs(result: object) -> AsyncIterator[Any] | Awaitable[Any] | None:
@@ -250,22 +351,53 @@ def _start_outputs(result: object) -> AsyncIterator[Any] | Awaitable[Any] | None
     return None
 
 
+def _unique_names(stages: Sequence[Any]) -> list[str]:
+    """Each stage's name, repeats numbered in order: ``load``, ``load-2``, ``load-3``."""
+    names: list[str] = []
+    for position, stage in enumerate(stages):
+        base = stage_name(stage)
+        if base in (SOURCE, SINK):
+            raise ValueError(f"stage {position}: the name {base!r} is reserved")
+        name, number = base, 1
+        while name in names:
+            number += 1
+            name = f"{base}-{number}"
+        names.append(name)
+    return names
+
+
+def _check_timeout(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{what} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 class Pipeline:
     """Stages joined by bounded channels of ``depth`` items.
 
     Example::
 
-        report = await Pipeline([Fetch(bucket_bytes=256 << 20), Fp8Quantize(), load],
-                                depth=2).run(model.named_parameters())
+        report = await Pipeline([Parse(), Enrich(workers=4), Store(name="store")],
+                                depth=2).run(lines)
 
-    ``depth`` bounds memory: a stage with one worker holds at most ``depth`` items in its
-    input channel and one in hand, so the items alive between the first and the last stage
-    are at most ``len(stages) * (depth + 1)``. A larger depth only absorbs jitter in
-    per-item costs.
+    ``depth`` bounds memory: a stage with k workers holds at most k items taken from its
+    input channel, so at most ``depth`` items wait in front of each stage and
+    ``sum(workers)`` are in hand. A larger depth only absorbs jitter in per-item costs.
+
+    Stages may share a name (two stages of the same class, say): the later ones are
+    named ``name-2``, ``name-3``, ... in order, in ``names``, reports, errors and metrics.
+
+    ``close_timeout_s`` bounds each stage's exit (``close()`` or the end of its
+    ``lifespan``), which runs shielded from cancellation: a close still running after
+    that long is cancelled and reported as ``StageError(phase="close")`` caused by a
+    ``TimeoutError``, so a hung close cannot hold the caller's cancellation forever. A
+    stage may set its own ``close_timeout_s`` attribute (a close that must outlast a
+    long deadline of its own); ``math.inf`` disables the bound. A close blocked in a
+    thread that cannot be cancelled still holds the run until that thread returns.
 
     Raises:
-        ValueError: no stages, ``depth`` < 1, a stage without ``process``, two stages
-            with the same name, or ``workers`` < 1.
+        ValueError: no stages, ``depth`` < 1, a stage without ``process``, a stage named
+            ``source`` or ``sink``, ``workers`` < 1, or a ``close_timeout_s`` <= 0.
     """
 
     def __init__(
@@ -275,35 +407,41 @@ class Pipeline:
         *,
         observer: PipelineObserver | None = None,
         nbytes: Callable[[Any], int] = item_nbytes,
+        close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
     ) -> None:
         if not stages:
             raise ValueError("a pipeline needs at least one stage")
         check_depth(depth, "pipeline")
-        names: list[str] = []
-        for position, stage in enumerate(stages):
-            name = stage_name(stage)
+        names = _unique_names(stages)
+        close_timeouts: list[float] = []
+        default_close = _check_timeout(close_timeout_s, "close_timeout_s")
+        for position, (stage, name) in enumerate(zip(stages, names, strict=True)):
             if not callable(getattr(stage, "process", None)):
                 raise ValueError(f"stage {position} ({name!r}) has no process() method")
-            if name in (SOURCE, SINK):
-                raise ValueError(f"stage {position}: the name {name!r} is reserved")
-            if name in names:
-                raise ValueError(f"two stages are named {name!r}; give each a unique name")
             workers = getattr(stage, "workers", 1)
             if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
                 raise ValueError(
                     f"stage {name!r}: workers must be an integer >= 1, got {workers!r}"
                 )
-            names.append(name)
+            own = getattr(stage, "close_timeout_s", None)
+            close_timeouts.append(
+                default_close
+                if own is None
+                else _check_timeout(own, f"stage {name!r}: close_timeout_s")
+            )
         self.stages: tuple[Any, ...] = tuple(stages)
         self.names: tuple[str, ...] = tuple(names)
         self.depth = depth
         self.observer = observer
+        self.close_timeout_s = default_close
+        self._close_timeouts = tuple(close_timeouts)
         self._nbytes = nbytes
         self._run: _Run | None = None
 
     def statistics(self) -> RunReport | None:
         """A live snapshot of the run in progress, or ``None`` between runs."""
-        return None if self._run is None else self._run.report()
+        run = self._run
+        return None if run is None else run.statistics()
 
     async def run(
         self, source: Iterable[Any] | AsyncIterable[Any], *, sink: Sink | None = None
@@ -312,80 +450,81 @@ class Pipeline:
 
         ``source`` is anything ``as_async_iter`` accepts. The last stage's outputs go to
         ``sink`` (an async callable) if given, else are dropped after being counted.
+        Cancellation (an outer cancel scope) stops every task and exits every entered
+        stage, as a failure does, and propagates unchanged; so do ``KeyboardInterrupt``
+        and ``SystemExit`` raised anywhere in the run.
 
         Raises:
-            StageError: a stage (or the source) failed; names the stage, phase and item.
+            StageError: a stage (or the source, or the sink) failed, or a stage's close
+                failed or overran ``close_timeout_s``; names the stage, phase and item.
             RuntimeError: the pipeline is already running.
         """
         if self._run is not None:
             raise RuntimeError("this pipeline is already running; build one per concurrent run")
         run = self._run = _Run(
-            list(self.names), [getattr(s, "workers", 1) for s in self.stages], self.depth
+            self.names, [getattr(s, "workers", 1) for s in self.stages], self.depth
         )
-        opened: list[int] = []
+        observer = self.observer
+        if observer is not None:
+            observer.on_run_start(run.statistics)
         error: BaseException | None = None
         try:
-            for index, stage in enumerate(self.stages):
-                opener = getattr(stage, "open", None)
-                if opener is not None:
-                    try:
-                        await opener()
-                    except Exception as exc:
-                        raise StageError(self.names[index], "open", None, exc) from exc
-                opened.append(index)
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._pump, run, source)
-                for index in range(len(self.stages)):
-                    group.start_soon(self._drive, run, index, sink)
+            async with AsyncExitStack() as stack:
+                for index, stage in enumerate(self.stages):
+                    await stack.enter_async_context(
+                        _Lifespan(run, self.names[index], stage, self._close_timeouts[index])
+                    )
+                async with anyio.create_task_group() as group:
+                    group.start_soon(self._pump, run, source)
+                    for index in range(len(self.stages)):
+                        group.start_soon(self._drive, run, index, sink)
         except BaseException as exc:
             error = exc
-        run.close_channels()
-        close_errors = await self._close(opened)
-        report = run.report()
-        self._run = None
+        finally:
+            run.close_channels()
+            report = run.finish()
+            self._run = None
+        close_errors = run.close_errors
         if error is not None:
             root = self._root_failure(run, error)
-            if self.observer is not None and root is not None:
-                self.observer.on_error(root.stage, type(root.__cause__).__name__)
-            if self.observer is not None:
-                self.observer.on_run_end(report)
+            if observer is not None and isinstance(root, StageError):
+                observer.on_error(root.stage, type(root.__cause__).__name__)
+            if observer is not None:
+                observer.on_run_end(report)
             if root is None:
                 raise error
             for extra in close_errors:
                 _add_note(root, f"also, while closing: {extra}")
             raise root
-        if self.observer is not None:
+        if observer is not None:
             if close_errors:
-                self.observer.on_error(
-                    close_errors[0].stage, type(close_errors[0].__cause__).__name__
-                )
-            self.observer.on_run_end(report)
+                observer.on_error(close_errors[0].stage, type(close_errors[0].__cause__).__name__)
+            observer.on_run_end(report)
         if close_errors:
+            for extra in close_errors[1:]:
+                _add_note(close_errors[0], f"also, while closing: {extra}")
             raise close_errors[0]
         return report
 
     @staticmethod
-    def _root_failure(run: _Run, error: BaseException) -> StageError | None:
+    def _root_failure(run: _Run, error: BaseException) -> BaseException | None:
+        """The one exception to raise for ``error``, or ``None`` to raise it unchanged."""
+        leaves = leaf_exceptions(error)
+        for leaf in leaves:
+            # A KeyboardInterrupt or SystemExit stays itself, even beside a stage's
+            # failure in the same group: the caller's `except KeyboardInterrupt` must see it.
+            if isinstance(leaf, KeyboardInterrupt | SystemExit):
+                if run.failures:
+                    _add_note(leaf, f"while the run was failing: {run.failures[0]}")
+                return leaf
         if isinstance(error, StageError):
             return error
-        if run.failures and isinstance(error, BaseExceptionGroup):
+        grouped = len(leaves) != 1 or leaves[0] is not error
+        if run.failures and grouped:
             # The first failure is the cause; later ones (a closed channel seen by a
             # neighbour) are its consequences.
             return run.failures[0]
         return None
-
-    async def _close(self, opened: list[int]) -> list[StageError]:
-        errors: list[StageError] = []
-        with anyio.CancelScope(shield=True):
-            for index in reversed(opened):
-                closer = getattr(self.stages[index], "close", None)
-                if closer is None:
-                    continue
-                try:
-                    await closer()
-                except Exception as exc:
-                    errors.append(StageError(self.names[index], "close", None, exc))
-        return errors
 
     def _fail(
         self, run: _Run, stage: str, phase: str, item: str | None, exc: Exception
@@ -417,6 +556,9 @@ class Pipeline:
                         if run.failures:  # downstream failed first; its error is the story
                             return
                         raise self._fail(run, SOURCE, "source", describe_item(item), exc) from exc
+                    # Not kept while the source makes the next one: memory is bounded by
+                    # what the channels and stages hold, not by the pump's locals.
+                    del item
             finally:
                 with anyio.CancelScope(shield=True):
                     await items.aclose()
@@ -427,28 +569,28 @@ class Pipeline:
         meter = run.meters[index]
         nbytes = self._nbytes
         if index + 1 < len(self.stages):
-            sender = run.channels[index + 1][0]
+            send = run.channels[index + 1][0].send
 
             async def emit(out: Any) -> None:
                 meter.items_out += 1
                 meter.bytes_out += nbytes(out)
-                started = time.perf_counter()
-                await sender.send(out)
-                meter.blocked_s += time.perf_counter() - started
+                await send(out)
 
             return emit
+
+        sink_wait = run.sink_wait
 
         async def emit_last(out: Any) -> None:
             meter.items_out += 1
             meter.bytes_out += nbytes(out)
             if sink is not None:
-                started = time.perf_counter()
+                started = sink_wait.begin()
                 try:
                     await sink(out)
                 except Exception as exc:
                     raise self._fail(run, SINK, "sink", describe_item(out), exc) from exc
                 finally:
-                    meter.blocked_s += time.perf_counter() - started
+                    sink_wait.end(started)
 
         return emit_last
 
@@ -511,6 +653,7 @@ class Pipeline:
                         raise self._fail(run, name, phase, item_text(), exc) from exc
                     busy += time.perf_counter() - started
                     await emit(out)
+                    del out  # released while the stage makes its next output
                     started = time.perf_counter()
             finally:
                 aclose = getattr(iterator, "aclose", None)
@@ -531,6 +674,8 @@ class Pipeline:
     async def _drive_serial(
         self, run: _Run, index: int, stage: Any, receiver: ChannelReceiver[Any], sink: Sink | None
     ) -> None:
+        # One worker: the stage holds at most 1 item taken from its input channel (the one
+        # it is processing, or whose outputs it is emitting).
         meter = run.meters[index]
         emit = self._emitter(run, index, sink)
         nbytes = self._nbytes
@@ -550,6 +695,7 @@ class Pipeline:
                 functools.partial(process, item),
                 emit,
             )
+            del item  # not held while waiting for the next one
             self._item_done(meter, receiver, busy, bytes_in, out_before, bytes_before)
         await self._flush(run, index, stage, emit)
 
@@ -592,13 +738,27 @@ class Pipeline:
     async def _drive_parallel(
         self, run: _Run, index: int, stage: Any, receiver: ChannelReceiver[Any], sink: Sink | None
     ) -> None:
+        """Run ``workers`` concurrent ``process`` calls, emitting outputs in input order.
+
+        The bound, enforced by ``window``: a stage with k workers holds at most k items
+        taken from its input channel, counting each item from the moment the dispatcher
+        takes it until its last output has been emitted downstream. The dispatcher takes
+        an item only after a place in the window is free, and the reorderer frees the
+        place only after emitting that item's outputs, so an item waiting for a place
+        stays in the input channel, where ``depth`` already counts it.
+
+        Outputs do not stream here: each call's outputs (all that an async-generator
+        ``process`` yields) are collected in a list and emitted, in input order, once the
+        call has returned and every earlier item has been emitted. A stage whose single
+        call yields many large outputs should run with one worker, where they stream.
+        """
         meter = run.meters[index]
         workers = meter.workers
         name = self.names[index]
         emit = self._emitter(run, index, sink)
         nbytes = self._nbytes
-        # Slots leave in input order; at most `workers` are in flight, so the stage holds
-        # at most `workers` items beyond its input channel.
+        window = anyio.Semaphore(workers)
+        # Both channels hold only slots inside the window, so neither send ever waits.
         order_send: ChannelSender[_Slot]
         order_receive: ChannelReceiver[_Slot]
         order_send, order_receive = open_channel(workers, name=f"{name}.order")
@@ -609,14 +769,25 @@ class Pipeline:
         async def dispatch() -> None:
             with order_send, work_send:
                 count = 0
-                async for item in receiver:
+                while True:
+                    try:
+                        window.acquire_nowait()
+                    except anyio.WouldBlock:
+                        await window.acquire()
+                    try:
+                        item = await receiver.receive()
+                    except anyio.EndOfStream:
+                        window.release()
+                        return
                     count += 1
                     bytes_in = nbytes(item)
                     meter.items_in += 1
                     meter.bytes_in += bytes_in
                     slot = _Slot(item, count, bytes_in)
+                    del item
                     await order_send.send(slot)
                     await work_send.send(slot)
+                    del slot
 
         async def work(slots: ChannelReceiver[_Slot]) -> None:
             with slots:
@@ -630,20 +801,26 @@ class Pipeline:
                         functools.partial(stage.process, slot.item),
                         functools.partial(_append, collected),
                     )
+                    # The input is not needed once processed; its outputs wait in the slot.
+                    slot.item = None
                     slot.outputs = collected
                     slot.done.set()
+                    del slot, collected
 
         async def reorder() -> None:
             with order_receive:
                 async for slot in order_receive:
                     await slot.done.wait()
                     out_before, bytes_before = meter.items_out, meter.bytes_out
-                    for out in slot.outputs:
+                    outputs, slot.outputs = slot.outputs, []
+                    for out in outputs:
                         await emit(out)
+                    del outputs
                     self._item_done(
                         meter, receiver, slot.busy_s, slot.bytes_in, out_before, bytes_before
                     )
-                    slot.outputs = []
+                    del slot
+                    window.release()
             await self._flush(run, index, stage, emit)
 
         async with anyio.create_task_group() as group:

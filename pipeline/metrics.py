@@ -1,11 +1,15 @@
-"""Prometheus metrics from pipeline statistics; the only importer of prometheus_client.
+"""Prometheus series for pipelines: stages and channels; the framework's only importer of
+prometheus_client.
 
 Stages stay metrics-free: the pipeline reports live events to an observer, and
-``WeightpipeMetrics`` is that observer. Everything it exports is derived from the same
-numbers as the ``RunReport`` (per-item busy seconds, bytes, channel occupancy, blocked and
-starved seconds), so a scrape and a report never disagree. The registry is injectable: a
-trainer that already exposes a registry passes it in and weightpipe's series appear
-beside its own; ``serve_metrics`` binds 127.0.0.1 unless told otherwise.
+``PipelineMetrics`` is that observer. Everything it exports is derived from the same
+numbers as the ``RunReport``, so a scrape and a report never disagree. Blocked and
+starved seconds are read from the runs themselves at scrape time (a custom collector over
+``Pipeline`` statistics), so a run stuck on a full channel shows its backpressure while it
+is stuck, not when it ends. The registry is injectable: a host program that already
+exposes a registry passes it in and these series appear beside its own; ``serve_metrics``
+binds 127.0.0.1 unless told otherwise. Applications extend the class with series of
+their own (``weightpipe.stages.metrics`` does).
 
 Series (all ``weightpipe_*``, base units, counters end in ``_total``):
 
@@ -19,22 +23,20 @@ weightpipe_stage_bytes_total               counter    stage         input bytes 
 weightpipe_stage_output_bytes_total        counter    stage         output bytes emitted
 weightpipe_stage_blocked_seconds_total     counter    stage         waiting for room downstream
 weightpipe_stage_starved_seconds_total     counter    stage         waiting for input
-weightpipe_stage_events_total              counter    stage, event  stage-specific counts
 weightpipe_queue_depth                     gauge      queue         items in the channel now
 weightpipe_queue_peak_depth                gauge      queue         peak items in the last run
 weightpipe_queue_capacity                  gauge      queue         the channel's depth
-weightpipe_sync_seconds                    histogram  engine        duration of a whole sync
-weightpipe_sync_bytes_total                counter    engine        bytes delivered by syncs
-weightpipe_syncs_total                     counter    engine, outcome  syncs by ok / failed
-weightpipe_hard_pause_seconds              histogram  engine        generation paused per sync
-weightpipe_weight_version                  gauge      engine        version the engine serves
 weightpipe_errors_total                    counter    stage, kind   failed runs by stage, type
 =========================================  =========  ============  ==========================
+
+The ``queue`` label is the channel's name (``upstream->downstream``): Prometheus users
+call a bounded buffer a queue, and the series names predate the word channel here.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -45,40 +47,124 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from weightpipe.pipeline._channel import ChannelStatistics
 from weightpipe.pipeline._pipeline import RunReport
 
-__all__ = ["MetricsServer", "WeightpipeMetrics", "serve_metrics"]
+__all__ = ["MetricsServer", "PipelineMetrics", "serve_metrics"]
 
-# Per-item stage times span a no-op hop (microseconds) to a large bucket (seconds).
-_STAGE_BUCKETS = (1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_SYNC_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-_PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Per-item stage times span a no-op hop (microseconds) to a slow item (seconds).
+_STAGE_SECONDS_BOUNDS = (
+    1e-5,
+    1e-4,
+    1e-3,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+_BLOCKED = "weightpipe_stage_blocked_seconds"
+_STARVED = "weightpipe_stage_starved_seconds"
+_BLOCKED_HELP = "Seconds a stage waited for room in its output channel (backpressure)."
+_STARVED_HELP = "Seconds a stage waited for an input item."
 
 
-class WeightpipeMetrics:
-    """Prometheus series for pipelines and syncs; pass it as a pipeline's ``observer``.
+class _WaitCollector(Collector):
+    """Blocked and starved seconds per stage: finished runs plus runs in progress.
+
+    Each run registers its ``statistics`` callable when it starts. A scrape adds every
+    live run's figures (ongoing waits included) to the totals of the runs already
+    folded; a run whose snapshot says ``ended`` is folded into those totals and dropped.
+    A run's figures only grow and its final figures are what it last reports, so each
+    counter is monotonic across scrapes. The lock orders scrapes (any thread) against
+    folding on the event loop.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blocked: dict[str, float] = {}
+        self._starved: dict[str, float] = {}
+        self._live: list[Callable[[], RunReport]] = []
+
+    def add(self, statistics: Callable[[], RunReport]) -> None:
+        with self._lock:
+            self._live.append(statistics)
+
+    def fold(self) -> None:
+        with self._lock:
+            self._totals()
+
+    def _totals(self) -> tuple[dict[str, float], dict[str, float]]:
+        running: list[tuple[Callable[[], RunReport], RunReport]] = []
+        for statistics in self._live:
+            report = statistics()
+            if report.ended:
+                _add(self._blocked, self._starved, report)
+            else:
+                running.append((statistics, report))
+        self._live = [statistics for statistics, _ in running]
+        blocked, starved = dict(self._blocked), dict(self._starved)
+        for _, report in running:
+            _add(blocked, starved, report)
+        return blocked, starved
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            blocked, starved = self._totals()
+        for name, text, values in (
+            (_BLOCKED, _BLOCKED_HELP, blocked),
+            (_STARVED, _STARVED_HELP, starved),
+        ):
+            family = CounterMetricFamily(name, text, labels=["stage"])
+            for stage, seconds in sorted(values.items()):
+                family.add_metric([stage], seconds)
+            yield family
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only, so the registry's duplicate check sees these series too.
+        yield CounterMetricFamily(_BLOCKED, _BLOCKED_HELP, labels=["stage"])
+        yield CounterMetricFamily(_STARVED, _STARVED_HELP, labels=["stage"])
+
+
+def _add(blocked: dict[str, float], starved: dict[str, float], report: RunReport) -> None:
+    for stage in report.stages:
+        blocked[stage.name] = blocked.get(stage.name, 0.0) + stage.blocked_s
+        starved[stage.name] = starved.get(stage.name, 0.0) + stage.starved_s
+
+
+class PipelineMetrics:
+    """Prometheus series for stages and channels; pass it as a pipeline's ``observer``.
+
+    One instance may observe many runs, in turn or at once; a stage's series sum over
+    every run that had a stage of that name.
 
     Args:
         registry: where the series live; a fresh ``CollectorRegistry`` by default. Pass
-            ``prometheus_client.REGISTRY`` (or your trainer's) to share one endpoint.
-        engine: the ``engine`` label of sync-level series.
+            ``prometheus_client.REGISTRY`` (or your program's) to share one endpoint.
 
     Raises:
-        ValueError: the registry already holds weightpipe series (prometheus_client's
-            duplicate check); build one ``WeightpipeMetrics`` per registry.
+        ValueError: the registry already holds these series (prometheus_client's
+            duplicate check); build one instance per registry.
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, engine: str = "local") -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.engine = engine
         reg = self.registry
         self.stage_seconds = Histogram(
             "weightpipe_stage_seconds",
             "Busy seconds a stage spent on one input item.",
             ["stage"],
-            buckets=_STAGE_BUCKETS,
+            buckets=_STAGE_SECONDS_BOUNDS,
             registry=reg,
         )
         self.stage_busy = Counter(
@@ -99,24 +185,8 @@ class WeightpipeMetrics:
             ["stage"],
             registry=reg,
         )
-        self.stage_blocked = Counter(
-            "weightpipe_stage_blocked_seconds",
-            "Seconds a stage waited for room in its output channel (backpressure).",
-            ["stage"],
-            registry=reg,
-        )
-        self.stage_starved = Counter(
-            "weightpipe_stage_starved_seconds",
-            "Seconds a stage waited for an input item.",
-            ["stage"],
-            registry=reg,
-        )
-        self.stage_events = Counter(
-            "weightpipe_stage_events",
-            "Stage-specific counts (e.g. tensors made contiguous, non-finite kept).",
-            ["stage", "event"],
-            registry=reg,
-        )
+        self._waits = _WaitCollector()
+        reg.register(self._waits)
         self.queue_depth = Gauge(
             "weightpipe_queue_depth", "Items in a channel now.", ["queue"], registry=reg
         )
@@ -129,32 +199,6 @@ class WeightpipeMetrics:
         self.queue_capacity = Gauge(
             "weightpipe_queue_capacity", "A channel's capacity (depth).", ["queue"], registry=reg
         )
-        self.sync_seconds = Histogram(
-            "weightpipe_sync_seconds",
-            "Duration of one whole weight sync.",
-            ["engine"],
-            buckets=_SYNC_BUCKETS,
-            registry=reg,
-        )
-        self.sync_bytes = Counter(
-            "weightpipe_sync_bytes", "Bytes delivered to the engine.", ["engine"], registry=reg
-        )
-        self.syncs = Counter(
-            "weightpipe_syncs", "Weight syncs by outcome.", ["engine", "outcome"], registry=reg
-        )
-        self.hard_pause = Histogram(
-            "weightpipe_hard_pause_seconds",
-            "Seconds generation was paused during one sync.",
-            ["engine"],
-            buckets=_PAUSE_BUCKETS,
-            registry=reg,
-        )
-        self.weight_version = Gauge(
-            "weightpipe_weight_version",
-            "Weight version the engine serves (moves only on a committed sync).",
-            ["engine"],
-            registry=reg,
-        )
         self.errors = Counter(
             "weightpipe_errors",
             "Failed runs by the stage at fault and the exception type.",
@@ -163,6 +207,11 @@ class WeightpipeMetrics:
         )
 
     # PipelineObserver -------------------------------------------------------------------
+
+    def on_run_start(self, statistics: Callable[[], RunReport]) -> None:
+        self._waits.add(statistics)
+        for channel in statistics().channels:
+            self.queue_capacity.labels(channel.name).set(channel.capacity)
 
     def on_item(
         self, stage: str, seconds: float, bytes_in: int, bytes_out: int, items_out: int
@@ -185,38 +234,11 @@ class WeightpipeMetrics:
         self.errors.labels(stage, kind).inc()
 
     def on_run_end(self, report: RunReport) -> None:
-        for stage in report.stages:
-            self.stage_blocked.labels(stage.name).inc(stage.blocked_s)
-            self.stage_starved.labels(stage.name).inc(stage.starved_s)
+        self._waits.fold()
         for channel in report.channels:
             self.queue_depth.labels(channel.name).set(channel.current)
             self.queue_peak.labels(channel.name).set(channel.peak)
             self.queue_capacity.labels(channel.name).set(channel.capacity)
-
-    # Sync level -------------------------------------------------------------------------
-
-    def record_sync(
-        self,
-        *,
-        seconds: float,
-        nbytes: int,
-        ok: bool,
-        version: int | None,
-        hard_pause_s: float = 0.0,
-    ) -> None:
-        """One sync finished; ``version`` is what the engine reports afterwards."""
-        self.syncs.labels(self.engine, "ok" if ok else "failed").inc()
-        self.sync_seconds.labels(self.engine).observe(seconds)
-        self.hard_pause.labels(self.engine).observe(hard_pause_s)
-        if ok:
-            self.sync_bytes.labels(self.engine).inc(nbytes)
-        if version is not None:
-            self.weight_version.labels(self.engine).set(version)
-
-    def record_event(self, stage: str, event: str, count: int = 1) -> None:
-        """Add ``count`` to a stage-specific event counter."""
-        if count:
-            self.stage_events.labels(stage, event).inc(count)
 
 
 @dataclass(frozen=True)
@@ -239,7 +261,7 @@ class MetricsServer:
 
 
 def serve_metrics(
-    registry: CollectorRegistry | WeightpipeMetrics, port: int = 0, addr: str = "127.0.0.1"
+    registry: CollectorRegistry | PipelineMetrics, port: int = 0, addr: str = "127.0.0.1"
 ) -> MetricsServer:
     """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread.
 
@@ -249,7 +271,7 @@ def serve_metrics(
     Raises:
         OSError: the address can't be bound (in use, not local).
     """
-    if isinstance(registry, WeightpipeMetrics):
+    if isinstance(registry, PipelineMetrics):
         registry = registry.registry
     server, thread = start_http_server(port, addr=addr, registry=registry)
     return MetricsServer(addr, int(server.server_port), server, thread)

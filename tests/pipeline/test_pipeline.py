@@ -1,4 +1,5 @@
-"""Pipeline runtime: backpressure, ordering, errors at every phase and position, cancellation.
+"""Pipeline runtime: backpressure, memory bounds, ordering, lifespans, errors at every phase
+and position, cancellation, and the report.
 
 Synchronisation is by events and ``wait_all_tasks_blocked``, never by sleeping; every wait
 is bounded by ``fail_after`` so a regression shows as a failure, not a hung run.
@@ -6,9 +7,15 @@ is bounded by ``fail_after`` so a regression shows as a failure, not a hung run.
 
 from __future__ import annotations
 
+import gc
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from typing import Any
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, ClassVar
 
 import anyio
 import anyio.to_thread
@@ -21,7 +28,7 @@ from weightpipe.pipeline import Pipeline, RunReport, Stage, StageError
 
 class Passthrough(Stage[Any, Any]):
     def __init__(self, name: str, workers: int = 1) -> None:
-        self.name = name  # type: ignore[misc]
+        self.name = name
         self.workers = workers
         self.opened = 0
         self.closed = 0
@@ -79,18 +86,77 @@ async def test_slow_consumer_stops_the_producer_at_depth(depth: int) -> None:
             assert len(produced) == depth + 2
             gate.release.set()
     final = report[0]
-    assert final.channels[0].peak <= depth
+    assert final.channels[0].peak == depth
     assert final.stages[0].items_in == 100
     assert final.channels[0].send_blocked_s > 0  # the source did wait: backpressure
     assert final.source_items == 100
 
 
-async def test_peak_never_exceeds_depth_in_a_chain() -> None:
-    stages = [Passthrough("a"), Passthrough("b", workers=3), Passthrough("c")]
-    report = await Pipeline(stages, depth=2).run(range(500))
-    assert [c.capacity for c in report.channels] == [2, 2, 2]
-    assert all(c.peak <= c.capacity for c in report.channels)
-    assert [s.items_out for s in report.stages] == [500, 500, 500]
+class Tracked:
+    """An item that counts how many of its kind are alive (CPython frees it at once)."""
+
+    alive: ClassVar[int] = 0
+    peak: ClassVar[int] = 0
+
+    def __init__(self) -> None:
+        Tracked.alive += 1
+        Tracked.peak = max(Tracked.peak, Tracked.alive)
+
+    def __del__(self) -> None:
+        Tracked.alive -= 1
+
+
+class Collect(Stage[Tracked, Tracked]):
+    """Returns its input (a coroutine, so a multi-worker stage collects the outputs)."""
+
+    def __init__(self, name: str, workers: int) -> None:
+        self.name = name
+        self.workers = workers
+
+    async def process(self, item: Tracked) -> list[Tracked]:
+        return [item]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("workers", [2, 3])
+async def test_items_alive_never_exceed_depth_plus_workers_per_stage(
+    depth: int, workers: int
+) -> None:
+    # The bound the runner documents: a stage with k workers holds at most k items taken
+    # from its input channel. With the sink stuck, everything upstream fills up: the
+    # source's pump holds the item it cannot send, each channel `depth`, the serial stage
+    # 1 and the k-worker stage k (the one in the sink among them). Any reference the
+    # runner keeps beyond that (a stale local, a slot keeping its input) shows here.
+    Tracked.alive = Tracked.peak = 0
+    stuck = anyio.Event()
+
+    async def source() -> AsyncGenerator[Tracked, None]:
+        while True:
+            yield Tracked()
+
+    async def sink(item: Tracked) -> None:
+        stuck.set()
+        await anyio.sleep_forever()
+
+    pipe = Pipeline([Collect("one", 1), Collect("many", workers)], depth=depth)
+    expected = 1 + depth + 1 + depth + workers
+
+    async def run() -> None:
+        await pipe.run(source(), sink=sink)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(run)
+            await stuck.wait()
+            await wait_all_tasks_blocked()
+            live = pipe.statistics()
+            assert live is not None
+            assert [c.current for c in live.channels] == [depth, depth]
+            assert Tracked.alive == expected
+            assert Tracked.peak == expected
+            group.cancel_scope.cancel()
+    gc.collect()
+    assert Tracked.alive == 0  # a cancelled run keeps nothing alive
 
 
 class ReverseRelease(Stage[int, int]):
@@ -379,10 +445,10 @@ async def test_second_concurrent_run_is_refused() -> None:
         ({"stages": []}, "at least one stage"),
         ({"stages": [Passthrough("a")], "depth": 0}, "depth must be >= 1"),
         ({"stages": [Passthrough("a")], "depth": float("inf")}, "unbounded"),
-        ({"stages": [Passthrough("a"), Passthrough("a")]}, "two stages are named 'a'"),
         ({"stages": [Passthrough("sink")]}, "reserved"),
         ({"stages": [Passthrough("a", workers=0)]}, "workers must be"),
         ({"stages": [object()]}, "has no process"),
+        ({"stages": [Passthrough("a")], "close_timeout_s": 0}, "close_timeout_s"),
     ],
 )
 def test_construction_errors(kwargs: dict[str, Any], message: str) -> None:
@@ -416,3 +482,259 @@ async def test_flush_emits_after_last_item_with_workers() -> None:
     await Pipeline([Batcher()], depth=1).run(range(7), sink=sink)
     assert sorted(v for batch in out for v in batch) == list(range(7))
     assert out[-1] == [6]
+
+
+# Lifespans: one exit stack, reverse order, shielded, bounded ----------------------------
+
+
+class Resourceful(Stage[Any, Any]):
+    """Holds a resource through ``lifespan()``; records enter/exit in a shared log."""
+
+    def __init__(self, name: str, log: list[str], fail_at: str | None = None) -> None:
+        self.name = name
+        self.log = log
+        self.fail_at = fail_at
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        if self.fail_at == "enter":
+            raise OSError(f"{self.name}: no device")
+        self.log.append(f"enter {self.name}")
+        try:
+            yield
+        except BaseException as exc:
+            self.log.append(f"saw {type(exc).__name__}")
+            raise
+        finally:
+            self.log.append(f"exit {self.name}")
+
+    async def process(self, item: Any) -> list[Any]:
+        return [item]
+
+
+class OpenClose(Passthrough):
+    """The older pair, logged like ``Resourceful``."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__(name)
+        self.log = log
+
+    async def open(self) -> None:
+        self.log.append(f"enter {self.name}")
+
+    async def close(self) -> None:
+        self.log.append(f"exit {self.name}")
+
+
+async def test_lifespans_are_entered_in_order_and_exited_in_reverse_once() -> None:
+    log: list[str] = []
+    stages = [Resourceful("a", log), OpenClose("b", log), Resourceful("c", log)]
+    report = await Pipeline(stages).run(range(3))
+    assert report.stage("c").items_out == 3
+    assert log == ["enter a", "enter b", "enter c", "exit c", "exit b", "exit a"]
+
+
+async def test_a_failed_enter_exits_only_what_was_entered() -> None:
+    log: list[str] = []
+    stages = [Resourceful("a", log), Resourceful("b", log, fail_at="enter"), OpenClose("c", log)]
+    with pytest.raises(StageError) as info:
+        await Pipeline(stages).run(range(3))
+    assert (info.value.stage, info.value.phase) == ("b", "open")
+    assert isinstance(info.value.__cause__, OSError)
+    assert log == ["enter a", "saw StageError", "exit a"]
+
+
+async def test_a_lifespan_sees_the_run_failure_and_cannot_hide_it() -> None:
+    log: list[str] = []
+
+    class Swallow(Resourceful):
+        @asynccontextmanager
+        async def lifespan(self) -> AsyncIterator[None]:
+            try:
+                yield
+            except BaseException:
+                log.append("swallowed")  # and returns normally: "suppress" is ignored
+
+    with pytest.raises(StageError) as info:
+        await Pipeline([Swallow("s", log), Faulty("f", "process")]).run(range(10))
+    assert info.value.stage == "f"
+    assert log == ["swallowed"]
+
+
+class HangingClose(Passthrough):
+    """A close that never returns on its own (an engine that stopped answering)."""
+
+    async def close(self) -> None:
+        await super().close()
+        await anyio.sleep_forever()
+
+
+async def test_a_hanging_close_is_cut_at_close_timeout_and_named() -> None:
+    log: list[str] = []
+    stages = [OpenClose("first", log), HangingClose("stuck")]
+    with anyio.fail_after(10), pytest.raises(StageError) as info:
+        await Pipeline(stages, close_timeout_s=0.05).run(range(3))
+    assert (info.value.stage, info.value.phase) == ("stuck", "close")
+    assert isinstance(info.value.__cause__, TimeoutError)
+    assert "0.05 s" in str(info.value)
+    assert log == ["enter first", "exit first"]  # the stages before it still closed
+
+
+async def test_a_stage_may_bound_its_own_close() -> None:
+    stuck = HangingClose("stuck")
+    stuck.close_timeout_s = 0.05  # type: ignore[attr-defined]
+    with anyio.fail_after(10), pytest.raises(StageError, match=r"0\.05 s"):
+        await Pipeline([stuck], close_timeout_s=3600).run(range(3))
+
+
+async def test_a_hanging_close_cannot_hold_the_callers_cancellation_forever() -> None:
+    stuck = HangingClose("stuck")
+    gate = Gate("gate")
+    pipe = Pipeline([stuck, gate], close_timeout_s=0.05)
+    with anyio.fail_after(10):
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(pipe.run, range(10))
+                await wait_all_tasks_blocked()
+                scope.cancel()
+    assert scope.cancelled_caught
+    assert stuck.closed == 1 and gate.closed == 1
+
+
+# Names -------------------------------------------------------------------------------
+
+
+async def test_stages_sharing_a_name_are_numbered_in_order() -> None:
+    class Load(Stage[int, int]):
+        """Two of these: the docs promise a second engine's loader may follow."""
+
+        name = "load"
+
+        async def process(self, item: int) -> list[int]:
+            return [item]
+
+    pipe = Pipeline([Load(), Passthrough("load-2"), Load(), Passthrough("x")])
+    assert pipe.names == ("load", "load-2", "load-3", "x")
+    report = await pipe.run(range(4))
+    assert [s.name for s in report.stages] == ["load", "load-2", "load-3", "x"]
+    assert [c.name for c in report.channels] == [
+        "source->load",
+        "load->load-2",
+        "load-2->load-3",
+        "load-3->x",
+    ]
+    assert report.stage("load-3").items_in == 4
+
+
+async def test_a_second_stage_of_a_name_is_named_in_its_errors() -> None:
+    with pytest.raises(StageError) as info:
+        await Pipeline([Passthrough("q"), Faulty("q", "process")]).run(range(10))
+    assert info.value.stage == "q-2"
+
+
+# The sink has a time of its own ----------------------------------------------------------
+
+
+async def test_sink_time_is_reported_apart_from_the_last_stage() -> None:
+    entered = anyio.Event()
+    release = anyio.Event()
+
+    async def sink(item: int) -> None:
+        entered.set()
+        await release.wait()
+
+    pipe = Pipeline([Passthrough("a"), Passthrough("last")], depth=1)
+    reports: list[RunReport] = []
+
+    async def run() -> None:
+        reports.append(await pipe.run(range(3), sink=sink))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(run)
+            await entered.wait()
+            await wait_all_tasks_blocked()
+            live = pipe.statistics()
+            assert live is not None and not live.ended
+            assert live.sink_s > 0  # a sink call in progress counts already
+            live_sink_s = live.sink_s
+            assert live.stage("last").blocked_s == 0
+            release.set()
+    report = reports[0]
+    assert report.ended
+    assert report.sink_s >= live_sink_s
+    assert report.stage("last").blocked_s == 0
+    assert "sink" in report.format()
+
+
+# KeyboardInterrupt and SystemExit stay themselves ----------------------------------------
+
+_INTERRUPTED_RUN = """
+import anyio
+from weightpipe.pipeline import Pipeline, Stage
+
+
+class Fails(Stage):
+    name = "fails"
+
+    async def process(self, item):
+        if item == 2:
+            await anyio.sleep(0)
+            raise ValueError("a real failure")
+        return [item]
+
+
+class Interrupted(Stage):
+    name = "interrupted"
+
+    async def process(self, item):
+        try:
+            await anyio.sleep_forever()
+        finally:
+            raise {exc}
+
+
+async def main():
+    try:
+        await Pipeline([Fails(), Interrupted()], depth=1).run([1, 2])
+    except BaseException as exc:
+        print("raised", type(exc).__name__, getattr(exc, "__notes__", []))
+
+
+try:
+    anyio.run(main)
+except BaseException:
+    pass  # asyncio re-raises a task's KeyboardInterrupt from the loop as well
+"""
+
+
+@pytest.mark.parametrize("exc", ["KeyboardInterrupt", "SystemExit"])
+def test_an_interrupt_beside_a_stage_failure_stays_an_interrupt(exc: str, tmp_path: Path) -> None:
+    # In a subprocess: asyncio lets a task's KeyboardInterrupt escape the event loop, which
+    # would end this pytest session too.
+    script = tmp_path / "interrupted.py"
+    script.write_text(textwrap.dedent(_INTERRUPTED_RUN).format(exc=exc))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert f"raised {exc} " in done.stdout, done.stdout + done.stderr
+    assert "a real failure" in done.stdout  # the stage's failure is kept as a note
+
+
+# Cancellation of a run that never has to wait ------------------------------------------
+
+
+async def test_a_run_that_never_waits_is_cancelled_by_an_outer_scope() -> None:
+    async def source() -> AsyncGenerator[int, None]:
+        count = 0
+        while True:  # never awaits: only the channels can notice the cancellation
+            count += 1
+            yield count
+
+    pipe = Pipeline([Passthrough("a"), Passthrough("b", workers=2)], depth=64)
+    with anyio.fail_after(30):
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await pipe.run(source())
+    assert scope.cancelled_caught
+    assert pipe.statistics() is None

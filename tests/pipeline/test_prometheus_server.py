@@ -32,7 +32,8 @@ from prometheus_client import CollectorRegistry
 
 from tests.helpers import free_port
 from weightpipe.pipeline import Pipeline, RunReport, Stage, StageError
-from weightpipe.pipeline.metrics import MetricsServer, WeightpipeMetrics, serve_metrics
+from weightpipe.pipeline.metrics import MetricsServer, serve_metrics
+from weightpipe.stages.metrics import WeightpipeMetrics
 
 T = TypeVar("T")
 
@@ -245,7 +246,6 @@ def test_prometheus_scrapes_pipeline_series(
     delivered = report.stage("split").bytes_out
     assert report.stage("scale").bytes_in == source_bytes > 0
     assert delivered == source_bytes // 2
-    metrics.record_event("to_bf16", "made_contiguous", 3)
     metrics.record_sync(seconds=0.75, nbytes=delivered, ok=False, version=6, hard_pause_s=0.0)
     metrics.record_sync(
         seconds=report.wall_s, nbytes=delivered, ok=True, version=7, hard_pause_s=0.02
@@ -293,7 +293,6 @@ def test_prometheus_scrapes_pipeline_series(
     channels = {c.name: c for c in report.channels}
     peaks = prometheus.values("weightpipe_queue_peak_depth", "queue")
     assert {q: peaks[q] for q in channels} == {q: c.peak for q, c in channels.items()}
-    assert all(0 <= c.peak <= c.capacity for c in channels.values())
     capacity = prometheus.values("weightpipe_queue_capacity", "queue")
     assert {q: capacity[q] for q in channels} == {q: c.capacity for q, c in channels.items()}
     depth = prometheus.values("weightpipe_queue_depth", "queue")
@@ -302,8 +301,6 @@ def test_prometheus_scrapes_pipeline_series(
 
     assert prometheus.values("weightpipe_errors_total", "kind") == {"ValueError": 1.0}
     assert prometheus.values("weightpipe_errors_total", "stage") == {"explode": 1.0}
-    events = prometheus.query('weightpipe_stage_events_total{event="made_contiguous"}')
-    assert [(e["metric"]["stage"], float(e["value"][1])) for e in events] == [("to_bf16", 3.0)]
 
     assert prometheus.values("weightpipe_syncs_total", "outcome") == {"ok": 1.0, "failed": 1.0}
     assert prometheus.values("weightpipe_sync_bytes_total", "engine") == {ENGINE: delivered}
