@@ -205,6 +205,12 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         self._emitted = 0
         self._counts["syncs"] += 1
 
+    def start_sync(self, version: int) -> None:
+        """Stamp the next sync's buckets with ``version`` (``sync_weights`` calls this:
+        Fetch is ``SyncAware``). Only the version is set here: ``open`` resets the rest,
+        so ``stats.syncs`` still counts one per sync."""
+        self.version = version
+
     async def open(self) -> None:
         """Start a sync; on CUDA, create the copy stream.
 

@@ -6,6 +6,9 @@ over the source, and the result is a frozen ``SyncReport`` with what moved, how 
 sync and its hard pause took, and, when the engine can measure it (the local engine),
 how fast generation went meanwhile. A sync either commits the new version or raises the
 pipeline's ``StageError`` with the engine still serving its old version and generating.
+It knows the other stages and the engine only through two small protocols: a stage that
+is ``SyncAware`` (Fetch) is told the version before the run, and an engine that
+``MeasuresGeneration`` is asked for a generation window.
 """
 
 from __future__ import annotations
@@ -13,14 +16,43 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from weightpipe.pipeline import Pipeline, PipelineObserver, RunReport
-from weightpipe.stages.engines.base import Engine, PauseMode, SyncMode
-from weightpipe.stages.engines.local import GenerationStats, LocalEngine
+from weightpipe.stages.engines.base import Engine, MeasuresGeneration, PauseMode, SyncMode
 from weightpipe.stages.load import Load, LoadReport
 
-__all__ = ["SyncReport", "sync_weights"]
+__all__ = ["GenerationMeasurement", "SyncAware", "SyncReport", "sync_weights"]
+
+
+@runtime_checkable
+class SyncAware(Protocol):
+    """A stage that must know the version of the sync it is about to run (Fetch stamps it
+    on every bucket). ``sync_weights`` calls ``start_sync(version)`` on each such stage
+    before the pipeline opens; the version is the one argument the caller gave."""
+
+    def start_sync(self, version: int) -> None: ...
+
+
+@runtime_checkable
+class GenerationMeasurement(Protocol):
+    """What a generation window's ``close()`` reports, as far as a ``SyncReport`` reads it
+    (the local engine's ``GenerationStats`` is one; see its fields' documentation)."""
+
+    @property
+    def elapsed_s(self) -> float: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def tokens_per_s(self) -> float: ...
+    @property
+    def longest_gap_s(self) -> float: ...
+    @property
+    def median_step_s(self) -> float: ...
+    @property
+    def paused_s(self) -> float: ...
+    @property
+    def weight_write_s(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -36,7 +68,8 @@ class SyncReport:
         bytes: bytes loaded into the engine.
         seconds: wall time of the whole sync.
         hard_pause_s: time generation was paused by the sync.
-        generation: generation statistics during the sync (local engine only).
+        generation: generation statistics during the sync, from an engine that
+            ``MeasuresGeneration`` (the local engine); ``None`` from any other.
         tokens_per_s_during_sync: ``generation.tokens_per_s`` when measured.
         longest_gap_s: ``generation.longest_gap_s`` when measured.
     """
@@ -50,7 +83,7 @@ class SyncReport:
     bytes: int
     seconds: float
     hard_pause_s: float
-    generation: GenerationStats | None = None
+    generation: GenerationMeasurement | None = None
 
     @property
     def tokens_per_s_during_sync(self) -> float | None:
@@ -84,7 +117,7 @@ async def sync_weights(
     depth: int = 2,
     mode: SyncMode = "prefetch",
     pause_mode: PauseMode = "retract",
-    timeout_s: float = 60.0,
+    timeout_s: float | None = None,
     prefetch_bytes: int | None = 0,
     observer: PipelineObserver | None = None,
 ) -> SyncReport:
@@ -92,22 +125,24 @@ async def sync_weights(
 
     ``source`` is what the first stage takes (``(name, tensor)`` pairs for Fetch, or
     ready ``WeightBucket``s when ``stages`` is empty); any form ``as_async_iter`` accepts.
-    A stage with an integer ``version`` attribute (Fetch) is set to ``version`` first,
-    so its buckets carry it; Load checks that every bucket does. ``timeout_s`` bounds each
-    engine call; ``prefetch_bytes`` is Load's look-ahead in ``prefetch`` mode (0: pause at
-    the first bucket; ``None``: fetch and quantize the whole sync before pausing).
+    Each ``SyncAware`` stage (Fetch) is told ``version`` first, so its buckets carry it;
+    Load checks that every bucket does. ``timeout_s`` is the deadline of each engine call
+    (``None``: the engine's ``default_timeout_s``, see ``Load``); ``prefetch_bytes`` is
+    Load's look-ahead in ``prefetch`` mode (0: pause at the first bucket; ``None``: fetch
+    and quantize the whole sync before pausing). When the engine ``MeasuresGeneration``,
+    a window is open for the whole sync and its statistics are in the report.
 
     Raises:
         StageError: a stage, the source or the engine failed (or timed out after
-            ``timeout_s`` per engine call); names the stage, phase and bucket, with the
-            original error as its cause. The engine then reports its old version and
-            generation is resumed.
+            ``timeout_s`` per engine call, or another sync holds the engine); names the
+            stage, phase and bucket, with the original error as its cause. The engine
+            then reports its old version and generation is resumed.
         ValueError: an unknown mode, a bad ``depth``, ``timeout_s`` or ``prefetch_bytes``,
             duplicate stage names.
     """
     for stage in stages:
-        if isinstance(getattr(stage, "version", None), int):
-            stage.version = version
+        if isinstance(stage, SyncAware):
+            stage.start_sync(version)
     load = Load(
         engine,
         mode=mode,
@@ -117,12 +152,13 @@ async def sync_weights(
         prefetch_bytes=prefetch_bytes,
     )
     pipeline = Pipeline([*stages, load], depth, observer=observer)
-    window = engine.open_window() if isinstance(engine, LocalEngine) else None
+    window = engine.open_window() if isinstance(engine, MeasuresGeneration) else None
     started = time.perf_counter()
     try:
         run = await pipeline.run(source)
     finally:
-        generation = window.close() if window is not None else None
+        measured = window.close() if window is not None else None
+    generation = measured if isinstance(measured, GenerationMeasurement) else None
     seconds = time.perf_counter() - started
     report = load.report
     return SyncReport(

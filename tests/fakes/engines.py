@@ -3,15 +3,17 @@ receiving side, a small model config and a model that fails.
 
 ``FakeEngine`` is a fake of the ``Engine`` protocol (no model behind it): it records every
 call and can be told to fail (or never answer) at any step, so the Load stage's fault
-handling can be tested without a model; ``FakeCheckpointEngine`` is a fake of a checkpoint
-engine's receiving side (an async generator of weights); ``fake_broken_model`` stands in for
-a model whose forward pass fails.
+handling can be tested without a model. ``FakeSteppingEngine`` adds the local engine's
+pause: a request that its generation thread enters at the end of a step, which the test
+ends by an event. ``FakeMeasuringEngine`` adds the local engine's generation window.
+``FakeCheckpointEngine`` is a fake of a checkpoint engine's receiving side (an async
+generator of weights); ``fake_broken_model`` stands in for a model whose forward pass fails.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import torch
@@ -19,9 +21,14 @@ import torch
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import EngineError, PauseMode
 
+if TYPE_CHECKING:  # the local engine is imported only by the tests that build one
+    from weightpipe.stages.engines.local import GenerationStats
+
 __all__ = [
     "FakeCheckpointEngine",
     "FakeEngine",
+    "FakeMeasuringEngine",
+    "FakeSteppingEngine",
     "fake_broken_model",
     "small_llama_config",
 ]
@@ -37,8 +44,13 @@ class FakeEngine:
             ``"hang"`` never answers (the Load stage's timeout must fire).
         fail_load_at: which bucket index ``load`` fails at (default: the first).
         initial_version: what ``version()`` reports before any commit.
+        default_timeout_s: the deadline Load gives each call when it is given none
+            (like the real adapters' ``default_timeout_s``); ``None``: no such attribute.
 
     The version moves only on a successful ``commit``; ``paused`` tracks pause/resume.
+    Like ``LocalEngine``, ``pause`` refuses an engine that is already paused and
+    ``resume`` of an engine that is not paused does nothing. Every error it raised is in
+    ``raised``, so a test can check that the caller got that very error.
     """
 
     name = "fake"
@@ -49,6 +61,7 @@ class FakeEngine:
         fail_at: Mapping[str, str] | None = None,
         fail_load_at: int = 0,
         initial_version: int | None = 0,
+        default_timeout_s: float | None = None,
     ) -> None:
         self.fail_at = dict(fail_at or {})
         self.fail_load_at = fail_load_at
@@ -58,6 +71,10 @@ class FakeEngine:
         self.paused = False
         self.pause_modes: list[PauseMode] = []
         self.open_version: int | None = None
+        self.raised: list[EngineError] = []
+        self.hung = anyio.Event()  # set when a call starts hanging
+        if default_timeout_s is not None:
+            self.default_timeout_s = default_timeout_s
 
     def call_names(self) -> list[str]:
         return [name for name, _ in self.calls]
@@ -67,10 +84,14 @@ class FakeEngine:
         if how is None:
             return
         if how == "hang":
+            self.hung.set()
             await anyio.sleep_forever()
         if how == "refuse":
-            raise EngineError(self.name, f"{call} answered success=false: fake refusal")
-        raise EngineError(self.name, f"{call} failed (fake)", tensor=tensor)
+            error = EngineError(self.name, f"{call} answered success=false: fake refusal")
+        else:
+            error = EngineError(self.name, f"{call} failed (fake)", tensor=tensor)
+        self.raised.append(error)
+        raise error
 
     async def begin(self, version: int) -> None:
         self.calls.append(("begin", version))
@@ -101,13 +122,82 @@ class FakeEngine:
     async def pause(self, mode: PauseMode) -> None:
         self.calls.append(("pause", mode))
         self.pause_modes.append(mode)
+        self._refuse_second_pause()
         self.paused = True
         await self._maybe_fail("pause")
+
+    def _pausing(self) -> bool:
+        return self.paused
+
+    def _refuse_second_pause(self) -> None:
+        if self._pausing():
+            error = EngineError(self.name, "generation is already paused")
+            self.raised.append(error)
+            raise error
 
     async def resume(self) -> None:
         self.calls.append(("resume", None))
         await self._maybe_fail("resume")
         self.paused = False
+
+
+class FakeSteppingEngine(FakeEngine):
+    """A ``FakeEngine`` whose pause follows ``LocalEngine.pause``: the call files a pause
+    request that the generation thread enters only at the end of its current step.
+
+    ``pause_requested`` is set when a request is filed; the test ends the step with
+    ``finish_step()``, which enters a requested pause (``paused`` becomes True) and lets
+    the ``pause`` call return. As in the local engine, a caller that stops waiting (is
+    cancelled) does not withdraw the request, and a ``resume`` that arrives before the
+    pause was entered is a no-op: the pause is entered afterwards all the same.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pause_requested = anyio.Event()
+        self._entered: anyio.Event | None = None
+
+    async def pause(self, mode: PauseMode) -> None:
+        self.calls.append(("pause", mode))
+        self.pause_modes.append(mode)
+        self._refuse_second_pause()
+        entered = self._entered = anyio.Event()
+        self.pause_requested.set()
+        await entered.wait()
+
+    def _pausing(self) -> bool:
+        return self.paused or self._entered is not None
+
+    def finish_step(self) -> None:
+        """The generation thread ends its step and enters a requested pause, if any."""
+        if self._entered is not None:
+            self.paused = True
+            self._entered.set()
+            self._entered = None
+
+
+class FakeMeasuringEngine(FakeEngine):
+    """A ``FakeEngine`` that measures its generation like ``LocalEngine.open_window``: the
+    window's ``close()`` returns ``stats`` (a ``GenerationStats``); ``windows_open``
+    counts windows opened and not yet closed."""
+
+    def __init__(self, stats: GenerationStats, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stats = stats
+        self.windows_open = 0
+
+    def open_window(self) -> _FakeWindow:
+        self.windows_open += 1
+        return _FakeWindow(self)
+
+
+class _FakeWindow:
+    def __init__(self, engine: FakeMeasuringEngine) -> None:
+        self._engine = engine
+
+    def close(self) -> GenerationStats:
+        self._engine.windows_open -= 1
+        return self._engine.stats
 
 
 def small_llama_config(**overrides: Any) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
 
 import anyio
 import torch
@@ -46,18 +45,25 @@ class FakeGate(Stage[WeightBucket, WeightBucket]):
     ``hold_at`` until ``release`` is set.
 
     ``reached`` is set when the held bucket arrives, so a test can look at the engine
-    while the sync is known to be waiting upstream of Load.
+    while the sync is known to be waiting upstream of Load. ``cancelled`` is set when the
+    run is cancelled while the bucket is held: anyio delivers a cancellation to every task
+    of the run in one pass, so by then every other stage has been cancelled too.
     """
 
-    name: ClassVar[str] = "fake_gate"
+    name = "fake_gate"
 
     def __init__(self, hold_at: int = 0) -> None:
         self.hold_at = hold_at
         self.reached = anyio.Event()
         self.release = anyio.Event()
+        self.cancelled = anyio.Event()
 
     async def process(self, item: WeightBucket) -> list[WeightBucket]:
         if item.index == self.hold_at:
             self.reached.set()
-            await self.release.wait()
+            try:
+                await self.release.wait()
+            except anyio.get_cancelled_exc_class():
+                self.cancelled.set()
+                raise
         return [item]

@@ -1,11 +1,14 @@
-"""The Load stage against a scripted fake engine: protocol order per mode, and faults.
+"""The Load stage against scripted fake engines: the transaction per sync mode, and faults.
 
-Every fault must surface as one ``StageError`` from the load stage, leave the engine's
-version unchanged, call ``abort`` and leave generation resumed.
+Every fault (at open, mid-stream, at close, or a cancellation) must surface as one
+``StageError`` naming the load stage (or the upstream stage at fault), leave the engine's
+version unchanged, call ``abort`` once for a sync that began, and leave generation
+resumed. Synchronisation is by events (a gate stage, the engines' events), never sleeps.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import anyio
@@ -13,10 +16,14 @@ import pytest
 import torch
 
 from tests.fakes import FakeEngine, FakeGate, fake_buckets
+from tests.fakes.engines import FakeSteppingEngine
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import EngineError
-from weightpipe.stages.load import Load
+from weightpipe.stages.engines.base import DEFAULT_TIMEOUT_S, EngineError, SyncMode
+from weightpipe.stages.load import PAUSE_POLICY, Load
+
+MODES: list[SyncMode] = ["pause", "prefetch", "in_flight"]
+PAUSING: list[SyncMode] = ["pause", "prefetch"]
 
 
 def buckets(version: int = 1, count: int = 3) -> list[WeightBucket]:
@@ -35,19 +42,32 @@ async def run(load: Load, source: object, *stages: object) -> None:
     await Pipeline([*stages, load], depth=2).run(source)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("mode", "expected"),
-    [
-        ("pause", ["pause", "begin", "load", "load", "load", "commit", "resume"]),
-        ("prefetch", ["pause", "begin", "load", "load", "load", "commit", "resume"]),
-        ("in_flight", ["begin", "load", "load", "load", "commit"]),
-    ],
-)
-async def test_protocol_order_per_mode(mode: str, expected: list[str]) -> None:
+async def run_tolerating_failure(load: Load, source: object) -> None:
+    """Run; a StageError is fine (a test that cancels the run checks the engine instead)."""
+    with contextlib.suppress(StageError):
+        await run(load, source)
+
+
+async def run_expecting_failure(load: Load, source: object, *stages: object) -> StageError:
+    with pytest.raises(StageError) as info:
+        await run(load, source, *stages)
+    return info.value
+
+
+def expected_calls(mode: SyncMode, *middle: str) -> list[str]:
+    """The engine calls of a sync in ``mode``: pause/resume around ``middle`` unless in_flight."""
+    return list(middle) if mode == "in_flight" else ["pause", *middle, "resume"]
+
+
+# -- the transaction in each mode -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_protocol_order_per_mode(mode: SyncMode) -> None:
     engine = FakeEngine()
-    load = Load(engine, mode=mode, pause_mode="in_place")  # type: ignore[arg-type]
+    load = Load(engine, mode=mode, pause_mode="in_place")
     await run(load, buckets())
-    assert engine.call_names() == expected
+    assert engine.call_names() == expected_calls(mode, "begin", "load", "load", "load", "commit")
     assert await engine.version() == 1
     assert not engine.paused
     report = load.report
@@ -65,20 +85,21 @@ async def test_protocol_order_per_mode(mode: str, expected: list[str]) -> None:
         assert engine.pause_modes == ["in_place"]
 
 
-@pytest.mark.parametrize(("mode", "paused_upstream"), [("pause", True), ("prefetch", False)])
-async def test_pause_starts_at_open_or_at_first_bucket(mode: str, paused_upstream: bool) -> None:
+@pytest.mark.parametrize("mode", MODES)
+async def test_pause_policy_decides_when_generation_stops(mode: SyncMode) -> None:
     engine = FakeEngine()
     gate = FakeGate(hold_at=0)
-    load = Load(engine, mode=mode)  # type: ignore[arg-type]
+    load = Load(engine, mode=mode)
     async with anyio.create_task_group() as group:
         group.start_soon(run, load, buckets(), gate)
         await gate.reached.wait()
-        # The first bucket is still upstream of Load: only pause mode has paused yet.
-        assert engine.paused is paused_upstream
+        # The first bucket is still upstream of Load: only a pause at open has paused yet.
+        assert engine.paused is (PAUSE_POLICY[mode] == "open")
         assert "begin" not in engine.call_names()
         gate.release.set()
     assert await engine.version() == 1
     assert not engine.paused
+    assert ("pause" in engine.call_names()) is (PAUSE_POLICY[mode] != "never")
 
 
 @pytest.mark.parametrize(("prefetch_bytes", "pause_after"), [(0, 0), (32, 1), (None, 3)])
@@ -97,34 +118,82 @@ async def test_prefetch_holds_buckets_back_up_to_its_budget(
     calls = engine.calls
     # Load cannot pause before the bucket that fills its budget has arrived.
     assert calls.index(("pause", "retract")) > calls.index(("source", pause_after))
-    assert [c for c in engine.call_names() if c != "source"] == [
-        "pause",
-        "begin",
-        "load",
-        "load",
-        "load",
-        "load",
-        "commit",
-        "resume",
-    ]
+    assert [c for c in engine.call_names() if c != "source"] == expected_calls(
+        "prefetch", "begin", "load", "load", "load", "load", "commit"
+    )
     assert [b.index for b in engine.loaded] == [0, 1, 2, 3]
     assert load.report.committed
 
 
 async def test_prefetch_failure_while_holding_touches_nothing() -> None:
     engine = FakeEngine()
-    with pytest.raises(StageError, match="trainer went away"):
-        await run(Load(engine, mode="prefetch", prefetch_bytes=None), failing_source())
+    error = await run_expecting_failure(
+        Load(engine, mode="prefetch", prefetch_bytes=None), failing_source()
+    )
+    assert error.stage == "source"
     assert engine.calls == []
 
 
 async def test_prefetch_with_look_ahead_aborts_a_failing_load() -> None:
     engine = FakeEngine(fail_at={"load": "error"}, fail_load_at=2)
-    with pytest.raises(StageError, match="load failed"):
-        await run(Load(engine, mode="prefetch", prefetch_bytes=None), buckets())
+    error = await run_expecting_failure(
+        Load(engine, mode="prefetch", prefetch_bytes=None), buckets()
+    )
+    assert error.__cause__ is engine.raised[0]
     assert engine.call_names() == ["pause", "begin", "load", "load", "load", "abort", "resume"]
     assert await engine.version() == 0
 
+
+# -- errors at open -----------------------------------------------------------------------
+
+
+async def test_failed_pause_at_open_still_resumes() -> None:
+    engine = FakeEngine(fail_at={"pause": "error"})
+    load = Load(engine, mode="pause")
+    error = await run_expecting_failure(load, buckets())
+    assert error.phase == "open"
+    assert error.__cause__ is engine.raised[0]
+    assert engine.call_names() == ["pause", "resume"]
+    assert not engine.paused
+    assert await engine.version() == 0
+    engine.fail_at = {}
+    await run(Load(engine, mode="pause"), buckets(version=2))  # the engine is free again
+    assert await engine.version() == 2
+
+
+@pytest.mark.parametrize("second_mode", MODES)
+async def test_a_second_sync_on_a_busy_engine_is_refused_without_touching_the_first(
+    second_mode: SyncMode,
+) -> None:
+    engine = FakeEngine()
+    gate = FakeGate(hold_at=1)
+    first = Load(engine, mode="pause")
+    async with anyio.create_task_group() as group:
+        group.start_soon(run, first, buckets(), gate)
+        await gate.reached.wait()
+        calls_before = list(engine.calls)
+        error = await run_expecting_failure(Load(engine, mode=second_mode), buckets(version=2))
+        assert error.phase == "open"
+        assert isinstance(error.__cause__, EngineError)
+        assert "one sync at a time per engine" in str(error.__cause__)
+        # The first sync is exactly where it was: still paused, nothing resumed or aborted.
+        assert engine.calls == calls_before
+        assert engine.paused
+        gate.release.set()
+    assert first.report.committed
+    assert await engine.version() == 1
+    assert not engine.paused
+
+
+async def test_one_engine_twice_in_one_pipeline_is_refused_at_open() -> None:
+    engine = FakeEngine()
+    error = await run_expecting_failure(Load(engine, name="second"), buckets(), Load(engine))
+    assert error.stage == "second"
+    assert error.phase == "open"
+    assert engine.calls == []
+
+
+# -- errors mid-stream ---------------------------------------------------------------------
 
 FAULTS = [
     pytest.param({"begin": "error"}, 0, id="begin-error"),
@@ -138,23 +207,27 @@ FAULTS = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["pause", "prefetch", "in_flight"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("fail_at", "at_bucket"), FAULTS)
 async def test_engine_fault_aborts_and_resumes(
-    mode: str, fail_at: dict[str, str], at_bucket: int
+    mode: SyncMode, fail_at: dict[str, str], at_bucket: int
 ) -> None:
     engine = FakeEngine(fail_at=fail_at, fail_load_at=at_bucket)
-    load = Load(engine, mode=mode, timeout_s=0.2)  # type: ignore[arg-type]
-    with pytest.raises(StageError) as info:
-        await run(load, buckets())
-    error = info.value
+    load = Load(engine, mode=mode, timeout_s=0.2)
+    error = await run_expecting_failure(load, buckets())
     assert error.stage == "load"
     assert error.phase == "process"
-    assert isinstance(error.__cause__, EngineError)
-    assert "'fake'" in str(error)
+    cause = error.__cause__
+    assert isinstance(cause, EngineError)
+    (call,) = fail_at
     if "hang" in fail_at.values():
-        assert "did not answer within 0.2 s" in str(error)
-        assert error.__cause__.retryable
+        # Load's deadline fired: the error names the engine and the call that hung.
+        assert cause.retryable
+        assert cause.engine == "fake"
+        assert str(cause).startswith(f"engine 'fake': {call}")
+        assert "did not answer within 0.2 s" in str(cause)
+    else:
+        assert cause is engine.raised[0]
     assert await engine.version() == 0
     assert not engine.paused
     assert engine.call_names().count("abort") == 1
@@ -169,74 +242,142 @@ async def test_engine_fault_aborts_and_resumes(
 
 async def test_load_error_names_the_bucket_and_tensor() -> None:
     engine = FakeEngine(fail_at={"load": "error"}, fail_load_at=1)
-    with pytest.raises(StageError) as info:
-        await run(Load(engine), buckets())
-    assert "bucket 1 of v1" in str(info.value)
-    assert info.value.__cause__.tensor == "w1"  # type: ignore[union-attr]
+    error = await run_expecting_failure(Load(engine), buckets())
+    assert error.item is not None
+    assert "bucket 1 of v1" in error.item
+    assert isinstance(error.__cause__, EngineError)
+    assert error.__cause__.tensor == "w1"
 
 
-async def test_failing_abort_does_not_mask_the_cause() -> None:
-    engine = FakeEngine(fail_at={"load": "error", "abort": "error"}, fail_load_at=1)
-    load = Load(engine, mode="pause")
-    with pytest.raises(StageError) as info:
-        await run(load, buckets())
-    assert "load failed" in str(info.value)
-    assert load.report.abort_error is not None
-    assert "abort failed" in load.report.abort_error
-    assert not engine.paused
+@pytest.mark.parametrize("mode", MODES)
+async def test_upstream_failure_mid_sync_aborts(mode: SyncMode) -> None:
+    engine = FakeEngine()
+    load = Load(engine, mode=mode)
+    error = await run_expecting_failure(load, failing_source())
+    assert error.stage == "source"
+    assert isinstance(error.__cause__, OSError)
+    assert engine.call_names() == expected_calls(mode, "begin", "load", "load", "abort")
+    assert ("abort", 1) in engine.calls
     assert await engine.version() == 0
-
-
-async def test_hanging_abort_times_out_and_generation_resumes() -> None:
-    engine = FakeEngine(fail_at={"load": "error", "abort": "hang"})
-    load = Load(engine, mode="prefetch", timeout_s=0.1)
-    with pytest.raises(StageError, match="load failed"):
-        await run(load, buckets())
-    assert load.report.abort_error is not None
-    assert "did not answer" in load.report.abort_error
     assert not engine.paused
 
 
-async def test_failed_pause_at_open_still_resumes() -> None:
-    engine = FakeEngine(fail_at={"pause": "error"})
-    load = Load(engine, mode="pause")
-    with pytest.raises(StageError) as info:
-        await run(load, buckets())
-    assert info.value.phase == "open"
-    assert engine.call_names() == ["pause", "resume"]
-    assert not engine.paused
-    assert await engine.version() == 0
+async def test_pause_still_being_entered_when_upstream_fails_is_completed_then_resumed() -> None:
+    # The local engine enters a requested pause after its current step, whether or not the
+    # caller still waits: a resume sent before that is a no-op, and generation would then
+    # stay paused. Load must wait for the pause, then resume.
+    engine = FakeSteppingEngine()
+    gate = FakeGate(hold_at=1)
 
+    async def source() -> AsyncIterator[WeightBucket]:
+        first, second, _ = buckets()
+        yield first
+        yield second
+        await engine.pause_requested.wait()
+        raise OSError("trainer went away")
 
-async def test_failed_resume_after_commit_is_reported() -> None:
-    engine = FakeEngine(fail_at={"resume": "error"})
     load = Load(engine, mode="prefetch")
-    with pytest.raises(StageError) as info:
-        await run(load, buckets())
-    assert info.value.stage == "load"
-    assert "resume failed" in str(info.value)
-    assert load.report.committed  # the weights did change; the error says generation did not
+    async with anyio.create_task_group() as group:
+        group.start_soon(run_expecting_failure, load, source(), gate)
+        await gate.cancelled.wait()  # the failure has cancelled every stage, Load included
+        await anyio.wait_all_tasks_blocked()  # Load has done all it does before the step ends
+        engine.finish_step()
+    engine.finish_step()  # a pause still pending would be entered now
+    assert not engine.paused
+    assert engine.call_names() == ["pause", "resume"]
+    assert not load.report.aborted  # no begin was sent: nothing to abort
 
 
-async def test_upstream_failure_mid_sync_aborts() -> None:
-    engine = FakeEngine()
+async def test_pause_still_being_entered_at_open_when_cancelled_is_completed_then_resumed() -> None:
+    engine = FakeSteppingEngine()
     load = Load(engine, mode="pause")
-    with pytest.raises(StageError) as info:
-        await run(load, failing_source())
-    assert info.value.stage == "source"
-    assert ("abort", 1) in engine.calls
+    scope = anyio.CancelScope()
+
+    async def sync() -> None:
+        with scope:
+            await run(load, buckets())
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(sync)
+        await engine.pause_requested.wait()
+        scope.cancel()  # delivered to Load at once (anyio cancels every task in one pass)
+        await anyio.wait_all_tasks_blocked()  # Load has done all it does before the step ends
+        engine.finish_step()
+    assert scope.cancelled_caught
+    engine.finish_step()  # a pause still pending would be entered now
+    assert not engine.paused
+    assert engine.call_names() == ["pause", "resume"]
     assert await engine.version() == 0
+
+
+async def test_a_pause_waited_for_through_a_cancellation_still_has_its_deadline() -> None:
+    engine = FakeSteppingEngine()
+    load = Load(engine, mode="prefetch", timeout_s=0.05)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run_tolerating_failure, load, buckets())
+            await engine.pause_requested.wait()
+            scope.cancel()  # the step never ends: only the deadline ends the wait
+    assert scope.cancelled_caught
+    assert engine.call_names() == ["pause", "resume"]
+
+
+# -- errors at close ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_failing_abort_at_close_does_not_mask_the_cause(mode: SyncMode) -> None:
+    engine = FakeEngine(fail_at={"load": "error", "abort": "error"}, fail_load_at=1)
+    load = Load(engine, mode=mode)
+    error = await run_expecting_failure(load, buckets())
+    load_error, abort_error = engine.raised
+    assert error.__cause__ is load_error
+    assert load.report.abort_error == f"EngineError: {abort_error}"
+    assert not engine.paused
+    assert await engine.version() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_hanging_abort_times_out_and_generation_resumes(mode: SyncMode) -> None:
+    engine = FakeEngine(fail_at={"load": "error", "abort": "hang"})
+    load = Load(engine, mode=mode, timeout_s=0.1)
+    error = await run_expecting_failure(load, buckets())
+    assert error.__cause__ is engine.raised[0]
+    assert load.report.abort_error is not None
+    assert "abort did not answer within 0.1 s" in load.report.abort_error
+    assert engine.call_names()[-1] == ("abort" if mode == "in_flight" else "resume")
     assert not engine.paused
 
 
-async def test_stream_without_last_bucket_is_not_committed() -> None:
+@pytest.mark.parametrize("mode", PAUSING)
+async def test_failed_resume_at_close_is_reported_after_the_abort(mode: SyncMode) -> None:
+    engine = FakeEngine(fail_at={"resume": "error"})
+    load = Load(engine, mode=mode)
+    error = await run_expecting_failure(load, buckets()[:2])  # no last bucket: flush fails
+    assert error.phase == "flush"
+    assert engine.call_names()[-2:] == ["abort", "resume"]
+    assert await engine.version() == 0
+    assert load.report.aborted
+
+
+@pytest.mark.parametrize("mode", PAUSING)
+async def test_failed_resume_after_commit_is_reported(mode: SyncMode) -> None:
+    engine = FakeEngine(fail_at={"resume": "error"})
+    load = Load(engine, mode=mode)
+    error = await run_expecting_failure(load, buckets())
+    assert error.stage == "load"
+    assert error.__cause__ is engine.raised[0]
+    assert load.report.committed  # the weights did change; the error says generation did not
+    assert "abort" not in engine.call_names()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_stream_without_last_bucket_is_not_committed(mode: SyncMode) -> None:
     engine = FakeEngine()
-    with pytest.raises(StageError) as info:
-        await run(Load(engine), buckets()[:2])
-    assert info.value.phase == "flush"
-    assert "without one marked is_last" in str(info.value)
-    assert "commit" not in engine.call_names()
-    assert ("abort", 1) in engine.calls
+    error = await run_expecting_failure(Load(engine, mode=mode), buckets()[:2])
+    assert error.phase == "flush"
+    assert "without one marked is_last" in str(error)
+    assert engine.call_names() == expected_calls(mode, "begin", "load", "load", "abort")
     assert not engine.paused
 
 
@@ -245,6 +386,45 @@ async def test_empty_stream_is_an_error_without_engine_calls() -> None:
     with pytest.raises(StageError, match="no buckets"):
         await run(Load(engine, mode="in_flight"), [])
     assert engine.calls == []
+
+
+# -- cancellation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_cancellation_mid_sync_aborts_and_resumes(mode: SyncMode) -> None:
+    engine = FakeEngine()
+    gate = FakeGate(hold_at=1)
+    load = Load(engine, mode=mode)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, load, buckets(), gate)
+            await gate.reached.wait()
+            scope.cancel()
+    assert scope.cancelled_caught
+    assert engine.call_names() == expected_calls(mode, "begin", "load", "abort")
+    assert await engine.version() == 0
+    assert not engine.paused
+    assert load.report.aborted
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_cancelled_engine_call_is_aborted_and_the_engine_released(mode: SyncMode) -> None:
+    engine = FakeEngine(fail_at={"load": "hang"}, fail_load_at=1)
+    load = Load(engine, mode=mode)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, load, buckets())
+            await engine.hung.wait()
+            scope.cancel()
+    assert scope.cancelled_caught
+    assert engine.call_names() == expected_calls(mode, "begin", "load", "load", "abort")
+    engine.fail_at = {}
+    await run(Load(engine, mode=mode), buckets(version=2))  # the engine is free again
+    assert await engine.version() == 2
+
+
+# -- the stream's checks ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -281,21 +461,6 @@ async def test_mixed_versions_in_one_stream_are_refused() -> None:
     assert ("abort", 1) in engine.calls
 
 
-async def test_cancellation_mid_sync_aborts_and_resumes() -> None:
-    engine = FakeEngine()
-    gate = FakeGate(hold_at=1)
-    load = Load(engine, mode="prefetch")
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as group:
-            group.start_soon(run, load, buckets(), gate)
-            await gate.reached.wait()
-            scope.cancel()
-    assert scope.cancelled_caught
-    assert engine.call_names() == ["pause", "begin", "load", "abort", "resume"]
-    assert await engine.version() == 0
-    assert not engine.paused
-
-
 async def test_stage_is_reusable_across_syncs() -> None:
     engine = FakeEngine(fail_at={"commit": "error"})
     load = Load(engine, mode="pause")
@@ -312,6 +477,33 @@ async def test_stage_is_reusable_across_syncs() -> None:
     assert await engine.version() == 2
 
 
+# -- construction: deadlines and names --------------------------------------------------------
+
+
+async def test_deadline_defaults_to_the_engines_default_timeout() -> None:
+    engine = FakeEngine(fail_at={"commit": "hang"}, default_timeout_s=0.05)
+    load = Load(engine, mode="in_flight")
+    error = await run_expecting_failure(load, buckets())
+    assert "commit did not answer within 0.05 s" in str(error.__cause__)
+
+
+def test_deadline_falls_back_to_the_base_default_and_an_explicit_one_wins() -> None:
+    assert Load(FakeEngine()).timeout_s == DEFAULT_TIMEOUT_S
+    assert Load(FakeEngine(default_timeout_s=600.0)).timeout_s == 600.0
+    assert Load(FakeEngine(default_timeout_s=600.0), timeout_s=5).timeout_s == 5.0
+
+
+async def test_two_named_loads_in_one_pipeline_drive_two_engines() -> None:
+    first, second = FakeEngine(), FakeEngine(fail_at={"load": "error"}, fail_load_at=2)
+    loads = [Load(first, name="load_a", mode="in_flight"), Load(second, name="load_b")]
+    error = await run_expecting_failure(loads[1], buckets(), loads[0])
+    assert error.stage == "load_b"
+    # The first engine committed every bucket before the second refused the last one.
+    assert await first.version() == 1
+    assert await second.version() == 0
+    assert ("abort", 1) in second.calls
+
+
 def test_constructor_rejects_bad_arguments() -> None:
     engine = FakeEngine()
     with pytest.raises(ValueError, match="sync mode"):
@@ -320,5 +512,9 @@ def test_constructor_rejects_bad_arguments() -> None:
         Load(engine, pause_mode="nap")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout_s"):
         Load(engine, timeout_s=0)
+    with pytest.raises(ValueError, match="engine 'fake': default_timeout_s"):
+        Load(FakeEngine(default_timeout_s=-1.0))
     with pytest.raises(ValueError, match="prefetch_bytes"):
         Load(engine, prefetch_bytes=-1)
+    with pytest.raises(ValueError, match="name"):
+        Load(engine, name="")
