@@ -200,9 +200,10 @@ def run(
 ) -> dict[str, Any]:
     """Measure both cases; returns the JSON-ready result."""
     dev = torch.device(device)
-    cpu_threads = threads if threads is not None else max(1, min(4, os.cpu_count() or 1))
+    from weightpipe.stages.fp8 import default_cpu_threads, warm_up_cpu_kernel
+
+    cpu_threads = threads if threads is not None else default_cpu_threads()
     sglang_fn = load_sglang_block_quantizer() if sglang else None
-    from weightpipe.stages.fp8 import warm_up_cpu_kernel
 
     cpu_kernel = "numba" if warm_up_cpu_kernel() else "torch"  # compiled outside timings
     gen = torch.Generator().manual_seed(1)

@@ -12,7 +12,6 @@ Triton) and the output bucket carries the recorded event. Every path is bit-iden
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from weightpipe.stages.fp8 import (
     ScaleFormat,
     as_block,
     check_backend,
+    default_cpu_threads,
     fp8_output_bytes,
     quantize_fp8_batch,
     quantize_fp8_many,
@@ -59,10 +59,6 @@ __all__ = [
 
 Backend = QuantizeBackend
 """The former name of ``weightpipe.stages.fp8.spec.QuantizeBackend``."""
-
-
-def _default_cpu_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
@@ -133,7 +129,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         self.selection = Fp8Selection(tuple(ignored_layers), tuple(include), tuple(exclude))
         self.workers = workers
         self.backend: QuantizeBackend = backend
-        self.cpu_threads = cpu_threads if cpu_threads is not None else _default_cpu_threads()
+        self.cpu_threads = cpu_threads if cpu_threads is not None else default_cpu_threads()
         self._limiter: anyio.CapacityLimiter | None = None
         self._streams: dict[int, Any] = {}
         # Output arenas of CPU buckets: buckets in flight here and downstream (a few

@@ -18,7 +18,12 @@ lives in one module a person can own:
 """
 
 from weightpipe.stages.fp8.checks import Fp8CheckError, check_fp8, dequantize_fp8, fp8_error_bound
-from weightpipe.stages.fp8.cpu import fp8_output_bytes, quantize_fp8_many, warm_up_cpu_kernel
+from weightpipe.stages.fp8.cpu import (
+    default_cpu_threads,
+    fp8_output_bytes,
+    quantize_fp8_many,
+    warm_up_cpu_kernel,
+)
 from weightpipe.stages.fp8.dispatch import (
     check_backend,
     quantize_block_fp8,
@@ -80,6 +85,7 @@ __all__ = [
     "check_backend",
     "check_fp8",
     "check_quantizable",
+    "default_cpu_threads",
     "dequantize_fp8",
     "fp8_error_bound",
     "fp8_output_bytes",

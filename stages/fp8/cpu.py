@@ -36,7 +36,7 @@ from weightpipe.stages.fp8.spec import (
     scale_shape,
 )
 
-__all__ = ["fp8_output_bytes", "quantize_fp8_many", "warm_up_cpu_kernel"]
+__all__ = ["default_cpu_threads", "fp8_output_bytes", "quantize_fp8_many", "warm_up_cpu_kernel"]
 
 # Which CPU kernel block quantization uses: "auto" (numba when importable, else torch),
 # "torch" or "numba". Both compute the definition bit for bit; numba fuses the passes over
@@ -228,6 +228,15 @@ def _tensor_band(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, r0: int,
 
 # Outputs at least this large are mapped with MADV_HUGEPAGE: on fresh 4 KiB pages the
 # first-touch page faults of a large output cost as much as quantizing it.
+
+
+def default_cpu_threads() -> int:
+    """Band threads when the caller does not say: the cores, at most 4.
+
+    Past 4 the bands of a typical bucket no longer keep more threads busy, and the cores
+    are better left to the stages around quantization.
+    """
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def warm_up_cpu_kernel() -> bool:
