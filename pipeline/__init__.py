@@ -1,12 +1,15 @@
-"""weightpipe.pipeline: bounded-channel async pipelines, knowing nothing of FP8 or SGLang.
+"""weightpipe.pipeline: bounded-channel async pipelines for any workload of items.
 
 The public face: ``Pipeline`` runs ``Stage``s joined by ``open_channel`` channels and
-returns a ``RunReport``; ``as_async_iter`` accepts any source a trainer has. Config lives
-in ``weightpipe.pipeline.config`` and Prometheus metrics in ``weightpipe.pipeline.metrics``
-(imported on demand, so the core needs neither omegaconf nor prometheus_client loaded).
+returns a ``RunReport``; ``as_async_iter`` accepts any source a producer has. The generic
+config loader lives in ``weightpipe.pipeline.config`` and the Prometheus observer in
+``weightpipe.pipeline.metrics`` (imported on demand, so the core needs neither omegaconf
+nor prometheus_client loaded). Nothing here knows what the items are beyond their
+optional ``nbytes``.
 """
 
 from weightpipe.pipeline._channel import (
+    CHECKPOINT_EVERY,
     ChannelReceiver,
     ChannelSender,
     ChannelStatistics,
@@ -15,6 +18,7 @@ from weightpipe.pipeline._channel import (
 from weightpipe.pipeline._errors import WeightpipeError, leaf_exceptions
 from weightpipe.pipeline._iter import aclose_iterator, as_async_iter
 from weightpipe.pipeline._pipeline import (
+    DEFAULT_CLOSE_TIMEOUT_S,
     Pipeline,
     PipelineObserver,
     RunReport,
@@ -24,6 +28,8 @@ from weightpipe.pipeline._pipeline import (
 from weightpipe.pipeline._stage import Stage, StageLike, describe_item, item_nbytes, stage_name
 
 __all__ = [
+    "CHECKPOINT_EVERY",
+    "DEFAULT_CLOSE_TIMEOUT_S",
     "ChannelReceiver",
     "ChannelSender",
     "ChannelStatistics",

@@ -2,8 +2,8 @@
 
 ``WeightpipeError`` lives in the framework so that both packages share one base: the
 runner's ``StageError`` and the config loader's ``ConfigError`` derive from it here, and
-every error of ``weightpipe.stages`` (engines, transport, FP8 checks) derives from it
-there. A caller that wants "anything weightpipe refused" catches this one class.
+every error the application package ``weightpipe.stages`` raises derives from it there.
+A caller that wants "anything weightpipe refused" catches this one class.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def leaf_exceptions(exc: BaseException) -> list[BaseException]:
     """Every non-group exception inside ``exc``, depth first (``[exc]`` for a plain one).
 
     anyio wraps whatever a task group's children raised in a ``BaseExceptionGroup``; this
-    is the one place that unwraps such groups (the runner, the engines and the demo use it).
+    is the one place that unwraps such groups (the runner and the application use it).
     """
     if isinstance(exc, BaseExceptionGroup):
         leaves: list[BaseException] = []

@@ -1,8 +1,8 @@
-"""Turn whatever a trainer hands us into one kind of thing: an async iterator.
+"""Turn whatever a producer hands us into one kind of thing: an async iterator.
 
-Trainers produce weights in many shapes: a list, a generator that gathers one tensor at a
-time (and may block on a collective or a disk read), a checkpoint engine's async
-generator. ``as_async_iter`` accepts all of them. A sync iterator is advanced in a worker
+Producers come in many shapes: a list, a generator that gathers one item at a time (and
+may block on a collective or a disk read), another library's async generator.
+``as_async_iter`` accepts all of them. A sync iterator is advanced in a worker
 thread so a slow or blocking producer never stalls the event loop, and whatever the
 source holds (an open file, a generator's ``finally``) is released when the run ends,
 early or not: async generators get ``aclose()``, sync generators ``close()``.
@@ -73,7 +73,7 @@ async def aclose_iterator(iterator: object) -> None:
     """Close an async iterator if it can be closed, shielded from cancellation.
 
     The one place a source is closed: a cancelled run still runs the source's
-    ``finally`` blocks (a checkpoint engine releasing its buffers).
+    ``finally`` blocks (a producer releasing its buffers).
     """
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
