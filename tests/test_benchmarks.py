@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import overhead, sweep
+from weightpipe.benchmarks import overhead, sweep
 from weightpipe.stages.app.cli import main as cli
 
 
