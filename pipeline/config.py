@@ -109,8 +109,8 @@ def load_config(
     try:
         built = OmegaConf.to_object(tree)
     except ValidationError as exc:
-        key = _field_key(str(exc.full_key or exc.key or ""))
-        raise ConfigError(key or None, f"wrong type: {_first_line(exc.msg)}") from None
+        key = _field_key(str(exc.full_key or exc.key or "")) or schema.__name__
+        raise ConfigError(key, f"wrong type: {_first_line(exc.msg)}") from None
     if not isinstance(built, schema):  # pragma: no cover - OmegaConf builds the schema
         raise TypeError(f"OmegaConf built {type(built).__name__}, not {schema.__name__}")
     return built
