@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_CLOSE_SLACK_S = 1.0
+"""What Load's close may take beyond the deadlines of its abort and its resume."""
+
 PauseAt = Literal["open", "first_load", "never"]
 """When a sync stops generation: when Load opens, just before the first ``load``, never."""
 
@@ -274,8 +277,12 @@ class Load(Stage[WeightBucket, WeightBucket]):
             at the first bucket; ``None`` holds the whole sync, so the hard pause shrinks
             to the engine's load phase, at the cost of keeping every bucket of the sync
             alive at once. Load holds at most ``prefetch_bytes`` plus one bucket.
-        name: the stage's name in the pipeline (default ``"load"``); give a second Load
-            in one pipeline (a second engine) a name of its own.
+        name: the stage's name in the pipeline (default ``"load"``; the pipeline numbers
+            a repeated name ``load-2``), so a second Load (a second engine) can say
+            which it is in errors and reports.
+
+    ``close_timeout_s`` (the pipeline's bound on ``close``) is ``2 * timeout_s`` plus a
+    second: room for an abort and a resume, each under its own deadline.
 
     Each loaded bucket is passed on unchanged, so a further stage (a second engine) may
     follow; as the last stage its outputs are dropped at once.
@@ -316,6 +323,10 @@ class Load(Stage[WeightBucket, WeightBucket]):
         self.mode: SyncMode = mode
         self.pause_mode: PauseMode = pause_mode
         self.timeout_s = _resolve_timeout(engine, timeout_s)
+        # The pipeline bounds each stage's close; Load's holds an abort and a resume, each
+        # under its own deadline, and must not be cut before the resume was sent (the
+        # engine would stay paused). The slack lets Load's named deadlines fire first.
+        self.close_timeout_s = 2 * self.timeout_s + _CLOSE_SLACK_S
         self.version = version
         self.prefetch_bytes = prefetch_bytes
         self.pause_at: PauseAt = PAUSE_POLICY[mode]

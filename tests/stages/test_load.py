@@ -518,3 +518,14 @@ def test_constructor_rejects_bad_arguments() -> None:
         Load(engine, prefetch_bytes=-1)
     with pytest.raises(ValueError, match="name"):
         Load(engine, name="")
+
+
+async def test_a_slow_abort_does_not_cut_off_the_resume_after_it() -> None:
+    # The pipeline bounds each stage's close; Load's own bound leaves room for an abort
+    # and a resume, each under Load's deadline, so generation is resumed.
+    engine = FakeEngine(fail_at={"load": "error", "abort": "hang"})
+    load = Load(engine, mode="pause", timeout_s=0.2)
+    with pytest.raises(StageError):
+        await Pipeline([load], depth=2, close_timeout_s=0.1).run(buckets())
+    assert engine.call_names()[-2:] == ["abort", "resume"]
+    assert not engine.paused
