@@ -164,7 +164,10 @@ def quantize_block_batch(
             )
         src = weight if weight.is_contiguous() else weight.contiguous()
         q = torch.empty(src.shape, dtype=FP8_DTYPE, device=device)
-        scale = torch.empty(scale_shape(src.shape, "block", block), device=device)
+        # float32 always: the kernel writes fp32 scales whatever the default dtype is.
+        scale = torch.empty(
+            scale_shape(src.shape, "block", block), dtype=torch.float32, device=device
+        )
         results.append(Fp8Tensor(q, scale))
         groups.setdefault(src.dtype, []).append((i, src, q, scale))
 

@@ -143,3 +143,29 @@ def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name: str, ue8m0: bool) 
     ptx = kernel.asm["ptx"]
     assert "div.rn.f32" in ptx
     assert "fma.rn.f32" not in ptx
+
+
+def test_scales_are_float32_whatever_the_default_dtype() -> None:
+    # The kernel writes fp32 scales; a scale tensor of the default dtype (bf16 after
+    # torch.set_default_dtype) was half as large, so the kernel wrote past its end.
+    import torch
+
+    from weightpipe.stages.fp8 import _triton
+
+    launches: list[int] = []
+
+    class _NoLaunch:
+        def __getitem__(self, grid: object) -> object:
+            return lambda *args, **kwargs: launches.append(1)
+
+    previous = torch.get_default_dtype()
+    original = _triton._fp8_block_kernel
+    try:
+        _triton._fp8_block_kernel = _NoLaunch()
+        torch.set_default_dtype(torch.bfloat16)
+        outs, _ = _triton.quantize_block_batch([torch.ones(130, 260, dtype=torch.bfloat16)])
+    finally:
+        torch.set_default_dtype(previous)
+        _triton._fp8_block_kernel = original
+    assert launches == [1]
+    assert outs[0].scale.dtype == torch.float32 and outs[0].scale.shape == (2, 3)
