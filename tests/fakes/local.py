@@ -5,7 +5,10 @@
 - ``new_weights`` / ``snapshot`` / ``assert_weights``: what a trainer would send the
   engine, what it serves now, and a check that it serves exactly the given tensors.
 - ``RecordingListener``: a fake ``GenerationListener`` (follows the protocol the engine's
-  own ``GenerationWindow`` implements) that records every callback in order.
+  own ``GenerationWindow`` implements) that records every callback in order, and the
+  set of weight versions each step read.
+- ``StepAfterLoad``: a stage to put after Load (no real counterpart): while generation
+  runs, it lets the engine take one more step after each bucket the engine accepted.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from typing import Any
 import torch
 
 from tests.fakes.engines import small_llama_config
+from weightpipe.pipeline import Stage
+from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.local import LocalEngine, random_weights
 
 __all__ = [
     "BATCH",
     "NEW_TOKENS",
     "RecordingListener",
+    "StepAfterLoad",
     "assert_weights",
     "local_engine",
     "new_weights",
@@ -59,17 +65,19 @@ def assert_weights(engine: LocalEngine, expected: dict[str, torch.Tensor]) -> No
 
 class RecordingListener:
     """A fake ``GenerationListener``: records ``(callback, argument)`` pairs in call order,
-    and the names of the threads that called it."""
+    the names of the threads that called it, and per step the versions it read."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, float]] = []
         self.threads: set[str] = set()
+        self.step_versions: list[frozenset[int | None]] = []
 
     def _record(self, callback: str, value: float) -> None:
         self.events.append((callback, value))
         self.threads.add(threading.current_thread().name)
 
-    def on_step(self, now: float, tokens: int) -> None:
+    def on_step(self, now: float, tokens: int, versions: frozenset[int | None]) -> None:
+        self.step_versions.append(versions)
         self._record("step", tokens)
 
     def on_finish(self, now: float, requests: int) -> None:
@@ -87,3 +95,18 @@ class RecordingListener:
     def names(self) -> list[str]:
         """The callbacks in call order."""
         return [name for name, _ in self.events]
+
+
+class StepAfterLoad(Stage[WeightBucket, WeightBucket]):
+    """After Load: unless generation is paused, waits for one more decode step after each
+    bucket the engine accepted, so steps surely run between the buckets of a sync."""
+
+    name = "step_after_load"
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self.engine = engine
+
+    async def process(self, item: WeightBucket) -> list[WeightBucket]:
+        if not self.engine.paused:
+            await self.engine.wait_for_tokens(self.engine.tokens_generated + BATCH)
+        return [item]

@@ -19,6 +19,8 @@ from tests.fakes import FakeEngine, FakeGate, fake_buckets
 from tests.fakes.local import (
     BATCH,
     NEW_TOKENS,
+    RecordingListener,
+    StepAfterLoad,
     assert_weights,
     local_engine,
     new_weights,
@@ -71,9 +73,10 @@ async def test_sync_installs_every_weight_in_each_mode(mode: str) -> None:
     assert report.generation is not None
     assert report.tokens_per_s_during_sync is not None
     assert report.longest_gap_s is not None
-    # The window sync_weights opened (MeasuresGeneration) heard every bucket and the commit.
+    # The window sync_weights opened (MeasuresGeneration) heard the one switch: the commit.
     assert isinstance(report.generation, GenerationStats)
-    assert report.generation.weight_writes == report.load.buckets + 1
+    assert report.generation.weight_writes == 1
+    assert report.generation.swap_s > 0.0
     if mode == "in_flight":
         assert report.hard_pause_s == 0.0
         assert report.generation.paused_s == 0.0
@@ -169,10 +172,12 @@ async def test_prefetch_look_ahead_keeps_generating_until_the_last_bucket() -> N
         await assert_still_generating(engine)
 
 
-async def test_in_flight_outputs_carry_the_version_they_finished_under() -> None:
+async def test_in_flight_buckets_are_not_served_before_the_commit() -> None:
     async with local_engine(max_new_tokens=LONG) as engine:
         await engine.wait_for_tokens(BATCH)
         new = new_weights(engine, seed=14)
+        first = next(iter(new))
+        old = engine.parameter(first)
         after_load = FakeGate(hold_at=0)  # holds bucket 0 after the engine applied it
         load = Load(engine, mode="in_flight")
         pipeline = Pipeline([Fetch(BUCKET_BYTES, version=1), load, after_load], depth=1)
@@ -181,7 +186,8 @@ async def test_in_flight_outputs_carry_the_version_they_finished_under() -> None
             await after_load.reached.wait()
             assert not engine.paused
             assert await engine.version() == 0
-            # The running batch saw the old and some new weights; let it finish now.
+            assert torch.equal(engine.parameter(first), old)  # staged only
+            # The running batch still runs on the old weights alone; let it finish now.
             engine.max_new_tokens = NEW_TOKENS
             await engine.wait_for_outputs(BATCH)
             mixed = engine.outputs()[:BATCH]
@@ -191,8 +197,10 @@ async def test_in_flight_outputs_carry_the_version_they_finished_under() -> None
         await engine.wait_for_outputs(done + 2 * BATCH)
         clean = engine.outputs()[-BATCH:]
     assert load.report.hard_pause_s == 0.0
-    assert all(o.weight_version == 0 and o.weights_changed for o in mixed)
+    assert all(o.weight_version == 0 and not o.weights_changed for o in mixed)
+    assert all(set(o.token_versions) == {0} for o in mixed)
     assert all(o.started_version == 1 and o.weight_version == 1 for o in clean)
+    assert all(set(o.token_versions) == {1} for o in clean)
     assert not any(o.weights_changed for o in clean)
 
 
@@ -265,7 +273,8 @@ async def test_cancelled_sync_leaves_the_old_weights() -> None:
                 group.start_soon(pipeline.run, list(new.items()))
                 await after_load.reached.wait()
                 assert engine.paused
-                assert not torch.equal(
+                # Loaded but only staged: what generation reads is untouched.
+                assert torch.equal(
                     engine.parameter("model.embed_tokens.weight"), old["model.embed_tokens.weight"]
                 )
                 scope.cancel()
@@ -369,6 +378,33 @@ def test_overlap_benchmark_writes_every_mode(tmp_path: Path) -> None:
     for figures in data["modes"].values():
         for key in ("sync_s", "hard_pause_ms", "tokens_per_s_idle", "tokens_per_s_during_sync"):
             assert figures[key] >= 0
-    assert data["modes"]["in_flight"]["hard_pause_ms"] == 0
+    for figures in data["modes"].values():
+        assert figures["mixed_steps"] == 0
+        assert figures["swap_ms"] > 0
     assert data["fp8"] is True
     assert data["final_version"] == 4
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_no_step_reads_two_versions_over_50_syncs(mode: str) -> None:
+    """Every decode step reads one version, with steps forced between the buckets of each
+    ``in_flight`` sync: per-bucket switching would make those steps read two."""
+    listener = RecordingListener()
+    async with local_engine(track_versions=True) as engine:
+        engine.add_listener(listener)
+        weights = [list(new_weights(engine, seed=seed).items()) for seed in (31, 32)]
+        for version in range(1, 51):
+            load = Load(engine, mode=mode)  # type: ignore[arg-type]
+            stages = [Fetch(BUCKET_BYTES, version=version), load, StepAfterLoad(engine)]
+            await Pipeline(stages, depth=1).run(weights[version % 2])
+            assert load.report.committed and load.report.buckets > 1
+        await engine.wait_for_tokens(engine.tokens_generated + BATCH)
+        outputs = engine.outputs()
+    assert all(len(read) == 1 for read in listener.step_versions)
+    read = [next(iter(r)) for r in listener.step_versions]
+    assert read == sorted(read)  # type: ignore[type-var]
+    assert read[-1] == 50
+    if mode == "in_flight":  # every version served steps, also while the next one loaded
+        assert set(read) == set(range(51))
+    for output in outputs:
+        assert list(output.token_versions) == sorted(output.token_versions)  # type: ignore[type-var]

@@ -3,10 +3,15 @@
 It builds the seeded model (``model``), runs it on the generation thread (``scheduler``)
 and writes weights through the update transaction (``updates``), and speaks the same
 ``Engine`` protocol as the SGLang adapters, which makes it the default engine of the
-demo, the tests and the overlap benchmark. A bucket is validated on the caller's thread,
-staged (dequantised) on a worker thread while generation goes on, and swapped in on the
-generation thread between two decode steps, so in-flight loading needs no pause and no
-step sees a half-copied parameter. It measures its own generation
+demo, the tests and the overlap benchmark. A bucket is validated on the caller's thread
+and staged (dequantised into a spare storage) on a worker thread while generation goes
+on; nothing a step reads changes until ``commit`` switches all of the sync's parameters
+together on the generation thread, between two decode steps. So in every sync mode each
+decode step runs exactly one weight version, every token carries it
+(``GenerationOutput.token_versions``), and the only pause an ``in_flight`` sync costs is
+that switch (``GenerationStats.swap_s``); ``abort`` just drops the staged storages. With
+``track_versions=True`` each step also records the versions of the parameters it read,
+which is how the tests check that no step ever read two. It measures its own generation
 (``MeasuresGeneration``): ``open_window()`` returns a ``GenerationWindow``, and any
 ``GenerationListener`` can be added to hear each step.
 """
@@ -66,6 +71,9 @@ class LocalEngine:
         initial_version: the version the random weights are reported as.
         history: finished outputs kept for ``outputs()``.
         prepare_threads: threads that build a bucket's new tensors (dequantisation).
+        track_versions: record, per decode step, the versions of the parameters it read
+            (``GenerationListener.on_step``, ``GenerationStats.mixed_steps``): one hook
+            per module with parameters per step, so off unless asked for.
 
     ``start()`` (or ``async with``) starts the generation thread; without it, ``load``
     and friends apply directly and nothing generates.
@@ -98,6 +106,7 @@ class LocalEngine:
         initial_version: int | None = 0,
         history: int = 1024,
         prepare_threads: int = 2,
+        track_versions: bool = False,
     ) -> None:
         if min(batch_size, prompt_len, max_new_tokens, prepare_threads) < 1:
             raise ValueError(
@@ -133,8 +142,9 @@ class LocalEngine:
             version=lambda: self._updates.version,
             engine=self.name,
             history=history,
+            version_of=self._updates.version_of if track_versions else None,
         )
-        # One staging or direct write at a time, on a worker thread.
+        # One staging (or a commit while stopped) at a time, on a worker thread.
         self._limiter = anyio.CapacityLimiter(1)
 
     @property
@@ -200,7 +210,10 @@ class LocalEngine:
         self._updates.begin(version)
 
     async def load(self, bucket: WeightBucket) -> None:
-        """Validate every tensor of ``bucket``, then apply them all between two steps.
+        """Validate every tensor of ``bucket``, then stage them all for the commit.
+
+        Staging builds each tensor in a spare storage off the generation thread; the
+        parameters generation reads do not change until ``commit``.
 
         Tensors of the parameter's dtype are copied into it; an FP8 ``X.weight`` with its
         float32 scale in the same bucket (``X.weight_scale_inv`` for ``block_size``
@@ -210,39 +223,36 @@ class LocalEngine:
             EngineError: no sync is open, the bucket belongs to another version, or a
                 tensor has an unknown name, a wrong shape or dtype, a missing or misshapen
                 scale, or was already loaded in this sync (the error names it; nothing
-                of the bucket was applied).
+                of the bucket was staged).
         """
         self._check_alive()
         version, plan = self._updates.plan(bucket)
         # Dequantisation is the heavy part: done on a worker thread while generation goes
-        # on, so the generation thread only pays for swapping storages.
+        # on; not abandoned on cancellation, so no staging outlives its sync's abort.
         staged = await anyio.to_thread.run_sync(
             self._updates.prepare, bucket, plan, limiter=self._limiter
         )
-        await self._submit(lambda: self._apply(staged, version))
+        self._updates.stage(staged, version)
 
     async def commit(self, version: int) -> None:
-        """Finish the sync: from the next step on, outputs report ``version``.
+        """Switch every staged parameter at once, between two decode steps: the step
+        before read only the old version, every step from the next on reads ``version``.
 
         Raises:
             EngineError: no sync of ``version`` is open, or generation failed.
         """
         self._check_alive()
         self._updates.check_commit(version)
-        await self._submit(lambda: self._finish(version, commit=True))
+        await self._submit(lambda: self._commit(version))
 
     async def abort(self, version: int) -> None:
-        """Abandon the open sync: restore every parameter it wrote; version unchanged.
+        """Abandon the open sync: drop what it staged; weights and version unchanged.
 
-        A no-op when no sync is open.
-
-        Raises:
-            EngineError: generation failed, so the weights could not be restored.
+        Generation never read a staged storage, so nothing is restored and the generation
+        thread is not involved (this works even after generation failed). A no-op when no
+        sync is open, as when a commit abandoned by its deadline has switched meanwhile.
         """
-        if not self._updates.is_open:
-            return
-        self._check_alive()
-        await self._submit(lambda: self._finish(version, commit=False))
+        self._updates.abort(version)
 
     async def version(self) -> int | None:
         """The committed weight version."""
@@ -323,7 +333,8 @@ class LocalEngine:
         return await self._wait_for("outputs", count, f"{count} finished outputs", timeout_s)
 
     def parameter(self, name: str) -> torch.Tensor:
-        """A copy of the parameter called ``name`` (HF checkpoint name).
+        """A copy of the parameter called ``name`` (HF checkpoint name) as generation reads
+        it now: what an open sync staged shows only once it commits.
 
         Raises:
             KeyError: no such parameter.
@@ -336,13 +347,9 @@ class LocalEngine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _apply(self, staged: list[tuple[str, torch.Tensor]], version: int) -> None:
+    def _commit(self, version: int) -> None:
         # On the generation thread between two steps (or a worker when not running).
-        self._updates.apply(staged, version)
-        self._scheduler.mark_weights_changed()
-
-    def _finish(self, version: int, *, commit: bool) -> None:
-        self._updates.finish(version, commit=commit)
+        self._updates.commit(version)
         self._scheduler.mark_weights_changed()
 
     def _check_alive(self) -> None:

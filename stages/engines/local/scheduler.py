@@ -3,12 +3,15 @@
 ``Scheduler`` keeps a batch of requests decoding on a background thread with a KV cache;
 a batch that reaches ``max_new_tokens`` finishes and a fresh one starts from the same
 prompts, so tokens keep flowing for as long as the engine runs. Work handed to
-``submit`` (a bucket's swap, a commit, an abort) runs on that thread between two decode
-steps, so no step ever sees a half-written parameter. A pause is entered on the thread
-too, between two steps, in one of the three modes (drop the batch, retract it to its
-prompts, or keep it in place). Everything the thread shares is guarded by one condition
-variable; listeners (``GenerationListener``) hear each step, finished batch, weight
-write and pause with that lock held.
+``submit`` (a commit's switch of weights) runs on that thread between two decode steps,
+so every step runs one weight version, and every token is tagged with it. Asked to
+(``version_of``), the thread also records what each step really read: a forward pre-hook
+on every module with parameters collects the version tag of each parameter's storage as
+the module reads it, so a step that read two versions would show two. A pause is entered
+on the thread too, between two steps, in one of the three modes (drop the batch, retract
+it to its prompts, or keep it in place). Everything the thread shares is guarded by one
+condition variable; listeners (``GenerationListener``) hear each step, finished batch,
+weight write and pause with that lock held.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -28,6 +31,7 @@ from weightpipe.stages.engines.local.window import (
     GenerationListener,
     GenerationOutput,
     GenerationWindow,
+    Version,
 )
 
 __all__ = ["Scheduler"]
@@ -48,6 +52,8 @@ class _Batch:
     started_version: int | None
     weights_changed: bool = False
     retractions: int = 0
+    # The version of each step so far: every request of the batch got one token per step.
+    step_versions: list[Version] = field(default_factory=list)
 
 
 class Scheduler:
@@ -59,9 +65,13 @@ class Scheduler:
         prompts: ``[batch_size, prompt_len]`` token ids every batch starts from.
         cache_argument: the keyword ``model.forward`` takes the KV cache under.
         max_new_tokens: tokens per request (an attribute: read at every step).
-        version: the committed weight version, read when a batch starts and finishes.
+        version: the committed weight version, read when a batch starts and finishes,
+            and at each step (the version its tokens are tagged with).
         engine: the engine's name, for errors.
         history: finished outputs kept.
+        version_of: the version tag of a parameter's storage; when given, each step
+            records the tags of the parameters it read (``on_step``'s ``versions``), at
+            the price of one hook call per module with parameters per step.
     """
 
     def __init__(
@@ -75,6 +85,7 @@ class Scheduler:
         version: Callable[[], int | None],
         engine: str,
         history: int,
+        version_of: Callable[[torch.Tensor], Version] | None = None,
     ) -> None:
         self.model = model
         self.max_new_tokens = max_new_tokens
@@ -84,6 +95,12 @@ class Scheduler:
         self._cache_argument = cache_argument
         self._version = version
         self._engine = engine
+        self._version_of = version_of
+        # The model the hooks are on, their handles, and the set the running step fills:
+        # touched by the generation thread only.
+        self._hooked: Any = None
+        self._hooks: list[Any] = []
+        self._read: set[Version] = set()
         # Everything below is shared with the generation thread and guarded by _cond.
         self._cond = threading.Condition()
         self._work: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
@@ -212,7 +229,9 @@ class Scheduler:
         # Built and registered under the lock, so it sees the pause state it opens in.
         with self._cond:
             window = GenerationWindow(
-                paused_since=self._paused_since, on_close=self.remove_listener
+                paused_since=self._paused_since,
+                counts_mixed_steps=self._version_of is not None,
+                on_close=self.remove_listener,
             )
             self._listeners.append(window)
             return window
@@ -320,6 +339,7 @@ class Scheduler:
             self._batch = None
         elif batch is not None and mode == "retract":
             batch.tokens = [[] for _ in batch.request_ids]
+            batch.step_versions = []
             batch.cache = None
             batch.next_input = None
             batch.retractions += 1
@@ -358,6 +378,7 @@ class Scheduler:
                     weights_changed=batch.weights_changed,
                     finish_reason=reason,
                     retractions=batch.retractions,
+                    token_versions=tuple(batch.step_versions[: len(tokens)]),
                 )
             )
         self._finished_total += len(batch.request_ids)
@@ -376,14 +397,22 @@ class Scheduler:
             assert batch.next_input is not None
             inputs = batch.next_input
         kwargs = {self._cache_argument: batch.cache}
+        # Weights switch only between steps, on this thread: the version served now is
+        # the one every parameter of this step holds.
+        served = self._version()
+        tracking = self._version_of is not None and self._track(self.model)
+        if tracking:
+            self._read = set()
         logits = self.model(input_ids=inputs, use_cache=True, logits_to_keep=1, **kwargs).logits
         next_tokens = logits[:, -1].argmax(dim=-1)
         values = next_tokens.tolist()
+        versions = frozenset(self._read) if tracking else frozenset((served,))
         now = time.perf_counter()
         with self._cond:
             if self._batch is not batch:  # aborted or replaced while stepping
                 return
             batch.next_input = next_tokens.unsqueeze(1)
+            batch.step_versions.append(served)
             for tokens, value in zip(batch.tokens, values, strict=True):
                 tokens.append(int(value))
             self._tokens_total += len(values)
@@ -391,5 +420,34 @@ class Scheduler:
                 self._finish_batch(batch, "length", now)
                 self._batch = None
             for listener in self._listeners:
-                listener.on_step(now, len(values))
+                listener.on_step(now, len(values), versions)
             self._cond.notify_all()
+
+    def _track(self, model: Any) -> bool:
+        """Hook ``model``'s modules (once per model) so a step records the versions it
+        reads; ``False`` for a model that is no ``torch.nn.Module``."""
+        if model is self._hooked:
+            return True
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._hooked = [], None
+        if not isinstance(model, torch.nn.Module):
+            return False
+        for module in model.modules():
+            params = tuple(module.parameters(recurse=False))
+            if params:
+                self._hooks.append(module.register_forward_pre_hook(self._reader(params)))
+        self._hooked = model
+        return True
+
+    def _reader(self, params: tuple[torch.Tensor, ...]) -> Callable[[Any, Any], None]:
+        version_of = self._version_of
+        assert version_of is not None
+
+        def read(module: Any, args: Any) -> None:
+            # Runs as the module starts its forward, i.e. as it reads these parameters.
+            read_set = self._read
+            for param in params:
+                read_set.add(version_of(param))
+
+        return read

@@ -1,16 +1,19 @@
-"""The local engine's update transaction: validate a bucket, stage it, apply, commit or roll back.
+"""The local engine's update transaction: validate a bucket, stage it, switch at commit.
 
 ``WeightUpdates`` owns the engine's parameters, the committed version and the open sync.
 A bucket is validated whole first (names, shapes, dtypes, and each FP8 weight's one scale,
 named and shaped by ``weightpipe.stages.fp8.spec``), so a bad tensor is refused before
-any parameter is touched. Then it is staged off the generation thread: every tensor is
-built into a fresh storage in its parameter's layout (FP8 weights dequantised with their
-scale by ``weightpipe.stages.fp8.dequantize_fp8``, bf16 ones copied, never aliased).
-``apply`` swaps the fresh storages into their parameters between two decode steps and
-keeps the old ones as the undo record; ``finish`` either commits (drops the old storages,
-moves the version) or rolls back (swaps them back), so an aborted sync leaves exactly the
-old weights and version. The price is one copy of the parameters a sync touched, held
-until it ends; the storages retired by a sync become the next one's fresh storages.
+anything is staged. Then it is staged off the generation thread: every tensor is built
+into a fresh storage in its parameter's layout (FP8 weights dequantised with their scale
+by ``weightpipe.stages.fp8.dequantize_fp8``, bf16 ones copied, never aliased) and held
+until the sync ends; nothing a decode step reads changes while a sync is open. ``commit``
+switches every staged storage into its parameter at once, between two decode steps, so
+no step ever runs on a mix of two versions; ``abort`` drops the staged storages, so an
+aborted sync leaves exactly the old weights and version without touching a parameter.
+The price is one copy of the parameters a sync touched, held until it ends; the
+storages a sync retires (the old ones on commit, the staged ones on abort) become the
+next sync's fresh storages. Every storage is tagged with the version it serves
+(``version_of``), which lets the generation thread check what each step read.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ class PlannedWrite(NamedTuple):
 class WeightUpdates:
     """The parameters, the committed version and the one open sync of a local engine.
 
-    Thread-safe: the engine calls ``begin``/``plan`` on the event loop, ``prepare`` on a
-    worker thread and ``apply``/``finish`` on the generation thread between two steps
-    (only ``apply`` and ``finish`` change parameters, and they never run concurrently).
+    Thread-safe: the engine calls ``begin``/``plan``/``stage``/``abort`` on the event
+    loop, ``prepare`` on a worker thread and ``commit`` on the generation thread between
+    two steps; only ``commit`` changes parameters, under the lock, so ``parameter`` and
+    a concurrent ``abort`` see either every old storage or every new one.
 
     Args:
         params: the model's parameters under each of their checkpoint names.
@@ -73,9 +77,14 @@ class WeightUpdates:
         self._version = initial_version
         self._pending: int | None = None
         self._loaded: set[str] = set()
-        self._undo: dict[str, torch.Tensor] = {}
+        self._staged: dict[str, torch.Tensor] = {}
         self._spare: dict[str, torch.Tensor] = {}
         self._pool: ThreadPoolExecutor | None = None
+        # The version each storage serves, by data pointer: a step reads the tag of the
+        # storage its parameter holds at that moment, so a storage switched in behind the
+        # transaction's back shows up as another version. Written only under the lock;
+        # read without it (one dict lookup, atomic under the GIL) on the generation thread.
+        self._tags: dict[int, int | None] = {p.data_ptr(): initial_version for p in params.values()}
 
     @property
     def version(self) -> int | None:
@@ -89,8 +98,13 @@ class WeightUpdates:
         with self._lock:
             return self._pending is not None
 
+    def version_of(self, tensor: torch.Tensor) -> int | None:
+        """The version the storage ``tensor`` holds serves (``None`` for one the engine did
+        not install, as for initial weights of ``initial_version=None``)."""
+        return self._tags.get(tensor.data_ptr())
+
     def parameter(self, name: str) -> torch.Tensor:
-        """A copy of the parameter ``name``.
+        """A copy of the parameter ``name`` as served (staged storages are not, until commit).
 
         Raises:
             KeyError: no such parameter.
@@ -126,7 +140,7 @@ class WeightUpdates:
                 )
             self._pending = version
             self._loaded = set()
-            self._undo = {}
+            self._staged = {}
 
     def plan(self, bucket: WeightBucket) -> tuple[int, list[PlannedWrite]]:
         """Validate the whole bucket against the open sync: its version and what to write.
@@ -170,25 +184,29 @@ class WeightUpdates:
             torch.cuda.current_stream(self._device).synchronize()
         return updates
 
-    def apply(self, updates: list[tuple[str, torch.Tensor]], version: int) -> None:
-        """Swap the staged storages in; the old ones become the undo record.
-
-        Swapping costs no copy, so a bucket adds almost nothing to the gap between two
-        tokens. Runs between two decode steps.
+    def stage(self, updates: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """Hold the prepared storages for the commit of ``version``; nothing is served yet.
 
         Raises:
-            EngineError: the sync of ``version`` was closed while the bucket was staged.
+            EngineError: the sync of ``version`` was closed while the bucket was prepared
+                (its storages go back to the spares), or a tensor was staged already.
         """
         with self._lock:
+            refused: EngineError | None = None
             if self._pending != version:
-                raise EngineError(self._engine, f"the sync of v{version} is no longer open")
-        with torch.no_grad():
+                refused = EngineError(self._engine, f"the sync of v{version} is no longer open")
+            else:
+                for name, _ in updates:
+                    if name in self._staged:
+                        refused = EngineError(self._engine, "loaded twice in one sync", tensor=name)
+                        break
+            if refused is not None:
+                for name, fresh in updates:
+                    self._spare.setdefault(name, fresh)
+                raise refused
             for name, fresh in updates:
-                param = self._params[name]
-                if name not in self._undo:
-                    self._undo[name] = param.data
-                param.data = fresh
-        with self._lock:
+                self._staged[name] = fresh
+                self._tags[fresh.data_ptr()] = version
             self._loaded.update(name for name, _ in updates)
 
     def check_commit(self, version: int) -> None:
@@ -198,33 +216,61 @@ class WeightUpdates:
             EngineError: no sync of ``version`` is open.
         """
         with self._lock:
-            if self._pending != version:
-                open_sync = (
-                    "no sync is open"
-                    if self._pending is None
-                    else f"the open sync is v{self._pending}"
-                )
-                raise EngineError(self._engine, f"cannot commit v{version}: {open_sync}")
+            self._check_commit(version)
 
-    def finish(self, version: int, *, commit: bool) -> None:
-        """Commit ``version`` or roll the open sync back; closes it. Runs between steps."""
-        # The storages that stop being served (the old ones on commit, the new ones on
-        # abort) become the next sync's spares: no fresh allocation, and no page faults,
-        # per sync, at the price of keeping one spare copy of every parameter synced.
-        with torch.no_grad():
-            if commit:
-                retired = self._undo
-            else:
-                retired = {name: self._params[name].data for name in self._undo}
-                for name, old in self._undo.items():
-                    self._params[name].data = old
+    def commit(self, version: int) -> None:
+        """Switch every staged storage in at once and move the version; closes the sync.
+
+        Runs on the generation thread between two decode steps (or on a worker when it
+        is stopped): the step before it read only the old version, the step after it
+        only the new one. Switching a storage costs no copy, so this is the whole of the
+        pause a sync in ``in_flight`` mode costs generation.
+
+        Raises:
+            EngineError: no sync of ``version`` is open (an abort came first).
+        """
         with self._lock:
-            if commit:
-                self._version = version
-            self._spare.update(retired)
-            self._pending = None
-            self._undo = {}
-            self._loaded = set()
+            self._check_commit(version)
+            params = self._params
+            retired: dict[str, torch.Tensor] = {}
+            with torch.no_grad():
+                for name, fresh in self._staged.items():
+                    retired[name] = params[name].data
+                    params[name].data = fresh
+            # Storages the sync did not touch belong to the new version too: a partial
+            # sync's model is that version's model, not a mix.
+            tags = self._tags
+            for param in params.values():
+                tags[param.data_ptr()] = version
+            self._version = version
+            self._close(retired)
+
+    def abort(self, version: int) -> None:
+        """Drop the open sync's staged storages; weights and version stay (a no-op when
+        no sync is open). No parameter is touched, so any thread may call it."""
+        with self._lock:
+            if self._pending is None:
+                return
+            self._close(self._staged)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _check_commit(self, version: int) -> None:
+        # Called with the lock held.
+        if self._pending != version:
+            open_sync = (
+                "no sync is open" if self._pending is None else f"the open sync is v{self._pending}"
+            )
+            raise EngineError(self._engine, f"cannot commit v{version}: {open_sync}")
+
+    def _close(self, retired: dict[str, torch.Tensor]) -> None:
+        # Called with the lock held. The storages that stop being served (or never were)
+        # become the next sync's spares: no fresh allocation, and no page faults, per
+        # sync, at the price of keeping one spare copy of every parameter synced.
+        self._spare.update(retired)
+        self._pending = None
+        self._staged = {}
+        self._loaded = set()
 
     # ------------------------------------------------------------------ validation
 

@@ -1,13 +1,15 @@
 """What the local engine's generation tells its listeners, and the window that measures it.
 
 ``GenerationListener`` is the public protocol between the generation thread and whoever
-watches it: five callbacks for a decode step, finished requests, a weight write, and the
-start and end of a pause. ``GenerationWindow`` is one such listener: opened by
-``LocalEngine.open_window()``, it turns the callbacks into a frozen ``GenerationStats``
-(tokens/s, the longest gap between two tokens, time paused, weight writes) when closed.
-``GenerationOutput`` is one finished request. The window knows nothing of the engine but
-the callbacks and the ``on_close`` it is given; the engine knows nothing of the window
-but that it is a listener.
+watches it: five callbacks for a decode step (with the weight versions it read),
+finished requests, a weight write, and the start and end of a pause.
+``GenerationWindow`` is one such listener: opened by ``LocalEngine.open_window()``, it
+turns the callbacks into a frozen ``GenerationStats`` (tokens/s, the longest gap between
+two tokens, time paused, weight writes, the longest switch of weights, steps that read
+two versions) when closed. ``GenerationOutput`` is one finished request, each token
+tagged with its version. The window knows nothing of the engine but the callbacks and
+the ``on_close`` it is given; the engine knows nothing of the window but that it is a
+listener.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
+
+Version = int | None
 
 __all__ = [
     "GenerationListener",
@@ -37,10 +41,15 @@ class GenerationOutput:
         weight_version: the committed version when it finished (SGLang's
             ``meta_info["weight_version"]``).
         started_version: the committed version when it (last) started.
-        weights_changed: weights were written, committed or restored while it ran, so
-            its tokens may come from more than one set of weights.
+        weights_changed: a sync committed while it ran, so its tokens come from more than
+            one version (``token_versions`` says which from which).
         finish_reason: ``"length"``, or ``"abort"`` when a pause in ``abort`` mode dropped it.
         retractions: how often a ``retract`` pause restarted it from its prompt.
+        token_versions: for each of ``tokens``, the weight version of the decode step
+            that computed it (every step runs one version: a commit switches between
+            two steps). A request that spans a sync reads ``(0, 0, 1, 1, ...)``; its
+            later tokens attend to KV entries the earlier version computed, as in any
+            engine that keeps the cache across an update.
     """
 
     request_id: int
@@ -51,6 +60,13 @@ class GenerationOutput:
     weights_changed: bool
     finish_reason: Literal["length", "abort"]
     retractions: int
+    token_versions: tuple[Version, ...] = ()
+
+    @property
+    def switches(self) -> tuple[int, ...]:
+        """Indices of the tokens computed by another version than the token before."""
+        versions = self.token_versions
+        return tuple(i for i in range(1, len(versions)) if versions[i] != versions[i - 1])
 
 
 @dataclass(frozen=True)
@@ -69,8 +85,15 @@ class GenerationStats:
         median_step_s: median time between two consecutive tokens (0 with under two);
             ``longest_gap_s - median_step_s`` is what a sync added to a step.
         paused_s: time generation was paused inside the window.
-        weight_writes: buckets, commits and aborts applied between steps.
-        weight_write_s: time spent applying them on the generation thread.
+        weight_writes: weight switches (commits) run on the generation thread between
+            steps; loading a bucket only stages it, off that thread.
+        weight_write_s: time spent on them on the generation thread.
+        swap_s: the longest of them: how long one commit held generation between two
+            steps to switch a sync's parameters together, the hard pause of a sync in
+            ``in_flight`` mode (in the other modes it runs inside the pause).
+        mixed_steps: steps that read parameters of more than one weight version (always
+            0 for a correct engine); ``None`` unless the engine was built with
+            ``track_versions=True``, since only then does a step record what it read.
     """
 
     elapsed_s: float
@@ -83,6 +106,8 @@ class GenerationStats:
     paused_s: float
     weight_writes: int
     weight_write_s: float
+    swap_s: float = 0.0
+    mixed_steps: int | None = None
 
 
 class GenerationListener(Protocol):
@@ -96,14 +121,16 @@ class GenerationListener(Protocol):
     Times are ``time.perf_counter()`` seconds.
     """
 
-    def on_step(self, now: float, tokens: int) -> None:
-        """A forward pass produced ``tokens`` new tokens (one per running request)."""
+    def on_step(self, now: float, tokens: int, versions: frozenset[Version]) -> None:
+        """A forward pass produced ``tokens`` new tokens (one per running request),
+        reading the parameters of ``versions``: what each parameter held when the step
+        read it with ``track_versions=True``, else the version served when it began."""
 
     def on_finish(self, now: float, requests: int) -> None:
         """``requests`` requests finished (by length, or aborted by a pause)."""
 
     def on_write(self, seconds: float) -> None:
-        """A weight write (a bucket, a commit, an abort) took ``seconds`` between steps."""
+        """A weight switch (a commit) took ``seconds`` between steps."""
 
     def on_pause(self, now: float) -> None:
         """Generation stopped."""
@@ -121,6 +148,8 @@ class GenerationWindow:
 
     Args:
         paused_since: the start of the pause in progress at opening, else ``None``.
+        counts_mixed_steps: the engine records the versions each step read, so the
+            window can count steps that read two (``GenerationStats.mixed_steps``).
         on_close: called once, with the window, when it closes (the engine passes its
             ``remove_listener``); never with the window's lock held.
     """
@@ -129,6 +158,7 @@ class GenerationWindow:
         self,
         *,
         paused_since: float | None = None,
+        counts_mixed_steps: bool = False,
         on_close: Callable[[GenerationWindow], None] | None = None,
     ) -> None:
         self._lock = threading.Lock()
@@ -144,13 +174,17 @@ class GenerationWindow:
         self._paused_s = 0.0
         self._writes = 0
         self._write_s = 0.0
+        self._longest_write_s = 0.0
+        self._mixed: int | None = 0 if counts_mixed_steps else None
         self._closed: GenerationStats | None = None
 
     # GenerationListener: called by the engine with its lock held; each takes only the
     # window's own lock, which is never held while calling out.
 
-    def on_step(self, now: float, tokens: int) -> None:
+    def on_step(self, now: float, tokens: int, versions: frozenset[Version]) -> None:
         with self._lock:
+            if self._mixed is not None and len(versions) > 1:
+                self._mixed += 1
             gap = now - self._last_token
             self._longest_gap = max(self._longest_gap, gap)
             if self._steps > 0:
@@ -167,6 +201,7 @@ class GenerationWindow:
         with self._lock:
             self._writes += 1
             self._write_s += seconds
+            self._longest_write_s = max(self._longest_write_s, seconds)
 
     def on_pause(self, now: float) -> None:
         with self._lock:
@@ -215,4 +250,6 @@ class GenerationWindow:
             paused_s=self._paused_s + self._ongoing_pause(now),
             weight_writes=self._writes,
             weight_write_s=self._write_s,
+            swap_s=self._longest_write_s,
+            mixed_steps=self._mixed,
         )

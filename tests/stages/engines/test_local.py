@@ -84,9 +84,10 @@ async def test_pause_stops_every_step_until_resume() -> None:
         await engine.pause("in_place")
         assert engine.paused
         frozen = engine.tokens_generated
-        # Work submitted while paused still runs, and no decode step sneaks in.
+        # A commit submitted while paused still runs, and no decode step sneaks in.
         await engine.begin(1)
-        await engine.abort(1)
+        await engine.load(bucket([(Q, torch.zeros(192, 192, dtype=torch.bfloat16))]))
+        await engine.commit(1)
         assert engine.tokens_generated == frozen
         with pytest.raises(EngineError, match="already paused"):
             await engine.pause("abort")
@@ -157,7 +158,7 @@ async def test_bf16_bucket_commit_and_abort_restore() -> None:
 
     await engine.begin(1)
     await engine.load(bucket([(Q, new[Q])]))
-    assert torch.equal(engine.parameter(Q), new[Q])
+    assert torch.equal(engine.parameter(Q), old_q)  # staged, not served before the commit
     await engine.abort(1)
     assert torch.equal(engine.parameter(Q), old_q)
     assert await engine.version() == 0
@@ -414,9 +415,10 @@ async def test_a_listener_hears_steps_writes_and_pauses_until_removed() -> None:
     assert names[: NEW_TOKENS + 1] == ["step"] * (NEW_TOKENS - 1) + ["finish", "step"]
     assert listener.events[NEW_TOKENS - 1] == ("finish", BATCH)
     assert all(value == BATCH for name, value in listener.events if name == "step")
-    # Paused between two steps; the bucket and the commit were applied while paused.
+    # Paused between two steps; the bucket was staged off the thread, the commit switched
+    # it in on the thread while paused.
     paused, resumed = names.index("pause"), names.index("resume")
-    assert names[paused : resumed + 1] == ["pause", "write", "write", "resume"]
+    assert names[paused : resumed + 1] == ["pause", "write", "resume"]
     assert "step" in names[resumed:]
     assert listener.threads == {"weightpipe-local-engine", "MainThread"}  # resume: caller
 
@@ -460,13 +462,14 @@ async def test_window_counts_each_weight_write_of_a_sync() -> None:
             await engine.load(b)
         await engine.commit(1)
         stats: GenerationStats = window.close()
-    assert stats.weight_writes == len(buckets) + 1  # every bucket, then the commit
-    assert stats.weight_write_s > 0
+    assert len(buckets) > 1
+    assert stats.weight_writes == 1  # the buckets were staged; only the commit switched
+    assert stats.swap_s == stats.weight_write_s > 0
 
 
 async def test_a_failing_listener_fails_the_engine() -> None:
     class Broken(RecordingListener):
-        def on_step(self, now: float, tokens: int) -> None:
+        def on_step(self, now: float, tokens: int, versions: frozenset[int | None]) -> None:
             raise RuntimeError("fake listener failure")
 
     async with local_engine() as engine:
@@ -479,3 +482,47 @@ def test_a_block_size_that_is_not_two_positive_ints_is_refused() -> None:
     with pytest.raises(ValueError, match=r"block_size must be two positive ints"):
         local_engine(block_size=(128.5, 128))
     assert local_engine(block_size=[64, 64]).block_size == (64, 64)  # a config file's list
+
+
+async def test_loaded_buckets_switch_together_at_commit_and_tokens_carry_versions() -> None:
+    listener = RecordingListener()
+    async with local_engine(max_new_tokens=LONG, track_versions=True) as engine:
+        engine.add_listener(listener)
+        window = engine.open_window()
+        new = new_weights(engine, seed=8)
+        await engine.wait_for_tokens(BATCH)
+        await engine.begin(1)
+        for b in fake_buckets(new, per_bucket=4, version=1):
+            await engine.load(b)
+            # Steps run between buckets, and still on the old weights only.
+            await engine.wait_for_tokens(engine.tokens_generated + BATCH)
+        assert torch.equal(engine.parameter(Q), local_engine().parameter(Q))
+        await engine.commit(1)
+        await engine.wait_for_tokens(engine.tokens_generated + 2 * BATCH)
+        engine.max_new_tokens = 1  # the running batch finishes at its next step
+        await engine.wait_for_outputs(BATCH)
+        stats = window.close()
+        spanning = engine.outputs()[0]
+    assert all(len(read) == 1 for read in listener.step_versions)
+    assert frozenset({0}) in listener.step_versions
+    assert listener.step_versions[-1] == frozenset({1})
+    assert stats.mixed_steps == 0
+    assert spanning.weights_changed and spanning.started_version == 0
+    assert len(spanning.token_versions) == len(spanning.tokens)
+    (switch,) = spanning.switches  # one sync: one switch, from v0 to v1
+    assert set(spanning.token_versions[:switch]) == {0}
+    assert set(spanning.token_versions[switch:]) == {1}
+
+
+async def test_a_storage_switched_behind_the_engine_shows_as_a_mixed_step() -> None:
+    # The check reads what each step really read: a parameter whose storage was replaced
+    # outside the transaction (an untagged storage) makes every step read two versions.
+    engine = local_engine(track_versions=True)
+    dict(engine.model.named_parameters())[Q].data = torch.zeros(192, 192, dtype=torch.bfloat16)
+    async with engine:
+        window = engine.open_window()
+        await engine.wait_for_tokens(2 * BATCH)
+        stats = window.close()
+    assert stats.mixed_steps == stats.steps > 0
+    untracked = local_engine()
+    assert untracked.open_window().close().mixed_steps is None
