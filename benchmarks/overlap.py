@@ -29,7 +29,12 @@ import anyio
 import torch
 
 from weightpipe.stages.app.report import print_table, write_json
-from weightpipe.stages.engines.local import LocalEngine, default_config, random_weights
+from weightpipe.stages.engines.local import (
+    GenerationStats,
+    LocalEngine,
+    default_config,
+    random_weights,
+)
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.quantize import Fp8Quantize
 from weightpipe.stages.sync import SyncReport, sync_weights
@@ -95,7 +100,7 @@ async def one_sync(
         prefetch_bytes=prefetch_bytes,
     )
     generation = report.generation
-    assert generation is not None
+    assert isinstance(generation, GenerationStats)  # the local engine's window
     return {
         "version": version,
         "sync_s": report.seconds,
