@@ -189,6 +189,11 @@ class ChannelSender(_ChannelEnd[MemoryObjectSendStream[T]], Generic[T]):
             await anyio.lowlevel.checkpoint()
         try:
             stream.send_nowait(item)
+        except anyio.BrokenResourceError:
+            # A receiver closed because its task was cancelled: if this task is cancelled
+            # too, that is the story (as a checkpoint first would have told it).
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            raise
         except anyio.WouldBlock:
             self._calls = 0
             wait = self._meter.send_wait

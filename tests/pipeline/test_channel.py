@@ -129,3 +129,23 @@ async def test_a_cancelled_receive_loses_no_item() -> None:
         send.close()
         rest = [item async for item in receive]
         assert received + rest == list(range(2 * CHECKPOINT_EVERY))
+
+
+async def test_a_cancelled_sender_whose_receiver_closed_is_cancelled_not_broken() -> None:
+    # Cancelling a run closes the receiving task's end first; the sender, still on its fast
+    # path (no checkpoint yet), must see its own cancellation, not a BrokenResourceError.
+    send, receive = open_channel[int](4, name="q")
+    receive.close()
+    reached = False
+    with send, anyio.CancelScope() as scope:
+        scope.cancel()
+        await send.send(1)
+        reached = True
+    assert scope.cancelled_caught and not reached
+
+
+async def test_a_sender_whose_receiver_closed_without_cancellation_is_broken() -> None:
+    send, receive = open_channel[int](4, name="q")
+    receive.close()
+    with send, pytest.raises(anyio.BrokenResourceError):
+        await send.send(1)
