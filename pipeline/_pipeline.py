@@ -491,11 +491,12 @@ class Pipeline:
                 observer.on_error(root.stage, type(root.__cause__).__name__)
             if observer is not None:
                 observer.on_run_end(report)
-            if root is None:
-                raise error
+            raised = error if root is None else root
+            # A close that failed or overran while the run was failing or being cancelled
+            # is not the story, but it must not vanish either.
             for extra in close_errors:
-                _add_note(root, f"also, while closing: {extra}")
-            raise root
+                _add_note(raised, f"also, while closing: {extra}")
+            raise raised
         if observer is not None:
             if close_errors:
                 observer.on_error(close_errors[0].stage, type(close_errors[0].__cause__).__name__)
