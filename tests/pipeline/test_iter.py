@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
 from contextlib import aclosing
+from typing import TypeVar
 
 import anyio
 import pytest
@@ -12,9 +13,11 @@ import torch
 
 from weightpipe.pipeline import as_async_iter
 
+T = TypeVar("T")
 
-async def collect(source: object) -> list[object]:
-    return [item async for item in as_async_iter(source)]  # type: ignore[arg-type]
+
+async def collect(source: Iterable[T] | AsyncIterable[T]) -> list[T]:
+    return [item async for item in as_async_iter(source)]
 
 
 async def test_checkpoint_engine_async_generator_is_accepted() -> None:
@@ -25,9 +28,7 @@ async def test_checkpoint_engine_async_generator_is_accepted() -> None:
             yield f"model.layers.{i}.mlp.up_proj.weight", torch.full((2, 2), float(i))
 
     items = await collect(receive_weights())
-    assert [name for name, _ in items] == [  # type: ignore[misc]
-        f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)
-    ]
+    assert [name for name, _ in items] == [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
 
 
 async def test_async_iterable_that_is_not_a_generator() -> None:
