@@ -15,6 +15,7 @@ non-zero.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import sys
@@ -318,7 +319,7 @@ def _by_importance(leaves: list[BaseException]) -> list[BaseException]:
 
 
 def _start_shm_manager_detached() -> None:
-    """Start torch's shared-memory manager now, with ``/dev/null`` as its stdin and stderr.
+    """Start torch's shared-memory manager now, with ``/dev/null`` as its stdio.
 
     CPU payloads to an SGLang server are shared-memory handles (the ``file_system``
     strategy), and the first one makes libshm fork ``torch_shm_manager``, which replaces
@@ -331,18 +332,31 @@ def _start_shm_manager_detached() -> None:
 
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = [os.dup(fd) for fd in (0, 1, 2)]
-    devnull = os.open(os.devnull, os.O_RDWR)
+    saved = {fd: _copy_above_stdio(fd) for fd in (0, 1, 2)}
+    opened = os.open(os.devnull, os.O_RDWR)  # may take a closed stdio slot: move it up
+    devnull = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(opened)
     try:
-        for fd in (0, 1, 2):
+        for fd in saved:
             os.dup2(devnull, fd)
         storage = torch.UntypedStorage(1)  # type: ignore[no-untyped-call]
         storage._share_filename_cpu_()  # forks the manager on the first call only
     finally:
-        for fd, copy in zip((0, 1, 2), saved, strict=True):
-            os.dup2(copy, fd)
-            os.close(copy)
+        for fd, copy in saved.items():
+            if copy is None:  # it was closed: leave it closed
+                os.close(fd)
+            else:
+                os.dup2(copy, fd)
+                os.close(copy)
         os.close(devnull)
+
+
+def _copy_above_stdio(fd: int) -> int | None:
+    """A close-on-exec copy of ``fd`` numbered 3 or more, or None if ``fd`` is closed."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        return None
 
 
 def run_demo(config: WeightpipeConfig) -> int:
