@@ -27,7 +27,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
@@ -139,7 +139,7 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             power of two, an unknown ``empty_source``, or ``keep_buffers`` < 1.
     """
 
-    name: ClassVar[str] = "fetch"
+    name = "fetch"
 
     def __init__(
         self,

@@ -23,13 +23,14 @@ import struct
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
+    Generator,
     Iterable,
     Iterator,
     Mapping,
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import anyio
 import anyio.to_thread
@@ -238,6 +239,24 @@ def safetensors_index(path: str | Path) -> list[tuple[Path, list[tuple[str, int]
     return plan
 
 
+@overload
+def safetensors_source(
+    path: str | Path, *, window_bytes: int = ..., direct: Literal[False] = ...
+) -> Generator[tuple[str, torch.Tensor], None, None]: ...
+
+
+@overload
+def safetensors_source(
+    path: str | Path, *, window_bytes: int = ..., direct: Literal[True]
+) -> list[tuple[str, FileSpan]]: ...
+
+
+@overload
+def safetensors_source(
+    path: str | Path, *, window_bytes: int = ..., direct: bool
+) -> Iterable[tuple[str, torch.Tensor | FileSpan]]: ...
+
+
 def safetensors_source(
     path: str | Path, *, window_bytes: int = 256 << 20, direct: bool = False
 ) -> Iterable[tuple[str, torch.Tensor | FileSpan]]:
@@ -332,7 +351,7 @@ class FileSpan:
         return typed.view(self.shape)
 
 
-def _stream_spans(path: Path) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
+def _stream_spans(path: Path) -> Iterator[tuple[str, FileSpan]]:
     for file, entries in safetensors_index(path):
         header = _read_header(file)
         with file.open("rb") as handle:
@@ -355,7 +374,7 @@ def _stream_spans(path: Path) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
 
 def _stream_safetensors(
     path: Path, window_bytes: int
-) -> Iterator[tuple[str, torch.Tensor | FileSpan]]:
+) -> Generator[tuple[str, torch.Tensor], None, None]:
     from safetensors import safe_open
 
     for file, entries in safetensors_index(path):
