@@ -7,13 +7,17 @@ through a distributed update group). Heavy optional imports (transformers, sglan
 only when the engine that needs them is constructed.
 """
 
+from weightpipe.pipeline import StageError, WeightpipeError
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines import Engine, EngineError, PauseMode, SyncMode
+from weightpipe.stages.engines.base import MeasuresGeneration
 from weightpipe.stages.engines.local import (
+    GenerationListener,
     GenerationOutput,
     GenerationStats,
     GenerationWindow,
     LocalEngine,
+    random_weights,
 )
 from weightpipe.stages.engines.sglang.distributed import SGLangDistributedEngine
 from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
@@ -28,9 +32,15 @@ from weightpipe.stages.fp8 import (
     quantize_fp8,
 )
 from weightpipe.stages.load import Load, LoadReport
+from weightpipe.stages.metrics import WeightpipeMetrics, serve_metrics
 from weightpipe.stages.quantize import Fp8Quantize, Fp8Selection, select_for_fp8
-from weightpipe.stages.sources import FileSpan, named_tensors, safetensors_source
-from weightpipe.stages.sync import SyncReport, sync_weights
+from weightpipe.stages.sources import (
+    FileSpan,
+    borrowed_tensors,
+    named_tensors,
+    safetensors_source,
+)
+from weightpipe.stages.sync import SyncAware, SyncReport, sync_weights
 from weightpipe.stages.transport.distributed import (
     DistributedReceiver,
     DistributedSender,
@@ -50,27 +60,36 @@ __all__ = [
     "Fp8Quantize",
     "Fp8Selection",
     "Fp8Tensor",
+    "GenerationListener",
     "GenerationOutput",
     "GenerationStats",
     "GenerationWindow",
     "Load",
     "LoadReport",
     "LocalEngine",
+    "MeasuresGeneration",
     "NonFiniteWeightError",
     "PauseMode",
     "SGLangDistributedEngine",
     "SGLangEngine",
     "SGLangHTTPEngine",
+    "StageError",
+    "SyncAware",
     "SyncMode",
     "SyncReport",
     "TransportError",
     "WeightBucket",
+    "WeightpipeError",
+    "WeightpipeMetrics",
+    "borrowed_tensors",
     "check_fp8",
     "dequantize_fp8",
     "distributed_source",
     "named_tensors",
     "quantize_fp8",
+    "random_weights",
     "safetensors_source",
     "select_for_fp8",
+    "serve_metrics",
     "sync_weights",
 ]
