@@ -56,14 +56,20 @@ def test_sweep_via_weightpipe_bench(tmp_path: Path) -> None:
             "sweep.depths=[1,2]",
             "sweep.bucket_mib=[1,4]",
             "sweep.workers=[1]",
+            "sweep.repeats=2",
         ]
     )
     assert status == 0
     data = json.loads(json_path.read_text())
     assert len(data["results"]) == 4
-    assert set(data["sequential"]) == {"1", "4"}
+    assert data["repeats"] == 2
+    assert set(data["sequential"]) == set(data["sequential_all_cores"]) == {"1", "4"}
+    for row in [*data["results"], *data["sequential"].values()]:
+        assert len(row["gbs_runs"]) == 2
+        assert row["gbs_min"] <= row["gbs"] <= row["gbs_max"]
     rec = data["recommended"]
     assert rec["depth"] in (1, 2) and rec["bucket_mib"] in (1, 4)
+    assert rec["tied"] and rec["why"]
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shapes = dict(sweep.model_shapes(sweep.PRESETS["llama-8b"]))
     assert shapes["model.layers.31.mlp.down_proj.weight"] == (4096, 14336)

@@ -14,8 +14,12 @@ each), and again with the quantizer on every core (``sequential_all_cores``, the
 loop a 2-core CPU allows: where every stage is CPU work, pipelining can only win by what
 the other stages add, so this one is the honest upper bar). Each setting reports throughput
 (GB/s of bf16 input), speed-up over the baseline, and peak RSS growth against the bound
-``(depth + stages + 1) * bucket_bytes`` plus a fixed overhead (see ``memory_bound``). The
-recommended setting is the fastest one whose peak memory stays within that bound.
+``(depth + stages + 1) * bucket_bytes`` plus a fixed overhead (see ``memory_bound``).
+Every setting and baseline runs ``sweep.repeats`` times (3 by default, interleaved) and
+reports its median and min-max. The recommendation (``recommend``) is the setting with the
+least memory among those whose runs cannot be told apart from the fastest one's, and the
+output says why, with the figures; a shared machine's noise then moves the figures, not
+the pick.
 
 Usage: ``python -m benchmarks.sweep --json out/sweep.json --plot out/sweep.png`` or
 ``weightpipe bench`` (settings from the ``sweep`` config section).
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -54,6 +59,7 @@ __all__ = [
     "main",
     "memory_bound",
     "model_shapes",
+    "recommend",
     "run_pipelined",
     "run_sequential",
     "run_sweep",
@@ -266,7 +272,91 @@ def _progress(total: int, enabled: bool) -> Any:
     return progress
 
 
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and spread of repeated runs of one setting (GB/s, seconds, peak RSS)."""
+    gbs = sorted(r["gbs"] for r in runs)
+    rss = sorted(r["peak_rss_growth_bytes"] for r in runs)
+    median = statistics.median(gbs)
+    out = dict(runs[len(runs) // 2])  # the other fields (busy, bottleneck) of one run
+    out.update(
+        gbs=median,
+        gbs_min=gbs[0],
+        gbs_max=gbs[-1],
+        gbs_runs=[r["gbs"] for r in runs],
+        spread=(gbs[-1] - gbs[0]) / median if median else 0.0,
+        seconds=statistics.median(r["seconds"] for r in runs),
+        peak_rss_growth_bytes=int(statistics.median(rss)),
+        peak_rss_growth_max_bytes=rss[-1],
+        repeats=len(runs),
+    )
+    return out
+
+
+def recommend(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The setting to use, and why, from the summarised settings of one sweep.
+
+    The fastest setting by median is the reference. Every setting whose fastest run
+    reaches the reference's slowest run is within the noise of the best (their ranges
+    overlap, so the runs cannot tell them apart). Among those, the one with the least
+    memory wins: the smallest memory bound (depth and bucket size, a fixed property of
+    the setting, so the pick does not move with noise), then fewer workers, then the
+    lower measured peak. Settings over their memory bound are considered only when
+    every setting is.
+
+    Returns:
+        a dict with the chosen row's settings and figures, ``best_median`` (the
+        reference), ``tied`` (the settings within noise, as ``depth/MiB/workers``
+        strings) and ``why`` (one sentence with the figures).
+    """
+    if not results:
+        raise ValueError("recommend: no results")
+    candidates = [r for r in results if r["within_bound"]] or results
+    best = max(candidates, key=lambda r: r["gbs"])
+    floor = best["gbs_min"]
+    tied = [r for r in candidates if r["gbs_max"] >= floor]
+    pick = min(
+        tied,
+        key=lambda r: (r["memory_bound_bytes"], r["workers"], r["peak_rss_growth_bytes"]),
+    )
+
+    def label(r: dict[str, Any]) -> str:
+        return f"depth {r['depth']}/{r['bucket_mib']} MiB/{r['workers']} workers"
+
+    if len(tied) == 1:
+        why = (
+            f"{label(pick)} is the fastest ({pick['gbs']:.3f} GB/s median, "
+            f"{pick['gbs_min']:.3f}-{pick['gbs_max']:.3f}) and no other setting's runs reach "
+            f"its slowest run"
+        )
+    else:
+        why = (
+            f"{len(tied)} settings are tied with the fastest ({label(best)}, "
+            f"{best['gbs']:.3f} GB/s median, slowest run {floor:.3f}): their fastest runs "
+            f"reach its slowest, so the runs cannot tell them apart; {label(pick)} "
+            f"({pick['gbs']:.3f} GB/s) needs the least memory among them "
+            f"(bound {pick['memory_bound_bytes'] / MiB:.0f} MiB)"
+        )
+    return {
+        "depth": pick["depth"],
+        "bucket_mib": pick["bucket_mib"],
+        "workers": pick["workers"],
+        "gbs": pick["gbs"],
+        "gbs_min": pick["gbs_min"],
+        "gbs_max": pick["gbs_max"],
+        "peak_rss_growth_bytes": pick["peak_rss_growth_bytes"],
+        "memory_bound_bytes": pick["memory_bound_bytes"],
+        "best_median": best["gbs"],
+        "tied": [label(r) for r in tied],
+        "why": why,
+    }
+
+
 async def sweep(config: WeightpipeConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run every setting and baseline ``sweep.repeats`` times, interleaved, and summarise.
+
+    Repeats go round-robin (every setting once, then again), so a slow spell of a shared
+    machine lands on all settings instead of on one.
+    """
     cfg = config.sweep
     preset = PRESETS[cfg.preset]
     model = SyntheticModel(model_shapes(preset, cfg.layers), seed=config.model.seed)
@@ -285,11 +375,12 @@ async def sweep(config: WeightpipeConfig, *, progress: bool = True) -> dict[str,
         for depth in cfg.depths
         for workers in cfg.workers
     ]
-    results: list[dict[str, Any]] = []
-    baselines: dict[int, dict[str, Any]] = {}
-    all_cores: dict[int, dict[str, Any]] = {}
+    runs: dict[tuple[int, int, int], list[dict[str, Any]]] = {s: [] for s in settings}
+    baseline_runs: dict[int, list[dict[str, Any]]] = {mib: [] for mib in cfg.bucket_mib}
+    all_core_runs: dict[int, list[dict[str, Any]]] = {mib: [] for mib in cfg.bucket_mib}
+    cores = os.cpu_count() or 1
     version = 0
-    total = len(settings) + len(cfg.bucket_mib) + 1
+    total = cfg.repeats * (len(settings) + 2 * len(cfg.bucket_mib)) + 1
     with _progress(total, progress) as bar:
         task = bar.add_task("sweep", total=total)
         # One untimed pass first: page faults of the pool, allocator growth and thread
@@ -298,61 +389,66 @@ async def sweep(config: WeightpipeConfig, *, progress: bool = True) -> dict[str,
         version += 1
         await run_pipelined(model, engine, 1, cfg.bucket_mib[0] * MiB, 1, version)
         bar.advance(task)
-        for mib in cfg.bucket_mib:
-            version += 1
-            bar.update(task, description=f"sequential {mib} MiB")
-            baselines[mib] = await run_sequential(model, engine, mib * MiB, version)
-            # The strongest sequential loop on this machine: the quantizer on every core.
-            version += 1
-            all_cores[mib] = await run_sequential(
-                model, engine, mib * MiB, version, cpu_threads=os.cpu_count() or 1
-            )
-            bar.advance(task)
-            for depth, setting_mib, workers in settings:
-                if setting_mib != mib:
-                    continue
+        for repeat in range(cfg.repeats):
+            tag = f"run {repeat + 1}/{cfg.repeats}"
+            for mib in cfg.bucket_mib:
                 version += 1
-                bar.update(task, description=f"depth {depth}, {mib} MiB, {workers} workers")
-                result = await run_pipelined(model, engine, depth, mib * MiB, workers, version)
-                bound = memory_bound(depth, mib * MiB, model.largest_bytes)
-                result.update(
-                    depth=depth,
-                    bucket_mib=mib,
-                    workers=workers,
-                    speedup=baselines[mib]["seconds"] / result["seconds"],
-                    memory_bound_bytes=bound,
-                    within_bound=result["peak_rss_growth_bytes"] <= bound,
-                )
-                results.append(result)
+                bar.update(task, description=f"{tag}: sequential {mib} MiB")
+                baseline_runs[mib].append(await run_sequential(model, engine, mib * MiB, version))
                 bar.advance(task)
-    candidates = [r for r in results if r["within_bound"]] or results
-    best = max(candidates, key=lambda r: r["gbs"])
+                # The strongest sequential loop on this machine: the quantizer on every core.
+                version += 1
+                bar.update(task, description=f"{tag}: sequential {mib} MiB, {cores} cores")
+                all_core_runs[mib].append(
+                    await run_sequential(model, engine, mib * MiB, version, cpu_threads=cores)
+                )
+                bar.advance(task)
+            for depth, mib, workers in settings:
+                version += 1
+                bar.update(task, description=f"{tag}: depth {depth}, {mib} MiB, {workers} w")
+                runs[(depth, mib, workers)].append(
+                    await run_pipelined(model, engine, depth, mib * MiB, workers, version)
+                )
+                bar.advance(task)
+    baselines = {mib: _summary(r) for mib, r in baseline_runs.items()}
+    all_cores = {mib: _summary(r) for mib, r in all_core_runs.items()}
+    results: list[dict[str, Any]] = []
+    for (depth, mib, workers), setting_runs in runs.items():
+        result = _summary(setting_runs)
+        bound = memory_bound(depth, mib * MiB, model.largest_bytes)
+        result.update(
+            depth=depth,
+            bucket_mib=mib,
+            workers=workers,
+            speedup=baselines[mib]["seconds"] / result["seconds"],
+            memory_bound_bytes=bound,
+            within_bound=result["peak_rss_growth_max_bytes"] <= bound,
+        )
+        results.append(result)
+    chosen = recommend(results)
     best_sequential = max(b["gbs"] for b in [*baselines.values(), *all_cores.values()])
+    chosen["speedup_vs_sequential_same_bucket"] = (
+        chosen["gbs"] / baselines[chosen["bucket_mib"]]["gbs"]
+    )
+    chosen["speedup_vs_best_sequential_any_setting"] = chosen["gbs"] / best_sequential
     return {
         "benchmark": "sweep",
         "preset": cfg.preset,
         "sink": cfg.sink,
+        "repeats": cfg.repeats,
         "total_bytes": model.total_bytes,
         "largest_tensor_bytes": model.largest_bytes,
         "tensors": len(model.shapes),
         "sequential": {str(k): v for k, v in baselines.items()},
         "sequential_all_cores": {str(k): v for k, v in all_cores.items()},
         "results": results,
-        "recommended": {
-            "depth": best["depth"],
-            "bucket_mib": best["bucket_mib"],
-            "workers": best["workers"],
-            "gbs": best["gbs"],
-            "speedup_vs_sequential_same_bucket": best["speedup"],
-            "speedup_vs_best_sequential_any_setting": best["gbs"] / best_sequential,
-            "peak_rss_growth_bytes": best["peak_rss_growth_bytes"],
-            "memory_bound_bytes": best["memory_bound_bytes"],
-        },
+        "recommended": chosen,
     }
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    """Throughput and peak memory against depth, one line per bucket size (and workers)."""
+    """Throughput (median, min-max bars) and peak memory against depth, one line per
+    bucket size and worker count, with every sequential baseline as a horizontal line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,31 +463,56 @@ def plot(result: dict[str, Any], path: str) -> None:
         rows.sort(key=lambda r: r["depth"])
         depths = [r["depth"] for r in rows]
         label = f"{mib} MiB" + (f", {workers} workers" if workers > 1 else "")
-        (line,) = ax_speed.plot(depths, [r["gbs"] for r in rows], marker="o", label=label)
-        colors.setdefault(mib, line.get_color())
+        medians = [r["gbs"] for r in rows]
+        errors = [
+            [r["gbs"] - r.get("gbs_min", r["gbs"]) for r in rows],
+            [r.get("gbs_max", r["gbs"]) - r["gbs"] for r in rows],
+        ]
+        bars = ax_speed.errorbar(depths, medians, yerr=errors, marker="o", capsize=3, label=label)
+        color = bars.lines[0].get_color()
+        colors.setdefault(mib, color)
         ax_mem.plot(
             depths,
             [r["peak_rss_growth_bytes"] / MiB for r in rows],
             marker="o",
             label=label,
-            color=line.get_color(),
+            color=color,
         )
-    for mib, base in result["sequential"].items():
-        ax_speed.axhline(
-            base["gbs"],
-            linestyle=":",
-            linewidth=1.2,
-            color=colors.get(int(mib)),
-            label=f"sequential {mib} MiB",
-        )
+    for key, style, what in (
+        ("sequential", ":", "sequential"),
+        ("sequential_all_cores", "--", "sequential, all cores"),
+    ):
+        for mib, base in result.get(key, {}).items():
+            ax_speed.axhline(
+                base["gbs"],
+                linestyle=style,
+                linewidth=1.2,
+                color=colors.get(int(mib)),
+                label=f"{what} {mib} MiB",
+            )
+    rec = result["recommended"]
+    ax_speed.plot(
+        [rec["depth"]],
+        [rec["gbs"]],
+        marker="*",
+        markersize=14,
+        color="black",
+        linestyle="",
+        label="recommended",
+    )
     all_depths = sorted({r["depth"] for r in result["results"]})
     for ax in (ax_speed, ax_mem):
         ax.set_xticks(all_depths)
-    ax_speed.set(xlabel="queue depth", ylabel="GB/s of bf16 input", title="throughput")
+    repeats = result.get("repeats", 1)
+    ax_speed.set(
+        xlabel="queue depth",
+        ylabel="GB/s of bf16 input",
+        title=f"throughput (median of {repeats}, bars: min-max)",
+    )
     ax_mem.set(xlabel="queue depth", ylabel="peak RSS growth (MiB)", title="peak memory")
     for ax in (ax_speed, ax_mem):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(f"weightpipe sweep: {result['preset']}, {result['total_bytes'] / 1e9:.2f} GB")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -405,6 +526,7 @@ def report(result: dict[str, Any]) -> None:
             r["bucket_mib"],
             r["workers"],
             r["gbs"],
+            f"{r['gbs_min']:.3f}-{r['gbs_max']:.3f}",
             r["speedup"],
             r["peak_rss_growth_bytes"] / MiB,
             r["memory_bound_bytes"] / MiB,
@@ -418,7 +540,8 @@ def report(result: dict[str, Any]) -> None:
             "depth",
             "bucket MiB",
             "workers",
-            "GB/s",
+            "GB/s (median)",
+            "min-max",
             "x sequential",
             "peak MiB",
             "bound MiB",
@@ -428,8 +551,9 @@ def report(result: dict[str, Any]) -> None:
     for mib, base in result["sequential"].items():
         strong = result["sequential_all_cores"][mib]
         print(
-            f"sequential {mib} MiB: {base['gbs']:.3f} GB/s (same stages), "
-            f"{strong['gbs']:.3f} GB/s (quantizer on every core)"
+            f"sequential {mib} MiB: {base['gbs']:.3f} GB/s (same stages, "
+            f"{base['gbs_min']:.3f}-{base['gbs_max']:.3f}), {strong['gbs']:.3f} GB/s "
+            f"(quantizer on every core, {strong['gbs_min']:.3f}-{strong['gbs_max']:.3f})"
         )
     rec = result["recommended"]
     print(
@@ -438,6 +562,7 @@ def report(result: dict[str, Any]) -> None:
         f"{rec['speedup_vs_sequential_same_bucket']:.2f}x the sequential baseline, "
         f"{rec['speedup_vs_best_sequential_any_setting']:.2f}x the best sequential setting"
     )
+    print(f"why: {rec['why']}")
 
 
 def run_sweep(
