@@ -242,8 +242,11 @@ class SweepConfig:
     """``sink`` (discard after the load stage's copy) or ``local`` (the local engine)."""
     layers: int = 0
     """Decoder layers to stream (0: the preset's own count)."""
+    repeats: int = 3
+    """Runs of every setting and baseline (interleaved); figures are medians with spread."""
 
     def __post_init__(self) -> None:
+        _at_least("sweep.repeats", self.repeats, 1)
         for key in ("depths", "bucket_mib", "workers"):
             values = getattr(self, key)
             if not values or any(v < 1 for v in values):
