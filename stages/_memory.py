@@ -2,7 +2,8 @@
 
 A fresh large buffer costs first-touch page faults that can rival the work done in it
 (copying a bucket, writing FP8 outputs). ``allocate_host`` is the only place weightpipe
-allocates large host buffers: pinned when a device copies from it, else huge-page advised.
+allocates large host buffers: pinned when a device copies from it, in named shared memory
+when another process on the node reads it, else huge-page advised.
 Fetch keeps its bucket buffers and Fp8Quantize its output arenas in a ``BufferPool``; a
 buffer is handed out again only when nothing outside the pool is known to hold a view of
 it, so recycling never overwrites data downstream still reads. Where torch cannot tell a
@@ -34,9 +35,14 @@ def use_count(tensor: torch.Tensor) -> int:
     return int(count(tensor.untyped_storage()._cdata))
 
 
-def allocate_host(nbytes: int, *, pin: bool, prefault: bool = True) -> torch.Tensor:
+def allocate_host(
+    nbytes: int, *, pin: bool, prefault: bool = True, shared: bool = False
+) -> torch.Tensor:
     """A 1-D uint8 CPU buffer of ``nbytes`` bytes (contents undefined unless prefaulted).
 
+    ``shared``: in named shared memory (torch's ``file_system`` strategy), so pickling it
+    for another process on this node (an SGLang server's ``update_weights_from_tensor``)
+    sends a handle instead of first copying the bytes into shared memory.
     ``pin``: page-locked (a device copies from or into it). Otherwise a buffer of at least
     ``HUGEPAGE_MIN_BYTES`` on Linux is an anonymous mapping advised for huge pages, freed
     when its last view goes. ``prefault`` touches its pages now, from user space: faults
@@ -44,6 +50,14 @@ def allocate_host(nbytes: int, *, pin: bool, prefault: bool = True) -> torch.Ten
     a caller whose own parallel writes touch every page first (the FP8 band workers) passes
     False.
     """
+    if shared and pin:
+        raise ValueError("allocate_host: a buffer is either pinned or shared, not both")
+    if shared:
+        storage = torch.UntypedStorage._new_using_filename_cpu(nbytes)  # type: ignore[attr-defined]
+        buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+        if prefault:
+            buffer.fill_(0)
+        return buffer
     if pin:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     if nbytes >= HUGEPAGE_MIN_BYTES and sys.platform.startswith("linux"):
@@ -82,10 +96,14 @@ class BufferPool:
     count torch cannot report is never retained (it could not be known to be free).
     """
 
-    def __init__(self, capacity: int, keep: int, *, pin: bool) -> None:
+    def __init__(
+        self, capacity: int, keep: int, *, pin: bool, shared: bool = False, prefault: bool = True
+    ) -> None:
         self.capacity = capacity
         self.keep = keep
         self.pin = pin
+        self.shared = shared
+        self.prefault = prefault
         self._entries: list[_Entry] = []
 
     def take(self, nbytes: int) -> torch.Tensor:
@@ -99,14 +117,17 @@ class BufferPool:
         if best is not None:
             best.event = None
             return best.buffer
-        buffer = allocate_host(max(nbytes, self.capacity), pin=self.pin)
+        buffer = self._allocate(max(nbytes, self.capacity))
         self._retain(buffer)
         return buffer
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        return allocate_host(nbytes, pin=self.pin, prefault=self.prefault, shared=self.shared)
 
     def reserve(self, count: int) -> None:
         """Allocate buffers of ``capacity`` bytes until ``count`` are retained."""
         while len(self._entries) < count:
-            if not self._retain(allocate_host(self.capacity, pin=self.pin)):
+            if not self._retain(self._allocate(self.capacity)):
                 return
 
     def mark_copied(self, buffer: torch.Tensor, event: Any) -> None:

@@ -77,10 +77,18 @@ class WeightBucket:
             self.buffer.record_stream(target)
 
     def with_tensors(
-        self, tensors: tuple[tuple[str, torch.Tensor], ...], *, ready: Any = None, **meta: Any
+        self,
+        tensors: tuple[tuple[str, torch.Tensor], ...],
+        *,
+        ready: Any = None,
+        buffer: torch.Tensor | None = None,
+        **meta: Any,
     ) -> WeightBucket:
-        """A bucket at the same position with new tensors (and no flattened buffer)."""
-        return replace(self, tensors=tensors, buffer=None, ready=ready, meta={**self.meta, **meta})
+        """A bucket at the same position with new tensors (by default no flattened buffer;
+        ``buffer``: the one uint8 buffer the new tensors are views of)."""
+        return replace(
+            self, tensors=tensors, buffer=buffer, ready=ready, meta={**self.meta, **meta}
+        )
 
     def describe(self) -> str:
         """Used in errors: ``bucket 3 of v7 (12 tensors, first 'model.layers.0...')``."""

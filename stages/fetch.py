@@ -2,15 +2,19 @@
 
 Fetch is where a sync's memory is bounded first. It validates every ``(name, tensor)``
 pair before the tensor joins a bucket, places it with the pure ``BucketPlanner`` rule
-(no bucket over ``bucket_bytes`` unless it holds one larger tensor alone), and copies it
-into the bucket's single uint8 buffer at an aligned offset, so every tensor of the
-bucket is a view of that buffer and rebuilds bit-exactly. Copies run in the stage's own
-worker thread in batches, so the event loop never moves bytes. On CUDA the buffer is
-assembled in pinned host memory and sent with one ``non_blocking`` copy on a dedicated
-copy stream; downstream gets the event recorded after it (``bucket.ready``), never a
-host synchronisation per tensor. On CPU the same path runs without streams. A source
-may hand Fetch ``FileSpan``s instead of tensors (``safetensors_source(direct=True)``):
-those are read from the file straight into the bucket buffer, one kernel copy each.
+(no bucket over ``bucket_bytes`` unless it holds one larger tensor alone). Where a
+single buffer is needed (a file read target, pinned staging for a device, an engine that
+sends flat buffers) it copies each tensor into the bucket's uint8 buffer at an aligned
+offset, so every tensor of the bucket is a view of that buffer and rebuilds bit-exactly;
+otherwise (by default, ``flatten="auto"``) the bucket carries the source tensors
+themselves and the next stage, which rewrites the bytes anyway, reads them once. Copies
+run in the stage's own worker thread in batches, so the event loop never moves bytes. On
+CUDA the buffer is assembled in pinned host memory and sent with one ``non_blocking``
+copy on a dedicated copy stream; downstream gets the event recorded after it
+(``bucket.ready``), never a host synchronisation per tensor. On CPU the same path runs
+without streams. A source may hand Fetch ``FileSpan``s instead of tensors
+(``safetensors_source(direct=True)``): those are read from the file straight into the
+bucket buffer, one kernel copy each.
 
 Memory invariant (why ``is_last`` is exact): a bucket is emitted only when the first
 tensor of the next bucket has arrived (then ``is_last=False``) or at ``flush`` (then
@@ -43,6 +47,7 @@ from weightpipe.stages._layout import (
 )
 from weightpipe.stages._memory import BufferPool
 from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import WireSpec
 from weightpipe.stages.sources import FileSpan, materialise
 
 __all__ = ["EmptySource", "Fetch", "FetchStats"]
@@ -81,6 +86,7 @@ class _OpenBucket:
 
     __slots__ = (
         "device_sources",
+        "flat",
         "host",
         "index",
         "layouts",
@@ -92,10 +98,11 @@ class _OpenBucket:
         "used",
     )
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, flat: bool) -> None:
         self.index = index
+        self.flat = flat  # one buffer (True) or the tensors themselves (False)
         self.layouts: list[TensorLayout] = []
-        self.tensors: list[tuple[str, torch.Tensor]] = []  # flatten=False only
+        self.tensors: list[tuple[str, torch.Tensor]] = []  # unflattened buckets only
         self.pending: list[tuple[TensorLayout, torch.Tensor | FileSpan]] = []
         self.device_sources: list[tuple[TensorLayout, torch.Tensor]] = []
         self.pending_bytes = 0
@@ -121,8 +128,16 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         empty_source: what a sync with no tensors does: ``"error"`` raises; ``"empty"``
             emits one empty bucket with ``is_last=True`` so Load still commits.
         allow: optional allow-list of names; entries with ``*?[`` are fnmatch patterns.
-        flatten: True packs each bucket into one buffer; False passes the tensors
-            themselves (made contiguous, moved to ``device``) with ``buffer=None``.
+        flatten: ``"auto"`` (the default) packs a bucket into one buffer only where a
+            buffer is needed: a ``FileSpan`` needs a read target, a host tensor bound for
+            a CUDA device needs pinned staging, and an engine that sends flat buffers
+            asks for one when Fetch is the last stage before Load (``use_wire``).
+            Otherwise the bucket carries the source tensors themselves (views, made
+            contiguous, moved to ``device`` only where they are not already), since the
+            next stage (Fp8Quantize) rewrites the bytes anyway: those tensors stay alive
+            until the bucket is consumed, so the source must not change them during the
+            sync (a lending source goes through ``borrowed_tensors``). True always packs;
+            False never does.
         keep_buffers: the most host buffers kept for reuse (each ``bucket_bytes``, or one
             oversize tensor): a buffer is reused once downstream has dropped every view
             of it, so fresh allocations (page faults; pinning on CUDA) happen only while
@@ -132,7 +147,9 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             often); False releases it at ``close``. ``release_buffers()`` drops it now.
 
     Each bucket's ``meta`` has ``made_contiguous``, ``tensor_bytes`` and
-    ``padding_bytes``. The stage is stateful: ``workers`` is 1.
+    ``padding_bytes``. ``written_bytes`` counts the bytes Fetch has written into buffers
+    (packed copies, host-to-device copies, contiguous copies; a tensor passed on as it
+    is costs nothing). The stage is stateful: ``workers`` is 1.
 
     Raises:
         ValueError: a non-positive ``bucket_bytes``, an ``align_bytes`` that is not a
@@ -150,7 +167,7 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         device: str | torch.device = "cpu",
         empty_source: EmptySource = "error",
         allow: Sequence[str] | None = None,
-        flatten: bool = True,
+        flatten: bool | Literal["auto"] = "auto",
         keep_buffers: int = 4,
         retain_buffers: bool = True,
     ) -> None:
@@ -166,6 +183,8 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             )
         if keep_buffers < 1:
             raise ValueError(f"fetch: keep_buffers must be >= 1, got {keep_buffers!r}")
+        if flatten not in (True, False, "auto"):
+            raise ValueError(f"fetch: flatten must be True, False or 'auto', got {flatten!r}")
         self.bucket_bytes = bucket_bytes
         self.version = version
         self.align_bytes = align_bytes
@@ -180,6 +199,8 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         self._cuda = self.device.type == "cuda"
         self._limiter = anyio.CapacityLimiter(1)
         self._pool = BufferPool(bucket_bytes, keep_buffers, pin=self._cuda)
+        self.wire: WireSpec | None = None
+        self.written_bytes = 0
         self._stream: Any = None
         self._counts = {"tensors": 0, "bytes": 0, "made_contiguous": 0, "buckets": 0, "syncs": 0}
         self._names: set[str] = set()
@@ -210,6 +231,28 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         Fetch is ``SyncAware``). Only the version is set here: ``open`` resets the rest,
         so ``stats.syncs`` still counts one per sync."""
         self.version = version
+
+    def use_wire(self, spec: WireSpec | None) -> None:
+        """Pack every bucket into one buffer laid out to ``spec`` (None: as ``flatten``
+        says). ``sync_weights`` calls this with the engine's ``WireSpec`` when Fetch is the
+        last stage before Load (``WritesWireBuffer``)."""
+        if spec is not None and spec.align_bytes > self.align_bytes:
+            raise ValueError(
+                f"fetch: the engine needs starts aligned to {spec.align_bytes} bytes, "
+                f"more than align_bytes={self.align_bytes}"
+            )
+        shared = spec is not None and spec.shared_memory and not self._cuda
+        if shared != self._pool.shared:
+            self._pool = BufferPool(self.bucket_bytes, self._pool.keep, pin=False, shared=shared)
+        self.wire = spec
+
+    def _packs(self, first: torch.Tensor | FileSpan) -> bool:
+        """Whether a bucket opened by ``first`` is packed into one buffer."""
+        if self.flatten != "auto":
+            return bool(self.flatten)
+        if self.wire is not None or isinstance(first, FileSpan):
+            return True
+        return self._cuda and first.device.type != "cuda"
 
     async def open(self) -> None:
         """Start a sync; on CUDA, create the copy stream.
@@ -269,8 +312,6 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
                 quantized or complex tensor (names the tensor).
         """
         name, tensor = self._validate(item)
-        if isinstance(tensor, FileSpan) and not self.flatten:
-            tensor = await anyio.to_thread.run_sync(tensor.load, limiter=self._limiter)
         if isinstance(tensor, torch.Tensor) and hasattr(tensor, "full_tensor"):
             # A DTensor shard: gather it (a collective every rank joins in this order).
             tensor = await anyio.to_thread.run_sync(materialise, name, tensor)
@@ -293,9 +334,12 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         if opens and self._open_bucket is not None:
             yield await self._finish(is_last=False)
         if opens:
-            self._open_bucket = _OpenBucket(self._emitted)
+            self._open_bucket = _OpenBucket(self._emitted, self._packs(tensor))
         bucket = self._open_bucket
         assert bucket is not None
+        if isinstance(tensor, FileSpan) and not bucket.flat:
+            tensor = await anyio.to_thread.run_sync(tensor.load, limiter=self._limiter)
+            self.written_bytes += nbytes
         layout = TensorLayout(name, tensor.dtype, tuple(tensor.shape), offset, nbytes)
         self._counts["tensors"] += 1
         self._counts["bytes"] += nbytes
@@ -305,7 +349,7 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             bucket.made_contiguous += 1
             self._counts["made_contiguous"] += 1
         bucket.layouts.append(layout)
-        if not self.flatten:
+        if not bucket.flat:
             assert isinstance(tensor, torch.Tensor)
             bucket.tensors.append((name, tensor))
             return
@@ -333,7 +377,8 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             )
         self._counts["buckets"] += 1
         self._emitted += 1
-        empty = torch.empty(0, dtype=torch.uint8, device=self.device) if self.flatten else None
+        packs = self.flatten is True or self.wire is not None
+        empty = torch.empty(0, dtype=torch.uint8, device=self.device) if packs else None
         yield WeightBucket(
             (),
             0,
@@ -396,6 +441,7 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
                 tensor.read_into(host[layout.offset : layout.end])
             else:
                 copy_into(host, layout, tensor)
+            self.written_bytes += layout.nbytes
         bucket.pending = []  # drop the source tensors as soon as their bytes are copied
         bucket.pending_bytes = 0
 
@@ -420,9 +466,12 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
                 # One H2D copy for the whole bucket; GPU-resident tensors then overwrite
                 # their own ranges, in stream order.
                 device_buffer.copy_(host[:used], non_blocking=True)
+            if host is not None:
+                self.written_bytes += used
             for layout, tensor in bucket.device_sources:
                 tensor.record_stream(stream)
                 copy_into(device_buffer, layout, tensor)
+                self.written_bytes += layout.nbytes
             device_buffer.record_stream(stream)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
@@ -432,16 +481,25 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         return device_buffer, event
 
     def _seal_unflattened(self, bucket: _OpenBucket) -> tuple[list[tuple[str, torch.Tensor]], Any]:
+        moved: list[tuple[str, torch.Tensor]] = []
         if not self._cuda:
-            return [(name, t.to(self.device).contiguous()) for name, t in bucket.tensors], None
+            for name, tensor in bucket.tensors:
+                if tensor.device != self.device or not tensor.is_contiguous():
+                    self.written_bytes += tensor.numel() * tensor.element_size()
+                moved.append((name, tensor.to(self.device).contiguous()))
+            return moved, None
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        moved: list[tuple[str, torch.Tensor]] = []
         with torch.cuda.stream(stream):
             for name, tensor in bucket.tensors:
+                nbytes = tensor.numel() * tensor.element_size()
                 source = tensor.contiguous()
+                if source is not tensor:
+                    self.written_bytes += nbytes
                 if source.device.type == "cuda":
                     source.record_stream(stream)
+                if source.device != self.device:
+                    self.written_bytes += nbytes
                 moved.append((name, source.to(self.device, non_blocking=True)))
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
@@ -452,7 +510,7 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         assert bucket is not None
         self._open_bucket = None
         buffer: torch.Tensor | None
-        if self.flatten:
+        if bucket.flat:
             flat, ready = await anyio.to_thread.run_sync(self._seal, bucket, limiter=self._limiter)
             tensors = unflatten(flat, bucket.layouts)
             buffer = flat
@@ -473,6 +531,6 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             meta={
                 "made_contiguous": bucket.made_contiguous,
                 "tensor_bytes": bucket.tensor_bytes,
-                "padding_bytes": bucket.used - bucket.tensor_bytes if self.flatten else 0,
+                "padding_bytes": bucket.used - bucket.tensor_bytes if bucket.flat else 0,
             },
         )

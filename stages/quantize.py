@@ -21,8 +21,10 @@ import anyio.to_thread
 import torch
 
 from weightpipe.pipeline import Stage
+from weightpipe.stages._layout import layout_of, unflatten
 from weightpipe.stages._memory import BufferPool
 from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import WireSpec
 from weightpipe.stages.fp8 import (
     FP8_DTYPE,
     FP8_METHODS,
@@ -43,6 +45,7 @@ from weightpipe.stages.fp8 import (
     quantize_fp8_batch,
     quantize_fp8_many,
     scale_name,
+    scale_shape,
     select_for_fp8,
     sglang_quantization_config,
     warm_up_cpu_kernel,
@@ -83,7 +86,16 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         backend: ``auto`` (CPU: band threads; CUDA: Triton if installed, else torch),
             ``torch``, or ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
         cpu_threads: band threads per CPU bucket (default: the cores, at most 4).
+        wire: write each CPU bucket's outputs (FP8 codes, scales and the kept tensors,
+            in output order) straight into one flat buffer laid out to this ``WireSpec``
+            (aligned starts, shared memory if asked), which becomes the bucket's
+            ``buffer``: an engine that sends flattened buckets (SGLang) then passes it on
+            without another copy. ``sync_weights`` sets it from the engine (``use_wire``)
+            when this is the last stage before Load. None: separate output tensors.
         name: the stage's name in reports, errors and metrics (default ``quantize``).
+
+    ``written_bytes`` counts the bytes the stage has written (FP8 codes, scales, cast or
+    packed copies of kept tensors; a tensor passed on as it is costs nothing).
     """
 
     name: str = "quantize"
@@ -102,6 +114,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         workers: int = 1,
         backend: QuantizeBackend = "auto",
         cpu_threads: int | None = None,
+        wire: WireSpec | None = None,
         name: str | None = None,
     ) -> None:
         if name is not None:
@@ -136,6 +149,28 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         # channel slots) plus one being written.
         self._arenas = BufferPool(0, keep=workers + 4, pin=False)
         self._arena_lock = threading.Lock()
+        self.wire: WireSpec | None = None
+        self._wire_pool: BufferPool | None = None
+        self.use_wire(wire)
+        self.written_bytes = 0
+        self._written_lock = threading.Lock()
+
+    def use_wire(self, spec: WireSpec | None) -> None:
+        """Write CPU buckets into one flat buffer laid out to ``spec`` (None: do not).
+
+        ``sync_weights`` calls this with the engine's ``WireSpec`` when this stage is the
+        last one before Load (``WritesWireBuffer``)."""
+        if spec != self.wire or self._wire_pool is None:
+            # Band workers write every byte of a packed buffer: no need to prefault it.
+            shared = spec is not None and spec.shared_memory
+            self._wire_pool = BufferPool(
+                0, keep=self.workers + 4, pin=False, shared=shared, prefault=shared
+            )
+        self.wire = spec
+
+    def _count(self, nbytes: int) -> None:
+        with self._written_lock:
+            self.written_bytes += nbytes
 
     # ------------------------------------------------------------------ engine config
 
@@ -185,6 +220,15 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
             NonFiniteWeightError: with ``nonfinite="error"``, naming the first bad tensor.
         """
         plan = [self.selection.quantizes(name, tensor) for name, tensor in bucket.tensors]
+        if (
+            self.wire is not None
+            and self.backend != "triton"
+            and bucket.tensors
+            and not any(t.is_cuda for _, t in bucket.tensors)
+        ):
+            packed = self._quantize_packed(bucket, plan, self.wire)
+            if packed is not None:
+                return packed
         cuda_idx = [i for i, (_, t) in enumerate(bucket.tensors) if t.is_cuda]
         results: dict[int, Fp8Tensor | None] = {}
         ready = None
@@ -209,6 +253,9 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
             else:
                 out.append((name, self._keep(tensor)))
                 kept += 1
+        self._count(
+            sum(r.qweight.nbytes + r.scale.nbytes for r in results.values() if r is not None)
+        )
         if ready is not None and any(not plan[i] or i not in results for i in cuda_idx):
             # Casts of kept CUDA tensors were enqueued after the event: record again.
             ready = self._record(bucket.tensors[cuda_idx[0]][1].device)
@@ -222,13 +269,91 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
 
     # ------------------------------------------------------------------ internals
 
-    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _kept_dtype(self, tensor: torch.Tensor) -> torch.dtype:
         if self.keep_dtype is None or not tensor.is_floating_point() or tensor.dtype == FP8_DTYPE:
+            return tensor.dtype
+        return self.keep_dtype
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        dtype = self._kept_dtype(tensor)
+        if dtype == tensor.dtype:
             return tensor
+        self._count(tensor.numel() * dtype.itemsize)
         if tensor.is_cuda:
             with torch.cuda.stream(self._stream(tensor.device)):
-                return tensor.to(self.keep_dtype)
-        return tensor.to(self.keep_dtype)
+                return tensor.to(dtype)
+        return tensor.to(dtype)
+
+    def _quantize_packed(
+        self, bucket: WeightBucket, plan: list[bool], wire: WireSpec
+    ) -> WeightBucket | None:
+        """Quantize a CPU bucket straight into one flat buffer laid out to ``wire``.
+
+        Every output (FP8 codes and scale of each selected weight, then each kept tensor
+        in its kept dtype) gets its aligned place; the band workers write the FP8 bytes
+        and scales there, kept tensors are copied (and cast) there once. Returns None when
+        a weight turned out non-finite under ``nonfinite="keep"`` (its output then has
+        another dtype): the caller quantizes the bucket the unpacked way instead.
+        """
+        specs: list[tuple[str, torch.Tensor]] = []  # meta tensors: shapes and dtypes only
+        for i, (name, tensor) in enumerate(bucket.tensors):
+            if plan[i]:
+                shape = scale_shape(tensor.shape, self.method, self.block)
+                specs.append((name, torch.empty(tensor.shape, dtype=FP8_DTYPE, device="meta")))
+                specs.append(
+                    (
+                        scale_name(name, self.method),
+                        torch.empty(shape, dtype=torch.float32, device="meta"),
+                    )
+                )
+            else:
+                dtype = self._kept_dtype(tensor)
+                specs.append((name, torch.empty(tensor.shape, dtype=dtype, device="meta")))
+        layouts, total = layout_of(specs, wire.align_bytes)
+        assert self._wire_pool is not None
+        with self._arena_lock:
+            self._wire_pool.capacity = max(self._wire_pool.capacity, total)
+            buffer = self._wire_pool.take(total)[:total]
+        views = unflatten(buffer, layouts)
+        selected: list[tuple[str, torch.Tensor]] = []
+        outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        at = 0
+        for i, (name, tensor) in enumerate(bucket.tensors):
+            if plan[i]:
+                selected.append((name, tensor))
+                outputs.append((views[at][1], views[at + 1][1]))
+                at += 2
+            else:
+                kept.append((views[at][1], tensor))
+                at += 1
+        results = (
+            quantize_fp8_many(
+                selected,
+                method=self.method,
+                block=self.block,
+                scale_fmt=self.scale_fmt,
+                threads=self.cpu_threads,
+                outputs=outputs,
+            )
+            if selected
+            else []
+        )
+        for (name, _), result in zip(selected, results, strict=True):
+            if result is None:
+                if self.nonfinite == "error":
+                    raise NonFiniteWeightError(name)
+                return None
+        for view, tensor in kept:
+            view.copy_(tensor.detach())
+        self._count(sum(layout.nbytes for layout in layouts))
+        return bucket.with_tensors(
+            tuple(views),
+            buffer=buffer,
+            quantized=len(selected),
+            kept=len(kept),
+            nonfinite_kept=0,
+        )
 
     def _quantize_cpu(
         self, bucket: WeightBucket, idx: list[int], results: dict[int, Fp8Tensor | None]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar, get_args, runtime_checkable
 
 import anyio
@@ -43,8 +44,12 @@ __all__ = [
     "MeasuresGeneration",
     "PauseMode",
     "SyncMode",
+    "TakesFlatBuckets",
+    "WireSpec",
+    "WritesWireBuffer",
     "engine_name",
     "retry_within_deadline",
+    "wire_spec_of",
 ]
 
 T = TypeVar("T")
@@ -126,6 +131,52 @@ class MeasuresGeneration(Protocol):
     """
 
     def open_window(self) -> GenerationWindowLike: ...
+
+
+@dataclass(frozen=True)
+class WireSpec:
+    """How an engine wants each bucket's bytes: one flat buffer it sends as it is.
+
+    Attributes:
+        align_bytes: every tensor starts at a multiple of ``max(align_bytes, element
+            size)`` of the buffer (what the engine's receiver rebuilds views from).
+        shared_memory: the buffer lives in named shared memory on the host, so handing it
+            to a server process on this node copies nothing (CPU tensors only).
+    """
+
+    align_bytes: int = 16
+    shared_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.align_bytes < 1 or self.align_bytes & (self.align_bytes - 1):
+            raise ValueError(f"WireSpec.align_bytes must be a power of two: {self.align_bytes}")
+
+
+@runtime_checkable
+class TakesFlatBuckets(Protocol):
+    """An engine that sends each bucket as one flat buffer (SGLang's flattened bucket).
+
+    ``sync_weights`` asks it for its ``WireSpec`` and hands that to the last stage before
+    Load, which then writes its output straight into such a buffer; Load passes it on
+    without another copy. An engine without ``wire_spec`` takes tensors as they come.
+    """
+
+    def wire_spec(self) -> WireSpec | None: ...
+
+
+@runtime_checkable
+class WritesWireBuffer(Protocol):
+    """A stage that can write its output buckets as one flat buffer to a ``WireSpec``
+    (Fetch, Fp8Quantize). ``sync_weights`` calls ``use_wire`` on the last such stage
+    before Load with the engine's spec (None: the engine takes tensors as they come) and
+    with None on the others, before the pipeline opens."""
+
+    def use_wire(self, spec: WireSpec | None) -> None: ...
+
+
+def wire_spec_of(engine: object) -> WireSpec | None:
+    """The engine's ``WireSpec``, or None for an engine that takes tensors as they come."""
+    return engine.wire_spec() if isinstance(engine, TakesFlatBuckets) else None
 
 
 def engine_name(engine: object) -> str:

@@ -321,6 +321,7 @@ class _Job:
         block: tuple[int, int],
         scale_fmt: ScaleFormat,
         qweight: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
     ) -> None:
         self.name = name
         self.method = method
@@ -333,7 +334,8 @@ class _Job:
         *_, out_dim, in_dim = src.shape
         self.matrices = src.reshape(-1, out_dim, in_dim)
         self.qweight = _empty_fp8(src.shape) if qweight is None else qweight
-        self.scale = torch.empty(scale_shape(src.shape, method, block), dtype=torch.float32)
+        shape = scale_shape(src.shape, method, block)
+        self.scale = torch.empty(shape, dtype=torch.float32) if scale is None else scale
         self.q3 = self.qweight.view(-1, out_dim, in_dim)
         # Block and channel amax, one per scale entry: checked once when the job ends.
         self.amax = torch.zeros(self.scale.shape if method != "tensor" else (0,))
@@ -424,6 +426,34 @@ def _carve(
     return views
 
 
+def _check_outputs(
+    named: Sequence[tuple[str, torch.Tensor]],
+    outputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    method: Fp8Method,
+    block: tuple[int, int],
+) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    if len(outputs) != len(named):
+        raise ValueError(f"{len(outputs)} outputs given for {len(named)} tensors")
+    for (name, weight), (q, scale) in zip(named, outputs, strict=True):
+        want = (
+            (q, FP8_DTYPE, tuple(weight.shape), "qweight"),
+            (scale, torch.float32, scale_shape(weight.shape, method, block), "scale"),
+        )
+        for out, dtype, shape, what in want:
+            if (
+                out.dtype != dtype
+                or tuple(out.shape) != tuple(shape)
+                or out.device.type != "cpu"
+                or not out.is_contiguous()
+            ):
+                raise ValueError(
+                    f"tensor {name!r}: its {what} output must be a contiguous CPU {dtype} "
+                    f"tensor of shape {tuple(shape)}, got {out.dtype} {tuple(out.shape)} "
+                    f"on {out.device}"
+                )
+    return [(q, scale) for q, scale in outputs]
+
+
 def quantize_fp8_many(
     named: Sequence[tuple[str, torch.Tensor]],
     *,
@@ -432,6 +462,7 @@ def quantize_fp8_many(
     scale_fmt: ScaleFormat = "float32",
     threads: int = 1,
     arena: torch.Tensor | None = None,
+    outputs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[Fp8Tensor | None]:
     """Quantize several CPU tensors at once, splitting all of them into row bands.
 
@@ -447,9 +478,15 @@ def quantize_fp8_many(
     allocations, so a caller that recycles arenas (the Fp8Quantize stage) skips the
     first-touch page faults of new output memory.
 
+    ``outputs``: instead of ``arena``, one ``(qweight, scale)`` pair per input, each a
+    contiguous CPU tensor of the result's dtype and shape (float8_e4m3fn and float32),
+    written in place: the Fp8Quantize stage passes views into the bucket's final wire
+    buffer, so the FP8 bytes are written once, where the engine reads them.
+
     Raises:
         ValueError, TypeError: a bad argument, naming the tensor; the input is untouched;
-            an ``arena`` that is too small or not uint8.
+            an ``arena`` that is too small or not uint8; both ``arena`` and ``outputs``;
+            an ``outputs`` entry of the wrong dtype, shape or layout.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -457,10 +494,17 @@ def quantize_fp8_many(
         block = check_quantizable(weight, method, block, scale_fmt, name)
         if weight.device.type != "cpu":
             raise ValueError(f"tensor {name!r}: quantize_fp8_many takes CPU tensors")
-    outputs = _carve(arena, named) if arena is not None else [None] * len(named)
+    if arena is not None and outputs is not None:
+        raise ValueError("pass an arena or outputs, not both")
+    pairs: list[tuple[torch.Tensor | None, torch.Tensor | None]]
+    if outputs is not None:
+        pairs = _check_outputs(named, outputs, method, block)
+    else:
+        carved = _carve(arena, named) if arena is not None else [None] * len(named)
+        pairs = [(q, None) for q in carved]
     jobs = [
-        _Job(name, weight, method, block, scale_fmt, out)
-        for (name, weight), out in zip(named, outputs, strict=True)
+        _Job(name, weight, method, block, scale_fmt, q, scale)
+        for (name, weight), (q, scale) in zip(named, pairs, strict=True)
     ]
     tensor_jobs = [job for job in jobs if job.method == "tensor"]
     if tensor_jobs:

@@ -172,6 +172,9 @@ class DistributedSender:
         Raises:
             TransportError: a collective failed or timed out (names the bucket).
         """
+        # First wait for the producer: a flatten below reads the bucket's bytes, and NCCL
+        # runs on the current stream (CPU: no-op).
+        bucket.wait_ready()
         layouts = None
         buffer = bucket.buffer
         if buffer is not None:
@@ -179,7 +182,6 @@ class DistributedSender:
         if buffer is None or layouts is None:
             buffer, flat_layouts = flatten(list(bucket.tensors), self.align_bytes)
             layouts = list(flat_layouts)
-        bucket.wait_ready()  # NCCL runs on the current stream; CPU: no-op
         link = self._link
         if buffer.device != link.device:
             buffer = buffer.to(link.device)

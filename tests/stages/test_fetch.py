@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from tests.fakes import FakeCudaEvent, FakeCudaStream
 from tests.helpers import DTYPES, as_bytes, random_tensor
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages._layout import tensor_alignment
 from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import WireSpec
 from weightpipe.stages.fetch import Fetch, FetchStats
-from weightpipe.stages.sources import named_tensors
+from weightpipe.stages.sources import named_tensors, safetensors_source
 
 
 def every_dtype() -> list[tuple[str, torch.Tensor]]:
@@ -47,9 +50,14 @@ def check_buckets(
         assert a.dtype == b.dtype, name
         assert a.shape == b.shape, name
         assert torch.equal(as_bytes(a), as_bytes(b)), name
+    sources = dict(pairs)
     for bucket in buckets:
         assert bucket.nbytes <= bucket_bytes or len(bucket) == 1
-        assert bucket.buffer is not None
+        if bucket.buffer is None:
+            # Unpacked ("auto" on CPU): the source tensors themselves, no copy.
+            for name, tensor in bucket.tensors:
+                assert tensor.data_ptr() == sources[name].data_ptr(), name
+            continue
         base = bucket.buffer.data_ptr()
         for _, tensor in bucket.tensors:
             if tensor.numel():
@@ -61,7 +69,7 @@ def check_buckets(
 @pytest.mark.parametrize("bucket_bytes", [1, 700, 4096, 1 << 20])
 async def test_every_dtype_round_trips_bit_exact(bucket_bytes: int) -> None:
     pairs = every_dtype()
-    fetch = Fetch(bucket_bytes, version=7)
+    fetch = Fetch(bucket_bytes, version=7, flatten=True)
     buckets, report = await run_fetch(fetch, pairs)
     check_buckets(buckets, pairs, bucket_bytes)
     assert {b.version for b in buckets} == {7}
@@ -81,7 +89,7 @@ async def test_lone_oversize_tensor_travels_alone() -> None:
         ("b", torch.ones(10)),
         ("c", torch.ones(10)),
     ]
-    buckets, _ = await run_fetch(Fetch(1024), pairs)
+    buckets, _ = await run_fetch(Fetch(1024, flatten=True), pairs)
     assert [b.names for b in buckets] == [["a"], ["big"], ["b", "c"]]
     assert buckets[1].nbytes == 4000
     check_buckets(buckets, pairs, 1024)
@@ -113,7 +121,7 @@ async def test_sources_of_every_kind() -> None:
         named_tensors(dict(pairs)),
         named_tensors(checkpoint_engine()),
     ):
-        buckets, _ = await run_fetch(Fetch(2048), source)
+        buckets, _ = await run_fetch(Fetch(2048, flatten=True), source)
         check_buckets(buckets, pairs, 2048)
 
 
@@ -141,9 +149,58 @@ async def test_flatten_false_passes_tensors_through() -> None:
         assert torch.equal(as_bytes(a), as_bytes(b)), name
 
 
+async def test_auto_passes_cpu_tensors_as_they_are_and_counts_no_writes() -> None:
+    pairs = [(f"w{i}", random_tensor(torch.bfloat16, (64, 32), i)) for i in range(6)]
+    fetch = Fetch(8192)  # flatten="auto"
+    buckets, _ = await run_fetch(fetch, pairs)
+    assert all(b.buffer is None for b in buckets)
+    assert fetch.written_bytes == 0
+    check_buckets(buckets, pairs, 8192)
+    # A non-contiguous tensor is made contiguous: that copy is a write.
+    wide = random_tensor(torch.float32, (16, 8), 9)
+    fetch = Fetch(8192)
+    buckets, _ = await run_fetch(fetch, [("t", wide.t())])
+    assert buckets[0].tensors[0][1].is_contiguous()
+    assert fetch.written_bytes == wide.numel() * 4
+
+
+async def test_auto_packs_file_spans_and_counts_the_read(tmp_path: Path) -> None:
+    tensors = {f"w{i}": random_tensor(torch.bfloat16, (32, 16), i) for i in range(4)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    fetch = Fetch(1 << 20)
+    buckets, _ = await run_fetch(fetch, safetensors_source(tmp_path, direct=True))
+    assert all(b.buffer is not None for b in buckets)
+    assert fetch.written_bytes == sum(t.nbytes for t in tensors.values())
+    got = dict(p for b in buckets for p in b.tensors)
+    assert all(torch.equal(as_bytes(got[n]), as_bytes(t)) for n, t in tensors.items())
+
+
+async def test_use_wire_packs_into_shared_memory_at_the_engines_alignment() -> None:
+    pairs = [(f"w{i}", random_tensor(torch.float16, (33,), i)) for i in range(5)]
+    fetch = Fetch(4096)
+    fetch.use_wire(WireSpec(align_bytes=16, shared_memory=True))
+    buckets, _ = await run_fetch(fetch, pairs)
+    check_buckets(buckets, pairs, 4096)
+    for bucket in buckets:
+        assert bucket.buffer is not None and bucket.buffer.is_shared()  # type: ignore[no-untyped-call]
+    assert fetch.written_bytes == sum(t.nbytes for _, t in pairs)
+    fetch.use_wire(None)  # back to views
+    buckets, _ = await run_fetch(fetch, pairs)
+    assert all(b.buffer is None for b in buckets)
+    with pytest.raises(ValueError, match="aligned to 512 bytes"):
+        fetch.use_wire(WireSpec(align_bytes=512))
+
+
+def test_flatten_must_be_a_bool_or_auto() -> None:
+    with pytest.raises(ValueError, match="flatten must be True, False or 'auto'"):
+        Fetch(flatten="yes")  # type: ignore[arg-type]
+
+
 async def test_recycled_buffers_never_overwrite_buckets_still_held() -> None:
     pairs = [(f"w{i}", random_tensor(torch.bfloat16, (1000,), i)) for i in range(40)]
-    buckets, _ = await run_fetch(Fetch(4096, keep_buffers=2), pairs)  # every bucket kept
+    buckets, _ = await run_fetch(
+        Fetch(4096, keep_buffers=2, flatten=True), pairs
+    )  # every bucket kept
     check_buckets(buckets, pairs, 4096)
     assert len(
         {b.buffer.untyped_storage().data_ptr() for b in buckets if b.buffer is not None}
@@ -162,7 +219,7 @@ async def test_buffers_are_recycled_once_dropped() -> None:
         name, tensor = bucket.tensors[0]
         matches += torch.equal(as_bytes(tensor), as_bytes(dict(pairs)[name]))
 
-    await Pipeline([Fetch(13 << 20, keep_buffers=2)], depth=1).run(pairs, sink=sink)
+    await Pipeline([Fetch(13 << 20, keep_buffers=2, flatten=True)], depth=1).run(pairs, sink=sink)
     assert len(seen) == 6
     assert matches == 6
     assert len(set(seen)) <= 2
@@ -176,7 +233,7 @@ async def test_pool_is_kept_between_syncs_unless_told_otherwise() -> None:
         assert bucket.buffer is not None
         seen.append(bucket.buffer.untyped_storage().data_ptr())
 
-    fetch = Fetch(8192)
+    fetch = Fetch(8192, flatten=True)
     await Pipeline([fetch]).run(pairs, sink=sink)
     first = set(seen)
     assert fetch.retained_bytes >= 8192
@@ -188,7 +245,7 @@ async def test_pool_is_kept_between_syncs_unless_told_otherwise() -> None:
     assert fetch.retained_bytes == 2 * 8192
     with pytest.raises(ValueError, match="reserve 1 to 4 buffers"):
         fetch.reserve(5)
-    releasing = Fetch(8192, retain_buffers=False)
+    releasing = Fetch(8192, retain_buffers=False, flatten=True)
     await Pipeline([releasing]).run(pairs, sink=sink)
     assert releasing.retained_bytes == 0
 
@@ -220,7 +277,7 @@ async def test_bad_input_names_the_tensor_and_stops_its_bucket(
         buckets.append(bucket)
 
     with pytest.raises(StageError) as caught:
-        await Pipeline([Fetch(300)]).run(source, sink=sink)
+        await Pipeline([Fetch(300, flatten=True)]).run(source, sink=sink)
     error = caught.value
     assert error.stage == "fetch"
     assert error.phase == "process"

@@ -12,14 +12,18 @@ import torch
 
 from tests.fakes import FakeCudaEvent
 from weightpipe.pipeline import Pipeline, StageError
+from weightpipe.stages._layout import views_layout
 from weightpipe.stages._memory import BufferPool
 from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import WireSpec
 from weightpipe.stages.fp8 import (
     FP8_DTYPE,
     FP8_METHODS,
     SCALE_FORMATS,
+    Fp8Method,
     Fp8Tensor,
     NonFiniteWeightError,
+    ScaleFormat,
     check_fp8,
     quantize_fp8_reference,
 )
@@ -556,3 +560,96 @@ def test_pool_waits_for_the_copy_out_of_a_buffer() -> None:
     assert pool.take(4096).data_ptr() != address  # the device still reads it
     copy.done = True
     assert pool.take(4096).data_ptr() == address
+
+
+# -- writing straight into the wire buffer (use_wire) -------------------------------------
+
+
+def _mixed_bucket(seed: int = 0) -> WeightBucket:
+    g = torch.Generator().manual_seed(seed)
+    tensors = (
+        ("model.layers.0.mlp.up_proj.weight", torch.randn(300, 260, generator=g).bfloat16()),
+        ("model.norm.weight", torch.randn(260, generator=g).bfloat16()),
+        ("model.layers.0.self_attn.q_proj.weight", torch.randn(256, 130, generator=g)),
+        ("model.layers.0.self_attn.rotary.inv_freq", torch.arange(7, dtype=torch.int64)),
+        ("model.embed_tokens.weight", torch.randn(64, 32, generator=g).half()),
+    )
+    return WeightBucket(tensors, 0, True, 3)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
+
+
+@pytest.mark.parametrize(
+    ("method", "scale_fmt"), [("block", "float32"), ("block", "ue8m0"), ("channel", "float32")]
+)
+@pytest.mark.parametrize("shared", [False, True])
+def test_packed_output_is_the_unpacked_output_in_one_aligned_buffer(
+    method: Fp8Method, scale_fmt: ScaleFormat, shared: bool
+) -> None:
+    bucket = _mixed_bucket()
+    plain = Fp8Quantize(method=method, scale_fmt=scale_fmt).quantize_bucket(bucket)
+    stage = Fp8Quantize(method=method, scale_fmt=scale_fmt)
+    stage.use_wire(WireSpec(align_bytes=16, shared_memory=shared))
+    packed = stage.quantize_bucket(bucket)
+    assert [n for n, _ in packed.tensors] == [n for n, _ in plain.tensors]
+    for (name, a), (_, b) in zip(plain.tensors, packed.tensors, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(_bits(a), _bits(b)), name
+    buffer = packed.buffer
+    assert buffer is not None and buffer.is_shared() == shared  # type: ignore[no-untyped-call]
+    layout = views_layout(buffer, packed.tensors)  # what the SGLang wire sends as it is
+    assert layout is not None
+    assert all(entry.offset % max(16, entry.dtype.itemsize) == 0 for entry in layout)
+    assert stage.written_bytes == sum(entry.nbytes for entry in layout)
+    assert packed.meta["quantized"] == plain.meta["quantized"] == 2
+    storage = buffer.untyped_storage().data_ptr()
+    for name, tensor in bucket.tensors:  # no output aliases an input
+        assert tensor.untyped_storage().data_ptr() != storage, name
+
+
+def test_packed_buffers_are_not_reused_while_a_bucket_holds_them() -> None:
+    stage = Fp8Quantize()
+    stage.use_wire(WireSpec())
+    first = stage.quantize_bucket(_mixed_bucket(1))
+    snapshot = [(n, _bits(t).clone()) for n, t in first.tensors]
+    second = stage.quantize_bucket(_mixed_bucket(2))
+    assert first.buffer is not None and second.buffer is not None
+    assert first.buffer.data_ptr() != second.buffer.data_ptr()
+    for (name, before), (_, now) in zip(snapshot, first.tensors, strict=True):
+        assert torch.equal(before, _bits(now)), name
+    ptr = first.buffer.data_ptr()
+    del first, now, snapshot
+    third = stage.quantize_bucket(_mixed_bucket(3))
+    assert third.buffer is not None and third.buffer.data_ptr() == ptr  # recycled once free
+
+
+def test_packed_nonfinite_weight_is_named_or_kept_unpacked() -> None:
+    tensors = list(_mixed_bucket().tensors)
+    bad = tensors[2][1].clone()
+    bad[5, 7] = float("nan")
+    tensors[2] = (tensors[2][0], bad)
+    bucket = WeightBucket(tuple(tensors), 0, True, 3)
+    strict = Fp8Quantize()
+    strict.use_wire(WireSpec())
+    with pytest.raises(NonFiniteWeightError, match="q_proj"):
+        strict.quantize_bucket(bucket)
+    lenient = Fp8Quantize(nonfinite="keep")
+    lenient.use_wire(WireSpec())
+    out = lenient.quantize_bucket(bucket)
+    assert out.buffer is None  # fell back to separate tensors: the layout changed
+    assert out.meta["nonfinite_kept"] == 1
+    assert dict(out.tensors)["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+
+def test_written_bytes_count_outputs_not_pass_throughs() -> None:
+    stage = Fp8Quantize(keep_dtype=None)
+    bucket = _mixed_bucket()
+    out = stage.quantize_bucket(bucket)
+    fp8 = [t for n, t in out.tensors if t.dtype == FP8_DTYPE or "scale" in n]
+    assert stage.written_bytes == sum(t.nbytes for t in fp8)  # kept tensors were not copied
+    cast = Fp8Quantize()  # keep_dtype bf16: the fp16 embedding is cast, a write
+    cast.quantize_bucket(bucket)
+    embed = dict(bucket.tensors)["model.embed_tokens.weight"]
+    assert cast.written_bytes == stage.written_bytes + embed.numel() * 2

@@ -30,6 +30,7 @@ from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegist
 
 from weightpipe.pipeline import Pipeline, RunReport, StageError
 from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import WireSpec
 from weightpipe.stages.engines.sglang.distributed import close_update_group, open_update_group
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.integrations.verl.updater import drain, quantize_stage
@@ -140,12 +141,19 @@ class WeightpipeCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self.timeout_s = timeout_s
         self.depth = depth
         self.group_name = group_name
-        self.fetch = Fetch(bucket_size, device=self.device)
         self.quantize = (
             quantize_stage(quantization_config, workers=quantize_workers)
             if quantization_config is not None
             else None
         )
+        # The broadcast needs one contiguous buffer per bucket: the last stage before it
+        # writes one (Fetch when it is alone, else the quantizer), and the sender sends
+        # that buffer as it is. Fetch ahead of the quantizer passes views (one pass).
+        self.fetch = Fetch(
+            bucket_size, device=self.device, flatten=True if self.quantize is None else "auto"
+        )
+        if self.quantize is not None:
+            self.quantize.use_wire(WireSpec())
         self.rank: int | None = None
         self.world_size: int | None = None
         self._group: Any = None
