@@ -60,6 +60,8 @@ __all__ = [
     "select_for_fp8",
 ]
 
+_WIRE_ROUND = 4 << 20
+
 Backend = QuantizeBackend
 """The former name of ``weightpipe.stages.fp8.spec.QuantizeBackend``."""
 
@@ -161,10 +163,10 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         ``sync_weights`` calls this with the engine's ``WireSpec`` when this stage is the
         last one before Load (``WritesWireBuffer``)."""
         if spec != self.wire or self._wire_pool is None:
-            # Band workers write every byte of a packed buffer: no need to prefault it.
+            # Band workers and copies write every byte of a packed buffer: no prefault.
             shared = spec is not None and spec.shared_memory
             self._wire_pool = BufferPool(
-                0, keep=self.workers + 4, pin=False, shared=shared, prefault=shared
+                0, keep=self.workers + 4, pin=False, shared=shared, prefault=False
             )
         self.wire = spec
 
@@ -312,8 +314,10 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         layouts, total = layout_of(specs, wire.align_bytes)
         assert self._wire_pool is not None
         with self._arena_lock:
-            self._wire_pool.capacity = max(self._wire_pool.capacity, total)
-            buffer = self._wire_pool.take(total)[:total]
+            # Sized to this bucket (rounded up, so similar buckets share buffers), not to
+            # the largest one seen: a lone oversize tensor must not make every later
+            # (shared-memory, prefaulted) allocation that large.
+            buffer = self._wire_pool.take(-(-total // _WIRE_ROUND) * _WIRE_ROUND)[:total]
         views = unflatten(buffer, layouts)
         selected: list[tuple[str, torch.Tensor]] = []
         outputs: list[tuple[torch.Tensor, torch.Tensor]] = []

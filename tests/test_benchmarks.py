@@ -84,3 +84,27 @@ def test_sweep_script_refuses_a_bad_key_with_exit_2(capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert err.startswith("sweep: config key 'sweep.preest'")
     assert "did you mean 'sweep.preset'?" in err
+
+
+def test_sync_path_writes_each_case_and_meets_the_written_bytes_minimum(tmp_path: Path) -> None:
+    from weightpipe.benchmarks import sync_path
+
+    out = tmp_path / "sync_path.json"
+    args = ["--preset", "tiny", "--layers", "2", "--repeats", "1", "--bucket-mib", "1"]
+    assert sync_path.main([*args, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    cases = {case["source"]: case for case in data["cases"]}
+    assert set(cases) == {"memory", "safetensors", "http"}
+    for name, case in cases.items():
+        after, before = case["after"], case["before"]
+        minimum = case["minimum_written_per_source_byte"]
+        # Bytes are counted, not timed: the one-pass path writes exactly the minimum, the
+        # old path (Fetch packs, the wire flattens and moves into shared memory) more.
+        assert after["written_per_source_byte"] == pytest.approx(minimum), name
+        assert before["written_per_source_byte"] > minimum + 0.5, name
+        assert after["end_to_end_ratio"] > 0 and case["quantizer_alone_gbs"]["median"] > 0
+    # Kept tensors must be copied into the wire buffer only on the HTTP path.
+    assert (
+        cases["http"]["minimum_written_per_source_byte"]
+        > cases["memory"]["minimum_written_per_source_byte"]
+    )
