@@ -14,6 +14,7 @@ of raising, so no host sync happens inside the batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,14 @@ from weightpipe.stages.fp8.spec import (
     scale_shape,
 )
 
-__all__ = ["available", "quantize_block_batch", "supports_block"]
+__all__ = [
+    "NUM_WARPS",
+    "available",
+    "device_guard",
+    "launch_chunk_m",
+    "quantize_block_batch",
+    "supports_block",
+]
 
 try:
     import triton
@@ -53,6 +61,31 @@ def supports_block(block: tuple[int, int]) -> bool:
 if triton is not None:
 
     @triton.jit  # type: ignore[untyped-decorator]
+    def _amax_and_bad(x):  # type: ignore[no-untyped-def]
+        ax = tl.abs(x)
+        # NaN fails ax == ax; Inf is above the largest float32.
+        nonfinite = (ax != ax) | (ax > 3.4028234663852886e38)
+        bad = tl.max(tl.max(nonfinite.to(tl.int32), axis=1), axis=0)
+        amax = tl.max(tl.max(ax, axis=1), axis=0)
+        return amax, bad
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def _e4m3_codes(x, scale):  # type: ignore[no-untyped-def]
+        y = tl.math.div_rn(x, scale)
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        # Round-to-nearest-even float32 -> e4m3fn on the bits. Normal results (|y| >=
+        # 2**-6): keep 3 mantissa bits, the carry of the rounding may bump the exponent,
+        # then rebias 127 -> 7 (960 = 120 << 3). Subnormals: multiples of 2**-9, found by
+        # the add-and-subtract of 2**14 whose ulp is 2**-9 (exact, single rounding).
+        bits = y.to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+        normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - 960
+        ay = mag.to(tl.float32, bitcast=True)
+        sub = (((ay + 16384.0) - 16384.0) * 512.0).to(tl.int32)
+        code = tl.where(mag >= 0x3C800000, normal, sub) | ((bits >> 24) & 0x80)
+        return code.to(tl.uint8)
+
+    @triton.jit  # type: ignore[untyped-decorator]
     def _fp8_block_kernel(  # type: ignore[no-untyped-def]
         src_table,
         dst_table,
@@ -66,11 +99,17 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         UE8M0: tl.constexpr,
+        ALIGNED: tl.constexpr,
+        CHUNK_M: tl.constexpr,
     ):
         pid = tl.program_id(0)
         mat = tl.program_id(1)
-        rows = tl.load(rows_table + mat)
-        cols = tl.load(cols_table + mat)
+        rows = tl.load(rows_table + mat).to(tl.int32)
+        cols = tl.load(cols_table + mat).to(tl.int32)
+        if ALIGNED:
+            # The host checked that cols is a multiple of 16 and every base pointer is
+            # 16-byte aligned: each thread's run of the block is one vector load/store.
+            cols = tl.multiple_of(cols, 16)
         n_bn = tl.cdiv(cols, BLOCK_N)
         valid = pid < tl.cdiv(rows, BLOCK_M) * n_bn
         bm = pid // n_bn
@@ -78,20 +117,42 @@ if triton is not None:
         src = tl.load(src_table + mat).to(tl.pointer_type(SRC_DTYPE))
         dst = tl.load(dst_table + mat).to(tl.pointer_type(tl.uint8))
         out_scale = tl.load(scale_table + mat).to(tl.pointer_type(tl.float32))
-
-        offs_m = bm * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = bn * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ALIGNED:
+            src = tl.multiple_of(src, 16)
+            dst = tl.multiple_of(dst, 16)
+        # One 64-bit offset per program; offsets inside the block are int32 (the host
+        # keeps BLOCK_M * cols below 2**31): 64-bit offsets per element cost two registers
+        # each and made the kernel spill.
+        start = (bm * BLOCK_M).to(tl.int64) * cols + bn * BLOCK_N
+        src = src + start
+        dst = dst + start
+        offs_n = tl.arange(0, BLOCK_N)
         # Programs past this matrix's last block see zero rows: every access is masked.
-        live_rows = tl.where(valid, rows, 0)
-        mask = (offs_m[:, None] < live_rows) & (offs_n[None, :] < cols)
-        index = offs_m[:, None].to(tl.int64) * cols + offs_n[None, :]
-        x = tl.load(src + index, mask=mask, other=0.0).to(tl.float32)
+        live_rows = tl.where(valid, rows - bm * BLOCK_M, 0)
+        col_mask = offs_n[None, :] < cols - bn * BLOCK_N
 
-        ax = tl.abs(x)
-        # NaN fails ax == ax; Inf is above the largest float32.
-        nonfinite = (ax != ax) | (ax > 3.4028234663852886e38)
-        bad = tl.max(tl.max(nonfinite.to(tl.int32), axis=1), axis=0)
-        amax = tl.max(tl.max(ax, axis=1), axis=0)
+        if CHUNK_M == BLOCK_M:
+            # One pass: the block stays in registers between its amax and its codes.
+            offs_m = tl.arange(0, BLOCK_M)
+            mask = (offs_m[:, None] < live_rows) & col_mask
+            index = offs_m[:, None] * cols + offs_n[None, :]
+            x = tl.load(src + index, mask=mask, other=0.0).to(tl.float32)
+            amax, bad = _amax_and_bad(x)
+        else:
+            # Scalar loads need an address per element: a whole block does not fit in
+            # registers, so take CHUNK_M rows at a time, the amax first, then the codes
+            # (the second read of a chunk comes from cache).
+            amax = 0.0
+            bad = 0
+            for r in range(0, BLOCK_M, CHUNK_M):
+                offs_m = r + tl.arange(0, CHUNK_M)
+                mask = (offs_m[:, None] < live_rows) & col_mask
+                index = offs_m[:, None] * cols + offs_n[None, :]
+                x = tl.load(src + index, mask=mask, other=0.0).to(tl.float32)
+                chunk_amax, chunk_bad = _amax_and_bad(x)
+                amax = tl.maximum(amax, chunk_amax)
+                bad = tl.maximum(bad, chunk_bad)
+
         scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)
         if UE8M0:
             sbits = scale.to(tl.int32, bitcast=True)
@@ -99,19 +160,15 @@ if triton is not None:
             exponent = tl.minimum(tl.maximum(exponent, 1), 254)
             scale = (exponent << 23).to(tl.float32, bitcast=True)
 
-        y = tl.math.div_rn(x, scale)
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        # Round-to-nearest-even float32 -> e4m3fn on the bits. Normal results (|y| >=
-        # 2**-6): keep 3 mantissa bits, the carry of the rounding may bump the exponent,
-        # then rebias 127 -> 7 (960 = 120 << 3). Subnormals: multiples of 2**-9, found by
-        # the add-and-subtract of 2**14 whose ulp is 2**-9 (exact, single rounding).
-        bits = y.to(tl.int32, bitcast=True)
-        mag = bits & 0x7FFFFFFF
-        normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - 960
-        ay = mag.to(tl.float32, bitcast=True)
-        sub = (((ay + 16384.0) - 16384.0) * 512.0).to(tl.int32)
-        code = tl.where(mag >= 0x3C800000, normal, sub) | ((bits >> 24) & 0x80)
-        tl.store(dst + index, code.to(tl.uint8), mask=mask)
+        if CHUNK_M == BLOCK_M:
+            tl.store(dst + index, _e4m3_codes(x, scale), mask=mask)
+        else:
+            for r in range(0, BLOCK_M, CHUNK_M):
+                offs_m = r + tl.arange(0, CHUNK_M)
+                mask = (offs_m[:, None] < live_rows) & col_mask
+                index = offs_m[:, None] * cols + offs_n[None, :]
+                x = tl.load(src + index, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dst + index, _e4m3_codes(x, scale), mask=mask)
 
         tl.store(out_scale + pid, scale, mask=valid)
         tl.atomic_max(flags + tl.load(owner_table + mat), bad, mask=valid)
@@ -127,6 +184,9 @@ if tl is not None:
 
 # Triton's second grid dimension is capped at 65535 matrices per launch.
 _MAX_MATRICES = 65535
+NUM_WARPS = 8
+"""Warps per program (``benchmarks.kernel_report`` compiles with the same figure)."""
+_UNALIGNED_CHUNK_M = 32
 
 
 def quantize_block_batch(
@@ -139,11 +199,15 @@ def quantize_block_batch(
     One launch per input dtype (more only past 65535 matrices). Returns the results in
     order and an int32 flag per weight, on the device, set to 1 where the weight holds
     NaN/Inf (that weight's result is then meaningless). Nothing waits on the device.
+    Everything is enqueued on the weights' device (its current stream), whatever the
+    calling thread's current device is. Inputs whose rows all start on 16 bytes (columns a
+    multiple of 16, aligned bases) get 16-byte vector accesses; others a slower scalar
+    path that takes 32 block rows at a time.
 
     Raises:
         RuntimeError: Triton is not installed.
         ValueError: a weight is not bf16/fp16/fp32 or has fewer than 2 dims, or the block
-            is not a pair of powers of two.
+            is not a pair of powers of two, or ``block[0] * in`` reaches 2**31.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -153,6 +217,25 @@ def quantize_block_batch(
     if not weights:
         return [], torch.zeros(0, dtype=torch.int32)
     device = weights[0].device
+    # The launch, the table's copy and the current stream belong to the weights' device,
+    # not to the calling thread's current one (cuda:0 in a fresh worker thread).
+    with device_guard(device):
+        return _enqueue(weights, device, block, scale_fmt)
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """``torch.cuda.device(device)`` for a CUDA device, else a context that does nothing."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _enqueue(
+    weights: Sequence[torch.Tensor],
+    device: torch.device,
+    block: tuple[int, int],
+    scale_fmt: ScaleFormat,
+) -> tuple[list[Fp8Tensor], torch.Tensor]:
     flags = torch.zeros(len(weights), dtype=torch.int32, device=device)
     results: list[Fp8Tensor] = []
     groups: dict[torch.dtype, list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
@@ -185,6 +268,11 @@ def quantize_block_batch(
                 continue
             n_blocks = math.ceil(out_dim / block[0]) * math.ceil(in_dim / block[1])
             max_blocks = max(max_blocks, n_blocks)
+            if block[0] * in_dim >= 2**31:
+                raise ValueError(
+                    f"weight {i}: {in_dim} columns x {block[0]} block rows do not fit the "
+                    "kernel's int32 in-block offsets"
+                )
             for e in range(src.numel() // (out_dim * in_dim)):
                 src_ptrs.append(src.data_ptr() + e * out_dim * in_dim * src.element_size())
                 dst_ptrs.append(q.data_ptr() + e * out_dim * in_dim)
@@ -197,6 +285,7 @@ def quantize_block_batch(
             columns = (src_ptrs, dst_ptrs, scale_ptrs, rows, cols, owners)
             # One [6, n] table, one host-to-device copy; its rows are the kernel's tables.
             table = _device_table([values[part] for values in columns], device)
+            aligned = _aligned(src_ptrs[part], dst_ptrs[part], cols[part])
             _fp8_block_kernel[(max_blocks, table.shape[1])](
                 *table.unbind(0),
                 flags,
@@ -205,12 +294,31 @@ def quantize_block_batch(
                 BLOCK_M=block[0],
                 BLOCK_N=block[1],
                 UE8M0=scale_fmt == "ue8m0",
-                num_warps=8,
+                ALIGNED=aligned,
+                CHUNK_M=launch_chunk_m(block, aligned),
+                num_warps=NUM_WARPS,
                 # No FMA contraction: the definition is separately rounded IEEE ops.
                 enable_fp_fusion=False,
             )
     assert FP8_MAX == 448.0  # the kernel's literal; change both together
     return results, flags
+
+
+def launch_chunk_m(block: tuple[int, int], aligned: bool) -> int:
+    """Rows of the block a program holds at once: all of them on aligned inputs (vector
+    accesses), else 32 (scalar accesses need a register pair per element for the address,
+    and a whole 128 x 128 block then spills)."""
+    return block[0] if aligned else min(block[0], _UNALIGNED_CHUNK_M)
+
+
+def _aligned(src_ptrs: Sequence[int], dst_ptrs: Sequence[int], cols: Sequence[int]) -> bool:
+    # Every row of every matrix starts on 16 bytes iff the bases are 16-byte aligned and
+    # the row length is a multiple of 16 elements (so of 16 bytes for 1-byte FP8 too).
+    return (
+        all(p % 16 == 0 for p in src_ptrs)
+        and all(p % 16 == 0 for p in dst_ptrs)
+        and all(c % 16 == 0 for c in cols)
+    )
 
 
 def _device_table(values: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:

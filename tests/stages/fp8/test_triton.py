@@ -35,16 +35,25 @@ _CHILD = textwrap.dedent(
         )
 
     gen = torch.Generator().manual_seed(0)
-    shapes = [(1, 1), (127, 129), (128, 128), (130, 260), (2, 3, 129)]
+    # Unaligned (scalar, 32-row chunks) and aligned (vector, whole block) launches: a
+    # launch is aligned only if all of its matrices are, so each list is its own launch.
+    unaligned = [(1, 1), (127, 129), (130, 260), (2, 3, 129)]
+    aligned = [(128, 128), (130, 272), (2, 144, 16)]
     for fmt in SCALE_FORMATS:
         for dtype in HIGH_PRECISION_DTYPES:
-            ws = [(torch.randn(s, generator=gen) * 0.05).to(dtype) for s in shapes]
-            ws.append(torch.zeros(64, 200, dtype=dtype))
-            outs, flags = T.quantize_block_batch(ws, (128, 128), fmt)
-            results[f"flags {fmt} {dtype}"] = flags.tolist() == [0] * len(ws)
-            for w, got in zip(ws, outs):
-                ref = quantize_fp8_reference(w, scale_fmt=fmt)
-                same(f"{tuple(w.shape)} {dtype} {fmt}", got, ref)
+            for kind, shapes in (("unaligned", unaligned), ("aligned", aligned)):
+                ws = [(torch.randn(s, generator=gen) * 0.05).to(dtype) for s in shapes]
+                ws.append(torch.zeros(64, 208 if kind == "aligned" else 200, dtype=dtype))
+                outs, flags = T.quantize_block_batch(ws, (128, 128), fmt)
+                results[f"flags {kind} {fmt} {dtype}"] = flags.tolist() == [0] * len(ws)
+                for w, got in zip(ws, outs):
+                    ref = quantize_fp8_reference(w, scale_fmt=fmt)
+                    same(f"{tuple(w.shape)} {dtype} {fmt}", got, ref)
+
+    # 16 columns but a base 4 bytes past an alignment boundary: the scalar path.
+    shifted = (torch.randn(70 * 16 + 1, generator=gen) * 0.05)[1:].view(70, 16)
+    outs, _ = T.quantize_block_batch([shifted], (128, 128), "float32")
+    same("shifted base", outs[0], quantize_fp8_reference(shifted))
 
     # Every e4m3 rounding case with the scale exactly 1 (amax = 448): one 1 x 1024 block.
     codes = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
@@ -68,6 +77,11 @@ _CHILD = textwrap.dedent(
     inf[1, 2, 3] = -math.inf
     _, flags = T.quantize_block_batch([torch.ones(5, 5), bad, inf], (128, 128), "float32")
     results["nonfinite flags"] = flags.tolist() == [0, 1, 1]
+    # ... on the aligned path too, in the second block row.
+    bad16 = torch.randn(130, 144)
+    bad16[100, 17] = math.inf
+    _, flags = T.quantize_block_batch([torch.ones(16, 16), bad16], (128, 128), "float32")
+    results["nonfinite flags aligned"] = flags.tolist() == [0, 1]
 
     # The stage with backend="triton" on CPU tensors equals the default CPU path.
     tensors = tuple(
@@ -124,7 +138,8 @@ def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name: str, ue8m0: bool) 
     table = {name: "*i64" for name in ("src", "dst", "scale", "rows", "cols", "owner")}
     signature = {f"{k}_table": v for k, v in table.items()}
     signature |= {"flags": "*i32", "eps": "fp32"}
-    signature |= {k: "constexpr" for k in ("SRC_DTYPE", "BLOCK_M", "BLOCK_N", "UE8M0")}
+    constants = ("SRC_DTYPE", "BLOCK_M", "BLOCK_N", "UE8M0", "ALIGNED", "CHUNK_M")
+    signature |= {k: "constexpr" for k in constants}
     source = triton.compiler.ASTSource(
         fn=_fp8_triton._fp8_block_kernel,
         signature=signature,
@@ -133,6 +148,8 @@ def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name: str, ue8m0: bool) 
             "BLOCK_M": 128,
             "BLOCK_N": 128,
             "UE8M0": ue8m0,
+            "ALIGNED": True,
+            "CHUNK_M": 128,
         },
     )
     kernel = triton.compile(
@@ -169,3 +186,55 @@ def test_scales_are_float32_whatever_the_default_dtype() -> None:
         _triton._fp8_block_kernel = original
     assert launches == [1]
     assert outs[0].scale.dtype == torch.float32 and outs[0].scale.shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "offset", "aligned"),
+    [
+        ([(128, 128), (3, 130, 272)], 0, True),
+        ([(128, 128), (130, 260)], 0, False),  # one matrix's rows are not 16-aligned
+        ([(70, 16)], 1, False),  # the base is 2 bytes past a 16-byte boundary
+    ],
+)
+def test_vector_path_only_where_every_row_starts_on_16_bytes(
+    shapes: list[tuple[int, ...]], offset: int, aligned: bool
+) -> None:
+    import math
+
+    import torch
+
+    from weightpipe.stages.fp8 import _triton
+
+    launches: list[dict[str, object]] = []
+
+    class _NoLaunch:
+        def __getitem__(self, grid: object) -> object:
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    weights = []
+    for shape in shapes:
+        flat = torch.ones(math.prod(shape) + offset, dtype=torch.bfloat16)
+        weights.append(flat[offset:].view(shape))
+    original = _triton._fp8_block_kernel
+    try:
+        _triton._fp8_block_kernel = _NoLaunch()
+        _triton.quantize_block_batch(weights)
+    finally:
+        _triton._fp8_block_kernel = original
+    (kwargs,) = launches
+    assert kwargs["ALIGNED"] is aligned
+    # Scalar accesses hold 32 rows at a time (a whole block spilled); vectors all 128.
+    assert kwargs["CHUNK_M"] == (128 if aligned else 32)
+
+
+def test_device_guard_names_the_weights_device() -> None:
+    import contextlib
+
+    import torch
+
+    from weightpipe.stages.fp8 import _triton
+
+    # Constructing torch.cuda.device does not touch the driver; entering it would.
+    guard = _triton.device_guard(torch.device("cuda", 3))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 3
+    assert isinstance(_triton.device_guard(torch.device("cpu")), contextlib.nullcontext)
