@@ -103,6 +103,9 @@ class StageReport:
             including a wait in progress. Always 0 for the last stage: its outputs go
             to the sink, whose time is ``RunReport.sink_s``.
         starved_s: seconds waiting for an input item, including a wait in progress.
+        written_bytes: bytes the stage wrote into buffers it filled during the run, from
+            its ``written_bytes`` counter (0 for a stage without one). Unlike
+            ``bytes_out`` it does not count items passed on unchanged.
     """
 
     name: str
@@ -114,6 +117,7 @@ class StageReport:
     busy_s: float
     blocked_s: float
     starved_s: float
+    written_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,20 +159,21 @@ class RunReport:
     def format(self) -> str:
         """A plain-text table of the report; the sink gets its own line."""
         lines = [
-            f"{'stage':<14}{'items in':>10}{'items out':>10}{'MB in':>10}{'busy s':>9}"
-            f"{'blocked s':>11}{'starved s':>11}{'peak/depth':>12}"
+            f"{'stage':<14}{'items in':>10}{'items out':>10}{'MB in':>10}{'MB written':>11}"
+            f"{'busy s':>9}{'blocked s':>11}{'starved s':>11}{'peak/depth':>12}"
         ]
         for stage, channel in zip(self.stages, self.channels, strict=True):
             lines.append(
                 f"{stage.name:<14}{stage.items_in:>10}{stage.items_out:>10}"
-                f"{stage.bytes_in / 1e6:>10.1f}{stage.busy_s:>9.3f}{stage.blocked_s:>11.3f}"
+                f"{stage.bytes_in / 1e6:>10.1f}{stage.written_bytes / 1e6:>11.1f}"
+                f"{stage.busy_s:>9.3f}{stage.blocked_s:>11.3f}"
                 f"{stage.starved_s:>11.3f}{f'{channel.peak}/{channel.capacity}':>12}"
             )
         slowest = self.bottleneck()
         # The sink runs on the last stage's task, one call at a time: it is the
         # bottleneck when it took longer than the busiest stage's worker did.
         bottleneck = SINK if self.sink_s > slowest.busy_s / slowest.workers else slowest.name
-        lines.append(f"{SINK:<14}{'':>10}{'':>10}{'':>10}{self.sink_s:>9.3f}")
+        lines.append(f"{SINK:<14}{'':>10}{'':>10}{'':>10}{'':>11}{self.sink_s:>9.3f}")
         lines.append(f"wall {self.wall_s:.3f} s, bottleneck: {bottleneck}")
         return "\n".join(lines)
 
@@ -231,12 +236,35 @@ class _Slot:
 Sink = Callable[[Any], Awaitable[None]]
 
 
+def _no_counter() -> int:
+    return 0
+
+
+def _written_counter(stage: object) -> Callable[[], int]:
+    """A reader of the stage's optional ``written_bytes`` counter (an int attribute)."""
+
+    def read() -> int:
+        value = getattr(stage, "written_bytes", 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return read
+
+
 class _Run:
     """State of one run; lives only inside ``Pipeline.run`` (and observers' snapshots)."""
 
-    def __init__(self, names: Sequence[str], workers: Sequence[int], depth: int) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        workers: Sequence[int],
+        depth: int,
+        written: Sequence[Callable[[], int]] = (),
+    ) -> None:
         self.started = time.perf_counter()
         self.depth = depth
+        # Each stage's written_bytes counter, read live; the report shows the run's share.
+        self.written = list(written) or [_no_counter] * len(names)
+        self.written_start = [read() for read in self.written]
         self.meters = [_StageMeter(n, w) for n, w in zip(names, workers, strict=True)]
         self.channels: list[tuple[ChannelSender[Any], ChannelReceiver[Any]]] = []
         upstream = [SOURCE, *names]
@@ -281,6 +309,7 @@ class _Run:
                 busy_s=meter.busy_s,
                 blocked_s=blocked[i],
                 starved_s=channels[i].receive_starved_s,
+                written_bytes=self.written[i]() - self.written_start[i],
             )
             for i, meter in enumerate(self.meters)
         )
@@ -462,7 +491,10 @@ class Pipeline:
         if self._run is not None:
             raise RuntimeError("this pipeline is already running; build one per concurrent run")
         run = self._run = _Run(
-            self.names, [getattr(s, "workers", 1) for s in self.stages], self.depth
+            self.names,
+            [getattr(s, "workers", 1) for s in self.stages],
+            self.depth,
+            [_written_counter(s) for s in self.stages],
         )
         observer = self.observer
         if observer is not None:

@@ -39,6 +39,9 @@ class StageLike(Protocol[In_contra, Out_co]):
       resources for one run. When present, ``open``/``close`` are not called.
     * ``async open()`` / ``async close()``: the same, as two methods.
     * ``flush()``: same forms as ``process``, no argument.
+    * ``written_bytes`` (int): a monotonic count of the bytes the stage has written into
+      buffers it fills (not the items it passes on); the run report shows each run's
+      share (``StageReport.written_bytes``).
     """
 
     def process(

@@ -23,6 +23,7 @@ weightpipe_stage_bytes_total               counter    stage         input bytes 
 weightpipe_stage_output_bytes_total        counter    stage         output bytes emitted
 weightpipe_stage_blocked_seconds_total     counter    stage         waiting for room downstream
 weightpipe_stage_starved_seconds_total     counter    stage         waiting for input
+weightpipe_stage_written_bytes_total       counter    stage         bytes written into buffers
 weightpipe_queue_depth                     gauge      queue         items in the channel now
 weightpipe_queue_peak_depth                gauge      queue         peak items in the last run
 weightpipe_queue_capacity                  gauge      queue         the channel's depth
@@ -73,14 +74,25 @@ _STAGE_SECONDS_BOUNDS = (
     10.0,
 )
 
-_BLOCKED = "weightpipe_stage_blocked_seconds"
-_STARVED = "weightpipe_stage_starved_seconds"
-_BLOCKED_HELP = "Seconds a stage waited for room in its output channel (backpressure)."
-_STARVED_HELP = "Seconds a stage waited for an input item."
+# Per-stage counters read from the runs themselves at scrape time: (name, help, field).
+_LIVE_SERIES: tuple[tuple[str, str, str], ...] = (
+    (
+        "weightpipe_stage_blocked_seconds",
+        "Seconds a stage waited for room in its output channel (backpressure).",
+        "blocked_s",
+    ),
+    ("weightpipe_stage_starved_seconds", "Seconds a stage waited for an input item.", "starved_s"),
+    (
+        "weightpipe_stage_written_bytes",
+        "Bytes a stage wrote into buffers it filled (not items passed on unchanged).",
+        "written_bytes",
+    ),
+)
 
 
 class _WaitCollector(Collector):
-    """Blocked and starved seconds per stage: finished runs plus runs in progress.
+    """Blocked and starved seconds and written bytes per stage: finished runs plus runs in
+    progress.
 
     Each run registers its ``statistics`` callable when it starts. A scrape adds every
     live run's figures (ongoing waits included) to the totals of the runs already
@@ -92,8 +104,7 @@ class _WaitCollector(Collector):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._blocked: dict[str, float] = {}
-        self._starved: dict[str, float] = {}
+        self._folded: dict[str, dict[str, float]] = {f: {} for _, _, f in _LIVE_SERIES}
         self._live: list[Callable[[], RunReport]] = []
 
     def add(self, statistics: Callable[[], RunReport]) -> None:
@@ -104,42 +115,41 @@ class _WaitCollector(Collector):
         with self._lock:
             self._totals()
 
-    def _totals(self) -> tuple[dict[str, float], dict[str, float]]:
-        running: list[tuple[Callable[[], RunReport], RunReport]] = []
+    def _totals(self) -> dict[str, dict[str, float]]:
+        running: list[RunReport] = []
+        live: list[Callable[[], RunReport]] = []
         for statistics in self._live:
             report = statistics()
             if report.ended:
-                _add(self._blocked, self._starved, report)
+                _add(self._folded, report)
             else:
-                running.append((statistics, report))
-        self._live = [statistics for statistics, _ in running]
-        blocked, starved = dict(self._blocked), dict(self._starved)
-        for _, report in running:
-            _add(blocked, starved, report)
-        return blocked, starved
+                running.append(report)
+                live.append(statistics)
+        self._live = live
+        totals = {field: dict(values) for field, values in self._folded.items()}
+        for report in running:
+            _add(totals, report)
+        return totals
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            blocked, starved = self._totals()
-        for name, text, values in (
-            (_BLOCKED, _BLOCKED_HELP, blocked),
-            (_STARVED, _STARVED_HELP, starved),
-        ):
+            totals = self._totals()
+        for name, text, field in _LIVE_SERIES:
             family = CounterMetricFamily(name, text, labels=["stage"])
-            for stage, seconds in sorted(values.items()):
-                family.add_metric([stage], seconds)
+            for stage, value in sorted(totals[field].items()):
+                family.add_metric([stage], value)
             yield family
 
     def describe(self) -> Iterator[Metric]:
         # Names only, so the registry's duplicate check sees these series too.
-        yield CounterMetricFamily(_BLOCKED, _BLOCKED_HELP, labels=["stage"])
-        yield CounterMetricFamily(_STARVED, _STARVED_HELP, labels=["stage"])
+        for name, text, _ in _LIVE_SERIES:
+            yield CounterMetricFamily(name, text, labels=["stage"])
 
 
-def _add(blocked: dict[str, float], starved: dict[str, float], report: RunReport) -> None:
+def _add(totals: dict[str, dict[str, float]], report: RunReport) -> None:
     for stage in report.stages:
-        blocked[stage.name] = blocked.get(stage.name, 0.0) + stage.blocked_s
-        starved[stage.name] = starved.get(stage.name, 0.0) + stage.starved_s
+        for field, values in totals.items():
+            values[stage.name] = values.get(stage.name, 0.0) + float(getattr(stage, field))
 
 
 class PipelineMetrics:

@@ -91,6 +91,43 @@ async def test_wait_counters_sum_over_runs_of_one_observer() -> None:
     assert starved == pytest.approx(sum(r.stage("half").starved_s for r in reports))
 
 
+class Copier(Stage[torch.Tensor, torch.Tensor]):
+    """Copies each item into a fresh buffer and counts the bytes it wrote."""
+
+    name = "copy"
+
+    def __init__(self) -> None:
+        self.written_bytes = 0
+
+    async def process(self, item: torch.Tensor) -> list[torch.Tensor]:
+        out = item.clone()
+        self.written_bytes += out.numel() * out.element_size()
+        return [out]
+
+
+class PassThrough(Stage[torch.Tensor, torch.Tensor]):
+    name = "pass"
+    written_bytes = True  # not an int counter: ignored, reads as 0
+
+    async def process(self, item: torch.Tensor) -> list[torch.Tensor]:
+        return [item]
+
+
+async def test_written_bytes_are_each_runs_share_of_the_stage_counter() -> None:
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    copier = Copier()
+    items = [torch.ones(16, dtype=torch.float32)] * 3
+    first = await Pipeline([copier, PassThrough()], observer=metrics).run(items)
+    second = await Pipeline([copier, PassThrough()], observer=metrics).run(items[:1])
+    assert first.stage("copy").written_bytes == 3 * 64
+    assert second.stage("copy").written_bytes == 64  # this run's share, not the total
+    assert first.stage("pass").written_bytes == 0
+    assert "MB written" in first.format()
+    total = registry.get_sample_value("weightpipe_stage_written_bytes_total", {"stage": "copy"})
+    assert total == 4 * 64
+
+
 def _sample(text: str, name: str, stage: str) -> float:
     match = re.search(rf'^{name}{{stage="{stage}"}} (\S+)$', text, re.MULTILINE)
     assert match is not None, f"no {name} for {stage!r} in the scrape"
