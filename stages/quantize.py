@@ -50,6 +50,7 @@ from weightpipe.stages.fp8 import (
     sglang_quantization_config,
     warm_up_cpu_kernel,
 )
+from weightpipe.stages.fp8.flags import PendingFlags
 
 __all__ = [
     "Backend",
@@ -147,6 +148,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         self.cpu_threads = cpu_threads if cpu_threads is not None else default_cpu_threads()
         self._limiter: anyio.CapacityLimiter | None = None
         self._streams: dict[int, Any] = {}
+        self._flags = PendingFlags()
         # Output arenas of CPU buckets: buckets in flight here and downstream (a few
         # channel slots) plus one being written.
         self._arenas = BufferPool(0, keep=workers + 4, pin=False)
@@ -203,6 +205,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
     async def open(self) -> None:
         check_backend(self.backend, self.method, self.block, what="Fp8Quantize")
         self._limiter = anyio.CapacityLimiter(self.workers)
+        self._flags.reset()
         if self.method == "block" and self.backend != "triton" and not torch.cuda.is_available():
             # Compile the CPU kernel (numba, ~2 s once per process) before the first
             # bucket rather than inside the first sync.
@@ -210,6 +213,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
 
     async def close(self) -> None:
         self._streams.clear()
+        self._flags.reset()
 
     async def process(self, item: WeightBucket) -> list[WeightBucket]:
         limiter = self._limiter if self._limiter is not None else anyio.CapacityLimiter(1)
@@ -411,8 +415,11 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         """Enqueue the bucket's CUDA quantization on this stage's stream.
 
         No host sync per tensor: everything is enqueued, the NaN/Inf flags are copied to
-        pinned memory, one event is recorded, and the host waits once for that event
-        (in this worker thread) because the flags decide the output's tensors.
+        pinned memory and one event is recorded. With ``nonfinite="keep"`` the host waits
+        for that event (in this worker thread) because the flags decide the output's
+        tensors; with ``"error"`` it does not: ``PendingFlags`` reads them once the event
+        has completed, at a later bucket, and waits only at the sync's last bucket, so
+        a NaN fails the sync before its commit, naming the tensor and its bucket.
         """
         device = bucket.tensors[idx[0]][1].device
         stream = self._stream(device)
@@ -436,6 +443,11 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
             host_flags.copy_(flags, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
+        if self.nonfinite == "error":
+            results.update(zip(chosen, outs, strict=True))
+            names = tuple(bucket.tensors[i][0] for i in chosen)
+            self._flags.add(event, host_flags, names, bucket.index, last=bucket.is_last)
+            return event
         event.synchronize()
         for i, result, bad in zip(chosen, outs, host_flags.tolist(), strict=True):
             results[i] = None if bad else result

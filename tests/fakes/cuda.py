@@ -29,15 +29,22 @@ class FakeCudaStream:
 class FakeCudaEvent:
     """A fake of ``torch.cuda.Event``: remembers the stream it was recorded on.
 
-    ``query()`` answers ``done`` (True unless a test pretends the work is still running).
+    ``query()`` answers ``done`` (True unless a test pretends the work is still running)
+    and, like the real one, never blocks; ``synchronize()`` is the real host wait for the
+    recorded work, so it counts the wait in ``host_waits`` and leaves the event complete.
     """
 
     def __init__(self) -> None:
         self.recorded_on: Any = None
         self.done = True
+        self.host_waits = 0
 
     def record(self, stream: Any) -> None:
         self.recorded_on = stream
 
     def query(self) -> bool:
         return self.done
+
+    def synchronize(self) -> None:
+        self.host_waits += 1
+        self.done = True

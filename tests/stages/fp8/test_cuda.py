@@ -120,3 +120,23 @@ def test_stage_on_cuda_nonfinite_error_and_keep() -> None:
     out.ready.synchronize()
     assert out.meta["nonfinite_kept"] == 1
     assert out.tensors[0][1].dtype == torch.bfloat16
+
+
+def test_stage_on_cuda_defers_the_nan_check_to_the_last_bucket() -> None:
+    w = _weight((200, 300), torch.bfloat16).cuda()
+    w[5, 5] = math.nan
+    stage = Fp8Quantize()
+    # Bucket 0 is not waited for on the host: it goes on; the last bucket fails, naming it.
+    stage.quantize_bucket(WeightBucket((("a.o_proj.weight", w),), 0, False, 1))
+    ok = _weight((64, 64), torch.bfloat16).cuda()
+    with pytest.raises(NonFiniteWeightError, match=r"a\.o_proj\.weight.*bucket 0"):
+        stage.quantize_bucket(WeightBucket((("b.o_proj.weight", ok),), 1, True, 1))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_quantize_fp8_launches_on_the_tensors_device() -> None:
+    w = _weight((256, 256), torch.bfloat16).to("cuda:1")
+    with torch.cuda.device(0):
+        got = quantize_fp8(w)
+    assert got.qweight.device == w.device
+    assert _same(got, quantize_fp8_reference(w.cpu()))
