@@ -262,6 +262,9 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         self._count(
             sum(r.qweight.nbytes + r.scale.nbytes for r in results.values() if r is not None)
         )
+        if bucket.is_last:
+            # Flags of earlier CUDA buckets, when this one added none: read before commit.
+            self._flags.wait_all()
         if ready is not None and any(not plan[i] or i not in results for i in cuda_idx):
             # Casts of kept CUDA tensors were enqueued after the event: record again.
             ready = self._record(bucket.tensors[cuda_idx[0]][1].device)

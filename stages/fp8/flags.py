@@ -64,8 +64,20 @@ class PendingFlags:
         Raises:
             NonFiniteWeightError: a flag read is set, naming its tensor and bucket.
         """
+        self._read(_Entry(event, host_flags, names, bucket), last)
+
+    def wait_all(self) -> None:
+        """Wait for and read every pending entry (the sync's last bucket had none to add).
+
+        Raises:
+            NonFiniteWeightError: as ``add``.
+        """
+        self._read(None, True)
+
+    def _read(self, new: _Entry | None, last: bool) -> None:
         with self._lock:
-            self._entries.append(_Entry(event, host_flags, names, bucket))
+            if new is not None:
+                self._entries.append(new)
             self._draining = self._draining or last
             wait_all = self._draining
             done = [e for e in self._entries if wait_all or e.event.query()]

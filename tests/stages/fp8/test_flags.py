@@ -80,3 +80,12 @@ def test_reset_forgets_a_failed_run() -> None:
     last = _pending_event()
     flags.add(last, torch.tensor([0]), ("b",), 0, last=True)
     assert last.host_waits == 1 and flags.pending == 0
+
+
+def test_wait_all_reads_what_a_last_bucket_without_flags_left() -> None:
+    flags = PendingFlags()
+    early = _pending_event()
+    flags.add(early, torch.tensor([0, 1]), ("a", "b"), 0, last=False)
+    with pytest.raises(NonFiniteWeightError) as info:
+        flags.wait_all()
+    assert info.value.tensor == "b" and early.host_waits == 1
