@@ -82,7 +82,9 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         method: ``block`` (SGLang/DeepSeek block FP8), ``channel`` or ``tensor``.
         scale_fmt: ``float32``, or ``ue8m0`` (power-of-two scales, for DeepGEMM).
         nonfinite: a weight with NaN/Inf: ``error`` raises ``NonFiniteWeightError`` naming
-            it; ``keep`` sends it unquantized (cast to ``keep_dtype``) and counts it.
+            it (on CUDA at a later bucket, the sync's last at the latest, so before the
+            commit: the flags are read without a host wait per bucket); ``keep`` sends it
+            unquantized (cast to ``keep_dtype``) and counts it.
         keep_dtype: dtype of the floating-point tensors left unquantized.
         ignored_layers, include, exclude: see ``Fp8Selection``.
         workers: concurrent ``process`` calls the pipeline may run (buckets in flight).
