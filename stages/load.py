@@ -13,6 +13,20 @@ happens (an engine error, a timeout, a failure upstream, cancellation) ``close``
 an uncommitted sync and resumes generation, so the engine keeps serving the old version.
 One sync at a time runs on an engine: a second ``Load`` opening on an engine that is in a
 sync is refused at ``open`` without touching the engine.
+
+Partial failures. An engine whose ``abort`` undoes every bucket it accepted declares
+``rolls_back = True`` (the local engine); any other (SGLang applies each bucket as it
+arrives) holds a half-updated model once it accepted a bucket, or new weights under the
+old version once ``commit`` was sent. When such a sync fails, the engine is marked dirty
+(``engine_is_dirty``, ``LoadReport.engine_dirty``, a failure inside Load raises
+``EngineDirtyError``) and, under ``on_partial_failure="keep_paused"`` (the default), left
+paused (paused now if the sync mode never paused it): the next sync finds it paused, does
+not pause it again, and resumes generation only after its commit, which clears the mark.
+``"resume"`` resumes generation anyway and logs a warning naming the engine. A sync that
+failed before the engine accepted anything resumes generation as always.
+
+The version is checked before the engine is touched (before the pause and ``begin``): an
+int (not a bool), >= 0, strictly greater than the version the engine serves.
 """
 
 from __future__ import annotations
@@ -23,7 +37,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 import anyio
 import anyio.lowlevel
@@ -35,13 +49,24 @@ from weightpipe.stages.engines.base import (
     PAUSE_MODES,
     SYNC_MODES,
     Engine,
+    EngineDirtyError,
     EngineError,
     PauseMode,
     SyncMode,
     engine_name,
+    engine_rolls_back,
 )
 
-__all__ = ["PAUSE_POLICY", "Load", "LoadReport", "PauseAt"]
+__all__ = [
+    "ON_PARTIAL_FAILURE",
+    "PAUSE_POLICY",
+    "Load",
+    "LoadReport",
+    "OnPartialFailure",
+    "PauseAt",
+    "check_version",
+    "engine_is_dirty",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +84,31 @@ PAUSE_POLICY: dict[SyncMode, PauseAt] = {
     "in_flight": "never",
 }
 """The pause policy of each sync mode (the one table of it)."""
+
+OnPartialFailure = Literal["keep_paused", "resume"]
+"""What Load does with an engine that cannot roll back and accepted part of a failed sync:
+keep it paused until a full sync commits (the default), or resume it (logged)."""
+ON_PARTIAL_FAILURE: tuple[OnPartialFailure, ...] = get_args(OnPartialFailure)
+
+
+def check_version(version: object, current: int | None = None, *, engine: str = "") -> int:
+    """``version`` if it may be installed on an engine serving ``current``, else raise.
+
+    Raises:
+        ValueError: ``version`` is not an int (a bool or a str is refused), is negative, or
+            is not strictly greater than ``current``; the message names both values.
+    """
+    where = f" on engine {engine!r}" if engine else ""
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"version must be an int, got {type(version).__name__} {version!r}{where}")
+    if version < 0:
+        raise ValueError(f"version must be >= 0, got {version}{where}")
+    if current is not None and version <= current:
+        raise ValueError(
+            f"version {version} is not greater than the version {current} the engine "
+            f"serves{where}; versions must increase strictly"
+        )
+    return version
 
 
 @dataclass(frozen=True)
@@ -79,6 +129,9 @@ class LoadReport:
             failure that caused the abort is the one the caller sees).
         names: the names of the tensors the engine accepted, in order (FP8 scales
             included as ``<weight>_scale_inv``).
+        engine_dirty: after this sync the engine holds part of a failed sync it cannot
+            roll back (see the module's partial-failure policy).
+        left_paused: generation was left paused because the engine is dirty.
     """
 
     engine: str
@@ -94,6 +147,8 @@ class LoadReport:
     hard_pause_s: float
     abort_error: str | None = None
     names: tuple[str, ...] = ()
+    engine_dirty: bool = False
+    left_paused: bool = False
 
 
 # Engines in a sync, by id() (any object can be a key; an entry lives exactly as long as
@@ -101,6 +156,16 @@ class LoadReport:
 # threading lock, since two event loops in two threads may share an engine.
 _engines_in_sync: dict[int, str] = {}
 _engines_lock = threading.Lock()
+
+# Dirty engines, by id(): id -> (the engine, kept alive so its id is not reused; whether
+# it was left paused). Under ``_engines_lock``.
+_dirty_engines: dict[int, tuple[object, bool]] = {}
+
+
+def engine_is_dirty(engine: object) -> bool:
+    """Whether ``engine`` holds part of a failed sync it could not roll back."""
+    with _engines_lock:
+        return id(engine) in _dirty_engines
 
 
 class _EngineSync:
@@ -114,9 +179,22 @@ class _EngineSync:
     """
 
     def __init__(
-        self, engine: Engine, *, name: str, owner: str, pause_mode: PauseMode, timeout_s: float
+        self,
+        engine: Engine,
+        *,
+        name: str,
+        owner: str,
+        pause_mode: PauseMode,
+        timeout_s: float,
+        on_partial_failure: OnPartialFailure = "keep_paused",
     ) -> None:
         self.engine = engine
+        self.rolls_back = engine_rolls_back(engine)
+        self.on_partial_failure: OnPartialFailure = on_partial_failure
+        self.dirty = False
+        self.left_paused = False
+        self.version_checked = False
+        self._commit_sent = False
         self.name = name
         self.owner = owner
         self.pause_mode: PauseMode = pause_mode
@@ -152,6 +230,35 @@ class _EngineSync:
                 )
             _engines_in_sync[id(self.engine)] = self.owner
             self._claimed = True
+            dirty = _dirty_engines.get(id(self.engine))
+        if dirty is not None:
+            # A previous sync left part of itself on the engine: this one must commit
+            # before generation may resume. An engine left paused is not paused again.
+            self.dirty = True
+            if dirty[1]:
+                self._pause_asked = True
+                self.paused = True
+                self._paused_at = time.perf_counter()
+
+    async def check_version(self, version: object) -> None:
+        """Refuse a version that is not an int > the engine's, before touching the engine
+        (once per sync; reading ``version()`` changes nothing).
+
+        Raises:
+            ValueError: see ``check_version``.
+            EngineError: ``version()`` failed or did not answer in time.
+        """
+        if self.version_checked:
+            return
+        check_version(version, engine=self.name)
+        current = await self._call("version query", self.engine.version)
+        check_version(version, current, engine=self.name)
+        self.version_checked = True
+
+    @property
+    def touched(self) -> bool:
+        """The engine accepted a bucket, or was sent the commit, of this sync."""
+        return self.buckets > 0 or self._commit_sent
 
     def hard_pause_s(self) -> float:
         if self.paused:
@@ -189,17 +296,49 @@ class _EngineSync:
             self.begun = True
             await self._call("begin", lambda: self.engine.begin(bucket.version))
         started = time.perf_counter()
-        await self._call(f"load of {bucket.describe()}", lambda: self.engine.load(bucket))
-        self.load_s += time.perf_counter() - started
-        self.buckets += 1
-        self.tensors += len(bucket.tensors)
-        self.names.extend(name for name, _ in bucket.tensors)
-        self.bytes += bucket.nbytes
-        if bucket.is_last:
-            await self._call("commit", lambda: self.engine.commit(bucket.version))
-            self.committed = True
-            if self.paused:  # no reason to keep generation waiting until close
-                await self._resume()
+        what = f"load of {bucket.describe()}"
+        try:
+            await self._call(what, lambda: self.engine.load(bucket))
+            self.load_s += time.perf_counter() - started
+            self.buckets += 1
+            self.tensors += len(bucket.tensors)
+            self.names.extend(name for name, _ in bucket.tensors)
+            self.bytes += bucket.nbytes
+            if bucket.is_last:
+                what = "commit"
+                self._commit_sent = True
+                await self._call("commit", lambda: self.engine.commit(bucket.version))
+        except Exception as exc:
+            if self.rolls_back or not self.touched:
+                raise
+            if isinstance(exc, EngineError):
+                # The engine's own error stays the one raised (its tensor, its retryable),
+                # told that it left the engine dirty.
+                exc.engine_dirty = True
+                exc.args = (f"{exc}; {self._dirty_words()}", *exc.args[1:])
+                raise
+            raise EngineDirtyError(
+                self.name, f"{what} failed ({type(exc).__name__}: {exc}); {self._dirty_words()}"
+            ) from exc
+        if not bucket.is_last:
+            return
+        self.committed = True
+        with _engines_lock:
+            _dirty_engines.pop(id(self.engine), None)
+        self.dirty = False
+        if self.paused:  # no reason to keep generation waiting until close
+            await self._resume()
+
+    def _dirty_words(self) -> str:
+        accepted = f"after the engine accepted {self.buckets} bucket(s)"
+        if self._commit_sent:
+            accepted += " and was sent the commit"
+        then = (
+            "it is left paused and marked dirty until a full sync commits"
+            if self.on_partial_failure == "keep_paused"
+            else "it is marked dirty and generation was resumed on it (on_partial_failure='resume')"
+        )
+        return f"the sync failed {accepted}; the engine cannot roll back, so {then}"
 
     async def close(self, version: int | None) -> None:
         """Abort an uncommitted sync of ``version`` (best effort), then resume generation.
@@ -217,13 +356,40 @@ class _EngineSync:
                 except Exception as exc:  # must not hide the failure that caused the abort
                     self.abort_error = f"{type(exc).__name__}: {exc}"
                     logger.warning("abort of v%s on engine %r failed: %s", version, self.name, exc)
-            if self.paused:
+            if not self.committed and not self.rolls_back and (self.touched or self.dirty):
+                await self._mark_dirty()
+            elif self.paused:
                 await self._resume()
         finally:
             if self._claimed:
                 with _engines_lock:
                     _engines_in_sync.pop(id(self.engine), None)
                 self._claimed = False
+
+    async def _mark_dirty(self) -> None:
+        """The engine holds part of a failed sync: keep it paused, or resume it (logged)."""
+        self.dirty = True
+        if self.on_partial_failure == "resume":
+            logger.warning(
+                "engine %r holds part of a failed sync it cannot roll back; resuming "
+                "generation on it anyway (on_partial_failure='resume')",
+                self.name,
+            )
+            if self.paused:
+                await self._resume()
+        else:
+            logger.error(
+                "engine %r holds part of a failed sync it cannot roll back; generation stays "
+                "paused until a full sync commits",
+                self.name,
+            )
+            try:
+                if not self.paused:  # in_flight never paused: stop serving the mixed model
+                    await self.pause()
+            finally:
+                self.left_paused = self.paused
+        with _engines_lock:
+            _dirty_engines[id(self.engine)] = (self.engine, self.left_paused)
 
     async def _resume(self) -> None:
         await self._call("resume", self.engine.resume)
@@ -280,6 +446,9 @@ class Load(Stage[WeightBucket, WeightBucket]):
         name: the stage's name in the pipeline (default ``"load"``; the pipeline numbers
             a repeated name ``load-2``), so a second Load (a second engine) can say
             which it is in errors and reports.
+        on_partial_failure: ``keep_paused`` (default) or ``resume``: what happens to an
+            engine that cannot roll back and accepted part of a failed sync (see the
+            module's partial-failure policy).
 
     ``close_timeout_s`` (the pipeline's bound on ``close``) is ``2 * timeout_s`` plus a
     second: room for an abort and a resume, each under its own deadline.
@@ -291,10 +460,15 @@ class Load(Stage[WeightBucket, WeightBucket]):
     ``StageError``):
         EngineError: the engine refused or failed a call, or did not answer in time;
             another sync holds the engine (at ``open``, before any engine call).
-        ValueError: a bucket out of order, of another version, after the last one, or
-            not a ``WeightBucket``; the stream ended without a last bucket.
+            ``EngineDirtyError`` (``engine_dirty`` True) when the engine cannot roll back
+            and had accepted part of the sync.
+        ValueError: a version that is not an int greater than the engine's (before the
+            engine is touched: no pause, no begin), a bucket out of order, of another
+            version, after the last one, or not a ``WeightBucket``; the stream ended
+            without a last bucket.
     Raises (from the constructor): ValueError: an unknown mode, a bad ``timeout_s``
-    (or engine ``default_timeout_s``), ``prefetch_bytes`` or ``name``.
+    (or engine ``default_timeout_s``), ``prefetch_bytes``, ``name``, ``version`` or
+    ``on_partial_failure``.
     """
 
     name: str = "load"
@@ -309,6 +483,7 @@ class Load(Stage[WeightBucket, WeightBucket]):
         version: int | None = None,
         prefetch_bytes: int | None = 0,
         name: str = "load",
+        on_partial_failure: OnPartialFailure = "keep_paused",
     ) -> None:
         if mode not in SYNC_MODES:
             raise ValueError(f"unknown sync mode {mode!r}; expected one of {SYNC_MODES}")
@@ -318,6 +493,14 @@ class Load(Stage[WeightBucket, WeightBucket]):
             raise ValueError(f"prefetch_bytes must be >= 0 or None, got {prefetch_bytes!r}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
+        if on_partial_failure not in ON_PARTIAL_FAILURE:
+            raise ValueError(
+                f"unknown on_partial_failure {on_partial_failure!r}; "
+                f"expected one of {ON_PARTIAL_FAILURE}"
+            )
+        if version is not None:
+            check_version(version, engine=engine_name(engine))
+        self.on_partial_failure: OnPartialFailure = on_partial_failure
         self.name = name
         self.engine = engine
         self.mode: SyncMode = mode
@@ -366,6 +549,8 @@ class Load(Stage[WeightBucket, WeightBucket]):
             hard_pause_s=0.0 if sync is None else sync.hard_pause_s(),
             abort_error=None if sync is None else sync.abort_error,
             names=() if sync is None else tuple(sync.names),
+            engine_dirty=engine_is_dirty(self.engine) if sync is None else sync.dirty,
+            left_paused=sync is not None and sync.left_paused,
         )
 
     async def open(self) -> None:
@@ -375,6 +560,7 @@ class Load(Stage[WeightBucket, WeightBucket]):
             EngineError: another sync holds the engine (nothing was called), or the engine
                 failed to pause or timed out (resume is tried here first, since the
                 pipeline does not close a stage whose ``open`` failed).
+            ValueError: ``version`` is not greater than the engine's (nothing was changed).
         """
         sync = _EngineSync(
             self.engine,
@@ -382,14 +568,18 @@ class Load(Stage[WeightBucket, WeightBucket]):
             owner=f"Load {self.name!r}",
             pause_mode=self.pause_mode,
             timeout_s=self.timeout_s,
+            on_partial_failure=self.on_partial_failure,
         )
         sync.claim()
         self._sync = sync
         self._last_report = None
         self._start_stream()
-        if self.pause_at == "open":
+        if self.version is not None or self.pause_at == "open":
             try:
-                await sync.pause()
+                if self.version is not None:
+                    await sync.check_version(self.version)
+                if self.pause_at == "open":
+                    await sync.pause()
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     try:
@@ -403,7 +593,9 @@ class Load(Stage[WeightBucket, WeightBucket]):
         until the look-ahead budget or the last bucket is reached; pause first if the
         policy says so."""
         sync = self._current()
-        ready = self._admit(self._check(item, sync))
+        bucket = self._check(item, sync)
+        await sync.check_version(bucket.version)  # before the engine is touched
+        ready = self._admit(bucket)
         if ready and self.pause_at == "first_load":
             await sync.pause()
         for bucket in ready:

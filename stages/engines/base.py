@@ -40,14 +40,17 @@ __all__ = [
     "PAUSE_MODES",
     "SYNC_MODES",
     "Engine",
+    "EngineDirtyError",
     "EngineError",
     "MeasuresGeneration",
     "PauseMode",
+    "RollsBack",
     "SyncMode",
     "TakesFlatBuckets",
     "WireSpec",
     "WritesWireBuffer",
     "engine_name",
+    "engine_rolls_back",
     "retry_within_deadline",
     "wire_spec_of",
 ]
@@ -87,6 +90,21 @@ class EngineError(WeightpipeError, RuntimeError):
         self.tensor = tensor
         self.retryable = retryable
 
+    engine_dirty: bool = False
+    """The engine holds part of a failed sync it cannot roll back (see ``EngineDirtyError``)."""
+
+
+class EngineDirtyError(EngineError):
+    """A sync failed after an engine that cannot roll back accepted part of it.
+
+    The engine holds a mix of old and new weights (or new weights under the old version):
+    it is marked dirty, and, under Load's default ``on_partial_failure="keep_paused"``,
+    left paused until a full sync commits. ``engine_dirty`` is always True; the failure
+    that caused it is ``__cause__``.
+    """
+
+    engine_dirty: bool = True
+
 
 @runtime_checkable
 class Engine(Protocol):
@@ -114,6 +132,24 @@ class Engine(Protocol):
 
     async def resume(self) -> None:
         """Continue generation."""
+
+
+@runtime_checkable
+class RollsBack(Protocol):
+    """Whether an engine's ``abort`` undoes every bucket it accepted in the sync.
+
+    ``rolls_back = True`` (the local engine: its commit is staged, and abort discards the
+    staged buckets) lets Load resume generation after any failure. An engine without the
+    attribute, or with False (the SGLang adapters: SGLang applies each bucket as it
+    arrives), is treated as one that cannot roll back.
+    """
+
+    rolls_back: bool
+
+
+def engine_rolls_back(engine: object) -> bool:
+    """True only for an engine that declares ``rolls_back = True`` (see ``RollsBack``)."""
+    return getattr(engine, "rolls_back", False) is True
 
 
 class GenerationWindowLike(Protocol):

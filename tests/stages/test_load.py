@@ -20,7 +20,15 @@ from tests.fakes.engines import FakeSteppingEngine
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import DEFAULT_TIMEOUT_S, EngineError, SyncMode
-from weightpipe.stages.load import PAUSE_POLICY, Load
+from weightpipe.stages.load import PAUSE_POLICY, Load, engine_is_dirty
+
+
+class RollbackEngine(FakeEngine):
+    """``FakeEngine`` declaring ``rolls_back`` as ``LocalEngine`` does (its staged commit
+    discards the staged buckets on abort): a failed sync resumes generation."""
+
+    rolls_back = True
+
 
 MODES: list[SyncMode] = ["pause", "prefetch", "in_flight"]
 PAUSING: list[SyncMode] = ["pause", "prefetch"]
@@ -64,7 +72,7 @@ def expected_calls(mode: SyncMode, *middle: str) -> list[str]:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_protocol_order_per_mode(mode: SyncMode) -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     load = Load(engine, mode=mode, pause_mode="in_place")
     await run(load, buckets())
     assert engine.call_names() == expected_calls(mode, "begin", "load", "load", "load", "commit")
@@ -87,7 +95,7 @@ async def test_protocol_order_per_mode(mode: SyncMode) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_pause_policy_decides_when_generation_stops(mode: SyncMode) -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     gate = FakeGate(hold_at=0)
     load = Load(engine, mode=mode)
     async with anyio.create_task_group() as group:
@@ -106,7 +114,7 @@ async def test_pause_policy_decides_when_generation_stops(mode: SyncMode) -> Non
 async def test_prefetch_holds_buckets_back_up_to_its_budget(
     prefetch_bytes: int | None, pause_after: int
 ) -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
 
     async def source() -> AsyncIterator[WeightBucket]:
         for bucket in buckets(count=4):  # 16 bytes each
@@ -126,7 +134,7 @@ async def test_prefetch_holds_buckets_back_up_to_its_budget(
 
 
 async def test_prefetch_failure_while_holding_touches_nothing() -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     error = await run_expecting_failure(
         Load(engine, mode="prefetch", prefetch_bytes=None), failing_source()
     )
@@ -135,7 +143,7 @@ async def test_prefetch_failure_while_holding_touches_nothing() -> None:
 
 
 async def test_prefetch_with_look_ahead_aborts_a_failing_load() -> None:
-    engine = FakeEngine(fail_at={"load": "error"}, fail_load_at=2)
+    engine = RollbackEngine(fail_at={"load": "error"}, fail_load_at=2)
     error = await run_expecting_failure(
         Load(engine, mode="prefetch", prefetch_bytes=None), buckets()
     )
@@ -148,7 +156,7 @@ async def test_prefetch_with_look_ahead_aborts_a_failing_load() -> None:
 
 
 async def test_failed_pause_at_open_still_resumes() -> None:
-    engine = FakeEngine(fail_at={"pause": "error"})
+    engine = RollbackEngine(fail_at={"pause": "error"})
     load = Load(engine, mode="pause")
     error = await run_expecting_failure(load, buckets())
     assert error.phase == "open"
@@ -165,7 +173,7 @@ async def test_failed_pause_at_open_still_resumes() -> None:
 async def test_a_second_sync_on_a_busy_engine_is_refused_without_touching_the_first(
     second_mode: SyncMode,
 ) -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     gate = FakeGate(hold_at=1)
     first = Load(engine, mode="pause")
     async with anyio.create_task_group() as group:
@@ -186,7 +194,7 @@ async def test_a_second_sync_on_a_busy_engine_is_refused_without_touching_the_fi
 
 
 async def test_one_engine_twice_in_one_pipeline_is_refused_at_open() -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     error = await run_expecting_failure(Load(engine, name="second"), buckets(), Load(engine))
     assert error.stage == "second"
     assert error.phase == "open"
@@ -212,7 +220,7 @@ FAULTS = [
 async def test_engine_fault_aborts_and_resumes(
     mode: SyncMode, fail_at: dict[str, str], at_bucket: int
 ) -> None:
-    engine = FakeEngine(fail_at=fail_at, fail_load_at=at_bucket)
+    engine = RollbackEngine(fail_at=fail_at, fail_load_at=at_bucket)
     load = Load(engine, mode=mode, timeout_s=0.2)
     error = await run_expecting_failure(load, buckets())
     assert error.stage == "load"
@@ -241,7 +249,7 @@ async def test_engine_fault_aborts_and_resumes(
 
 
 async def test_load_error_names_the_bucket_and_tensor() -> None:
-    engine = FakeEngine(fail_at={"load": "error"}, fail_load_at=1)
+    engine = RollbackEngine(fail_at={"load": "error"}, fail_load_at=1)
     error = await run_expecting_failure(Load(engine), buckets())
     assert error.item is not None
     assert "bucket 1 of v1" in error.item
@@ -251,7 +259,7 @@ async def test_load_error_names_the_bucket_and_tensor() -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_upstream_failure_mid_sync_aborts(mode: SyncMode) -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     load = Load(engine, mode=mode)
     error = await run_expecting_failure(load, failing_source())
     assert error.stage == "source"
@@ -327,7 +335,7 @@ async def test_a_pause_waited_for_through_a_cancellation_still_has_its_deadline(
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_failing_abort_at_close_does_not_mask_the_cause(mode: SyncMode) -> None:
-    engine = FakeEngine(fail_at={"load": "error", "abort": "error"}, fail_load_at=1)
+    engine = RollbackEngine(fail_at={"load": "error", "abort": "error"}, fail_load_at=1)
     load = Load(engine, mode=mode)
     error = await run_expecting_failure(load, buckets())
     load_error, abort_error = engine.raised
@@ -339,7 +347,7 @@ async def test_failing_abort_at_close_does_not_mask_the_cause(mode: SyncMode) ->
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_hanging_abort_times_out_and_generation_resumes(mode: SyncMode) -> None:
-    engine = FakeEngine(fail_at={"load": "error", "abort": "hang"})
+    engine = RollbackEngine(fail_at={"load": "error", "abort": "hang"})
     load = Load(engine, mode=mode, timeout_s=0.1)
     error = await run_expecting_failure(load, buckets())
     assert error.__cause__ is engine.raised[0]
@@ -351,7 +359,7 @@ async def test_hanging_abort_times_out_and_generation_resumes(mode: SyncMode) ->
 
 @pytest.mark.parametrize("mode", PAUSING)
 async def test_failed_resume_at_close_is_reported_after_the_abort(mode: SyncMode) -> None:
-    engine = FakeEngine(fail_at={"resume": "error"})
+    engine = RollbackEngine(fail_at={"resume": "error"})
     load = Load(engine, mode=mode)
     error = await run_expecting_failure(load, buckets()[:2])  # no last bucket: flush fails
     assert error.phase == "flush"
@@ -362,7 +370,7 @@ async def test_failed_resume_at_close_is_reported_after_the_abort(mode: SyncMode
 
 @pytest.mark.parametrize("mode", PAUSING)
 async def test_failed_resume_after_commit_is_reported(mode: SyncMode) -> None:
-    engine = FakeEngine(fail_at={"resume": "error"})
+    engine = RollbackEngine(fail_at={"resume": "error"})
     load = Load(engine, mode=mode)
     error = await run_expecting_failure(load, buckets())
     assert error.stage == "load"
@@ -373,7 +381,7 @@ async def test_failed_resume_after_commit_is_reported(mode: SyncMode) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_stream_without_last_bucket_is_not_committed(mode: SyncMode) -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     error = await run_expecting_failure(Load(engine, mode=mode), buckets()[:2])
     assert error.phase == "flush"
     assert "without one marked is_last" in str(error)
@@ -382,7 +390,7 @@ async def test_stream_without_last_bucket_is_not_committed(mode: SyncMode) -> No
 
 
 async def test_empty_stream_is_an_error_without_engine_calls() -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     with pytest.raises(StageError, match="no buckets"):
         await run(Load(engine, mode="in_flight"), [])
     assert engine.calls == []
@@ -393,7 +401,7 @@ async def test_empty_stream_is_an_error_without_engine_calls() -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_cancellation_mid_sync_aborts_and_resumes(mode: SyncMode) -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     gate = FakeGate(hold_at=1)
     load = Load(engine, mode=mode)
     with anyio.CancelScope() as scope:
@@ -410,7 +418,7 @@ async def test_cancellation_mid_sync_aborts_and_resumes(mode: SyncMode) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_cancelled_engine_call_is_aborted_and_the_engine_released(mode: SyncMode) -> None:
-    engine = FakeEngine(fail_at={"load": "hang"}, fail_load_at=1)
+    engine = RollbackEngine(fail_at={"load": "hang"}, fail_load_at=1)
     load = Load(engine, mode=mode)
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as group:
@@ -436,7 +444,7 @@ async def test_cancelled_engine_call_is_aborted_and_the_engine_released(mode: Sy
     ],
 )
 async def test_bad_streams_are_refused(source: list[object], message: str) -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     with pytest.raises(StageError, match=message):
         await run(Load(engine, version=1), source)
     assert await engine.version() == 0
@@ -444,7 +452,7 @@ async def test_bad_streams_are_refused(source: list[object], message: str) -> No
 
 
 async def test_bucket_after_the_committed_last_one_is_refused() -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     with pytest.raises(StageError, match="arrived after the last bucket was committed"):
         await run(Load(engine), [*buckets(), buckets()[0]])
     # The sync itself had committed; the stray bucket is refused, not loaded.
@@ -455,14 +463,14 @@ async def test_bucket_after_the_committed_last_one_is_refused() -> None:
 
 async def test_mixed_versions_in_one_stream_are_refused() -> None:
     mixed = [buckets(version=1)[0], buckets(version=2)[1], buckets(version=1)[2]]
-    engine = FakeEngine()
+    engine = RollbackEngine()
     with pytest.raises(StageError, match="bucket 1 of v2"):
         await run(Load(engine), mixed)
     assert ("abort", 1) in engine.calls
 
 
 async def test_stage_is_reusable_across_syncs() -> None:
-    engine = FakeEngine(fail_at={"commit": "error"})
+    engine = RollbackEngine(fail_at={"commit": "error"})
     load = Load(engine, mode="pause")
     with pytest.raises(StageError):
         await run(load, buckets(version=1))
@@ -481,20 +489,20 @@ async def test_stage_is_reusable_across_syncs() -> None:
 
 
 async def test_deadline_defaults_to_the_engines_default_timeout() -> None:
-    engine = FakeEngine(fail_at={"commit": "hang"}, default_timeout_s=0.05)
+    engine = RollbackEngine(fail_at={"commit": "hang"}, default_timeout_s=0.05)
     load = Load(engine, mode="in_flight")
     error = await run_expecting_failure(load, buckets())
     assert "commit did not answer within 0.05 s" in str(error.__cause__)
 
 
 def test_deadline_falls_back_to_the_base_default_and_an_explicit_one_wins() -> None:
-    assert Load(FakeEngine()).timeout_s == DEFAULT_TIMEOUT_S
-    assert Load(FakeEngine(default_timeout_s=600.0)).timeout_s == 600.0
-    assert Load(FakeEngine(default_timeout_s=600.0), timeout_s=5).timeout_s == 5.0
+    assert Load(RollbackEngine()).timeout_s == DEFAULT_TIMEOUT_S
+    assert Load(RollbackEngine(default_timeout_s=600.0)).timeout_s == 600.0
+    assert Load(RollbackEngine(default_timeout_s=600.0), timeout_s=5).timeout_s == 5.0
 
 
 async def test_two_named_loads_in_one_pipeline_drive_two_engines() -> None:
-    first, second = FakeEngine(), FakeEngine(fail_at={"load": "error"}, fail_load_at=2)
+    first, second = RollbackEngine(), RollbackEngine(fail_at={"load": "error"}, fail_load_at=2)
     loads = [Load(first, name="load_a", mode="in_flight"), Load(second, name="load_b")]
     error = await run_expecting_failure(loads[1], buckets(), loads[0])
     assert error.stage == "load_b"
@@ -505,7 +513,7 @@ async def test_two_named_loads_in_one_pipeline_drive_two_engines() -> None:
 
 
 def test_constructor_rejects_bad_arguments() -> None:
-    engine = FakeEngine()
+    engine = RollbackEngine()
     with pytest.raises(ValueError, match="sync mode"):
         Load(engine, mode="later")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pause mode"):
@@ -513,7 +521,7 @@ def test_constructor_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         Load(engine, timeout_s=0)
     with pytest.raises(ValueError, match="engine 'fake': default_timeout_s"):
-        Load(FakeEngine(default_timeout_s=-1.0))
+        Load(RollbackEngine(default_timeout_s=-1.0))
     with pytest.raises(ValueError, match="prefetch_bytes"):
         Load(engine, prefetch_bytes=-1)
     with pytest.raises(ValueError, match="name"):
@@ -523,9 +531,124 @@ def test_constructor_rejects_bad_arguments() -> None:
 async def test_a_slow_abort_does_not_cut_off_the_resume_after_it() -> None:
     # The pipeline bounds each stage's close; Load's own bound leaves room for an abort
     # and a resume, each under Load's deadline, so generation is resumed.
-    engine = FakeEngine(fail_at={"load": "error", "abort": "hang"})
+    engine = RollbackEngine(fail_at={"load": "error", "abort": "hang"})
     load = Load(engine, mode="pause", timeout_s=0.2)
     with pytest.raises(StageError):
         await Pipeline([load], depth=2, close_timeout_s=0.1).run(buckets())
     assert engine.call_names()[-2:] == ["abort", "resume"]
     assert not engine.paused
+
+
+# -- partial failures on an engine that cannot roll back ---------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_load_failure_after_a_bucket_keeps_a_non_rollback_engine_paused(
+    mode: SyncMode,
+) -> None:
+    engine = FakeEngine(fail_at={"load": "error"}, fail_load_at=1)
+    load = Load(engine, mode=mode)
+    error = await run_expecting_failure(load, buckets())
+    cause = error.__cause__
+    assert isinstance(cause, EngineError) and cause.engine_dirty
+    assert cause is engine.raised[0]  # the engine's own error, told it left the engine dirty
+    assert "left paused and marked dirty" in str(cause)
+    assert engine.paused and engine.committed_version == 0
+    assert engine.call_names()[-1] != "resume"
+    assert load.report.engine_dirty and load.report.left_paused
+    assert engine_is_dirty(engine)
+
+
+async def test_the_next_sync_on_a_dirty_engine_resumes_only_after_its_commit() -> None:
+    engine = FakeEngine(fail_at={"commit": "error"})
+    await run_expecting_failure(Load(engine, mode="prefetch"), buckets())
+    assert engine.paused and engine_is_dirty(engine)
+    del engine.fail_at["commit"]
+    engine.calls.clear()
+    load = Load(engine, mode="prefetch")
+    await run(load, buckets(version=2))
+    # Already paused: not paused again; resumed once, after the commit.
+    assert engine.call_names() == ["begin", "load", "load", "load", "commit", "resume"]
+    assert not engine.paused and engine.committed_version == 2
+    assert not engine_is_dirty(engine) and not load.report.engine_dirty
+
+
+async def test_a_failed_sync_on_a_dirty_engine_leaves_it_paused() -> None:
+    engine = FakeEngine(fail_at={"load": "error"}, fail_load_at=1)
+    await run_expecting_failure(Load(engine), buckets())
+    engine.fail_load_at = 0  # the next sync fails before the engine accepted anything
+    error = await run_expecting_failure(Load(engine), buckets(version=2))
+    assert isinstance(error.__cause__, EngineError)
+    assert engine.paused and engine_is_dirty(engine)
+
+
+async def test_on_partial_failure_resume_resumes_and_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = FakeEngine(fail_at={"load": "error"}, fail_load_at=2)
+    load = Load(engine, on_partial_failure="resume")
+    error = await run_expecting_failure(load, buckets())
+    assert isinstance(error.__cause__, EngineError) and error.__cause__.engine_dirty
+    assert not engine.paused
+    assert load.report.engine_dirty and not load.report.left_paused
+    assert any(
+        r.levelname == "WARNING" and "'fake'" in r.getMessage() and "resum" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+async def test_failure_before_any_bucket_was_accepted_resumes_a_non_rollback_engine() -> None:
+    engine = FakeEngine(fail_at={"load": "error"}, fail_load_at=0)
+    load = Load(engine, mode="pause")
+    error = await run_expecting_failure(load, buckets())
+    assert isinstance(error.__cause__, EngineError) and not error.__cause__.engine_dirty
+    assert not engine.paused and not engine_is_dirty(engine)
+    assert not load.report.engine_dirty
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_upstream_failure_after_a_bucket_marks_a_non_rollback_engine_dirty(
+    mode: SyncMode,
+) -> None:
+    engine = FakeEngine()
+    load = Load(engine, mode=mode)
+    await run_expecting_failure(load, failing_source())
+    assert load.report.engine_dirty and load.report.left_paused
+    assert engine.paused and engine.committed_version == 0
+
+
+def test_unknown_on_partial_failure_is_refused() -> None:
+    with pytest.raises(ValueError, match="on_partial_failure"):
+        Load(FakeEngine(), on_partial_failure="ignore")  # type: ignore[arg-type]
+
+
+# -- version checks before the engine is touched ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "words"),
+    [(True, "must be an int"), ("2", "must be an int"), (-1, ">= 0"), (2.0, "must be an int")],
+)
+def test_a_bad_version_is_refused_at_construction(version: object, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        Load(RollbackEngine(), version=version)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("version", [5, 3])
+async def test_a_version_not_above_the_engines_is_refused_before_the_engine_is_touched(
+    mode: SyncMode, version: int
+) -> None:
+    engine = RollbackEngine(initial_version=5)
+    error = await run_expecting_failure(Load(engine, mode=mode, version=version), buckets(version))
+    assert isinstance(error.__cause__, ValueError)
+    assert f"version {version} is not greater than the version 5" in str(error.__cause__)
+    assert engine.call_names() == []  # version() is a read the fake does not record
+    assert engine.committed_version == 5 and not engine.paused
+
+
+async def test_a_bucket_version_not_above_the_engines_is_refused_without_load_version() -> None:
+    engine = RollbackEngine(initial_version=4)
+    error = await run_expecting_failure(Load(engine, mode="prefetch"), buckets(version=2))
+    assert "version 2 is not greater than the version 4" in str(error.__cause__)
+    assert engine.call_names() == []  # version() is a read the fake does not record

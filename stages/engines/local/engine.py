@@ -90,6 +90,8 @@ class LocalEngine:
 
     name: str = "local"
     default_timeout_s: float = 60.0
+    rolls_back: bool = True
+    """Its commit is staged and ``abort`` discards the staged buckets (``RollsBack``)."""
     """Load's deadline per call unless it is given one (see ``engines.base``)."""
 
     def __init__(
