@@ -17,6 +17,7 @@ weightpipe_sync_bytes_total                counter    engine           bytes del
 weightpipe_syncs_total                     counter    engine, outcome  syncs by ok / failed
 weightpipe_hard_pause_seconds              histogram  engine           generation paused per sync
 weightpipe_weight_version                  gauge      engine           version the engine serves
+weightpipe_engine_dirty                    gauge      engine           1: engine is dirty
 =========================================  =========  ===============  =======================
 """
 
@@ -75,6 +76,18 @@ class WeightpipeMetrics(PipelineMetrics):
             ["engine"],
             registry=reg,
         )
+        self.engine_dirty = Gauge(
+            "weightpipe_engine_dirty",
+            "1 while the engine holds part of a failed sync it cannot roll back (paused "
+            "under on_partial_failure=keep_paused until a full sync commits), else 0.",
+            ["engine"],
+            registry=reg,
+        )
+        self.engine_dirty.labels(engine).set(0)
+
+    def set_engine_dirty(self, dirty: bool) -> None:
+        """Whether the engine holds part of a failed sync (``LoadReport.engine_dirty``)."""
+        self.engine_dirty.labels(self.engine).set(1 if dirty else 0)
 
     def record_sync(
         self,
@@ -84,11 +97,16 @@ class WeightpipeMetrics(PipelineMetrics):
         ok: bool,
         version: int | None,
         hard_pause_s: float = 0.0,
+        engine_dirty: bool | None = None,
     ) -> None:
         """One sync finished; ``version`` is what the engine reports afterwards.
 
-        ``nbytes`` counts only when ``ok``; ``version`` ``None`` leaves the gauge as it is.
+        ``nbytes`` counts only when ``ok``; ``version`` ``None`` leaves the gauge as it is;
+        ``engine_dirty`` (``LoadReport.engine_dirty``, or ``engine_is_dirty(engine)``)
+        sets ``weightpipe_engine_dirty``, ``None`` leaves it as it is.
         """
+        if engine_dirty is not None:
+            self.set_engine_dirty(engine_dirty)
         self.syncs.labels(self.engine, "ok" if ok else "failed").inc()
         self.sync_seconds.labels(self.engine).observe(seconds)
         self.hard_pause.labels(self.engine).observe(hard_pause_s)

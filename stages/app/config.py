@@ -28,6 +28,7 @@ from weightpipe.stages.fp8.spec import (
     ScaleFormat,
     as_block,
 )
+from weightpipe.stages.load import OnPartialFailure
 
 __all__ = [
     "ENGINE_KINDS",
@@ -153,6 +154,9 @@ class EngineConfig:
     prefetch_bytes: int | None = 0
     """``prefetch`` mode: bytes fetched and quantized ahead before pausing (0: pause at
     the first bucket ready to load; null: the whole sync, memory permitting)."""
+    on_partial_failure: OnPartialFailure = "keep_paused"
+    """An engine that cannot roll back (SGLang) and accepted part of a failed sync:
+    ``keep_paused`` until a full sync commits, or ``resume`` (logged as a warning)."""
 
     def __post_init__(self) -> None:
         if self.prefetch_bytes is not None:

@@ -22,9 +22,10 @@ from weightpipe.stages.app.config import (
 from weightpipe.stages.dtypes import dtype_from_name
 from weightpipe.stages.engines.base import Engine
 from weightpipe.stages.fetch import Fetch
+from weightpipe.stages.load import Load
 from weightpipe.stages.quantize import Fp8Quantize
 
-__all__ = ["build_engine", "build_fetch", "build_llama_config", "build_quantize"]
+__all__ = ["build_engine", "build_fetch", "build_llama_config", "build_load", "build_quantize"]
 
 
 def build_fetch(config: FetchConfig, *, device: str | torch.device = "cpu") -> Fetch:
@@ -98,3 +99,16 @@ def build_engine(engine: EngineConfig, model: ModelConfig, *, block: tuple[int, 
             tp_size=engine.tp_size,
         )
     raise ValueError(f"engine.kind: no factory for {engine.kind!r}; known: {ENGINE_KINDS}")
+
+
+def build_load(engine_config: EngineConfig, engine: Engine, *, version: int | None = None) -> Load:
+    """The Load stage for ``engine`` with the sync settings of ``engine_config``."""
+    return Load(
+        engine,
+        mode=engine_config.mode,
+        pause_mode=engine_config.pause_mode,
+        timeout_s=engine_config.timeout_s,
+        version=version,
+        prefetch_bytes=engine_config.prefetch_bytes,
+        on_partial_failure=engine_config.on_partial_failure,
+    )

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from tests.fakes import FakeEngine, FakeGate, fake_buckets
 from tests.fakes.engines import FakeSteppingEngine
@@ -21,6 +22,7 @@ from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import DEFAULT_TIMEOUT_S, EngineError, SyncMode
 from weightpipe.stages.load import PAUSE_POLICY, Load, engine_is_dirty
+from weightpipe.stages.metrics import WeightpipeMetrics
 
 
 class RollbackEngine(FakeEngine):
@@ -652,3 +654,23 @@ async def test_a_bucket_version_not_above_the_engines_is_refused_without_load_ve
     error = await run_expecting_failure(Load(engine, mode="prefetch"), buckets(version=2))
     assert "version 2 is not greater than the version 4" in str(error.__cause__)
     assert engine.call_names() == []  # version() is a read the fake does not record
+
+
+async def test_a_dirty_report_sets_the_engine_dirty_gauge() -> None:
+    registry = CollectorRegistry()
+    metrics = WeightpipeMetrics(registry, engine="fake")
+    assert registry.get_sample_value("weightpipe_engine_dirty", {"engine": "fake"}) == 0
+    engine = FakeEngine(fail_at={"commit": "error"})
+    load = Load(engine)
+    await run_expecting_failure(load, buckets())
+    metrics.record_sync(
+        seconds=0.1, nbytes=0, ok=False, version=0, engine_dirty=load.report.engine_dirty
+    )
+    assert registry.get_sample_value("weightpipe_engine_dirty", {"engine": "fake"}) == 1
+    del engine.fail_at["commit"]
+    load = Load(engine)
+    await run(load, buckets(version=2))
+    metrics.record_sync(
+        seconds=0.1, nbytes=1, ok=True, version=2, engine_dirty=load.report.engine_dirty
+    )
+    assert registry.get_sample_value("weightpipe_engine_dirty", {"engine": "fake"}) == 0
