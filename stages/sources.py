@@ -161,7 +161,37 @@ def _module_tensors(module: torch.nn.Module, include_buffers: bool) -> Iterator[
 # -- safetensors ----------------------------------------------------------------------------
 
 
-def _read_header(file: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _HeaderEntry:
+    """One tensor of a validated safetensors header: offsets relative to the data start."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Header:
+    """A validated safetensors header: its tensors and where their data begins."""
+
+    entries: dict[str, _HeaderEntry]
+    data_start: int
+
+
+def _read_header(file: Path) -> _Header:
+    """Read and validate ``file``'s header before any tensor is read (every path uses it).
+
+    Checked: the length prefix is there and is neither absurd nor past the end of the file,
+    the header is a JSON object, each entry has a known dtype, a shape of non-negative
+    ints and two int ``data_offsets`` in order and inside the file, its size is dtype x
+    shape, and no two tensors overlap.
+
+    Raises:
+        ValueError: the first problem found, naming the file and (where one is at fault)
+            the tensor.
+    """
+    file_bytes = file.stat().st_size
     with file.open("rb") as handle:
         prefix = handle.read(8)
         if len(prefix) != 8:
@@ -169,11 +199,71 @@ def _read_header(file: Path) -> dict[str, Any]:
         (length,) = struct.unpack("<Q", prefix)
         if length > _MAX_HEADER_BYTES:
             raise ValueError(f"{file}: header of {length} bytes; not a safetensors file")
-        header = json.loads(handle.read(length))
+        if 8 + length > file_bytes:
+            raise ValueError(
+                f"{file}: header of {length} bytes but the file has {file_bytes}: truncated "
+                "or not a safetensors file"
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: corrupt safetensors header (not JSON: {exc})") from exc
     if not isinstance(header, dict):
         raise ValueError(f"{file}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
-    return header
+    data_start = 8 + length
+    data_bytes = file_bytes - data_start
+    entries: dict[str, _HeaderEntry] = {}
+    for name, info in header.items():
+        entries[name] = _check_entry(file, name, info, data_bytes)
+    previous: tuple[str, _HeaderEntry] | None = None
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start == entry.end:
+            continue  # an empty tensor occupies no bytes
+        if previous is not None and entry.start < previous[1].end:
+            raise ValueError(
+                f"tensor {name!r}: data_offsets [{entry.start}, {entry.end}) in {file} "
+                f"overlap tensor {previous[0]!r} [{previous[1].start}, {previous[1].end})"
+            )
+        previous = (name, entry)
+    return _Header(entries, data_start)
+
+
+def _check_entry(file: Path, name: str, info: object, data_bytes: int) -> _HeaderEntry:
+    where = f"tensor {name!r} in {file}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: malformed header entry {info!r}")
+    try:
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{where}: dtype {info.get('dtype')!r} is not supported") from exc
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative ints")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
+        raise ValueError(f"{where}: data_offsets {offsets!r} is not a pair of ints")
+    start, end = offsets
+    if not 0 <= start <= end:
+        raise ValueError(f"{where}: data_offsets [{start}, {end}) are not in order")
+    if end > data_bytes:
+        raise ValueError(
+            f"{where}: data_offsets [{start}, {end}) run past the end of the file's "
+            f"{data_bytes} data bytes (a truncated file)"
+        )
+    expected = math.prod(shape) * dtype.itemsize
+    if end - start != expected:
+        raise ValueError(
+            f"{where}: data_offsets hold {end - start} bytes but dtype x shape "
+            f"({info['dtype']} x {shape}) is {expected}"
+        )
+    return _HeaderEntry(dtype, tuple(shape), start, end)
 
 
 def safetensors_index(path: str | Path) -> list[tuple[Path, list[tuple[str, int]]]]:
@@ -183,6 +273,11 @@ def safetensors_index(path: str | Path) -> list[tuple[Path, list[tuple[str, int]
     ``model.safetensors.index.json`` is read as the index says: its files in the order
     they first appear in ``weight_map``, each one's listed tensors in on-disk order
     (sequential reads). Without an index, every ``*.safetensors`` file, sorted by name.
+
+    Every file's header is validated first (``_read_header``): a corrupt or absurd
+    header, offsets out of the file (a truncated file), overlapping tensors or a size
+    that is not dtype x shape are refused before any tensor is read, on both paths of
+    ``safetensors_source``.
 
     Raises:
         FileNotFoundError: no such path, no shards, or a shard the index names is missing.
@@ -222,18 +317,14 @@ def safetensors_index(path: str | Path) -> list[tuple[Path, list[tuple[str, int]
     for file, wanted in files:
         header = _read_header(file)
         if wanted is not None:
-            missing = sorted(wanted - header.keys())
+            missing = sorted(wanted - header.entries.keys())
             if missing:
                 raise ValueError(f"tensor {missing[0]!r}: listed in the index but not in {file}")
         entries: list[tuple[int, str, int]] = []
-        for name, info in header.items():
+        for name, entry in header.entries.items():
             if wanted is not None and name not in wanted:
                 continue
-            try:
-                start, end = info["data_offsets"]
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"tensor {name!r}: malformed header entry in {file}") from exc
-            entries.append((int(start), name, int(end) - int(start)))
+            entries.append((entry.start, name, entry.end - entry.start))
         entries.sort()
         plan.append((file, [(name, nbytes) for _, name, nbytes in entries]))
     return plan
@@ -353,23 +444,13 @@ class FileSpan:
 
 def _stream_spans(path: Path) -> Iterator[tuple[str, FileSpan]]:
     for file, entries in safetensors_index(path):
-        header = _read_header(file)
-        with file.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-        data_start = 8 + length
+        header = _read_header(file)  # validated: offsets in bounds, no overlaps, sizes
         for name, _ in entries:
-            info = header[name]
-            try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            except KeyError as exc:
-                raise ValueError(
-                    f"tensor {name!r}: dtype {info.get('dtype')!r} in {file} is not supported"
-                ) from exc
-            shape = tuple(int(s) for s in info["shape"])
-            span = FileSpan(str(file), data_start + int(info["data_offsets"][0]), dtype, shape)
-            if span.nbytes != int(info["data_offsets"][1]) - int(info["data_offsets"][0]):
-                raise ValueError(f"tensor {name!r}: its size in {file} disagrees with its shape")
-            yield name, span
+            entry = header.entries[name]
+            yield (
+                name,
+                FileSpan(str(file), header.data_start + entry.start, entry.dtype, entry.shape),
+            )
 
 
 def _stream_safetensors(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import traceback
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -312,3 +313,86 @@ def test_file_span_errors_name_the_file(tmp_path: Path) -> None:
         span.read_into(torch.empty(4))
     with pytest.raises(ValueError, match="8 bytes given for 16"):
         span.read_into(torch.empty(8, dtype=torch.uint8))
+
+
+# -- safetensors header validation (both paths) ----------------------------------------------
+
+
+def _raw_safetensors(path: Path, header: object, data: bytes, *, length: int | None = None) -> Path:
+    """A safetensors file written by hand (``save_file`` refuses to write a bad one)."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def _entry(start: int, end: int, shape: list[int], dtype: str = "F32") -> dict[str, object]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+BAD_HEADERS: dict[str, tuple[object, int, int | None, str]] = {
+    # kind: (header, data bytes, length prefix override, words the error must have)
+    "overlapping offsets": (
+        {"a": _entry(0, 16, [4]), "b": _entry(8, 24, [4])},
+        24,
+        None,
+        r"tensor 'b'.*overlap tensor 'a'",
+    ),
+    "offsets past the end (truncated)": (
+        {"a": _entry(0, 16, [4]), "b": _entry(16, 32, [4])},
+        20,
+        None,
+        r"tensor 'b'.*past the end.*truncated",
+    ),
+    "size disagrees with dtype x shape": (
+        {"a": _entry(0, 16, [8])},
+        16,
+        None,
+        r"tensor 'a'.*16 bytes but dtype x shape.*32",
+    ),
+    "offsets out of order": ({"a": _entry(16, 0, [4])}, 16, None, r"tensor 'a'.*not in order"),
+    "negative shape": ({"a": _entry(0, 0, [-1])}, 0, None, r"tensor 'a'.*shape"),
+    "unknown dtype": ({"a": _entry(0, 4, [1], "Q9")}, 4, None, r"tensor 'a'.*dtype 'Q9'"),
+    "offsets not ints": (
+        {"a": {"dtype": "F32", "shape": [1], "data_offsets": ["0", 4]}},
+        4,
+        None,
+        r"tensor 'a'.*data_offsets",
+    ),
+    "corrupt JSON": (b"{not json", 0, None, r"corrupt safetensors header"),
+    "not an object": ([1, 2], 0, None, r"not a JSON object"),
+    "absurd header length": ({}, 0, 1 << 60, r"header of \d+ bytes"),
+    "header longer than the file": ({}, 0, 4096, r"truncated"),
+}
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("kind", sorted(BAD_HEADERS))
+def test_a_bad_safetensors_header_is_refused_naming_file_and_tensor(
+    tmp_path: Path, kind: str, direct: bool
+) -> None:
+    header, data_bytes, length, words = BAD_HEADERS[kind]
+    file = _raw_safetensors(tmp_path / "bad.safetensors", header, bytes(data_bytes), length=length)
+    with pytest.raises(ValueError, match=words) as info:
+        list(safetensors_source(file, direct=direct))
+    assert str(file) in str(info.value)
+
+
+def test_a_file_cut_inside_its_prefix_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "cut.safetensors"
+    file.write_bytes(b"\x10\x00")
+    for direct in (False, True):
+        with pytest.raises(ValueError, match="too short"):
+            list(safetensors_source(file, direct=direct))
+
+
+def test_a_valid_hand_written_file_reads_on_both_paths(tmp_path: Path) -> None:
+    values = torch.arange(6, dtype=torch.float32)
+    header = {"a": _entry(0, 16, [4]), "e": _entry(16, 16, [0]), "b": _entry(16, 24, [2])}
+    file = _raw_safetensors(
+        tmp_path / "ok.safetensors", header, struct.pack("<6f", *values.tolist())
+    )
+    mapped = dict(safetensors_source(file))
+    spans = dict(safetensors_source(file, direct=True))
+    for name, expected in {"a": values[:4], "b": values[4:], "e": values[:0]}.items():
+        assert torch.equal(mapped[name], expected)
+        assert torch.equal(spans[name].load(), expected)
