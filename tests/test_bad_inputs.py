@@ -159,7 +159,8 @@ async def fp8_without_scale(ctx: Ctx) -> Any:
 async def fp8_wrong_scale_shape(ctx: Ctx) -> Any:
     codes = ctx.weights[LINEAR].to(torch.float8_e4m3fn)
     pairs = _with(ctx, LINEAR, codes)
-    pairs.append((LINEAR + "_scale_inv", torch.ones(5, 5)))
+    at = [n for n, _ in pairs].index(LINEAR) + 1  # in the weight's bucket, as Fp8Quantize puts it
+    pairs.insert(at, (LINEAR + "_scale_inv", torch.ones(5, 5)))
     return await _sync(ctx, pairs, fp8=False)
 
 
@@ -290,7 +291,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "sparse_linear": (sparse_linear, LINEAR),
     "meta_linear": (meta_linear, LINEAR),
     "fp8_without_scale": (fp8_without_scale, LINEAR),
-    "fp8_wrong_scale_shape": (fp8_wrong_scale_shape, LINEAR),
+    "fp8_wrong_scale_shape": (fp8_wrong_scale_shape, f"{LINEAR}_scale_inv|{LINEAR}"),
     "duplicate_name": (duplicate_name, LINEAR),
     "unknown_name": (unknown_name, "model.layers.9.mlp.gate_proj.weight"),
     "incomplete_sync": (incomplete_sync, NORM),
