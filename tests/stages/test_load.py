@@ -19,6 +19,9 @@ from prometheus_client import CollectorRegistry
 from tests.fakes import FakeEngine, FakeGate, fake_buckets
 from tests.fakes.engines import FakeSteppingEngine
 from weightpipe.pipeline import Pipeline, StageError
+from weightpipe.pipeline.config import ConfigError
+from weightpipe.stages.app.config import load_weightpipe_config
+from weightpipe.stages.app.factory import build_load
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import DEFAULT_TIMEOUT_S, EngineError, SyncMode
 from weightpipe.stages.load import PAUSE_POLICY, Load, engine_is_dirty
@@ -674,3 +677,12 @@ async def test_a_dirty_report_sets_the_engine_dirty_gauge() -> None:
         seconds=0.1, nbytes=1, ok=True, version=2, engine_dirty=load.report.engine_dirty
     )
     assert registry.get_sample_value("weightpipe_engine_dirty", {"engine": "fake"}) == 0
+
+
+def test_on_partial_failure_comes_from_the_config_through_the_factory() -> None:
+    assert load_weightpipe_config().engine.on_partial_failure == "keep_paused"
+    config = load_weightpipe_config(overrides=["engine.on_partial_failure=resume"])
+    load = build_load(config.engine, FakeEngine(), version=3)
+    assert load.on_partial_failure == "resume" and load.version == 3
+    with pytest.raises(ConfigError, match=r"engine\.on_partial_failure"):
+        load_weightpipe_config(overrides=["engine.on_partial_failure=ignore"])
