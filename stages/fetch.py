@@ -28,6 +28,7 @@ are reused once downstream has dropped every view of them; the pool outlives a s
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class _OpenBucket:
         "made_contiguous",
         "pending",
         "pending_bytes",
+        "producers",
         "tensor_bytes",
         "tensors",
         "used",
@@ -105,6 +107,9 @@ class _OpenBucket:
         self.tensors: list[tuple[str, torch.Tensor]] = []  # unflattened buckets only
         self.pending: list[tuple[TensorLayout, torch.Tensor | FileSpan]] = []
         self.device_sources: list[tuple[TensorLayout, torch.Tensor]] = []
+        # The streams CUDA sources were produced on, as the event-loop thread saw them
+        # current (a worker thread's current stream is its own, the default one).
+        self.producers: list[Any] = []
         self.pending_bytes = 0
         self.host: torch.Tensor | None = None
         self.used = 0
@@ -124,7 +129,13 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             size)`` in the buffer (a power of two). A ``FileSpan`` starts that far plus
             its file offset modulo 64 when that keeps it a multiple of its element size
             (a read into a buffer misaligned with the file runs ~20% slower).
-        device: where bucket tensors live (``"cpu"`` or a CUDA device).
+        device: where bucket tensors live (``"cpu"`` or a CUDA device). An unindexed
+            ``"cuda"`` is resolved once, at the first ``open``, to the device current on
+            the thread that opens the stage (``torch.cuda.current_device()``: under
+            torchrun, the rank's device once it called ``set_device``) and stays that
+            device for the stage's life; pass ``"cuda:k"`` to say it at construction.
+            The copy stream, the pinned staging and every copy run on that device, in
+            every worker thread (a thread's current device is its own, 0 by default).
         empty_source: what a sync with no tensors does: ``"error"`` raises; ``"empty"``
             emits one empty bucket with ``is_last=True`` so Load still commits.
         allow: optional allow-list of names; entries with ``*?[`` are fnmatch patterns.
@@ -265,6 +276,8 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
                 raise RuntimeError(
                     f"fetch: device {self.device} asked for, but CUDA is unavailable"
                 )
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
         self.reset()
@@ -337,6 +350,10 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             self._open_bucket = _OpenBucket(self._emitted, self._packs(tensor))
         bucket = self._open_bucket
         assert bucket is not None
+        if self._cuda and isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+            producer = torch.cuda.current_stream(tensor.device)
+            if all(p is not producer for p in bucket.producers):
+                bucket.producers.append(producer)
         if isinstance(tensor, FileSpan) and not bucket.flat:
             tensor = await anyio.to_thread.run_sync(tensor.load, limiter=self._limiter)
             self.written_bytes += nbytes
@@ -378,7 +395,10 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         self._counts["buckets"] += 1
         self._emitted += 1
         packs = self.flatten is True or self.wire is not None
-        empty = torch.empty(0, dtype=torch.uint8, device=self.device) if packs else None
+        empty = None
+        if packs:
+            with self._device_guard():
+                empty = self._device_empty(0) if self._cuda else torch.empty(0, dtype=torch.uint8)
         yield WeightBucket(
             (),
             0,
@@ -427,23 +447,59 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
 
     # -- copies (worker thread) ---------------------------------------------------------
 
+    def _device_guard(self) -> contextlib.AbstractContextManager[Any]:
+        """Select the stage's device for a worker-thread section (no-op on CPU).
+
+        A thread's current CUDA device is its own (0 in a new thread); without this the
+        pinning, allocations and copies of a ``cuda:k`` stage would act on cuda:0.
+        """
+        if not self._cuda:
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.device.index)
+
+    # The three device calls below are the seams tests.fakes.cuda replaces (a CPU tensor
+    # stands in for device memory there); they run with the stage's device selected.
+
+    def _device_empty(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer on the stage's device, given to the current stream."""
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def _copy_to_device(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Enqueue ``src`` (pinned host) into ``dst`` on the current stream."""
+        dst.copy_(src, non_blocking=True)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the stage's device, copied on the current stream."""
+        return tensor.to(self.device, non_blocking=True)
+
     def _capacity_for(self, bucket: _OpenBucket) -> int:
         # The planner already decided: only a lone oversize tensor exceeds bucket_bytes.
         first = bucket.layouts[0]
         return max(self.bucket_bytes, first.end)
 
     def _copy_pending(self, bucket: _OpenBucket) -> None:
-        if bucket.host is None:
-            bucket.host = self._pool.take(self._capacity_for(bucket))
-        host = bucket.host
-        for layout, tensor in bucket.pending:
-            if isinstance(tensor, FileSpan):
-                tensor.read_into(host[layout.offset : layout.end])
-            else:
-                copy_into(host, layout, tensor)
-            self.written_bytes += layout.nbytes
-        bucket.pending = []  # drop the source tensors as soon as their bytes are copied
-        bucket.pending_bytes = 0
+        with self._device_guard():  # pinning goes through the current device's context
+            if bucket.host is None:
+                bucket.host = self._pool.take(self._capacity_for(bucket))
+            host = bucket.host
+            for layout, tensor in bucket.pending:
+                if isinstance(tensor, FileSpan):
+                    tensor.read_into(host[layout.offset : layout.end])
+                else:
+                    copy_into(host, layout, tensor)
+                self.written_bytes += layout.nbytes
+            bucket.pending = []  # drop the source tensors as soon as their bytes are copied
+            bucket.pending_bytes = 0
+
+    def _wait_for_producers(self, bucket: _OpenBucket) -> None:
+        """Order the copy stream after the kernels that wrote the bucket's CUDA sources.
+
+        Only those streams: a bucket staged from host memory waits for nothing on the
+        device, so the trainer's unrelated kernels never delay its copy.
+        """
+        for producer in bucket.producers:
+            self._stream.wait_stream(producer)
+        bucket.producers = []
 
     def _seal(self, bucket: _OpenBucket) -> tuple[torch.Tensor, Any]:
         """Finish the copies; returns the bucket's buffer and its ready event (or None)."""
@@ -453,32 +509,34 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
                 self._copy_pending(bucket)
             assert bucket.host is not None
             return bucket.host[:used], None
-        if bucket.pending:
-            self._copy_pending(bucket)
-        host = bucket.host  # None when every tensor of the bucket was already on a GPU
-        stream = self._stream
-        device_buffer = torch.empty(used, dtype=torch.uint8, device=self.device)
-        # The buffer was allocated on the current stream; the copy stream must not write
-        # before earlier work there, nor may the allocator reuse it before the copy ends.
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            if used and host is not None:
-                # One H2D copy for the whole bucket; GPU-resident tensors then overwrite
-                # their own ranges, in stream order.
-                device_buffer.copy_(host[:used], non_blocking=True)
+        with self._device_guard():
+            if bucket.pending:
+                self._copy_pending(bucket)
+            host = bucket.host  # None when every tensor of the bucket was already on a GPU
+            stream = self._stream
+            self._wait_for_producers(bucket)
+            with torch.cuda.stream(stream):
+                # Allocated on the copy stream itself, so the allocator cannot reuse the
+                # block before the copy ends; consumers record their own streams on it
+                # (WeightBucket.wait_ready).
+                device_buffer = self._device_empty(used)
+                if used and host is not None:
+                    # One H2D copy for the whole bucket; GPU-resident tensors then
+                    # overwrite their own ranges, in stream order.
+                    self._copy_to_device(device_buffer, host[:used])
+                if host is not None:
+                    self.written_bytes += used
+                for layout, tensor in bucket.device_sources:
+                    tensor.record_stream(stream)
+                    copy_into(device_buffer, layout, tensor)
+                    self.written_bytes += layout.nbytes
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(stream)
             if host is not None:
-                self.written_bytes += used
-            for layout, tensor in bucket.device_sources:
-                tensor.record_stream(stream)
-                copy_into(device_buffer, layout, tensor)
-                self.written_bytes += layout.nbytes
-            device_buffer.record_stream(stream)
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record(stream)
-        if host is not None:
-            self._pool.mark_copied(host, event)
-        bucket.device_sources = []
-        return device_buffer, event
+                # The pinned buffer goes to the next bucket only once this copy is done.
+                self._pool.mark_copied(host, event)
+            bucket.device_sources = []
+            return device_buffer, event
 
     def _seal_unflattened(self, bucket: _OpenBucket) -> tuple[list[tuple[str, torch.Tensor]], Any]:
         moved: list[tuple[str, torch.Tensor]] = []
@@ -488,22 +546,24 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
                     self.written_bytes += tensor.numel() * tensor.element_size()
                 moved.append((name, tensor.to(self.device).contiguous()))
             return moved, None
-        stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for name, tensor in bucket.tensors:
-                nbytes = tensor.numel() * tensor.element_size()
-                source = tensor.contiguous()
-                if source is not tensor:
-                    self.written_bytes += nbytes
-                if source.device.type == "cuda":
-                    source.record_stream(stream)
-                if source.device != self.device:
-                    self.written_bytes += nbytes
-                moved.append((name, source.to(self.device, non_blocking=True)))
-            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            event.record(stream)
-        return moved, event
+        with self._device_guard():
+            stream = self._stream
+            self._wait_for_producers(bucket)
+            with torch.cuda.stream(stream):
+                for name, tensor in bucket.tensors:
+                    nbytes = tensor.numel() * tensor.element_size()
+                    if tensor.device.type == "cuda":
+                        tensor.record_stream(stream)  # the copy stream reads it
+                    source = tensor.contiguous()
+                    if source is not tensor:
+                        self.written_bytes += nbytes
+                    if source.device != self.device:
+                        self.written_bytes += nbytes
+                        source = self._to_device(source)
+                    moved.append((name, source))
+                event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                event.record(stream)
+            return moved, event
 
     async def _finish(self, *, is_last: bool) -> WeightBucket:
         bucket = self._open_bucket

@@ -2,7 +2,7 @@
 
 - ``engines``: a fake of the ``Engine`` protocol, of a checkpoint engine, a broken model.
 - ``stages``: a fake gate stage and fake buckets.
-- ``cuda``: fakes of CUDA streams and events.
+- ``cuda``: a fake CUDA layer (per-thread device, streams, pending events, pinning).
 - ``sglang_http``: a test double of SGLang's HTTP weight-update surface.
 - ``sglang_engine``: fakes of the in-process ``sglang.Engine`` and the ``sglang`` module.
 - ``sglang_receiver``: a fake of SGLang's receiving rank of a distributed update.
@@ -14,17 +14,20 @@ they are imported from their modules (``from tests.fakes.sglang_http import ...`
 
 from __future__ import annotations
 
-from .cuda import FakeCudaEvent, FakeCudaStream
+from .cuda import CudaCall, FakeCuda, FakeCudaEvent, FakeCudaStream, install_fake_cuda
 from .engines import FakeCheckpointEngine, FakeEngine, fake_broken_model, small_llama_config
 from .stages import FakeGate, fake_buckets
 
 __all__ = [
+    "CudaCall",
     "FakeCheckpointEngine",
+    "FakeCuda",
     "FakeCudaEvent",
     "FakeCudaStream",
     "FakeEngine",
     "FakeGate",
     "fake_broken_model",
     "fake_buckets",
+    "install_fake_cuda",
     "small_llama_config",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.fakes import FakeCudaEvent, FakeCudaStream
+from tests.fakes import FakeCuda, FakeCudaEvent, FakeCudaStream, install_fake_cuda
 from tests.helpers import DTYPES, as_bytes, random_tensor
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages._layout import tensor_alignment
@@ -401,26 +402,98 @@ async def test_cuda_buckets_are_ready_after_their_event() -> None:  # pragma: no
         assert torch.equal(as_bytes(a), as_bytes(b)), name
 
 
-async def test_cuda_code_path_runs_with_fake_streams(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stream/event bookkeeping of the CUDA path, exercised on CPU tensors."""
-    import contextlib
+# -- the CUDA path on the fake CUDA layer (tests.fakes.cuda) ------------------------------
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "Stream", FakeCudaStream)
-    monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeCudaStream())
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
-    fetch = Fetch(4096)
-    fetch._cuda = True  # the CUDA branch, with "device" memory that is host memory
-    fetch._pool.pin = False
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
+    return install_fake_cuda(monkeypatch, device_count=2)
+
+
+def _copy_stream(fetch: Fetch) -> FakeCudaStream:
+    stream = fetch._stream
+    assert isinstance(stream, FakeCudaStream)
+    return stream
+
+
+async def test_unindexed_cuda_is_the_openers_device_in_every_worker_thread(
+    fake_cuda: FakeCuda,
+) -> None:
+    """Under torchrun the loop thread is on cuda:k; Fetch's worker threads start on 0."""
+    torch.cuda.set_device(1)
+    fetch = Fetch(4096, device="cuda")
     pairs = every_dtype()
     buckets, _ = await run_fetch(fetch, pairs)
-    assert isinstance(fetch._stream, FakeCudaStream)
+    stream = _copy_stream(fetch)
+    loop_thread = threading.current_thread().name
+    allocs, copies, pins = fake_cuda.ops("alloc"), fake_cuda.ops("copy"), fake_cuda.ops("pin")
+    assert len(allocs) == len(copies) == len(buckets) > 1
+    for call in allocs + copies:
+        # On cuda:1, on the copy stream, from a worker thread that had selected cuda:1.
+        assert (call.device, call.thread_device, call.stream) == (1, 1, stream), call
+        assert call.thread != loop_thread
+    assert fetch.device == stream.device == torch.device("cuda", 1)
+    assert pins and all(p.thread_device == 1 and p.thread != loop_thread for p in pins)
+    for bucket in buckets:
+        assert bucket.buffer is not None and fake_cuda.device_of(bucket.buffer) == 1
+        event = bucket.ready
+        assert isinstance(event, FakeCudaEvent)
+        assert event.recorded_on is stream and event.device == torch.device("cuda", 1)
+        assert not event.query()  # still pending: nothing on the fake device finishes
+    check_buckets(buckets, pairs, 4096)
+    # Host-staged buckets wait for nothing on the device (not the trainer's kernels).
+    assert stream.waited == []
+
+
+async def test_a_pinned_buffer_waits_for_its_copy_before_the_next_bucket(
+    fake_cuda: FakeCuda,
+) -> None:
+    fetch = Fetch(4096, device="cuda:1", keep_buffers=64)
+    pairs = every_dtype()
+    first, _ = await run_fetch(fetch, pairs)
+    # Each bucket's copy out of its staging buffer is still pending: none is reused.
+    pins = fake_cuda.ops("pin")
+    assert len(pins) == len(first) > 1
+    # Pinned through cuda:1's context, not cuda:0's (a worker thread's default device).
+    assert all(p.thread_device == 1 for p in pins)
+    events = [b.ready for b in first]
+    del first
+    fake_cuda.calls.clear()
+    second, _ = await run_fetch(fetch, pairs)
+    # Downstream dropped the first sync's buckets, but their copies have not finished.
+    assert len(fake_cuda.ops("pin")) == len(second)
+    for event in [*events, *(b.ready for b in second)]:
+        event.complete()
+    del second
+    fake_cuda.calls.clear()
+    third, _ = await run_fetch(fetch, pairs)
+    assert fake_cuda.ops("pin") == []  # every staging buffer is reused once its copy is done
+    check_buckets(third, pairs, 4096)
+
+
+async def test_unpacked_buckets_move_on_the_copy_stream_of_their_device(
+    fake_cuda: FakeCuda,
+) -> None:
+    fetch = Fetch(4096, device="cuda:1", flatten=False)
+    pairs = every_dtype()
+    buckets, _ = await run_fetch(fetch, pairs)
+    stream = _copy_stream(fetch)
+    assert len(fake_cuda.ops("copy")) == len(pairs)
+    assert stream.waited == []  # host sources: the copy waits for no device work
+    for call in fake_cuda.ops("alloc", "copy"):
+        assert (call.device, call.thread_device, call.stream) == (1, 1, stream), call
     for bucket in buckets:
         assert isinstance(bucket.ready, FakeCudaEvent)
-        assert bucket.ready.recorded_on is fetch._stream
-        bucket.wait_ready()
-    check_buckets(buckets, pairs, 4096)
-    # Every buffer went through the pool and was marked with its copy's event.
-    assert fetch.retained_bytes > 0
+        assert bucket.ready.recorded_on is stream and not bucket.ready.query()
+        assert all(fake_cuda.device_of(t) == 1 for _, t in bucket.tensors)
+    got = [p for b in buckets for p in b.tensors]
+    for (name, a), (_, b) in zip(got, pairs, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(as_bytes(a), as_bytes(b)), name
+
+
+async def test_an_empty_packed_sync_allocates_on_the_stages_device(fake_cuda: FakeCuda) -> None:
+    torch.cuda.set_device(1)
+    fetch = Fetch(device="cuda", empty_source="empty", flatten=True)
+    buckets, _ = await run_fetch(fetch, [])
+    assert buckets[0].buffer is not None and fake_cuda.device_of(buckets[0].buffer) == 1
