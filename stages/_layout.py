@@ -1,12 +1,17 @@
-"""Pure bucketing arithmetic: which tensors share a bucket, and where each one sits.
+"""The one bucket layout model: which tensors share a bucket, and where each one sits.
 
 Everything here is deterministic and free of I/O so that the Fetch stage, the
-torch.distributed transport and engine adapters that send flattened buckets all agree on
-one layout. A bucket is one contiguous uint8 buffer; each tensor starts at an offset
-aligned to ``max(align_bytes, element size)`` so that every tensor can be rebuilt as a
-view of the buffer without a copy (``view(dtype)`` needs its byte offset to be a multiple
-of the element size). Buckets are bounded by ``bucket_bytes`` *including* the alignment
-padding; the only bucket allowed past the bound holds a single tensor larger than it.
+torch.distributed transport and the SGLang wire format all agree on one layout. A bucket
+is one contiguous uint8 buffer; each tensor starts at an offset aligned to
+``max(align_bytes, element size)`` so that every tensor can be rebuilt as a view of the
+buffer without a copy (``view(dtype)`` needs its byte offset to be a multiple of the
+element size, which is exactly what SGLang's ``FlattenedTensorBucket`` needs to rebuild
+it). A ``TensorLayout`` entry is built once per tensor and carries everything SGLang's
+flattened-bucket metadata holds (name, shape, dtype, start, end), so the wire format turns
+entries into metadata without measuring the tensors again; ``views_layout`` recovers the
+entries of a bucket that is already one flat buffer. Buckets are bounded by
+``bucket_bytes`` *including* the alignment padding; the only bucket allowed past the bound
+holds a single tensor larger than it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ __all__ = [
     "plan_buckets",
     "tensor_alignment",
     "unflatten",
+    "views_layout",
 ]
 
 
@@ -162,6 +168,36 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
+def views_layout(
+    buffer: torch.Tensor, named_tensors: Sequence[tuple[str, torch.Tensor]]
+) -> tuple[TensorLayout, ...] | None:
+    """The layout of tensors that already are contiguous views of ``buffer``, or ``None``.
+
+    Each tensor must share ``buffer``'s storage, lie inside it and start at a multiple of
+    its element size (what ``unflatten`` and SGLang's rebuild need). ``None`` as soon as
+    one tensor is not such a view: the caller then flattens a copy.
+    """
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1 or not buffer.is_contiguous():
+        return None
+    base = buffer.data_ptr()
+    storage = buffer.untyped_storage().data_ptr()
+    size = buffer.numel()
+    layouts: list[TensorLayout] = []
+    for name, tensor in named_tensors:
+        offset = tensor.data_ptr() - base
+        nbytes = tensor.numel() * tensor.element_size()
+        if (
+            tensor.untyped_storage().data_ptr() != storage
+            or not tensor.is_contiguous()
+            or offset < 0
+            or offset + nbytes > size
+            or offset % tensor.element_size()
+        ):
+            return None
+        layouts.append(TensorLayout(name, tensor.dtype, tuple(tensor.shape), offset, nbytes))
+    return tuple(layouts)
+
+
 def flatten(
     named_tensors: Sequence[tuple[str, torch.Tensor]],
     align_bytes: int = 256,
@@ -170,8 +206,11 @@ def flatten(
 ) -> tuple[torch.Tensor, tuple[TensorLayout, ...]]:
     """Copy tensors into one new uint8 buffer; returns ``(buffer, layout)``.
 
-    The buffer lives on ``device`` (default: the first tensor's device, else CPU); padding
-    bytes are zero. Non-contiguous tensors are copied element-wise into place.
+    The buffer lives on ``device`` (default: the first tensor's device, else CPU), so a
+    host tensor is copied straight into a device buffer with no intermediate copy; padding
+    bytes are zero, so equal inputs give equal buffers. Non-contiguous tensors are copied
+    element-wise into place. ``align_bytes=1`` packs tensors back to back wherever their
+    element sizes allow (what SGLang's distributed receiver allocates).
     """
     layouts, total = layout_of(named_tensors, align_bytes)
     if device is None:

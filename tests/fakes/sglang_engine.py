@@ -1,18 +1,26 @@
 """Test fakes of the in-process ``sglang.Engine`` (0.5.23 and 0.5.12 surfaces), not SGLang.
 
 The real Engine cannot start without a GPU build of its kernels, so the SGLangEngine adapter
-is tested against ``FakeSGLangEngine``, whose weight methods have the real Engine's
-signatures (test_sglang_engine checks them against the installed engine.py) and whose
-decoding is SGLang's own code. ``FakeSGLangEngine0512`` drops the weight-update sessions,
-``FakePausableSGLangEngine`` adds pause/continue, ``FakeSGLangModule`` stands in for the
-``sglang`` module so the adapter's lazy construction can be observed.
+is tested against ``FakeSGLangEngine``, which follows SGLang 0.5.23's ``Engine``: its weight
+methods have the real signatures (tests/stages/engines/sglang/test_inprocess.py checks them
+against the installed 0.5.23 engine.py), they are blocking and answer ``(success,
+message)``, a tensor or distributed update outside a weight-update session is refused with
+0.5.23's own message, and decoding is SGLang's own code. ``FakeSGLangEngine0512`` follows
+0.5.12's Engine, which has no ``begin_weight_update``/``end_weight_update``;
+``FakePausableSGLangEngine`` adds pause/continue, which neither version's Engine has (a
+future one may); ``FakeSGLangModule`` stands in for the ``sglang`` module so the
+adapter's lazy construction can be observed. Faults are injected per method (refuse once,
+raise once, hang until released), and the fake counts how many of its methods run at once,
+which the real Engine (one event loop driven by ``run_until_complete``) cannot survive.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 from sglang.srt.utils import MultiprocessingSerializer
@@ -27,6 +35,35 @@ __all__ = [
     "FakeSGLangEngine0512",
     "FakeSGLangModule",
 ]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _engine_method(method: F) -> F:
+    """Record the call, count it in flight, and apply the faults injected for it."""
+
+    @functools.wraps(method)
+    def wrapper(self: FakeSGLangEngine, *args: Any, **kwargs: Any) -> Any:
+        name = method.__name__
+        with self._lock:
+            self.calls.append(name)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if name in self._hang:
+                self.entered_hang.set()
+                self._released.wait()
+            if self.raise_next is not None:
+                exc, self.raise_next = self.raise_next, None
+                raise exc
+            if name in self._refuse_once:
+                return False, self._refuse_once.pop(name)
+            return method(self, *args, **kwargs)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    return cast(F, wrapper)
 
 
 class FakeSGLangEngine:
@@ -54,31 +91,43 @@ class FakeSGLangEngine:
         self.session_open = False
         self.calls: list[str] = []
         self.flush_cache_args: list[bool] = []
-        self.refuse_next: str | None = None
-        self.raise_next: BaseException | None = None
-        self.block: threading.Event | None = None  # a call waits on it when set
-        self.entered_block = threading.Event()
+        self.raise_next: BaseException | None = None  # the next call raises it
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most methods that ever ran at once
+        self.entered_hang = threading.Event()
         self.shut_down = False
         self.receiver: DistributedReceiver | None = None
+        self._lock = threading.Lock()
+        self._hang: set[str] = set()
+        self._released = threading.Event()
+        self._refuse_once: dict[str, str] = {}
 
-    def _enter(self, name: str) -> None:
-        self.calls.append(name)
-        if self.block is not None:
-            self.entered_block.set()
-            self.block.wait()
-        if self.raise_next is not None:
-            exc, self.raise_next = self.raise_next, None
-            raise exc
+    # -- fault injection -----------------------------------------------------------------
 
+    def refuse_once(self, method: str, message: str) -> None:
+        """The next call of ``method`` answers ``(False, message)`` and does nothing."""
+        self._refuse_once[method] = message
+
+    def hang(self, method: str) -> None:
+        """Calls of ``method`` block until ``release`` (``entered_hang`` is set on entry)."""
+        self._hang.add(method)
+
+    def release(self) -> None:
+        """Let hung calls go on (they then do their work), and stop hanging."""
+        self._hang.clear()
+        self._released.set()
+
+    # -- the Engine's methods ------------------------------------------------------------
+
+    @_engine_method
     def begin_weight_update(self, selector: str = "all") -> tuple[bool, str]:
-        self._enter("begin_weight_update")
         if self.session_open:
             return False, "a weight-update session is already open; call end_weight_update() first"
         self.session_open = True
         return True, "Success"
 
+    @_engine_method
     def end_weight_update(self) -> tuple[bool, str]:
-        self._enter("end_weight_update")
         if not self.session_open:
             return False, "no weight-update session is open; call begin_weight_update() first"
         self.session_open = False
@@ -87,17 +136,14 @@ class FakeSGLangEngine:
     def _requires_session(self) -> bool:
         return True
 
+    @_engine_method
     def update_weights_from_tensor(
         self,
         named_tensors: Any,
         load_format: str | None = None,
         flush_cache: bool = True,
     ) -> tuple[bool, str]:
-        self._enter("update_weights_from_tensor")
         self.flush_cache_args.append(flush_cache)
-        if self.refuse_next is not None:
-            message, self.refuse_next = self.refuse_next, None
-            return False, message
         if self._requires_session() and not self.session_open:
             return False, SessionRefusal
         if load_format == "flattened_bucket":
@@ -120,6 +166,7 @@ class FakeSGLangEngine:
             return False, "Weights were updated, but the cache was not flushed"
         return True, "Success"
 
+    @_engine_method
     def init_weights_update_group(
         self,
         master_address: str,
@@ -129,7 +176,6 @@ class FakeSGLangEngine:
         group_name: str,
         backend: str = "nccl",
     ) -> tuple[bool, str]:
-        self._enter("init_weights_update_group")
         if self.receiver is None:
             return False, "no distributed receiver configured in the fake"
         return self.receiver.init_group(
@@ -143,6 +189,7 @@ class FakeSGLangEngine:
             }
         )
 
+    @_engine_method
     def update_weights_from_distributed(
         self,
         names: list[str],
@@ -152,7 +199,6 @@ class FakeSGLangEngine:
         flush_cache: bool = True,
         load_format: str | None = None,
     ) -> tuple[bool, str]:
-        self._enter("update_weights_from_distributed")
         self.flush_cache_args.append(flush_cache)
         if self.receiver is None:
             return False, "no distributed receiver configured in the fake"
@@ -179,14 +225,14 @@ class FakeSGLangEngine:
             self.weights[name] = tensor.clone()
         return True, message
 
+    @_engine_method
     def destroy_weights_update_group(self, group_name: str) -> tuple[bool, str]:
-        self._enter("destroy_weights_update_group")
         if self.receiver is None:
             return False, "no distributed receiver configured in the fake"
         return self.receiver.destroy_group({"group_name": group_name})
 
+    @_engine_method
     def flush_cache(self) -> Any:
-        self._enter("flush_cache")
         ok = self.running_requests == 0
         return types.SimpleNamespace(success=ok, message="" if ok else "requests are running")
 

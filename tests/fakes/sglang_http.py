@@ -1,16 +1,24 @@
 """SGLangHTTPDouble: a test double of SGLang's HTTP weight-update surface (not SGLang itself).
 
 A real HTTP server on 127.0.0.1 (aiohttp, in a background thread with its own event loop)
-that answers SGLang's weight endpoints the way SGLang 0.5.23 or 0.5.12 does: sessions and
-their exact refusal message on 0.5.23, no session endpoints (404) on 0.5.12, bearer api key,
-``{"success", "message"}`` bodies with 200/400, a cache flush refused while requests run.
+that answers SGLang's weight endpoints the way SGLang 0.5.23 (``behave_like="0.5.23"``, the
+default) or 0.5.12 does, as read from those wheels' ``http_server.py`` and ``io_struct.py``:
+on 0.5.23 ``/server_info`` and ``/model_info``, ``/begin_weight_update`` and
+``/end_weight_update`` and the exact refusal of a tensor or distributed update outside a
+session; on 0.5.12 only the ``/get_*`` info routes and no session endpoints (404); both with
+the bearer ``--api-key`` check (401), ``{"success", "message"}`` bodies with 200/400, the
+request fields of that version's structs (others are a 422), and a cache flush refused
+while requests run unless generation is paused in abort or retract mode. The session
+refusal (``SessionRefusal``) is SGLang 0.5.23's own text; every other message is the
+double's own wording, so tests assert on what a client does with it, not on its words.
 What makes it worth having: every payload is decoded with SGLang's own code from the
 installed ``sglang`` package (``normalize_serialized_named_tensor_payloads``,
 ``MultiprocessingSerializer.deserialize`` with its safe unpickler, ``FlattenedTensorBucket``),
 rank by rank as SGLang's TP workers do, so a test passes only if real SGLang could read what
 our client sent. Faults are injected by counters and events, never by timing: answer 503 k
 times, refuse with success=false, hang until released. The distributed endpoints delegate to
-an optional receiver object (see sglang_receiver and test_sglang_distributed).
+an optional receiver object (see sglang_receiver and
+tests/stages/engines/sglang/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -90,7 +98,8 @@ FIELDS_0523: dict[str, set[str]] = {
 }
 
 
-_BODY = web.RequestKey("body", dict)  # the parsed JSON body, stored by the middleware
+# the parsed JSON body, stored by the middleware
+_BODY: web.RequestKey[dict[str, Any]] = web.RequestKey("body", dict)
 
 
 @dataclass
@@ -106,7 +115,9 @@ class Call:
 @dataclass
 class _Faults:
     unavailable: dict[str, int] = field(default_factory=dict)  # path -> 503s left
-    refuse: dict[str, str] = field(default_factory=dict)  # path -> success=false message
+    # path -> (success=false message, refusals left (None: until allow), requests to let
+    # through first)
+    refuse: dict[str, tuple[str, int | None, int]] = field(default_factory=dict)
     hang: set[str] = field(default_factory=set)
 
 
@@ -247,9 +258,11 @@ class SGLangHTTPDouble:
     def fail_with_503(self, path: str, times: int) -> None:
         self.faults.unavailable[path] = times
 
-    def refuse(self, path: str, message: str) -> None:
-        """Answer ``success=false`` with ``message`` on ``path`` until ``allow``."""
-        self.faults.refuse[path] = message
+    def refuse(self, path: str, message: str, *, times: int | None = None, after: int = 0) -> None:
+        """Answer ``success=false`` (400) with ``message`` on ``path``: ``times`` times,
+        or until ``allow`` when ``times`` is None, once ``after`` more requests to it were
+        served as usual. The endpoint does nothing while it refuses."""
+        self.faults.refuse[path] = (message, times, after)
 
     def allow(self, path: str) -> None:
         self.faults.refuse.pop(path, None)
@@ -296,7 +309,16 @@ class SGLangHTTPDouble:
             self.faults.unavailable[path] = left - 1
             return web.Response(status=503, text="Service Unavailable")
         if path in self.faults.refuse:
-            return _answer(False, self.faults.refuse[path])
+            message, times, after = self.faults.refuse[path]
+            if after > 0:
+                self.faults.refuse[path] = (message, times, after - 1)
+            else:
+                if times is not None:
+                    if times <= 1:
+                        del self.faults.refuse[path]
+                    else:
+                        self.faults.refuse[path] = (message, times - 1, 0)
+                return _answer(False, message)
         request[_BODY] = body
         result: web.StreamResponse = await handler(request)
         return result
@@ -458,7 +480,8 @@ def _answer(success: bool, message: str) -> web.Response:
 
 
 def _unknown(request: web.Request, struct: str) -> web.Response | None:
-    unknown = set(request[_BODY]) - FIELDS_0523[struct]
+    body = request[_BODY]
+    unknown = set(body) - FIELDS_0523[struct]
     if unknown:
         return web.json_response({"detail": f"unknown fields {sorted(unknown)}"}, status=422)
     return None

@@ -12,14 +12,16 @@ out: back to back, no padding, so the bucket is sent ordered by element size, la
 which keeps every start aligned. With ``load_format=None`` each tensor is its own
 broadcast in its own dtype (the backend must support every dtype: NCCL does, gloo lacks
 FP8). Sessions, the cache flush, the version and pause/resume are the control engine's
-(``SGLangHTTPEngine`` or the in-process ``SGLangEngine``).
+(``SGLangHTTPEngine`` or the in-process ``SGLangEngine``), and the group's own calls go
+through that engine's ``SGLangClient``. No deadline is set here: Load gives every call one
+(``default_timeout_s`` 600 s by default); ``timeout_s`` is torch's limit on the group's
+rendezvous and collectives, so a broadcast abandoned at Load's deadline ends by itself.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import sys
 from datetime import timedelta
 from typing import Any, Literal, Protocol
 
@@ -28,14 +30,15 @@ import anyio.to_thread
 import torch
 import torch.distributed as dist
 
+from weightpipe.pipeline import leaf_exceptions
+from weightpipe.stages._layout import flatten
 from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.dtypes import dtype_name
 from weightpipe.stages.engines.base import EngineError, PauseMode
 from weightpipe.stages.engines.sglang import wire as wire
+from weightpipe.stages.engines.sglang.client import SGLangClient
 
 __all__ = ["DistributedControl", "SGLangDistributedEngine", "open_update_group"]
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,11 @@ DistributedLoadFormat = Literal["flattened_bucket"] | None
 
 
 class DistributedControl(Protocol):
-    """The control plane a distributed sync drives: an SGLang adapter of this package."""
+    """The control plane a distributed sync drives: an SGLang adapter of this package
+    (``SGLangHTTPEngine`` or ``SGLangEngine``), whose client carries the group's calls."""
 
     name: str
+    client: SGLangClient
 
     async def begin(self, version: int) -> None: ...
     async def commit(self, version: int) -> None: ...
@@ -53,24 +58,6 @@ class DistributedControl(Protocol):
     async def version(self) -> int | None: ...
     async def pause(self, mode: PauseMode) -> None: ...
     async def resume(self) -> None: ...
-    async def init_weights_update_group(
-        self,
-        master_address: str,
-        master_port: int,
-        rank_offset: int,
-        world_size: int,
-        group_name: str,
-        backend: str,
-    ) -> None: ...
-    async def update_weights_from_distributed(
-        self,
-        names: list[str],
-        dtypes: list[str],
-        shapes: list[list[int]],
-        group_name: str,
-        load_format: str | None,
-    ) -> None: ...
-    async def destroy_weights_update_group(self, group_name: str) -> None: ...
 
 
 def open_update_group(
@@ -154,10 +141,12 @@ class SGLangDistributedEngine:
         load_format: ``"flattened_bucket"`` (one broadcast per bucket) or None (one per
             tensor).
         device: where broadcast buffers live (default: cuda for nccl, else cpu).
-        timeout_s: limit on the group's rendezvous and on every broadcast.
+        timeout_s: torch's limit on the group's rendezvous and on every broadcast, and
+            ``default_timeout_s`` (Load's deadline for every call unless Load sets one).
     """
 
     name = "sglang_distributed"
+    default_timeout_s: float = 600.0
 
     def __init__(
         self,
@@ -186,7 +175,10 @@ class SGLangDistributedEngine:
         self.device = torch.device(
             device if device is not None else ("cuda" if self.backend == "nccl" else "cpu")
         )
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
+        self.default_timeout_s = timeout_s
         self._group: Any = None
         self._group_broken = False
 
@@ -220,7 +212,7 @@ class SGLangDistributedEngine:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(
-                    self.control.init_weights_update_group,
+                    self.control.client.init_weights_update_group,
                     self.master_address,
                     self.master_port,
                     1,
@@ -232,15 +224,10 @@ class SGLangDistributedEngine:
         except BaseException as exc:
             for pg in joined:
                 close_update_group(pg)
-            error = _first_engine_error(exc)
-            if error is not None:
-                raise error from exc
-            leaf = _leaf(exc)
-            if isinstance(leaf, Exception):
-                raise EngineError(
-                    self.name, f"the update group did not form: {type(leaf).__name__}: {leaf}"
-                ) from exc
-            raise
+            error = _engine_error(exc, self.name, "the update group did not form", ())
+            if error is exc:
+                raise
+            raise error from exc
         self._group = joined[0]
         self._group_broken = False
 
@@ -250,7 +237,7 @@ class SGLangDistributedEngine:
         if group is None:
             return
         try:
-            await self.control.destroy_weights_update_group(self.group_name)
+            await self.control.client.destroy_weights_update_group(self.group_name)
         except EngineError as exc:
             log.warning("%s: destroying the engine's group failed: %s", self.name, exc)
         close_update_group(group)
@@ -271,9 +258,10 @@ class SGLangDistributedEngine:
 
     def _send(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
         if self.load_format == "flattened_bucket":
-            layout = wire.aligned_layout(tensors, align=1)
-            moved = [(n, t.to(self.device)) for n, t in tensors]
-            buffer, _ = wire.flatten(moved, layout)
+            # Packed (align 1) as SGLang's receiver allocates it: distributed_order made
+            # every start a multiple of its itemsize, so no padding is inserted. Host
+            # tensors are copied straight into the device buffer.
+            buffer, _ = flatten(tensors, 1, device=self.device)
             _broadcast(self._group, buffer)
         else:
             for name, t in tensors:
@@ -306,37 +294,26 @@ class SGLangDistributedEngine:
             tensors = wire.distributed_order(tensors)
         names = [n for n, _ in tensors]
         try:
-            with anyio.fail_after(self.timeout_s):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(
-                        self.control.update_weights_from_distributed,
-                        names,
-                        [wire.dtype_name(t.dtype) for _, t in tensors],
-                        [list(t.shape) for _, t in tensors],
-                        self.group_name,
-                        self.load_format,
-                    )
-                    # No limiter: an abandoned broadcast (its receiver refused) must not
-                    # hold up the group's rebuild; it ends at the group's timeout.
-                    await anyio.to_thread.run_sync(self._send, tensors, abandon_on_cancel=True)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    self.control.client.update_weights_from_distributed,
+                    names,
+                    [dtype_name(t.dtype) for _, t in tensors],
+                    [list(t.shape) for _, t in tensors],
+                    self.group_name,
+                    self.load_format,
+                )
+                # No limiter: an abandoned broadcast (its receiver refused, or Load's
+                # deadline passed) must not hold up the group's rebuild; it ends at the
+                # group's timeout.
+                await anyio.to_thread.run_sync(self._send, tensors, abandon_on_cancel=True)
         except BaseException as exc:
             # A broadcast without its receiver (or the reverse) leaves the group unusable.
             self._group_broken = True
-            error = _first_engine_error(exc)
-            if error is not None:
-                raise error from exc
-            leaf = _leaf(exc)
-            if isinstance(leaf, TimeoutError):
-                raise EngineError(
-                    self.name, f"{bucket.describe()} timed out after {self.timeout_s:g} s"
-                ) from exc
-            if isinstance(leaf, Exception):
-                raise EngineError(
-                    self.name,
-                    f"broadcasting {bucket.describe()} failed: {type(leaf).__name__}: {leaf}",
-                    tensor=wire.tensor_named_in(str(leaf), names),
-                ) from exc
-            raise
+            error = _engine_error(exc, self.name, f"broadcasting {bucket.describe()} failed", names)
+            if error is exc:
+                raise
+            raise error from exc
 
     async def commit(self, version: int) -> None:
         """The control engine's commit (end session, flush once, set the version).
@@ -371,20 +348,21 @@ class SGLangDistributedEngine:
         await self.control.resume()
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    """The first non-group exception inside ``exc``."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _first_engine_error(exc: BaseException) -> EngineError | None:
-    """The EngineError inside ``exc`` (a task group wraps failures in an ExceptionGroup)."""
-    if isinstance(exc, EngineError):
+def _engine_error(
+    exc: BaseException, engine: str, what: str, names: list[str] | tuple[()]
+) -> BaseException:
+    """What a failed task group of this engine raises: the ``EngineError`` inside it (the
+    engine's own refusal says most), else one naming ``what`` and the first failure; a
+    cancellation or a KeyboardInterrupt among the failures is kept as it is."""
+    leaves = leaf_exceptions(exc)
+    error = next((leaf for leaf in leaves if isinstance(leaf, EngineError)), None)
+    if error is not None:
+        return error
+    if not all(isinstance(leaf, Exception) for leaf in leaves):
         return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_engine_error(inner)
-            if found is not None:
-                return found
-    return None
+    first = leaves[0]
+    return EngineError(
+        engine,
+        f"{what}: {type(first).__name__}: {first}",
+        tensor=wire.tensor_named_in(str(first), names),
+    )

@@ -1,34 +1,43 @@
 """SGLangEngine: the Engine adapter for an in-process ``sglang.Engine``.
 
-SGLang's offline Engine runs its scheduler in child processes and exposes blocking methods
-(each drives the Engine's own event loop with ``run_until_complete``), so every call runs
-in a worker thread owned by this adapter, one at a time, under a timeout. The sync maps
-onto the same steps as over HTTP: a weight-update session where the Engine has one
-(``begin_weight_update`` exists from 0.5.23), every bucket through
-``update_weights_from_tensor(..., flush_cache=False)``, one ``flush_cache`` at commit. The
-in-process Engine has no weight-version setter, so the adapter keeps the committed version
-itself, and no pause API, so ``pause``/``resume`` use the Engine's own methods when a
-future SGLang has them and are otherwise no-ops (in-process updates already take the
-scheduler's writer lock). ``sglang`` is imported only when the adapter has to build the
-Engine itself.
+A thin adapter over ``SGLangClient`` (sessions, retries, the bucket rule, the commit
+order). ``EngineTransport`` carries the calls: SGLang's offline Engine runs its scheduler
+in child processes and exposes blocking methods (each drives the Engine's own event loop
+with ``run_until_complete``), so every call runs in a worker thread, one at a time even
+after a call was abandoned at its deadline (the next call, the abort that follows a
+timeout included, waits under its own deadline for that thread to leave the Engine,
+instead of racing it inside the Engine). Sessions are detected
+by capability (``begin_weight_update`` exists from 0.5.23). The in-process Engine has no
+weight-version setter, so the transport keeps the committed version itself, and no pause
+API, so ``pause``/``resume`` use the Engine's own methods when a future SGLang has them and
+are otherwise no-ops (in-process updates already take the scheduler's writer lock).
+``sglang`` is imported only when the adapter has to build the Engine itself.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 import anyio.to_thread
+import torch
 
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import EngineError, PauseMode
 from weightpipe.stages.engines.sglang import wire as wire
-from weightpipe.stages.engines.sglang.http import LoadFormat, SessionMode
+from weightpipe.stages.engines.sglang.client import (
+    LoadFormat,
+    OperationMissing,
+    SessionMode,
+    SGLangClient,
+    cache_not_flushed,
+)
 
-__all__ = ["SGLangEngine", "import_sglang"]
+__all__ = ["EngineTransport", "SGLangEngine", "import_sglang"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,14 @@ INSTALL_HINT = (
     "pip install 'sglang[all]' (on a GPU machine; the library alone: "
     "pip install --no-deps sglang plus its pure-Python dependencies)"
 )
+
+# How often a thread waiting for a hung Engine call checks whether its caller gave up.
+_ABANDON_POLL_S = 0.05
+
+# Calls the adapter answers itself: the in-process Engine has no weight-version API.
+_LOCAL_OPS = frozenset({"get_weight_version", "update_weight_version"})
+# Calls that are no-ops when the Engine lacks them (0.5.23's Engine has no pause API).
+_OPTIONAL_OPS = frozenset({"pause_generation", "continue_generation"})
 
 
 def import_sglang() -> Any:
@@ -53,57 +70,65 @@ def import_sglang() -> Any:
         ) from exc
 
 
-class SGLangEngine:
-    """An ``sglang.Engine`` in this process.
+class EngineTransport:
+    """One attempt of an SGLang operation on an ``sglang.Engine`` (see ``SGLangTransport``).
 
     Args:
-        engine: a constructed ``sglang.Engine``; when ``None``, one is built from
-            ``engine_kwargs`` (``sglang.Engine(**engine_kwargs)``) on first use.
-        timeout_s: limit on every Engine call.
-        session: weight-update sessions: ``auto`` uses them when the Engine has
-            ``begin_weight_update``.
-        load_format: payload shape (see ``sglang_http.LoadFormat``).
-        tp_size: the Engine's tensor-parallel size (flattened payloads are per rank);
-            also passed to ``sglang.Engine`` when the adapter builds it.
-        flush_cache_on_commit: flush the radix cache once at commit.
-        metadata: flattened-bucket metadata objects (see ``_sglang_wire``).
-        initial_version: what ``version()`` reports before the first commit.
+        name: the engine's name, used in errors.
+        engine: a constructed ``sglang.Engine``, or ``None`` to build one on first use.
         engine_kwargs: arguments for ``sglang.Engine`` when ``engine`` is None.
+        initial_version: what ``get_weight_version`` answers before the first commit.
     """
 
-    name = "sglang_engine"
+    serializes_named_tensors = False  # Engine.update_weights_from_tensor pickles per rank
 
     def __init__(
         self,
-        engine: Any = None,
-        *,
-        timeout_s: float = 600.0,
-        session: SessionMode = "auto",
-        load_format: LoadFormat = "flattened_bucket",
-        tp_size: int = 1,
-        flush_cache_on_commit: bool = True,
-        metadata: wire.MetadataKind = "auto",
-        initial_version: int | None = None,
-        **engine_kwargs: Any,
+        name: str,
+        engine: Any,
+        engine_kwargs: dict[str, Any],
+        initial_version: int | None,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if tp_size < 1:
-            raise ValueError(f"tp_size must be >= 1, got {tp_size}")
-        if engine is None and not engine_kwargs:
-            raise ValueError("pass a sglang.Engine or the keyword arguments to build one")
+        self.name = name
         self.engine = engine
         self.engine_kwargs = engine_kwargs
-        self.timeout_s = timeout_s
-        self.session_mode: SessionMode = session
-        self.load_format: LoadFormat = load_format
-        self.tp_size = tp_size
-        self.flush_cache_on_commit = flush_cache_on_commit
-        self.metadata: wire.MetadataKind = metadata
-        self._version = initial_version
-        self._session_open = False
-        self._limiter = anyio.CapacityLimiter(1)
-        self._warned_pause = False
+        self.weight_version: str | None = None if initial_version is None else str(initial_version)
+        self._lock = anyio.Lock()
+        self._engine_lock = threading.Lock()  # held by the thread inside an Engine method
+        self._warned: set[str] = set()
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Run one blocking Engine call in a worker thread, never two at once.
+
+        The caller's deadline may abandon the wait (the Engine's methods cannot be
+        interrupted), but not the one-call-at-a-time rule, which lives in the worker
+        thread: a call's thread takes ``_engine_lock`` before touching the Engine and
+        holds it until the Engine returns, so a call abandoned at its deadline still
+        holds it while it hangs. The next call (an abort, typically) waits for it under
+        its own deadline; if that deadline passes first, the waiting thread gives up
+        without calling the Engine at all, so no abandoned call runs later either.
+        """
+        async with self._lock:  # callers queue in order; the thread lock is the rule
+            abandoned = threading.Event()
+
+            def job() -> Any:
+                if not self._engine_lock.acquire(blocking=False):
+                    log.warning("%s: waiting for an earlier call that is still running", self.name)
+                    while not self._engine_lock.acquire(timeout=_ABANDON_POLL_S):
+                        if abandoned.is_set():
+                            return None  # nobody waits for this call any more
+                try:
+                    if abandoned.is_set():
+                        return None
+                    return fn()
+                finally:
+                    self._engine_lock.release()
+
+            try:
+                return await anyio.to_thread.run_sync(job, abandon_on_cancel=True)
+            except BaseException:
+                abandoned.set()
+                raise
 
     async def open(self) -> None:
         """Build the Engine if none was given (imports sglang).
@@ -113,90 +138,157 @@ class SGLangEngine:
         """
         if self.engine is None:
             sglang = import_sglang()
-            kwargs = {"tp_size": self.tp_size, **self.engine_kwargs}
-            self.engine = await anyio.to_thread.run_sync(
-                lambda: sglang.Engine(**kwargs), limiter=self._limiter
-            )
+            kwargs = dict(self.engine_kwargs)
+            self.engine = await self.run(lambda: sglang.Engine(**kwargs))
 
-    async def _run(self, what: str, fn: Callable[[], Any], tensors: Sequence[str] = ()) -> Any:
-        """Run one blocking Engine call in the adapter's thread under the timeout.
+    async def aclose(self) -> None:
+        """Shut down an Engine this transport built (one passed in is left running)."""
+        if self.engine is not None and self.engine_kwargs:
+            engine, self.engine = self.engine, None
+            await self.run(engine.shutdown)
 
-        Raises:
-            EngineError: the call raised, timed out, or answered success=False.
-        """
+    def sessions_by_capability(self) -> bool | None:
+        if self.engine is None:
+            return None
+        return callable(getattr(self.engine, "begin_weight_update", None))
+
+    def tensor_fields(
+        self,
+        load_format: LoadFormat,
+        payloads: list[bytes] | None,
+        tensors: list[tuple[str, torch.Tensor]],
+    ) -> dict[str, Any]:
+        if load_format == "flattened_bucket":
+            return {"named_tensors": payloads, "load_format": "flattened_bucket"}
+        return {"named_tensors": tensors, "load_format": None}
+
+    async def call(self, op: str, fields: dict[str, Any], *, tensors: Sequence[str] = ()) -> Any:
         await self.open()
+        if op in _LOCAL_OPS:
+            if op == "update_weight_version":
+                self.weight_version = str(fields["new_version"])
+            return self.weight_version
+        method = getattr(self.engine, op, None)
+        if not callable(method):
+            if op in _OPTIONAL_OPS:
+                if op not in self._warned:
+                    self._warned.add(op)
+                    log.info("%s: sglang.Engine has no %s(); skipping it", self.name, op)
+                return None
+            raise OperationMissing(self.name, f"sglang.Engine has no {op}()")
+        kwargs = dict(fields)
         try:
-            with anyio.fail_after(self.timeout_s):
-                result = await anyio.to_thread.run_sync(
-                    fn, limiter=self._limiter, abandon_on_cancel=True
-                )
-        except TimeoutError as exc:
-            raise EngineError(
-                self.name, f"{what} timed out after {self.timeout_s:g} s", retryable=True
-            ) from exc
+            result = await self.run(lambda: method(**kwargs))
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             raise EngineError(
-                self.name, f"{what} raised {text}", tensor=wire.tensor_named_in(text, tensors)
+                self.name, f"{op} raised {text}", tensor=wire.tensor_named_in(text, tensors)
             ) from exc
         ok, message = _outcome(result)
         if not ok:
             raise EngineError(
                 self.name,
-                f"{what} failed: {message}",
+                f"{op} failed: {message}",
                 tensor=wire.tensor_named_in(message, tensors),
+                retryable=cache_not_flushed(op, message),
             )
         return result
 
-    def _sessions(self) -> bool:
-        if self.session_mode == "auto":
-            return callable(getattr(self.engine, "begin_weight_update", None))
-        return self.session_mode == "on"
+
+class SGLangEngine:
+    """An ``sglang.Engine`` in this process.
+
+    Args:
+        engine: a constructed ``sglang.Engine``; when ``None``, one is built from
+            ``engine_kwargs`` (``sglang.Engine(**engine_kwargs)``) on first use.
+        timeout_s: ``default_timeout_s``: Load's deadline for every call unless Load
+            sets its own.
+        retries: at most this many further attempts after a retryable failure (a cache
+            flush refused while requests run), within the deadline.
+        backoff_s: wait before the first retry, doubled for each further one.
+        session: weight-update sessions: ``auto`` uses them when the Engine has
+            ``begin_weight_update``.
+        load_format: payload shape (see ``client.LoadFormat``).
+        tp_size: the Engine's tensor-parallel size (flattened payloads are per rank);
+            also passed to ``sglang.Engine`` when the adapter builds it.
+        flush_cache_on_commit: flush the radix cache once at commit.
+        metadata: flattened-bucket metadata objects (see ``wire``).
+        initial_version: what ``version()`` reports before the first commit.
+        engine_kwargs: arguments for ``sglang.Engine`` when ``engine`` is None.
+    """
+
+    name = "sglang_engine"
+    default_timeout_s: float = 600.0
+
+    def __init__(
+        self,
+        engine: Any = None,
+        *,
+        timeout_s: float = 600.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        session: SessionMode = "auto",
+        load_format: LoadFormat = "flattened_bucket",
+        tp_size: int = 1,
+        flush_cache_on_commit: bool = True,
+        metadata: wire.MetadataKind = "auto",
+        initial_version: int | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if engine is None and not engine_kwargs:
+            raise ValueError("pass a sglang.Engine or the keyword arguments to build one")
+        self.default_timeout_s = timeout_s
+        build = {"tp_size": tp_size, **engine_kwargs} if engine is None else {}
+        self.transport = EngineTransport(self.name, engine, build, initial_version)
+        self.client = SGLangClient(
+            self.transport,
+            session=session,
+            load_format=load_format,
+            tp_size=tp_size,
+            flush_cache_on_commit=flush_cache_on_commit,
+            metadata=metadata,
+            retries=retries,
+            backoff_s=backoff_s,
+        )
+
+    @property
+    def engine(self) -> Any:
+        """The ``sglang.Engine`` (None until built, or after ``aclose`` shut it down)."""
+        return self.transport.engine
+
+    async def open(self) -> None:
+        """Build the Engine if none was given (imports sglang).
+
+        Raises:
+            ImportError: sglang is not installed.
+        """
+        await self.transport.open()
+
+    async def aclose(self) -> None:
+        """Shut down an Engine this adapter built (one passed in is left running)."""
+        await self.transport.aclose()
+
+    # -- Engine protocol: SGLangClient does the work ----------------------------------
 
     async def begin(self, version: int) -> None:
         """Open a weight-update session where the Engine has them.
 
         Raises:
-            EngineError: the Engine refused, failed or timed out.
+            EngineError: the Engine refused or failed.
             ImportError: the Engine has to be built and sglang is missing.
         """
-        await self.open()
-        if self._sessions():
-            await self._run("begin_weight_update", lambda: self.engine.begin_weight_update())
-            self._session_open = True
+        await self.open()  # sessions are detected by the Engine's capability
+        await self.client.begin(version)
 
     async def load(self, bucket: WeightBucket) -> None:
         """Apply one bucket with ``flush_cache=False``.
 
         Raises:
-            EngineError: the Engine refused (naming a tensor its message names), failed or
-                timed out.
+            EngineError: the Engine refused (naming a tensor its message names) or failed.
         """
-        if not bucket.tensors:
-            return
-        bucket.wait_ready()
-        tensors = list(bucket.tensors)
-        if self.load_format == "flattened_bucket":
-            payloads = await anyio.to_thread.run_sync(
-                lambda: wire.encode_flattened_bucket(
-                    tensors, tp_size=self.tp_size, buffer=bucket.buffer, metadata=self.metadata
-                )
-            )
-
-            def call() -> Any:
-                assert self.engine is not None
-                return self.engine.update_weights_from_tensor(
-                    named_tensors=payloads, load_format="flattened_bucket", flush_cache=False
-                )
-        else:
-
-            def call() -> Any:
-                assert self.engine is not None
-                return self.engine.update_weights_from_tensor(
-                    named_tensors=tensors, load_format=None, flush_cache=False
-                )
-
-        await self._run("update_weights_from_tensor", call, bucket.names)
+        await self.client.load(bucket)
 
     async def commit(self, version: int) -> None:
         """End the session, flush the cache once; only then report ``version``.
@@ -204,26 +296,19 @@ class SGLangEngine:
         Raises:
             EngineError: a step failed; ``version()`` still reports the old version.
         """
-        if self._session_open:
-            self._session_open = False
-            await self._run("end_weight_update", lambda: self.engine.end_weight_update())
-        if self.flush_cache_on_commit:
-            await self._run("flush_cache", lambda: self.engine.flush_cache())
-        self._version = version
+        await self.client.commit(version)
 
     async def abort(self, version: int) -> None:
-        """End an open session, best effort; the version stays the old one."""
-        if not self._session_open:
-            return
-        self._session_open = False
-        try:
-            await self._run("end_weight_update", lambda: self.engine.end_weight_update())
-        except EngineError as exc:
-            log.warning("%s: closing the session on abort failed: %s", self.name, exc)
+        """End an open session; the version stays the old one.
+
+        Raises:
+            EngineError: the Engine did not confirm the close.
+        """
+        await self.client.abort(version)
 
     async def version(self) -> int | None:
         """The last committed version (``initial_version`` before the first commit)."""
-        return self._version
+        return await self.client.version()
 
     async def pause(self, mode: PauseMode) -> None:
         """The Engine's ``pause_generation(mode=...)`` when it has one, else nothing.
@@ -231,13 +316,7 @@ class SGLangEngine:
         Raises:
             EngineError: the Engine's pause failed.
         """
-        await self.open()
-        pause = getattr(self.engine, "pause_generation", None)
-        if callable(pause):
-            await self._run("pause_generation", lambda: pause(mode=mode))
-        elif not self._warned_pause:
-            self._warned_pause = True
-            log.info("%s: sglang.Engine has no pause_generation; not pausing", self.name)
+        await self.client.pause(mode)
 
     async def resume(self) -> None:
         """The Engine's ``continue_generation()`` when it has one, else nothing.
@@ -245,80 +324,17 @@ class SGLangEngine:
         Raises:
             EngineError: the Engine's continue failed.
         """
-        resume = getattr(self.engine, "continue_generation", None)
-        if callable(resume):
-            await self._run("continue_generation", lambda: resume())
-
-    async def aclose(self) -> None:
-        """Shut down an Engine this adapter built (one passed in is left running)."""
-        if self.engine is not None and self.engine_kwargs:
-            engine, self.engine = self.engine, None
-            await anyio.to_thread.run_sync(engine.shutdown, limiter=self._limiter)
-
-    # -- the distributed update group (driven by SGLangDistributedEngine) -------------
-
-    async def init_weights_update_group(
-        self,
-        master_address: str,
-        master_port: int,
-        rank_offset: int,
-        world_size: int,
-        group_name: str,
-        backend: str,
-    ) -> None:
-        """The Engine's ``init_weights_update_group``: returns once its ranks joined.
-
-        Raises:
-            EngineError: the Engine refused, failed or timed out.
-        """
-        await self._run(
-            "init_weights_update_group",
-            lambda: self.engine.init_weights_update_group(
-                **wire.init_group_request(
-                    master_address, master_port, rank_offset, world_size, group_name, backend
-                )
-            ),
-        )
-
-    async def update_weights_from_distributed(
-        self,
-        names: Sequence[str],
-        dtypes: Sequence[str],
-        shapes: Sequence[Sequence[int]],
-        group_name: str,
-        load_format: str | None,
-    ) -> None:
-        """The Engine's ``update_weights_from_distributed`` with ``flush_cache=False``.
-
-        Raises:
-            EngineError: the Engine refused (naming a tensor), failed or timed out.
-        """
-        await self._run(
-            "update_weights_from_distributed",
-            lambda: self.engine.update_weights_from_distributed(
-                **wire.distributed_update_request(names, dtypes, shapes, group_name, load_format)
-            ),
-            names,
-        )
-
-    async def destroy_weights_update_group(self, group_name: str) -> None:
-        """The Engine's ``destroy_weights_update_group``.
-
-        Raises:
-            EngineError: the Engine refused, failed or timed out.
-        """
-        await self._run(
-            "destroy_weights_update_group",
-            lambda: self.engine.destroy_weights_update_group(group_name=group_name),
-        )
+        await self.client.resume()
 
     def session_is_open(self) -> bool:
         """Whether this adapter opened a weight-update session that is still open."""
-        return self._session_open
+        return self.client.session_open
 
     def needs_session(self) -> bool | None:
         """Whether the Engine needs sessions (None until an Engine exists)."""
-        return None if self.engine is None else self._sessions()
+        if self.client.needs_session is not None:
+            return self.client.needs_session
+        return self.transport.sessions_by_capability()
 
 
 def _outcome(result: Any) -> tuple[bool, str]:

@@ -6,15 +6,19 @@ CUDA tensors CUDA-IPC handles), base64-encoded inside JSON, and the server decod
 an allow-listed unpickler. Two payload shapes exist: plain ``[(name, tensor), ...]`` and,
 with ``load_format="flattened_bucket"``, ``{"flattened_tensor": uint8, "metadata": [...]}``
 whose metadata entries the server reads by attribute (name, shape, dtype, start_idx,
-end_idx, numel). This module writes both, plus the byte layout SGLang's distributed
-receiver allocates (``FlattenedTensorBucket.empty``: no padding, so starts must be aligned
-by ordering). It never imports sglang unless asked for SGLang's own metadata class, and the
-tests prove the result decodes with SGLang's code, not ours.
+end_idx, numel). This module writes both from the one bucket layout model of
+``weightpipe.stages._layout`` (a bucket Fetch already flattened is sent as it is), orders
+a bucket for the byte layout SGLang's distributed receiver allocates
+(``FlattenedTensorBucket.empty``: no padding, so starts must be aligned by ordering), and
+owns the one rule for handing CUDA tensors to another process (``wait_written``). It
+never imports sglang unless asked for SGLang's own metadata class, and the tests prove
+the result decodes with SGLang's code, not ours.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import importlib
 import io
 import re
@@ -22,28 +26,28 @@ import threading
 import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Literal
 
+import anyio.to_thread
 import torch
 import torch.multiprocessing  # registers torch's tensor/storage reducers on ForkingPickler
 
+from weightpipe.stages._layout import TensorLayout, flatten, views_layout
+from weightpipe.stages.bucket import WeightBucket
+
 __all__ = [
     "ALIGN_BYTES",
-    "FlatLayout",
     "MetadataKind",
-    "aligned_layout",
     "b64encode_payloads",
     "distributed_order",
     "distributed_update_request",
-    "dtype_name",
     "encode_flattened_bucket",
     "encode_named_tensors",
-    "flatten",
     "init_group_request",
     "metadata_objects",
     "tensor_named_in",
+    "wait_written",
 ]
 
 ALIGN_BYTES = 16
@@ -66,140 +70,38 @@ _SGLANG_BUCKET_MODULE = "sglang.srt.weight_sync.tensor_bucket"
 _STRATEGY_LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
-class FlatLayout:
-    """Where each tensor sits in a flattened uint8 buffer (byte offsets, end exclusive)."""
-
-    names: tuple[str, ...]
-    shapes: tuple[torch.Size, ...]
-    dtypes: tuple[torch.dtype, ...]
-    starts: tuple[int, ...]
-    ends: tuple[int, ...]
-    total_bytes: int
+@functools.cache
+def _sglang_metadata_class() -> Any:
+    """SGLang's ``FlattenedTensorMetadata``, looked up once (``None`` without sglang)."""
+    try:
+        return importlib.import_module(_SGLANG_BUCKET_MODULE).FlattenedTensorMetadata
+    except ImportError:
+        return None
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``: the string SGLang resolves with getattr(torch, .)."""
-    return str(dtype).removeprefix("torch.")
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
-def _layout(
-    tensors: Sequence[tuple[str, torch.Tensor]],
-    starts: Sequence[int],
-    ends: Sequence[int],
-    total_bytes: int,
-) -> FlatLayout:
-    return FlatLayout(
-        names=tuple(n for n, _ in tensors),
-        shapes=tuple(t.shape for _, t in tensors),
-        dtypes=tuple(t.dtype for _, t in tensors),
-        starts=tuple(starts),
-        ends=tuple(ends),
-        total_bytes=total_bytes,
-    )
-
-
-def aligned_layout(
-    tensors: Sequence[tuple[str, torch.Tensor]], *, align: int = ALIGN_BYTES
-) -> FlatLayout:
-    """Byte layout of ``tensors`` in source order, each start a multiple of ``align``.
-
-    Raises:
-        ValueError: if ``tensors`` is empty (SGLang refuses empty buckets).
-    """
-    if not tensors:
-        raise ValueError("cannot flatten an empty bucket (SGLang refuses empty buckets)")
-    starts: list[int] = []
-    ends: list[int] = []
-    offset = 0
-    for _, t in tensors:
-        offset = _round_up(offset, align)
-        starts.append(offset)
-        offset += t.numel() * t.element_size()
-        ends.append(offset)
-    return _layout(tensors, starts, ends, offset)
-
-
-def flatten(
-    tensors: Sequence[tuple[str, torch.Tensor]], layout: FlatLayout | None = None
-) -> tuple[torch.Tensor, FlatLayout]:
-    """Copy ``tensors`` into one new uint8 buffer (on the first tensor's device).
-
-    Padding bytes are zero, so equal inputs give equal buffers.
-
-    Raises:
-        ValueError: if ``tensors`` is empty or the tensors sit on different devices.
-    """
-    layout = layout or aligned_layout(tensors)
-    device = tensors[0][1].device
-    buffer = torch.zeros(layout.total_bytes, dtype=torch.uint8, device=device)
-    for (name, t), start, end in zip(tensors, layout.starts, layout.ends, strict=True):
-        if t.device != device:
-            raise ValueError(f"tensor {name!r} is on {t.device}, the bucket on {device}")
-        if end > start:
-            buffer[start:end].copy_(t.detach().reshape(-1).view(torch.uint8))
-    return buffer, layout
-
-
-def _views_into(buffer: torch.Tensor, tensors: Sequence[tuple[str, torch.Tensor]]) -> FlatLayout:
-    """Layout of tensors that are already contiguous, aligned views of ``buffer``.
-
-    Raises:
-        ValueError: naming the first tensor that is not such a view.
-    """
-    base = buffer.data_ptr()
-    limit = base + buffer.numel()
-    starts: list[int] = []
-    ends: list[int] = []
-    for name, t in tensors:
-        start = t.data_ptr() - base
-        nbytes = t.numel() * t.element_size()
-        if (
-            t.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
-            or not t.is_contiguous()
-            or start < 0
-            or base + start + nbytes > limit
-            or start % max(t.element_size(), 1)
-        ):
-            raise ValueError(f"tensor {name!r} is not an aligned contiguous view of the buffer")
-        starts.append(start)
-        ends.append(start + nbytes)
-    return _layout(tensors, starts, ends, int(buffer.numel()))
-
-
-def metadata_objects(layout: FlatLayout, kind: MetadataKind = "auto") -> list[Any]:
-    """The ``metadata`` list of a flattened-bucket payload, one entry per tensor.
+def metadata_objects(layout: Sequence[TensorLayout], kind: MetadataKind = "auto") -> list[Any]:
+    """The ``metadata`` list of a flattened-bucket payload, one entry per layout entry.
 
     Raises:
         ImportError: ``kind="sglang"`` and sglang is not importable.
     """
-    cls: Any = None
-    if kind != "namespace":
-        try:
-            cls = importlib.import_module(_SGLANG_BUCKET_MODULE).FlattenedTensorMetadata
-        except ImportError as exc:
-            if kind == "sglang":
-                raise ImportError(
-                    "metadata='sglang' needs the sglang package here "
-                    "(pip install --no-deps sglang); use metadata='namespace' without it"
-                ) from exc
+    cls = None if kind == "namespace" else _sglang_metadata_class()
+    if cls is None and kind == "sglang":
+        raise ImportError(
+            "metadata='sglang' needs the sglang package here "
+            "(pip install --no-deps sglang); use metadata='namespace' without it"
+        )
     make = cls if cls is not None else types.SimpleNamespace
     return [
         make(
-            name=name,
-            shape=torch.Size(shape),
-            dtype=dtype,
-            start_idx=start,
-            end_idx=end,
-            numel=end - start,  # SGLang's numel counts bytes of the uint8 view
+            name=entry.name,
+            shape=torch.Size(entry.shape),
+            dtype=entry.dtype,
+            start_idx=entry.offset,
+            end_idx=entry.end,
+            numel=entry.nbytes,  # SGLang's numel counts bytes of the uint8 view
         )
-        for name, shape, dtype, start, end in zip(
-            layout.names, layout.shapes, layout.dtypes, layout.starts, layout.ends, strict=True
-        )
+        for entry in layout
     ]
 
 
@@ -274,15 +176,13 @@ def encode_flattened_bucket(
     """
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
-    layout: FlatLayout | None = None
-    if buffer is not None and tensors:
-        try:
-            layout = _views_into(buffer, tensors)
-            flat = buffer
-        except ValueError:
-            layout = None
-    if layout is None:
-        flat, layout = flatten(tensors)
+    if not tensors:
+        raise ValueError("cannot flatten an empty bucket (SGLang refuses empty buckets)")
+    layout = views_layout(buffer, tensors) if buffer is not None else None
+    if buffer is not None and layout is not None:
+        flat = buffer
+    else:
+        flat, layout = flatten(tensors, ALIGN_BYTES)
     payload = {"flattened_tensor": flat, "metadata": metadata_objects(layout, metadata)}
     return [_pickle(payload, cpu_strategy) for _ in range(tp_size)]
 
@@ -303,6 +203,28 @@ def distributed_order(
     size is a multiple of every itemsize that follows it.
     """
     return sorted(tensors, key=lambda item: -item[1].element_size())
+
+
+async def wait_written(bucket: WeightBucket) -> None:
+    """Return once every CUDA tensor of ``bucket`` is written, without blocking the loop.
+
+    The one rule for handing a bucket to another process (SGLang's scheduler reads CUDA-IPC
+    handles on its own streams, so stream ordering in this process does not protect it):
+    wait on the bucket's ready event, or, when the producer recorded none, on an event
+    recorded now on the current stream (the producer's, as Load runs on it). Recording is
+    asynchronous; the wait itself runs in a worker thread. No-op for a CPU bucket without
+    an event.
+    """
+    event = bucket.ready
+    if event is None:
+        on_cuda = any(t.is_cuda for _, t in bucket.tensors) or (
+            bucket.buffer is not None and bucket.buffer.is_cuda
+        )
+        if not on_cuda:
+            return
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream())
+    await anyio.to_thread.run_sync(event.synchronize)
 
 
 def init_group_request(

@@ -2,9 +2,12 @@
 
 The real Engine cannot start here (no GPU build of its kernels), so the adapter is tested
 against a named fake whose methods are checked, parameter by parameter, against the
-installed sglang's ``Engine`` source, and whose decoding is SGLang's own code. Also covers
-the lazy import and its message, sessions by capability (0.5.23) and without (0.5.12),
-errors naming the tensor, timeouts, and the version staying old on every failure.
+installed sglang's ``Engine`` source, and whose decoding is SGLang's own code. Every sync
+runs through the Load stage (``drive``). Also covers the lazy import and its message,
+sessions by capability (0.5.23) and without (0.5.12), errors naming the tensor, retries of
+a refused flush only, a failed ``end_weight_update`` closed by the abort that follows,
+timeouts with one Engine call at a time even after one was abandoned, and the version
+staying old on every failure.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from tests.fakes.sglang_engine import (
     FakeSGLangEngine0512,
     FakeSGLangModule,
 )
-from tests.helpers import sync
+from tests.stages.engines.sglang.drive import WaitRecordingEvent, failed_sync, load_sync
+from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import Engine, EngineError
+from weightpipe.stages.engines.base import Engine
 from weightpipe.stages.engines.sglang.inprocess import SGLangEngine, import_sglang
+from weightpipe.stages.load import Load
 
 
 def _model() -> list[tuple[str, torch.Tensor]]:
@@ -104,7 +109,8 @@ async def test_sync_bit_identical(load_format: str) -> None:
     fake = FakeSGLangEngine(_spec(), tp_size=2)
     engine = SGLangEngine(fake, tp_size=2, load_format=load_format)  # type: ignore[arg-type]
     assert await engine.version() is None
-    await sync(engine, 4, [_bucket(4)])
+    report = await load_sync(engine, [_bucket(4)])
+    assert report.committed
     assert await engine.version() == 4
     assert fake.calls == [
         "begin_weight_update",
@@ -117,18 +123,33 @@ async def test_sync_bit_identical(load_format: str) -> None:
         assert torch.equal(fake.weights[name].view(torch.uint8), sent.view(torch.uint8)), name
 
 
+async def test_cuda_work_is_waited_for_off_the_loop_before_the_update() -> None:
+    # SGLang's scheduler reads CUDA-IPC handles on its own streams: the bucket's ready
+    # event must be waited on before the update, and in a worker thread, not on the loop.
+    fake = FakeSGLangEngine(_spec())
+    event = WaitRecordingEvent(lambda: fake.calls.count("update_weights_from_tensor"))
+    engine = SGLangEngine(fake)
+    bucket = _bucket(1)
+    await load_sync(engine, [bucket.with_tensors(bucket.tensors, ready=event)])
+    assert event.host_waits == 1
+    ((thread, updates_before),) = event.waits
+    assert thread != threading.get_ident()
+    assert updates_before == 0
+    assert await engine.version() == 1
+
+
 async def test_no_sessions_on_0512_engine() -> None:
     fake = FakeSGLangEngine0512(_spec())
     engine = SGLangEngine(fake)
-    await sync(engine, 1, [_bucket(1)])
+    await load_sync(engine, [_bucket(1)])
     assert fake.calls == ["update_weights_from_tensor", "flush_cache"]
     assert await engine.version() == 1
 
 
 async def test_session_off_against_0523_is_refused_clearly() -> None:
     engine = SGLangEngine(FakeSGLangEngine(_spec()), session="off")
-    with pytest.raises(EngineError, match="must run between begin_weight_update"):
-        await sync(engine, 1, [_bucket(1)])
+    error, _ = await failed_sync(engine, [_bucket(1)])
+    assert "must run between begin_weight_update" in str(error)
     assert await engine.version() is None
 
 
@@ -136,9 +157,11 @@ async def test_refusal_names_the_tensor_and_keeps_the_version() -> None:
     fake = FakeSGLangEngine(_spec())
     engine = SGLangEngine(fake, initial_version=3)
     bad = [("model.layers.0.self_attn.q_proj.weight", torch.zeros(6, 8))]
-    with pytest.raises(EngineError, match=r"expects \(6, 8\) torch.float8_e4m3fn") as info:
-        await sync(engine, 4, [_bucket(4, bad)])
-    assert info.value.tensor == "model.layers.0.self_attn.q_proj.weight"
+    error, _ = await failed_sync(engine, [_bucket(4, bad)])
+    assert "expects (6, 8) torch.float8_e4m3fn" in str(error)
+    assert error.tensor == "model.layers.0.self_attn.q_proj.weight"
+    assert not error.retryable
+    assert fake.calls.count("update_weights_from_tensor") == 1  # a refusal is not retried
     assert await engine.version() == 3
     assert not fake.session_open
 
@@ -146,57 +169,93 @@ async def test_refusal_names_the_tensor_and_keeps_the_version() -> None:
 async def test_unknown_name_and_engine_exception() -> None:
     fake = FakeSGLangEngine(_spec())
     engine = SGLangEngine(fake)
-    with pytest.raises(EngineError, match="is not a parameter") as info:
-        await sync(engine, 1, [_bucket(1, [("nope.weight", torch.zeros(1))])])
-    assert info.value.tensor == "nope.weight"
+    error, _ = await failed_sync(engine, [_bucket(1, [("nope.weight", torch.zeros(1))])])
+    assert "is not a parameter" in str(error)
+    assert error.tensor == "nope.weight"
     fake.raise_next = RuntimeError("CUDA error: an illegal memory access")
-    with pytest.raises(EngineError, match="begin_weight_update raised RuntimeError: CUDA"):
-        await sync(engine, 2, [_bucket(2)])
+    error, _ = await failed_sync(SGLangEngine(fake), [_bucket(2)])
+    assert "begin_weight_update raised RuntimeError: CUDA" in str(error)
+    assert not error.retryable
     assert await engine.version() is None
 
 
-async def test_flush_failure_at_commit_keeps_the_version() -> None:
+async def test_flush_refused_at_commit_is_retried_and_keeps_the_version() -> None:
     fake = FakeSGLangEngine(_spec(), running_requests=1)
-    engine = SGLangEngine(fake, initial_version=0)
-    with pytest.raises(EngineError, match="flush_cache failed: requests are running"):
-        await sync(engine, 1, [_bucket(1)])
+    engine = SGLangEngine(fake, initial_version=0, retries=2, backoff_s=0)
+    error, report = await failed_sync(engine, [_bucket(1)])
+    assert "flush_cache failed: requests are running; gave up after 3 attempts" in str(error)
+    assert fake.calls.count("flush_cache") == 3
+    assert report.engine_dirty  # the bucket is in, under the old version
     assert await engine.version() == 0
 
 
-async def test_timeout() -> None:
+async def test_failed_end_weight_update_is_closed_by_the_abort() -> None:
+    # The session stays marked open until the Engine confirms the close, so Load's abort
+    # after the failed commit calls end_weight_update again and the session is closed.
+    fake = FakeSGLangEngine(_spec())
+    engine = SGLangEngine(fake, initial_version=0)
+    fake.refuse_once("end_weight_update", "the scheduler is busy")
+    error, report = await failed_sync(engine, [_bucket(1)])
+    assert "end_weight_update failed: the scheduler is busy" in str(error)
+    assert report.aborted
+    assert report.abort_error is None
+    assert fake.calls.count("end_weight_update") == 2  # the commit's, then the abort's
+    assert not fake.session_open
+    assert not engine.session_is_open()
+    assert await engine.version() == 0
+    await load_sync(engine, [_bucket(1)])  # a new session opens without a refusal
+    assert await engine.version() == 1
+
+
+@pytest.mark.parametrize("hung", ["begin_weight_update", "update_weights_from_tensor"])
+async def test_timeout_keeps_one_engine_call_at_a_time(hung: str) -> None:
+    # A call abandoned at Load's deadline still runs inside the Engine; the abort that
+    # follows must wait for it (under its own deadline) instead of running beside it.
     fake = FakeSGLangEngine(_spec())
     engine = SGLangEngine(fake, timeout_s=0.3)
-    fake.block = threading.Event()
+    fake.hang(hung)
     try:
-        with pytest.raises(EngineError, match="begin_weight_update timed out"):
-            await engine.begin(1)
-        assert fake.entered_block.is_set()
+        error, report = await failed_sync(engine, [_bucket(1)])
+        assert fake.entered_hang.is_set()
+        assert "did not answer within 0.3 s" in str(error)
+        assert error.retryable
+        # The abort gave up waiting for the hung call without touching the Engine.
+        assert report.aborted
+        assert report.abort_error is not None
+        assert "abort did not answer within 0.3 s" in report.abort_error
+        assert "end_weight_update" not in fake.calls
     finally:
-        fake.block.set()
-    assert await engine.version() is None
+        fake.release()
+    # Once the hung call returned, the next sync closes the session it may have left open
+    # and runs; never were two Engine methods running at once.
+    await load_sync(engine, [_bucket(1)], timeout_s=60)
+    assert await engine.version() == 1
+    assert fake.max_in_flight == 1
+    assert not fake.session_open
 
 
 async def test_pause_and_resume_are_noops_without_engine_support() -> None:
     fake = FakeSGLangEngine(_spec())
     engine = SGLangEngine(fake)
-    await engine.pause("in_place")
-    await engine.resume()
-    assert fake.calls == []
+    await load_sync(engine, [_bucket(1)], mode="pause", pause_mode="in_place")
+    assert "pause_generation" not in fake.calls
+    assert "continue_generation" not in fake.calls
+    assert await engine.version() == 1
 
 
 async def test_pause_uses_the_engine_when_it_has_one() -> None:
     fake = FakePausableSGLangEngine(_spec())
     engine = SGLangEngine(fake)
-    await engine.pause("retract")
-    await engine.resume()
-    assert fake.calls == ["pause:retract", "continue"]
+    await load_sync(engine, [_bucket(1)], mode="pause", pause_mode="retract")
+    assert fake.calls[0] == "pause:retract"
+    assert fake.calls[-1] == "continue"
 
 
 async def test_lazy_construction_and_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
     module = FakeSGLangModule(_spec())
     monkeypatch.setattr("weightpipe.stages.engines.sglang.inprocess.import_sglang", lambda: module)
     engine = SGLangEngine(model_path="/models/x", tp_size=1)
-    await sync(engine, 1, [_bucket(1)])
+    await load_sync(engine, [_bucket(1)])
     assert module.built == [{"model_path": "/models/x", "tp_size": 1}]
     fake = engine.engine
     await engine.aclose()
@@ -215,8 +274,10 @@ async def test_missing_sglang_surfaces_on_first_use(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr("weightpipe.stages.engines.sglang.inprocess.import_sglang", fail)
     engine = SGLangEngine(model_path="/models/x")
-    with pytest.raises(ImportError, match="needs the sglang package"):
-        await engine.begin(1)
+    with pytest.raises(StageError) as info:
+        await Pipeline([Load(engine, mode="in_flight")], depth=2).run([_bucket(1)])
+    assert isinstance(info.value.__cause__, ImportError)
+    assert "needs the sglang package" in str(info.value.__cause__)
 
 
 def test_bad_arguments() -> None:

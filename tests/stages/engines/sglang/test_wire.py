@@ -27,6 +27,8 @@ from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, Flattene
 
 from tests.fakes.sglang_http import FIELDS_0523
 from tests.fakes.sglang_model import reconstruct_flattened
+from weightpipe.stages._layout import flatten, unflatten
+from weightpipe.stages.dtypes import dtype_name
 from weightpipe.stages.engines.sglang import wire as wire
 
 
@@ -90,7 +92,7 @@ def test_named_tensors_decode_with_sglang() -> None:
 
 def test_sglangs_safe_unpickler_refuses_foreign_classes() -> None:
     # Why the metadata must be SGLang's class or a SimpleNamespace, never our own type.
-    ours = wire.aligned_layout(_awkward())
+    _, ours = flatten(_awkward(), wire.ALIGN_BYTES)
     buf = io.BytesIO()
     ForkingPickler(buf).dump({"metadata": [ours]})
     with pytest.raises(RuntimeError, match="Blocked unsafe global"):
@@ -99,16 +101,28 @@ def test_sglangs_safe_unpickler_refuses_foreign_classes() -> None:
 
 def test_existing_aligned_buffer_is_reused() -> None:
     tensors = _awkward()
-    buffer, layout = wire.flatten(tensors)
-    views = [
-        (name, buffer[s:e].view(t.dtype).view(t.shape))
-        for (name, t), s, e in zip(tensors, layout.starts, layout.ends, strict=True)
-    ]
+    buffer, layout = flatten(tensors, wire.ALIGN_BYTES)
+    views = unflatten(buffer, layout)  # what Fetch hands on: views of one flat buffer
     (payload,) = wire.encode_flattened_bucket(views, buffer=buffer, cpu_strategy=None)
     data = MultiprocessingSerializer.deserialize(payload)
     assert isinstance(data, dict)
-    # same storage: the pickler shared the caller's buffer instead of a copy
+    # the caller's buffer itself, not a copy: the metadata points into it unchanged
     assert data["flattened_tensor"].numel() == buffer.numel()
+    assert [m.start_idx for m in data["metadata"]] == [e.offset for e in layout]
+    _same(reconstruct_flattened(data), tensors)
+
+
+def test_views_of_a_buffer_keep_fetchs_alignment() -> None:
+    # Fetch's default alignment (256) differs from ours (16): its buffer is still sent as is.
+    tensors = _awkward()
+    buffer, layout = flatten(tensors)
+    (payload,) = wire.encode_flattened_bucket(
+        unflatten(buffer, layout), buffer=buffer, cpu_strategy=None
+    )
+    data = MultiprocessingSerializer.deserialize(payload)
+    assert isinstance(data, dict)
+    assert data["flattened_tensor"].numel() == buffer.numel()
+    assert [m.start_idx for m in data["metadata"]] == [e.offset for e in layout]
     _same(reconstruct_flattened(data), tensors)
 
 
@@ -126,16 +140,15 @@ def test_distributed_order_matches_sglangs_receive_bucket() -> None:
     assert [t.element_size() for _, t in ordered] == sorted(
         (t.element_size() for _, t in ordered), reverse=True
     )
-    packed = wire.aligned_layout(ordered, align=1)
-    buffer, _ = wire.flatten(ordered, packed)
+    buffer, packed = flatten(ordered, 1)  # what SGLangDistributedEngine broadcasts
     # What SGLang's receiver allocates from the announced names/dtypes/shapes.
     receive = FlattenedTensorBucket.empty(
         [n for n, _ in ordered],
-        [wire.dtype_name(t.dtype) for _, t in ordered],
+        [dtype_name(t.dtype) for _, t in ordered],
         [list(t.shape) for _, t in ordered],
         "cpu",
     )
-    assert [m.start_idx for m in receive.get_metadata()] == list(packed.starts)
+    assert [m.start_idx for m in receive.get_metadata()] == [e.offset for e in packed]
     receive.get_flattened_tensor().copy_(buffer)
     _same(receive.reconstruct_tensors(), ordered)
 
@@ -184,7 +197,6 @@ def test_encode_errors() -> None:
         wire.encode_flattened_bucket([])
     with pytest.raises(ValueError, match="tp_size"):
         wire.encode_named_tensors(_awkward(), tp_size=0)
-    assert wire.dtype_name(torch.float8_e4m3fn) == "float8_e4m3fn"
     assert base64.b64decode(wire.b64encode_payloads([b"\x80\x04"])[0]) == b"\x80\x04"
 
 

@@ -1,0 +1,425 @@
+"""SGLangClient: the one SGLang client behind the HTTP and the in-process adapters.
+
+It owns everything the two adapters share: when to retry (only an ``EngineError`` whose
+``retryable`` is set, only within the caller's deadline, at most ``1 + retries`` attempts),
+weight-update sessions (needed from SGLang 0.5.23, absent in 0.5.12: detected by the
+engine's capability, else by its reported version, else by probing
+``begin_weight_update``; the open-session flag is set once a begin was sent and not
+refused, and clears only once the engine confirmed the close, so an abort after a failed
+close, or after a begin that timed out, still closes it), the bucket rule (every bucket
+with ``flush_cache=false``, one flush at commit, a flush per bucket failing while requests
+run), the commit order (end the session, flush once, only then set the weight version, so
+a failed sync never reports the new version), the CUDA readiness rule of ``wire`` and the
+payload encoding in a worker thread. A transport only carries one attempt of one SGLang
+operation: ``HTTPTransport`` (httpx, in ``http``) and ``EngineTransport`` (the blocking
+``sglang.Engine`` methods in a worker thread, in ``inprocess``). No deadline is set here:
+Load gives every engine call one, and a transport sizes its own wait from what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
+
+import anyio
+import anyio.to_thread
+import torch
+
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import EngineError, PauseMode, retry_within_deadline
+from weightpipe.stages.engines.sglang import wire as wire
+
+__all__ = [
+    "SESSION_MIN_VERSION",
+    "LoadFormat",
+    "OperationMissing",
+    "SGLangClient",
+    "SGLangTransport",
+    "SessionMode",
+    "cache_not_flushed",
+    "parse_version",
+    "uses_sessions",
+]
+
+log = logging.getLogger(__name__)
+
+SessionMode = Literal["auto", "on", "off"]
+"""``auto``: sessions when the engine has them (in-process: ``begin_weight_update``
+exists; HTTP: the server reports a version >= 0.5.23, or, with no readable version,
+``/begin_weight_update`` exists); ``on``/``off`` force it."""
+SESSION_MODES: tuple[SessionMode, ...] = ("auto", "on", "off")
+
+LoadFormat = Literal["flattened_bucket", "named_tensors"]
+"""``flattened_bucket``: one uint8 buffer plus metadata per rank (FP8 weights and fp32
+scales share it); ``named_tensors``: a plain ``[(name, tensor)]`` list per rank."""
+LOAD_FORMATS: tuple[LoadFormat, ...] = ("flattened_bucket", "named_tensors")
+
+SESSION_MIN_VERSION = (0, 5, 23)
+"""The first SGLang that refuses tensor updates outside a weight-update session."""
+
+# SGLang's answers when a flush was refused because requests still run (the update itself
+# succeeded, or it was the flush): repeating the flush once they finish may succeed.
+_CACHE_NOT_FLUSHED = re.compile(r"not (been )?flushed|running or (queued|waiting)", re.I)
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """``"0.5.23.post1"`` -> ``(0, 5, 23)``; ``None`` when no leading number."""
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", text)
+    if not match:
+        return None
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def uses_sessions(server_version: str) -> bool | None:
+    """Whether an SGLang of this version needs begin/end_weight_update (None: unknown)."""
+    parsed = parse_version(server_version)
+    if parsed is None:
+        return None
+    return parsed[:3] >= SESSION_MIN_VERSION
+
+
+def cache_not_flushed(op: str, message: str) -> bool:
+    """Whether a refusal of ``op`` is SGLang's "cache not flushed, requests running"."""
+    return op == "flush_cache" or bool(_CACHE_NOT_FLUSHED.search(message))
+
+
+class OperationMissing(EngineError):
+    """The engine has no such operation (HTTP 404, or no such ``sglang.Engine`` method):
+    an older SGLang, or not SGLang at all. Never retryable."""
+
+
+class SGLangTransport(Protocol):
+    """One attempt of one SGLang operation; what differs between HTTP and in-process.
+
+    Operations are SGLang's own names (``begin_weight_update``, ``update_weights_from_tensor``,
+    ``flush_cache``, ``pause_generation``, ...) with SGLang's request fields, plus
+    ``get_server_info``, ``get_weight_version`` and ``update_weight_version``.
+    """
+
+    name: str
+    serializes_named_tensors: bool
+    """Whether ``named_tensors`` payloads must be pickled per rank by the client (HTTP) or
+    are passed as tensors for the engine to serialize (in-process)."""
+
+    def sessions_by_capability(self) -> bool | None:
+        """Whether the engine has weight-update sessions, when known without a call."""
+        ...
+
+    async def call(self, op: str, fields: dict[str, Any], *, tensors: Sequence[str] = ()) -> Any:
+        """One attempt of ``op``; returns the engine's answer.
+
+        Raises:
+            OperationMissing: the engine has no ``op``.
+            EngineError: any other failure (``retryable`` set where repeating may help),
+                naming the tensor among ``tensors`` that the engine's message names.
+        """
+        ...
+
+    def tensor_fields(
+        self,
+        load_format: LoadFormat,
+        payloads: list[bytes] | None,
+        tensors: list[tuple[str, torch.Tensor]],
+    ) -> dict[str, Any]:
+        """The tensor fields of ``update_weights_from_tensor`` (runs in a worker thread)."""
+        ...
+
+
+class SGLangClient:
+    """Sessions, retries, the bucket rule and the commit order over one transport.
+
+    Args:
+        transport: carries the calls (``HTTPTransport`` or ``EngineTransport``).
+        session: weight-update sessions (see ``SessionMode``).
+        load_format: payload shape (see ``LoadFormat``).
+        tp_size: the engine's tensor-parallel size: one payload per rank.
+        flush_cache_on_commit: flush the radix cache once at commit (buckets never flush).
+        metadata: which metadata objects a flattened bucket carries (``wire.MetadataKind``).
+        cpu_sharing_strategy: torch sharing strategy while pickling CPU tensors;
+            ``file_system`` lets an unrelated process on this node open them.
+        retries: further attempts after a retryable failure, within the deadline.
+        backoff_s: wait before the first retry, doubled for each further one.
+    """
+
+    def __init__(
+        self,
+        transport: SGLangTransport,
+        *,
+        session: SessionMode = "auto",
+        load_format: LoadFormat = "flattened_bucket",
+        tp_size: int = 1,
+        flush_cache_on_commit: bool = True,
+        metadata: wire.MetadataKind = "auto",
+        cpu_sharing_strategy: str | None = "file_system",
+        retries: int = 3,
+        backoff_s: float = 0.5,
+    ) -> None:
+        if retries < 0 or backoff_s < 0:
+            raise ValueError(f"retries and backoff_s must be >= 0, got {retries}, {backoff_s}")
+        if tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+        if session not in SESSION_MODES:
+            raise ValueError(f"session must be one of {SESSION_MODES}, got {session!r}")
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+        self.transport = transport
+        self.session_mode: SessionMode = session
+        self.load_format: LoadFormat = load_format
+        self.tp_size = tp_size
+        self.flush_cache_on_commit = flush_cache_on_commit
+        self.metadata: wire.MetadataKind = metadata
+        self.cpu_sharing_strategy = cpu_sharing_strategy
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.server_version: str | None = None
+        self._needs_session: bool | None = {"on": True, "off": False, "auto": None}[session]
+        self._session_open = False
+        self._encode_limiter = anyio.CapacityLimiter(1)
+
+    @property
+    def name(self) -> str:
+        return self.transport.name
+
+    @property
+    def session_open(self) -> bool:
+        """Whether a session this client opened may still be open: set once a begin was
+        sent and not refused, cleared only when the engine confirmed the close."""
+        return self._session_open
+
+    @property
+    def needs_session(self) -> bool | None:
+        """Whether the engine needs sessions (None until detected)."""
+        return self._needs_session
+
+    async def request(
+        self,
+        op: str,
+        fields: dict[str, Any] | None = None,
+        *,
+        tensors: Sequence[str] = (),
+        retry: bool = True,
+    ) -> Any:
+        """``op`` through the transport, repeated after retryable failures (``retry``)
+        within the caller's deadline and ``1 + retries`` attempts.
+
+        Raises:
+            EngineError: the last failure (``OperationMissing`` when the engine lacks ``op``);
+                after more than one attempt its message ends with "gave up after N
+                attempts", and ``retryable`` stays set (time or attempts ran out).
+        """
+        body = {} if fields is None else fields
+        attempts = 0
+
+        async def attempt() -> Any:
+            nonlocal attempts
+            attempts += 1
+            return await self.transport.call(op, body, tensors=tensors)
+
+        try:
+            return await retry_within_deadline(
+                attempt, backoff_s=self.backoff_s, attempts=1 + self.retries if retry else 1
+            )
+        except EngineError as exc:
+            if attempts > 1:
+                exc.args = (f"{exc}; gave up after {attempts} attempts", *exc.args[1:])
+            raise
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def _detect_sessions(self) -> bool | None:
+        if self._needs_session is not None:
+            return self._needs_session
+        known = self.transport.sessions_by_capability()
+        if known is None:
+            try:
+                info = await self.request("get_server_info")
+            except OperationMissing:
+                info = None  # decided by probing begin_weight_update
+            if isinstance(info, dict) and info.get("version"):
+                self.server_version = str(info["version"])
+                known = uses_sessions(self.server_version)
+        self._needs_session = known
+        return known
+
+    async def _end_session(self) -> None:
+        await self.request("end_weight_update")
+        self._session_open = False  # only now: the engine confirmed the close
+
+    async def begin(self, version: int) -> None:
+        """Open a weight-update session where the engine needs one.
+
+        Raises:
+            EngineError: the engine is unreachable or refuses the session.
+        """
+        if self._session_open:
+            # An abort that could not close the last session: close it now, and if the
+            # engine says there is none, the begin below tells whether it is free.
+            try:
+                await self._end_session()
+            except EngineError as exc:
+                log.warning("%s: closing a session left open failed: %s", self.name, exc)
+                self._session_open = False
+        sessions = await self._detect_sessions()
+        if sessions is False:
+            return
+        try:
+            await self.request("begin_weight_update", {"selector": "all"})
+        except OperationMissing:
+            if sessions is None:
+                self._needs_session = False  # no readable version and no endpoint: 0.5.12
+                return
+            raise
+        except EngineError as exc:
+            # A begin that timed out or was dropped may still have opened the session:
+            # counted as open, so the abort (or the next begin) closes it.
+            self._session_open = exc.retryable
+            raise
+        except BaseException:  # cancelled (Load's deadline) with the request sent
+            self._session_open = True
+            raise
+        self._needs_session = True
+        self._session_open = True
+
+    # -- buckets ---------------------------------------------------------------------
+
+    def _encode(
+        self, tensors: list[tuple[str, torch.Tensor]], buffer: torch.Tensor | None
+    ) -> dict[str, Any]:
+        payloads: list[bytes] | None = None
+        if self.load_format == "flattened_bucket":
+            payloads = wire.encode_flattened_bucket(
+                tensors,
+                tp_size=self.tp_size,
+                buffer=buffer,
+                metadata=self.metadata,
+                cpu_strategy=self.cpu_sharing_strategy,
+            )
+        elif self.transport.serializes_named_tensors:
+            payloads = wire.encode_named_tensors(
+                tensors, tp_size=self.tp_size, cpu_strategy=self.cpu_sharing_strategy
+            )
+        return self.transport.tensor_fields(self.load_format, payloads, tensors)
+
+    async def load(self, bucket: WeightBucket) -> None:
+        """Send one bucket as ``update_weights_from_tensor`` with ``flush_cache=false``.
+
+        Raises:
+            EngineError: the engine refused the bucket (naming the tensor when its message
+                does) or could not be reached.
+        """
+        if not bucket.tensors:
+            return
+        await wire.wait_written(bucket)
+        # The pickler copies CPU tensors into shared memory: heavy, so off the loop.
+        fields = await anyio.to_thread.run_sync(
+            self._encode, list(bucket.tensors), bucket.buffer, limiter=self._encode_limiter
+        )
+        fields["flush_cache"] = False
+        await self.request("update_weights_from_tensor", fields, tensors=bucket.names)
+
+    # -- the end of a sync -----------------------------------------------------------
+
+    async def commit(self, version: int) -> None:
+        """Close the session, flush the cache once, then set the weight version.
+
+        Raises:
+            EngineError: any step failed; the reported version is then still the old one
+                (and a session whose close failed is still marked open, for ``abort``).
+        """
+        if self._session_open:
+            await self._end_session()
+        if self.flush_cache_on_commit:
+            await self.request("flush_cache")
+        await self.request(
+            "update_weight_version", {"new_version": str(version), "abort_all_requests": False}
+        )
+
+    async def abort(self, version: int) -> None:
+        """Close an open session; the weight version is left untouched.
+
+        SGLang cannot roll weights back: buckets already loaded stay loaded until the next
+        sync overwrites them, but the reported version stays the old one.
+
+        Raises:
+            EngineError: the close failed (the session stays marked open; the next
+                ``begin`` tries to close it again).
+        """
+        if self._session_open:
+            await self._end_session()
+
+    async def version(self) -> int | None:
+        """The engine's weight version as an int (None when unset or not a number).
+
+        Raises:
+            EngineError: the engine is unreachable.
+        """
+        raw = await self.request("get_weight_version")
+        try:
+            return int(str(raw))
+        except ValueError:
+            return None
+
+    async def pause(self, mode: PauseMode) -> None:
+        """``pause_generation`` in ``mode``.
+
+        Raises:
+            EngineError: the engine refused or could not be reached.
+        """
+        await self.request("pause_generation", {"mode": mode})
+
+    async def resume(self) -> None:
+        """``continue_generation``.
+
+        Raises:
+            EngineError: the engine refused or could not be reached.
+        """
+        await self.request("continue_generation")
+
+    # -- the distributed update group (driven by SGLangDistributedEngine) -------------
+    # Never retried: each pairs with a rendezvous or a broadcast that happens once.
+
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> None:
+        """``init_weights_update_group``: returns once the engine's ranks joined.
+
+        Raises:
+            EngineError: the engine refused or failed.
+        """
+        fields = wire.init_group_request(
+            master_address, master_port, rank_offset, world_size, group_name, backend
+        )
+        await self.request("init_weights_update_group", fields, retry=False)
+
+    async def update_weights_from_distributed(
+        self,
+        names: Sequence[str],
+        dtypes: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        group_name: str,
+        load_format: str | None,
+    ) -> None:
+        """``update_weights_from_distributed`` with ``flush_cache=false``: returns once the
+        engine received the broadcast and loaded it.
+
+        Raises:
+            EngineError: the engine refused (naming a tensor its message names) or failed.
+        """
+        fields = wire.distributed_update_request(names, dtypes, shapes, group_name, load_format)
+        await self.request("update_weights_from_distributed", fields, tensors=names, retry=False)
+
+    async def destroy_weights_update_group(self, group_name: str) -> None:
+        """``destroy_weights_update_group``.
+
+        Raises:
+            EngineError: the engine refused or failed.
+        """
+        await self.request("destroy_weights_update_group", {"group_name": group_name}, retry=False)
