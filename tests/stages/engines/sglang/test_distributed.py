@@ -4,7 +4,8 @@ engine's receiving rank.
 The receiving rank joins with SGLang's own ``init_custom_process_group`` and receives with
 SGLang's own ``FlattenedTensorBucket.empty`` (or one broadcast per tensor), so the tests
 pass only if the announcement and the broadcast match what SGLang allocates. Gloo on
-127.0.0.1; the control plane is the HTTP double (0.5.23 and 0.5.12) or the in-process fake.
+127.0.0.1; the control plane is the HTTP double (0.5.23 and 0.5.12) or the in-process fake;
+every sync runs through the Load stage (``drive``).
 What is not covered here: NCCL and CUDA tensors (same code path, other backend), and more
 than one receiving rank (the layout is per rank identical; only world size changes).
 """
@@ -20,9 +21,10 @@ import torch
 from tests.fakes.sglang_engine import FakeSGLangEngine
 from tests.fakes.sglang_http import SGLangHTTPDouble
 from tests.fakes.sglang_receiver import SubprocessReceiver
-from tests.helpers import bits, free_port, sync
+from tests.helpers import bits, free_port
+from tests.stages.engines.sglang.drive import failed_sync, load_sync
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import Engine, EngineError
+from weightpipe.stages.engines.base import Engine
 from weightpipe.stages.engines.sglang.distributed import SGLangDistributedEngine
 from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
 from weightpipe.stages.engines.sglang.inprocess import SGLangEngine
@@ -97,13 +99,13 @@ async def test_flattened_buckets_over_http_control_0523(receiver: SubprocessRece
         async with SGLangHTTPEngine(server.url) as control:
             engine = _local_engine(control, "wp_flat", timeout_s=60)
             try:
-                await sync(engine, 1, _buckets(1, _model()))
+                await load_sync(engine, _buckets(1, _model()))
                 assert await engine.version() == 1
                 _assert_received(server.weights, _model())
                 # the group is reused by the next sync
                 second = [(n, t.clone()) for n, t in _model()]
                 second[-1] = ("lm_head.weight", torch.ones(5, 7, dtype=torch.bfloat16))
-                await sync(engine, 2, _buckets(2, second))
+                await load_sync(engine, _buckets(2, second))
                 assert await engine.version() == 2
                 _assert_received(server.weights, second)
             finally:
@@ -134,7 +136,7 @@ async def test_per_tensor_broadcasts_on_0512(receiver: SubprocessReceiver) -> No
         async with SGLangHTTPEngine(server.url) as control:
             engine = _local_engine(control, "wp_per_tensor", load_format=None, timeout_s=60)
             try:
-                await sync(engine, 3, [WeightBucket(tuple(tensors), 0, True, 3)])
+                await load_sync(engine, [WeightBucket(tuple(tensors), 0, True, 3)])
             finally:
                 await engine.close()
             assert await control.version() == 3
@@ -157,14 +159,14 @@ async def test_refused_bucket_names_the_tensor_and_the_group_is_rebuilt(
         async with SGLangHTTPEngine(server.url) as control:
             engine = _local_engine(control, "wp_refused", timeout_s=60)
             try:
-                with pytest.raises(EngineError, match="is not a parameter") as info:
-                    await sync(engine, 1, _buckets(1, _model()))
-                assert info.value.tensor == "lm_head.weight"
+                error, _ = await failed_sync(engine, _buckets(1, _model()))
+                assert "is not a parameter" in str(error)
+                assert error.tensor == "lm_head.weight"
                 assert await engine.version() is None
                 assert not server.session_open
                 # the next sync rebuilds the group and succeeds
                 ok = [(n, t) for n, t in _model() if n != "lm_head.weight"]
-                await sync(engine, 2, _buckets(2, ok))
+                await load_sync(engine, _buckets(2, ok))
                 assert await engine.version() == 2
                 _assert_received(server.weights, ok)
             finally:
@@ -176,8 +178,9 @@ async def test_group_that_cannot_form_is_one_clear_error() -> None:
     with SGLangHTTPDouble(_spec()) as server:  # no receiver: the double refuses the group
         async with SGLangHTTPEngine(server.url) as control:
             engine = _local_engine(control, "wp_no_group", timeout_s=5)
-            with pytest.raises(EngineError, match="init_weights_update_group failed"):
-                await engine.begin(1)
+            error, report = await failed_sync(engine, _buckets(1, _model()))
+            assert "init_weights_update_group failed" in str(error)
+            assert report.buckets == 0
             assert await engine.version() is None
 
 
@@ -186,7 +189,7 @@ async def test_in_process_control(receiver: SubprocessReceiver) -> None:
     fake.receiver = receiver
     engine = _local_engine(SGLangEngine(fake), "wp_in_process", timeout_s=60)
     try:
-        await sync(engine, 5, _buckets(5, _model()))
+        await load_sync(engine, _buckets(5, _model()))
     finally:
         await engine.close()
     assert await engine.version() == 5
