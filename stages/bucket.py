@@ -59,22 +59,41 @@ class WeightBucket:
         return len(self.tensors)
 
     def wait_ready(self, stream: Any = None) -> None:
-        """Make ``stream`` (default: the current CUDA stream) wait for this bucket.
+        """Make ``stream`` wait for this bucket; returns at once (never blocks the host).
 
-        The bucket's CUDA tensors are also recorded on ``stream``: they were allocated on
-        the producer's stream, and without the record the caching allocator could hand
-        their memory out again while ``stream`` still reads it. No-op on CPU. Never blocks
-        the host.
+        Without ``stream``, the calling thread's current stream *of the bucket's device*
+        (the device ``ready`` was recorded on, else that of its first CUDA tensor, else
+        the current device) waits:
+        not the current device's, which in a worker thread is cuda:0 whatever device the
+        bucket lives on. A consumer that then works on another stream must pass it.
+
+        The bucket's CUDA tensors are also recorded on the waiting stream: they were
+        allocated on the producer's stream, and without the record the caching allocator
+        could hand their memory out again while that stream still reads it. No-op on
+        CPU.
         """
         if self.ready is None:
             return
-        target = stream if stream is not None else torch.cuda.current_stream()
+        target = stream if stream is not None else torch.cuda.current_stream(self._device())
         target.wait_event(self.ready)
         for _, tensor in self.tensors:
             if tensor.is_cuda:
                 tensor.record_stream(target)
         if self.buffer is not None and self.buffer.is_cuda:
             self.buffer.record_stream(target)
+
+    def _device(self) -> torch.device | None:
+        """The CUDA device the bucket lives on: the ready event's, else its tensors'."""
+        device = getattr(self.ready, "device", None)
+        if isinstance(device, torch.device) and device.type == "cuda":
+            return device
+        candidates = [t for _, t in self.tensors]
+        if self.buffer is not None:
+            candidates.insert(0, self.buffer)
+        for tensor in candidates:
+            if tensor.is_cuda:
+                return tensor.device
+        return None
 
     def with_tensors(
         self,

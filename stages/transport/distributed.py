@@ -18,6 +18,7 @@ receivers raise instead of waiting for a bucket that never comes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
@@ -59,12 +60,23 @@ class TransportError(RuntimeError):
 
 
 def _device_for(group: Any, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The link's device, resolved once: an unindexed ``"cuda"`` (given, or NCCL's
+    default) is the constructing thread's current device, never re-read later."""
+    if device is None:
+        backend = str(dist.get_backend(group)).lower()
+        device = "cuda" if "nccl" in backend else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Select ``device`` for a worker-thread section: a thread's current CUDA device is
+    its own (0 in a new thread), and NCCL, allocations and stream look-ups follow it."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
 
 
 class _Link:
@@ -80,9 +92,10 @@ class _Link:
 
     def broadcast(self, tensor: torch.Tensor, bucket: int, version: int | None, what: str) -> None:
         try:
-            work = dist.broadcast(tensor, src=self.src, group=self.group, async_op=True)
-            assert work is not None
-            work.wait(timeout=self.timeout)
+            with _device_guard(self.device):
+                work = dist.broadcast(tensor, src=self.src, group=self.group, async_op=True)
+                assert work is not None
+                work.wait(timeout=self.timeout)
         except Exception as exc:
             raise TransportError(
                 bucket, version, f"broadcast of {what} from rank {self.src} failed: {exc}"
@@ -90,16 +103,18 @@ class _Link:
 
     def send_meta(self, meta: dict[str, Any], bucket: int, version: int | None) -> None:
         payload = json.dumps(meta).encode()
-        length = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
-        self.broadcast(length, bucket, version, "the metadata length")
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
-        self.broadcast(data, bucket, version, f"{len(payload)} bytes of metadata")
+        with _device_guard(self.device):
+            length = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
+            self.broadcast(length, bucket, version, "the metadata length")
+            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+            self.broadcast(data, bucket, version, f"{len(payload)} bytes of metadata")
 
     def receive_meta(self, bucket: int) -> dict[str, Any]:
-        length = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.broadcast(length, bucket, None, "the metadata length")
-        data = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
-        self.broadcast(data, bucket, None, f"{int(length.item())} bytes of metadata")
+        with _device_guard(self.device):
+            length = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self.broadcast(length, bucket, None, "the metadata length")
+            data = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
+            self.broadcast(data, bucket, None, f"{int(length.item())} bytes of metadata")
         try:
             meta = json.loads(bytes(data.cpu().numpy()))
         except ValueError as exc:
@@ -140,7 +155,10 @@ class DistributedSender:
         group: the process group (``None``: the default group). This rank must be ``src``.
         src: the global rank that sends.
         timeout_s: the longest one collective may take.
-        device: where broadcast buffers live (default: CUDA for NCCL, else CPU).
+        device: where broadcast buffers live (default: CUDA for NCCL, else CPU). An
+            unindexed ``"cuda"`` is resolved here, once, to the current device of the
+            constructing thread; every send then runs under that device, whichever
+            thread calls it.
         align_bytes: alignment used when a bucket has to be flattened here.
 
     Raises:
@@ -169,12 +187,22 @@ class DistributedSender:
     def send_bucket(self, bucket: WeightBucket) -> None:
         """Broadcast one bucket: its metadata, then its bytes in one collective.
 
+        Callable from any thread: it runs under the link's device.
+
         Raises:
             TransportError: a collective failed or timed out (names the bucket).
         """
+        with _device_guard(self._link.device):
+            self._send_bucket(bucket)
+
+    def _send_bucket(self, bucket: WeightBucket) -> None:
         # First wait for the producer: a flatten below reads the bucket's bytes, and NCCL
-        # runs on the current stream (CPU: no-op).
-        bucket.wait_ready()
+        # orders itself after the current stream of the link's device (CPU: no-op).
+        link = self._link
+        if bucket.ready is not None and link.device.type == "cuda":
+            bucket.wait_ready(torch.cuda.current_stream(link.device))
+        else:
+            bucket.wait_ready()
         layouts = None
         buffer = bucket.buffer
         if buffer is not None:
@@ -182,7 +210,6 @@ class DistributedSender:
         if buffer is None or layouts is None:
             buffer, flat_layouts = flatten(list(bucket.tensors), self.align_bytes)
             layouts = list(flat_layouts)
-        link = self._link
         if buffer.device != link.device:
             buffer = buffer.to(link.device)
         meta = {
@@ -253,7 +280,8 @@ class DistributedReceiver:
     ``buckets()`` yields each bucket (tensors are views of its received buffer);
     ``named_tensors()`` yields the pairs one by one. Both are sync generators that block
     in collectives: hand them to a pipeline (``as_async_iter`` advances them in a worker
-    thread) or iterate them from a thread.
+    thread) or iterate them from a thread. ``device`` is as ``DistributedSender``'s: an
+    unindexed ``"cuda"`` is resolved here, and every receive runs under it.
 
     Raises:
         ValueError: ``timeout_s`` <= 0.
@@ -326,9 +354,10 @@ class DistributedReceiver:
                 version,
                 f"out of order: got bucket {index} of v{bucket_version}",
             )
-        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self._link.device)
-        if nbytes:
-            self._link.broadcast(buffer, index, bucket_version, f"{nbytes} bytes")
+        with _device_guard(self._link.device):
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=self._link.device)
+            if nbytes:
+                self._link.broadcast(buffer, index, bucket_version, f"{nbytes} bytes")
         try:
             tensors = unflatten(buffer, layouts)
         except ValueError as exc:

@@ -19,15 +19,17 @@ fixture of the tests that need it). It follows these real behaviours:
 - An event recorded while the layer is installed stays pending (``query()`` is False)
   until the test calls ``complete()``: nothing on the fake device ever finishes by
   itself, so a test sees exactly what would run before the copy is done.
-- ``Tensor.record_stream`` is bookkept (the caching allocator's cross-stream use).
+- ``Tensor.record_stream`` is bookkept (the caching allocator's cross-stream use), and
+  ``Tensor.to("cuda:k")`` copies on the current stream of cuda:k (its device guard).
 - Pinned host memory comes from torch's ``CachingHostAllocator``, which rounds every
   request up to a power of two and pins through the calling thread's current device.
 
 Device memory cannot be faked for real tensors, so CPU tensors stand in for device
 tensors: the layer replaces the few seams a stage keeps for that (``Fetch._device_empty``,
 ``Fetch._copy_to_device``, ``Fetch._to_device``) and remembers which fake device each
-stand-in storage lives on. Every allocation, copy, wait, record and pin is appended to
-``FakeCuda.calls`` with the calling thread's current device and the stream it ran on.
+stand-in storage lives on (a stand-in's own ``device`` still says ``cpu``). Every
+allocation, copy, wait, record and pin is appended to ``FakeCuda.calls`` with the calling
+thread's current device and the stream it ran on.
 """
 
 from __future__ import annotations
@@ -345,6 +347,18 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, device_count: int = 2) ->
     )
     monkeypatch.setattr(Fetch, "_copy_to_device", lambda self, dst, src: fake.copy(dst, src))
     monkeypatch.setattr(Fetch, "_to_device", lambda self, tensor: fake.to(tensor, self.device))
+    real_to = torch.Tensor.to
+
+    def to(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Tensor.to(device, ...) with a CUDA device: a stand-in on that fake device.
+        target = kwargs.get("device", args[0] if args else None)
+        if isinstance(target, str | torch.device) and torch.device(target).type == "cuda":
+            if kwargs.get("dtype") is not None or any(isinstance(a, torch.dtype) for a in args):
+                raise NotImplementedError("fake cuda: Tensor.to with a device and a dtype")
+            return fake.to(tensor, target)
+        return real_to(tensor, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
     real_allocate = _memory.allocate_host
 
     def allocate_host(nbytes: int, *, pin: bool, **kwargs: Any) -> torch.Tensor:
