@@ -18,9 +18,16 @@ from collections.abc import AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from weightpipe.pipeline import Pipeline, PipelineObserver, RunReport
-from weightpipe.stages.engines.base import Engine, MeasuresGeneration, PauseMode, SyncMode
-from weightpipe.stages.load import Load, LoadReport
+from weightpipe.pipeline import Pipeline, PipelineObserver, RunReport, StageError
+from weightpipe.stages.engines.base import (
+    Engine,
+    MeasuresGeneration,
+    PauseMode,
+    SyncMode,
+    WritesWireBuffer,
+    wire_spec_of,
+)
+from weightpipe.stages.load import Load, LoadReport, OnPartialFailure
 
 __all__ = ["GenerationMeasurement", "SyncAware", "SyncReport", "sync_weights"]
 
@@ -53,6 +60,10 @@ class GenerationMeasurement(Protocol):
     def paused_s(self) -> float: ...
     @property
     def weight_write_s(self) -> float: ...
+    @property
+    def swap_s(self) -> float: ...
+    @property
+    def mixed_steps(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,16 @@ class SyncReport:
     def longest_gap_s(self) -> float | None:
         return None if self.generation is None else self.generation.longest_gap_s
 
+    @property
+    def swap_s(self) -> float | None:
+        """The longest switch between two decode steps at commit (``generation.swap_s``)."""
+        return None if self.generation is None else self.generation.swap_s
+
+    @property
+    def mixed_steps(self) -> int | None:
+        """Decode steps that read two weight versions (``None``: not recorded)."""
+        return None if self.generation is None else self.generation.mixed_steps
+
     def format(self) -> str:
         """A short plain-text summary followed by the pipeline's table."""
         line = (
@@ -120,6 +141,7 @@ async def sync_weights(
     timeout_s: float | None = None,
     prefetch_bytes: int | None = 0,
     observer: PipelineObserver | None = None,
+    on_partial_failure: OnPartialFailure = "keep_paused",
 ) -> SyncReport:
     """Install ``version`` from ``source`` into ``engine``: ``stages`` then ``Load``.
 
@@ -130,19 +152,33 @@ async def sync_weights(
     (``None``: the engine's ``default_timeout_s``, see ``Load``); ``prefetch_bytes`` is
     Load's look-ahead in ``prefetch`` mode (0: pause at the first bucket; ``None``: fetch
     and quantize the whole sync before pausing). When the engine ``MeasuresGeneration``,
-    a window is open for the whole sync and its statistics are in the report.
+    a window is open for the whole sync and its statistics are in the report. When the
+    engine sends flat buffers (``TakesFlatBuckets``, SGLang), the last stage before Load
+    that can (``WritesWireBuffer``: Fp8Quantize, or Fetch alone) is told the engine's
+    ``WireSpec`` and writes its output straight into such a buffer, so the bytes are
+    written once; the other stages are told ``None``. ``on_partial_failure`` is Load's
+    policy for a sync that fails after an engine that cannot roll back took a bucket.
 
     Raises:
         StageError: a stage, the source or the engine failed (or timed out after
             ``timeout_s`` per engine call, or another sync holds the engine); names the
             stage, phase and bucket, with the original error as its cause. The engine
-            then reports its old version and generation is resumed.
-        ValueError: an unknown mode, a bad ``depth``, ``timeout_s`` or ``prefetch_bytes``,
-            duplicate stage names.
+            then reports its old version. Generation is resumed, unless the engine took
+            part of the sync and cannot roll back: it is then dirty (the error's
+            ``engine_dirty`` is True and its message says so) and, under
+            ``keep_paused``, stays paused until a full sync commits.
+        ValueError: an unknown mode, a bad ``depth``, ``timeout_s``, ``prefetch_bytes`` or
+            version. Repeated stage names are numbered (``load``, ``load-2``).
     """
     for stage in stages:
         if isinstance(stage, SyncAware):
             stage.start_sync(version)
+    writers = [stage for stage in stages if isinstance(stage, WritesWireBuffer)]
+    if writers:
+        spec = wire_spec_of(engine)
+        last = stages[-1] if stages else None
+        for stage in writers:
+            stage.use_wire(spec if stage is last else None)
     load = Load(
         engine,
         mode=mode,
@@ -150,12 +186,27 @@ async def sync_weights(
         timeout_s=timeout_s,
         version=version,
         prefetch_bytes=prefetch_bytes,
+        on_partial_failure=on_partial_failure,
     )
     pipeline = Pipeline([*stages, load], depth, observer=observer)
     window = engine.open_window() if isinstance(engine, MeasuresGeneration) else None
     started = time.perf_counter()
     try:
         run = await pipeline.run(source)
+    except StageError as exc:
+        # The first failure may come from a stage before Load while the engine already
+        # holds part of the sync: the error the caller sees must say so too.
+        if load.report.engine_dirty and not getattr(exc, "engine_dirty", False):
+            exc.engine_dirty = True  # type: ignore[attr-defined]
+            getattr(exc, "add_note", lambda note: None)(
+                f"engine {load.report.engine!r} took part of this sync and cannot roll back: "
+                + (
+                    "it is left paused and marked dirty until a full sync commits"
+                    if on_partial_failure == "keep_paused"
+                    else "it is marked dirty and generation was resumed on it"
+                )
+            )
+        raise
     finally:
         measured = window.close() if window is not None else None
     generation = measured if isinstance(measured, GenerationMeasurement) else None

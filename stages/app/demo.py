@@ -42,6 +42,7 @@ from weightpipe.stages.app.factory import (
 from weightpipe.stages.engines.base import Engine
 from weightpipe.stages.engines.local import LocalEngine
 from weightpipe.stages.fp8 import check_fp8, dequantize_fp8, quantize_fp8, warm_up_cpu_kernel
+from weightpipe.stages.load import engine_is_dirty
 from weightpipe.stages.metrics import MetricsServer, WeightpipeMetrics, serve_metrics
 from weightpipe.stages.sync import SyncReport, sync_weights
 
@@ -245,6 +246,7 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                             timeout_s=config.engine.timeout_s,
                             prefetch_bytes=config.engine.prefetch_bytes,
                             observer=metrics,
+                            on_partial_failure=config.engine.on_partial_failure,
                         )
                     except Exception:
                         # Raising cancels the task group; run_demo unwraps the group.
@@ -253,6 +255,7 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                             nbytes=0,
                             ok=False,
                             version=committed,
+                            engine_dirty=engine_is_dirty(engine),
                         )
                         raise
                     committed = report.version
@@ -262,6 +265,7 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                         ok=True,
                         version=report.version,
                         hard_pause_s=report.hard_pause_s,
+                        engine_dirty=False,
                     )
                     if local is not None:
                         check = await anyio.to_thread.run_sync(

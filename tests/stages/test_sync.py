@@ -6,15 +6,18 @@ Whole syncs into the local engine, in each mode, are in ``test_sync_modes.py``.
 
 from __future__ import annotations
 
+import anyio
 import pytest
 import torch
 
 from tests.fakes import FakeEngine, fake_buckets
 from tests.fakes.engines import FakeMeasuringEngine
-from weightpipe.pipeline import StageError
+from weightpipe.pipeline import Stage, StageError
 from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import WireSpec
 from weightpipe.stages.engines.local import GenerationStats
 from weightpipe.stages.fetch import Fetch
+from weightpipe.stages.quantize import Fp8Quantize
 from weightpipe.stages.sync import sync_weights
 
 
@@ -120,7 +123,66 @@ async def test_each_engine_call_gets_the_engines_default_deadline() -> None:
         await sync_weights(source, engine, version=3)
     assert "commit did not answer within 0.05 s" in str(info.value.__cause__)
     assert ("abort", 3) in engine.calls
-    assert not engine.paused
+    # The commit was sent to an engine that cannot roll back: it may hold the new
+    # weights under the old version, so it stays paused and the error says so.
+    assert engine.paused
+    assert getattr(info.value, "engine_dirty", False) or getattr(
+        info.value.__cause__, "engine_dirty", False
+    )
+
+
+async def test_a_failure_before_load_after_the_engine_took_a_bucket_says_it_is_dirty() -> None:
+    loaded = anyio.Event()
+
+    class SignalingEngine(FakeEngine):
+        async def load(self, bucket: WeightBucket) -> None:
+            await super().load(bucket)
+            loaded.set()
+
+    engine = SignalingEngine()
+
+    class FailsOnceLoaded(Stage[WeightBucket, WeightBucket]):
+        """Passes buckets on; the third fails once the engine has taken one."""
+
+        name = "upstream"
+
+        def __init__(self) -> None:
+            self.seen = 0
+
+        async def process(self, item: WeightBucket) -> list[WeightBucket]:
+            self.seen += 1
+            if self.seen == 3:
+                with anyio.fail_after(10):
+                    await loaded.wait()
+                raise RuntimeError("upstream broke")
+            return [item]
+
+    source = fake_buckets(dict(named_tensors()), per_bucket=1, version=4)
+    with pytest.raises(StageError) as info:
+        await sync_weights(source, engine, version=4, stages=[FailsOnceLoaded()], depth=1)
+    assert info.value.stage == "upstream"
+    assert getattr(info.value, "engine_dirty", False) is True
+    assert "cannot roll back" in "\n".join(getattr(info.value, "__notes__", []))
+    assert engine.paused  # the engine holds part of v4: it is not resumed
+    assert await engine.version() == 0
+
+
+async def test_the_last_stage_before_load_writes_the_engines_wire_buffer() -> None:
+    spec = WireSpec(align_bytes=16, shared_memory=False)
+
+    class FlatEngine(FakeEngine):
+        def wire_spec(self) -> WireSpec | None:
+            return spec
+
+    fetch, quantize = Fetch(1 << 20), Fp8Quantize()
+    engine = FlatEngine()
+    await sync_weights(list(named_tensors()), engine, version=1, stages=[fetch, quantize])
+    assert fetch.wire is None and quantize.wire == spec
+    # Fetch alone before Load writes it instead; a plain engine asks for nothing.
+    await sync_weights(list(named_tensors()), engine, version=2, stages=[fetch])
+    assert fetch.wire == spec
+    await sync_weights(list(named_tensors()), FakeEngine(), version=1, stages=[fetch, quantize])
+    assert fetch.wire is None and quantize.wire is None
 
 
 async def test_an_explicit_deadline_overrides_the_engines_default() -> None:

@@ -28,7 +28,12 @@ import anyio.to_thread
 import torch
 
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import EngineError, PauseMode, retry_within_deadline
+from weightpipe.stages.engines.base import (
+    EngineError,
+    PauseMode,
+    WireSpec,
+    retry_within_deadline,
+)
 from weightpipe.stages.engines.sglang import wire as wire
 
 __all__ = [
@@ -177,6 +182,14 @@ class SGLangClient:
         self._needs_session: bool | None = {"on": True, "off": False, "auto": None}[session]
         self._session_open = False
         self._encode_limiter = anyio.CapacityLimiter(1)
+
+    def wire_spec(self) -> WireSpec | None:
+        """How this client sends a bucket: one flat buffer with 16-byte starts for
+        ``flattened_bucket`` (in named shared memory when CPU tensors go as
+        ``file_system`` handles, so pickling copies nothing), None for ``named_tensors``."""
+        if self.load_format != "flattened_bucket":
+            return None
+        return WireSpec(wire.ALIGN_BYTES, shared_memory=self.cpu_sharing_strategy == "file_system")
 
     @property
     def name(self) -> str:

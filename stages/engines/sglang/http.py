@@ -24,7 +24,7 @@ import httpx
 import torch
 
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import EngineError, PauseMode
+from weightpipe.stages.engines.base import EngineError, PauseMode, WireSpec
 from weightpipe.stages.engines.sglang import wire as wire
 from weightpipe.stages.engines.sglang.client import (
     LoadFormat,
@@ -290,6 +290,11 @@ class SGLangHTTPEngine:
         """
         info: dict[str, Any] = await self.client.request("get_server_info")
         return info
+
+    def wire_spec(self) -> WireSpec | None:
+        """The buffer layout this engine sends as it is (``TakesFlatBuckets``): the stage
+        before Load writes into it, so a bucket reaches the wire without another copy."""
+        return self.client.wire_spec()
 
     # -- Engine protocol: SGLangClient does the work ----------------------------------
 

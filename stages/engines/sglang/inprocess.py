@@ -27,7 +27,7 @@ import anyio.to_thread
 import torch
 
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import EngineError, PauseMode
+from weightpipe.stages.engines.base import EngineError, PauseMode, WireSpec
 from weightpipe.stages.engines.sglang import wire as wire
 from weightpipe.stages.engines.sglang.client import (
     LoadFormat,
@@ -269,6 +269,11 @@ class SGLangEngine:
     async def aclose(self) -> None:
         """Shut down an Engine this adapter built (one passed in is left running)."""
         await self.transport.aclose()
+
+    def wire_spec(self) -> WireSpec | None:
+        """The buffer layout this engine sends as it is (``TakesFlatBuckets``): the stage
+        before Load writes into it, so a bucket reaches the wire without another copy."""
+        return self.client.wire_spec()
 
     # -- Engine protocol: SGLangClient does the work ----------------------------------
 
