@@ -60,6 +60,7 @@ from weightpipe.stages.engines.base import (
 __all__ = [
     "ON_PARTIAL_FAILURE",
     "PAUSE_POLICY",
+    "EngineCall",
     "Load",
     "LoadReport",
     "OnPartialFailure",
@@ -112,6 +113,29 @@ def check_version(version: object, current: int | None = None, *, engine: str = 
 
 
 @dataclass(frozen=True)
+class EngineCall:
+    """One engine call of a sync, as Load made it (a trace draws it on the engine's track).
+
+    Attributes:
+        what: the call as errors name it: ``"version query"``, ``"pause('retract')"``,
+            ``"begin"``, ``"load of bucket 3 (...)"``, ``"commit"``, ``"abort"``, ``"resume"``.
+        start_s / end_s: ``time.perf_counter()`` when it was made and when it returned
+            or failed.
+        error: the exception's type name when it failed or timed out, else ``None``.
+    """
+
+    what: str
+    start_s: float
+    end_s: float
+    error: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """The call's first word: ``version``, ``pause``, ``begin``, ``load``, ``commit``..."""
+        return self.what.split(" ", 1)[0].split("(", 1)[0]
+
+
+@dataclass(frozen=True)
 class LoadReport:
     """What one sync did to the engine.
 
@@ -132,6 +156,7 @@ class LoadReport:
         engine_dirty: after this sync the engine holds part of a failed sync it cannot
             roll back (see the module's partial-failure policy).
         left_paused: generation was left paused because the engine is dirty.
+        calls: every engine call of the sync, in order, with its start and end.
     """
 
     engine: str
@@ -149,6 +174,7 @@ class LoadReport:
     names: tuple[str, ...] = ()
     engine_dirty: bool = False
     left_paused: bool = False
+    calls: tuple[EngineCall, ...] = ()
 
 
 # Engines in a sync, by id() (any object can be a key; an entry lives exactly as long as
@@ -209,6 +235,7 @@ class _EngineSync:
         self.bytes = 0
         self.load_s = 0.0
         self.names: list[str] = []
+        self.calls: list[EngineCall] = []
         self._pause_asked = False
         self._paused_at = 0.0
         self._hard_pause_s = 0.0
@@ -398,13 +425,21 @@ class _EngineSync:
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """One engine call under ``timeout_s``; a timeout becomes an ``EngineError``."""
+        started = time.perf_counter()
+        error: str | None = None
         try:
             with anyio.fail_after(self.timeout_s):
                 return await call()
         except TimeoutError as exc:
+            error = "TimeoutError"
             raise EngineError(
                 self.name, f"{what} did not answer within {self.timeout_s} s", retryable=True
             ) from exc
+        except BaseException as exc:
+            error = type(exc).__name__
+            raise
+        finally:
+            self.calls.append(EngineCall(what, started, time.perf_counter(), error))
 
 
 def _resolve_timeout(engine: Engine, timeout_s: float | None) -> float:
@@ -551,6 +586,7 @@ class Load(Stage[WeightBucket, WeightBucket]):
             names=() if sync is None else tuple(sync.names),
             engine_dirty=engine_is_dirty(self.engine) if sync is None else sync.dirty,
             left_paused=sync is not None and sync.left_paused,
+            calls=() if sync is None else tuple(sync.calls),
         )
 
     async def open(self) -> None:
