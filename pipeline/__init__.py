@@ -4,7 +4,8 @@ The public face: ``Pipeline`` runs ``Stage``s joined by ``open_channel`` channel
 returns a ``RunReport``; ``as_async_iter`` accepts any source a producer has. The generic
 config loader lives in ``weightpipe.pipeline.config`` and the Prometheus observer in
 ``weightpipe.pipeline.metrics`` (imported on demand, so the core needs neither omegaconf
-nor prometheus_client loaded). Nothing here knows what the items are beyond their
+nor prometheus_client loaded); ``weightpipe.pipeline.trace`` turns a run's spans
+(``SpanObserver``) into a Chrome/Perfetto trace. Nothing here knows what the items are beyond their
 optional ``nbytes``.
 """
 
@@ -22,6 +23,7 @@ from weightpipe.pipeline._pipeline import (
     Pipeline,
     PipelineObserver,
     RunReport,
+    SpanObserver,
     StageError,
     StageReport,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "Pipeline",
     "PipelineObserver",
     "RunReport",
+    "SpanObserver",
     "Stage",
     "StageError",
     "StageLike",

@@ -53,6 +53,7 @@ __all__ = [
     "Pipeline",
     "PipelineObserver",
     "RunReport",
+    "SpanObserver",
     "StageError",
     "StageReport",
 ]
@@ -181,7 +182,8 @@ class RunReport:
 class PipelineObserver(Protocol):
     """Receives live events from a run (``weightpipe.pipeline.metrics`` implements it).
 
-    Calls happen on the event loop and must be cheap and non-blocking.
+    Calls happen on the event loop and must be cheap and non-blocking. An observer that
+    also has ``on_span`` (``SpanObserver``) is told each output's span as well.
     """
 
     def on_run_start(self, statistics: Callable[[], RunReport]) -> None:
@@ -210,6 +212,34 @@ class PipelineObserver(Protocol):
         """A run ended (successfully or not) with this report."""
 
 
+class SpanObserver(PipelineObserver, Protocol):
+    """An observer that is also told when each output item was worked on (a trace draws
+    these spans: ``weightpipe.pipeline.trace``). The pipeline looks for ``on_span`` on
+    its observer, so a plain ``PipelineObserver`` pays nothing for it."""
+
+    def on_span(
+        self,
+        stage: str,
+        worker: int,
+        start_s: float,
+        end_s: float,
+        item: str,
+        bytes_out: int,
+    ) -> None:
+        """Worker ``worker`` (0 to ``workers - 1``) of ``stage`` produced one output item.
+
+        ``item`` is its description (``describe_item``), ``bytes_out`` its ``nbytes``.
+        ``start_s`` and ``end_s`` are ``time.perf_counter()`` seconds: the span runs from
+        the start of the call that produced it (``process`` or ``flush``), or from the
+        moment the worker's previous output was handed downstream if that was later in
+        the same call, to the moment the output was produced (before it was handed on,
+        so waiting for room downstream is in no span). A one-worker stage that gathers
+        several inputs into one output (a call that yields nothing) carries its span
+        over into the next call, so that span also holds the waits for those inputs.
+        One worker's spans never overlap.
+        """
+
+
 @dataclass
 class _StageMeter:
     name: str
@@ -234,6 +264,63 @@ class _Slot:
 
 
 Sink = Callable[[Any], Awaitable[None]]
+
+SpanCallback = Callable[[str, int, float, float, str, int], None]
+
+
+class _Spans:
+    """One worker's span clock: when its work toward the next output began.
+
+    ``carry``: a call that produced nothing leaves its start for the next call's output
+    (a one-worker stage may gather inputs); otherwise, and after any call that produced
+    something, each call starts afresh.
+    """
+
+    __slots__ = ("_carry", "_nbytes", "_on_span", "_produced", "_since", "_stage", "_worker")
+
+    def __init__(
+        self,
+        on_span: SpanCallback,
+        stage: str,
+        worker: int,
+        nbytes: Callable[[Any], int],
+        *,
+        carry: bool,
+    ) -> None:
+        self._on_span = on_span
+        self._stage = stage
+        self._worker = worker
+        self._nbytes = nbytes
+        self._carry = carry
+        self._since: float | None = None
+        self._produced = False
+
+    def begin(self, now: float) -> None:
+        """A ``process``/``flush`` call starts."""
+        if self._since is None or not self._carry:
+            self._since = now
+        self._produced = False
+
+    def produced(self, now: float, out: Any) -> None:
+        """The call produced ``out`` (before it is handed downstream)."""
+        since = now if self._since is None else self._since
+        self._on_span(self._stage, self._worker, since, now, describe_item(out), self._nbytes(out))
+        self._since = now
+        self._produced = True
+
+    def resumed(self, now: float) -> None:
+        """The last output was handed downstream; work toward the next one starts."""
+        self._since = now
+
+    def ended(self) -> None:
+        """The call returned: a call that produced something carries nothing over."""
+        if self._produced or not self._carry:
+            self._since = None
+
+
+def _span_callback(observer: object) -> SpanCallback | None:
+    on_span = getattr(observer, "on_span", None)
+    return on_span if callable(on_span) else None
 
 
 def _no_counter() -> int:
@@ -651,15 +738,19 @@ class Pipeline:
         item_text: Callable[[], str | None],
         produce: Callable[[], object],
         emit: Callable[[Any], Awaitable[None]],
+        spans: _Spans | None = None,
     ) -> float:
         """Run one ``process``/``flush`` call, emitting its outputs; returns busy seconds.
 
         Emission errors (a closed downstream channel) propagate unchanged; errors raised
-        by the stage's own code become a recorded ``StageError``.
+        by the stage's own code become a recorded ``StageError``. ``spans`` (when the
+        observer takes spans) is told when the call began and each output was produced.
         """
         name = self.names[index]
         busy = 0.0
         started = time.perf_counter()
+        if spans is not None:
+            spans.begin(started)
         try:
             result = _start_outputs(produce())
         except Exception as exc:
@@ -684,24 +775,38 @@ class Pipeline:
                         break
                     except Exception as exc:
                         raise self._fail(run, name, phase, item_text(), exc) from exc
-                    busy += time.perf_counter() - started
+                    produced = time.perf_counter()
+                    busy += produced - started
+                    if spans is not None:
+                        spans.produced(produced, out)
                     await emit(out)
                     del out  # released while the stage makes its next output
                     started = time.perf_counter()
+                    if spans is not None:
+                        spans.resumed(started)
             finally:
                 aclose = getattr(iterator, "aclose", None)
                 if aclose is not None:
                     with anyio.CancelScope(shield=True):
                         await aclose()
+            if spans is not None:
+                spans.ended()
             return busy + time.perf_counter() - started
         try:
             outputs = await result  # type: ignore[misc]
         except Exception as exc:
             raise self._fail(run, name, phase, item_text(), exc) from exc
-        busy = time.perf_counter() - started
+        produced = time.perf_counter()
+        busy = produced - started
         if outputs is not None:
+            if spans is not None:
+                outputs = list(outputs)
+                for out in outputs:
+                    spans.produced(produced, out)
             for out in outputs:
                 await emit(out)
+        if spans is not None:
+            spans.ended()
         return busy
 
     async def _drive_serial(
@@ -713,6 +818,8 @@ class Pipeline:
         emit = self._emitter(run, index, sink)
         nbytes = self._nbytes
         process = stage.process
+        on_span = _span_callback(self.observer)
+        spans = None if on_span is None else _Spans(on_span, meter.name, 0, nbytes, carry=True)
         count = 0
         async for item in receiver:
             count += 1
@@ -727,10 +834,11 @@ class Pipeline:
                 functools.partial(describe_item, item, count),
                 functools.partial(process, item),
                 emit,
+                spans,
             )
             del item  # not held while waiting for the next one
             self._item_done(meter, receiver, busy, bytes_in, out_before, bytes_before)
-        await self._flush(run, index, stage, emit)
+        await self._flush(run, index, stage, emit, spans)
 
     def _item_done(
         self,
@@ -754,14 +862,19 @@ class Pipeline:
             )
 
     async def _flush(
-        self, run: _Run, index: int, stage: Any, emit: Callable[[Any], Awaitable[None]]
+        self,
+        run: _Run,
+        index: int,
+        stage: Any,
+        emit: Callable[[Any], Awaitable[None]],
+        spans: _Spans | None,
     ) -> None:
         flush = getattr(stage, "flush", None)
         if flush is None:
             return
         meter = run.meters[index]
         out_before, bytes_before = meter.items_out, meter.bytes_out
-        busy = await self._call(run, index, "flush", lambda: None, flush, emit)
+        busy = await self._call(run, index, "flush", lambda: None, flush, emit, spans)
         meter.busy_s += busy
         if self.observer is not None:
             self.observer.on_flush(
@@ -790,6 +903,7 @@ class Pipeline:
         name = self.names[index]
         emit = self._emitter(run, index, sink)
         nbytes = self._nbytes
+        on_span = _span_callback(self.observer)
         window = anyio.Semaphore(workers)
         # Both channels hold only slots inside the window, so neither send ever waits.
         order_send: ChannelSender[_Slot]
@@ -822,7 +936,8 @@ class Pipeline:
                     await work_send.send(slot)
                     del slot
 
-        async def work(slots: ChannelReceiver[_Slot]) -> None:
+        async def work(slots: ChannelReceiver[_Slot], worker: int) -> None:
+            spans = None if on_span is None else _Spans(on_span, name, worker, nbytes, carry=False)
             with slots:
                 async for slot in slots:
                     collected: list[Any] = []
@@ -833,6 +948,7 @@ class Pipeline:
                         functools.partial(describe_item, slot.item, slot.index),
                         functools.partial(stage.process, slot.item),
                         functools.partial(_append, collected),
+                        spans,
                     )
                     # The input is not needed once processed; its outputs wait in the slot.
                     slot.item = None
@@ -854,13 +970,15 @@ class Pipeline:
                     )
                     del slot
                     window.release()
-            await self._flush(run, index, stage, emit)
+            # Every worker is done by now: the flush's outputs count as worker 0's.
+            spans = None if on_span is None else _Spans(on_span, name, 0, nbytes, carry=False)
+            await self._flush(run, index, stage, emit, spans)
 
         async with anyio.create_task_group() as group:
             group.start_soon(dispatch)
             with work_receive:
-                for _ in range(workers):
-                    group.start_soon(work, work_receive.clone(), name=f"{name}-worker")
+                for worker in range(workers):
+                    group.start_soon(work, work_receive.clone(), worker, name=f"{name}-worker")
             group.start_soon(reorder)
 
 
