@@ -74,7 +74,7 @@ class WeightBucket:
         """
         if self.ready is None:
             return
-        target = stream if stream is not None else torch.cuda.current_stream(self._device())
+        target = stream if stream is not None else torch.cuda.current_stream(self.cuda_device())
         target.wait_event(self.ready)
         for _, tensor in self.tensors:
             if tensor.is_cuda:
@@ -82,7 +82,7 @@ class WeightBucket:
         if self.buffer is not None and self.buffer.is_cuda:
             self.buffer.record_stream(target)
 
-    def _device(self) -> torch.device | None:
+    def cuda_device(self) -> torch.device | None:
         """The CUDA device the bucket lives on: the ready event's, else its tensors'."""
         device = getattr(self.ready, "device", None)
         if isinstance(device, torch.device) and device.type == "cuda":

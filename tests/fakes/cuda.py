@@ -23,13 +23,21 @@ fixture of the tests that need it). It follows these real behaviours:
   ``Tensor.to("cuda:k")`` copies on the current stream of cuda:k (its device guard).
 - Pinned host memory comes from torch's ``CachingHostAllocator``, which rounds every
   request up to a power of two and pins through the calling thread's current device.
+- Each device has a UUID (``get_device_properties(k).uuid``, whose ``str`` is
+  ``GPU-...``); a device index is a position in the process's visible-device list, so
+  two processes with different ``CUDA_VISIBLE_DEVICES`` give one GPU different indices:
+  ``FakeCuda(uuids=...)`` is one process's view, ``visible(...)`` switches it.
+- A CUDA tensor pickled for another process (``reductions.reduce_tensor``) becomes
+  ``(rebuild_cuda_tensor, args)`` with the storage's device index at ``args[6]`` and an
+  opaque IPC handle (``reduce_tensor`` here builds that tuple for a stand-in).
 
 Device memory cannot be faked for real tensors, so CPU tensors stand in for device
 tensors: the layer replaces the few seams a stage keeps for that (``Fetch._device_empty``,
-``Fetch._copy_to_device``, ``Fetch._to_device``) and remembers which fake device each
-stand-in storage lives on (a stand-in's own ``device`` still says ``cpu``). Every
-allocation, copy, wait, record and pin is appended to ``FakeCuda.calls`` with the calling
-thread's current device and the stream it ran on.
+``Fetch._copy_to_device``, ``Fetch._to_device``; the SGLang wire's ``_cuda_index`` and
+``_reduce_cuda``) and remembers which fake device each stand-in storage lives on (a
+stand-in's own ``device`` still says ``cpu``). Every allocation, copy, wait, record and
+pin is appended to ``FakeCuda.calls`` with the calling thread's current device and the
+stream it ran on.
 """
 
 from __future__ import annotations
@@ -176,6 +184,11 @@ class FakeCudaEvent:
         self.done = True
 
 
+@dataclass(frozen=True)
+class _Properties:
+    uuid: str
+
+
 class _ThreadState(threading.local):
     def __init__(self) -> None:
         self.device = 0  # a new host thread's current CUDA device is 0
@@ -185,8 +198,9 @@ class _ThreadState(threading.local):
 class FakeCuda:
     """``device_count`` fake devices with torch's per-thread device and stream rules."""
 
-    def __init__(self, device_count: int = 2) -> None:
+    def __init__(self, device_count: int = 2, uuids: list[str] | None = None) -> None:
         self.device_count = device_count
+        self.uuids = uuids or [f"GPU-{k:08x}-fake-0000-0000-{k:012x}" for k in range(device_count)]
         self.calls: list[CudaCall] = []
         self._lock = threading.Lock()
         self._thread = _ThreadState()
@@ -260,6 +274,15 @@ class FakeCuda:
     def synchronize(self, device: Any = None) -> None:
         self.log("host_wait", self.index(device))
 
+    def get_device_properties(self, device: Any = None) -> Any:
+        """``torch.cuda.get_device_properties``: here only the ``uuid`` (``str`` is GPU-...)."""
+        return _Properties(self.uuids[self.index(device)])
+
+    def visible(self, uuids: list[str]) -> None:
+        """Become another process's view: device k is now the GPU ``uuids[k]``."""
+        self.uuids = list(uuids)
+        self.device_count = len(uuids)
+
     # -- bookkeeping --------------------------------------------------------------------
 
     def log(self, op: str, device: int | None, **fields: Any) -> None:
@@ -310,6 +333,42 @@ class FakeCuda:
         index = stream.device.index if stream is not None else None
         self.log("record_stream", index, stream=stream, nbytes=int(tensor.nbytes))
 
+    def mark(self, tensor: torch.Tensor, device: Any) -> torch.Tensor:
+        """Say that stand-in ``tensor`` lives on fake ``device`` (returns it)."""
+        self._where[tensor.untyped_storage().data_ptr()] = self.index(device)
+        return tensor
+
+    def reduce_tensor(self, tensor: torch.Tensor) -> tuple[Any, tuple[Any, ...]]:
+        """torch's CUDA-IPC ``reduce_tensor`` for a stand-in: the same 15 arguments, the
+        storage's device index at position 6, a fake handle that names the storage."""
+        from torch.multiprocessing import reductions
+
+        index = self.device_of(tensor)
+        if index is None:
+            raise AssertionError("fake cuda: reduce_tensor of a host tensor")
+        storage = tensor._typed_storage()  # type: ignore[no-untyped-call]
+        handle = f"ipc:{tensor.untyped_storage().data_ptr():x}".encode()
+        return (
+            reductions.rebuild_cuda_tensor,
+            (
+                type(tensor),
+                tensor.size(),
+                tensor.stride(),
+                tensor.storage_offset(),
+                type(storage),
+                tensor.dtype,
+                index,
+                handle,
+                tensor.untyped_storage().nbytes(),
+                0,
+                tensor.requires_grad,
+                b"ref-counter",
+                0,
+                b"event",
+                True,
+            ),
+        )
+
     def pin(self, nbytes: int) -> torch.Tensor:
         """A pinned host buffer as ``CachingHostAllocator`` gives one: the request is
         rounded up to a power of two, pinned through the current device's context."""
@@ -321,11 +380,14 @@ class FakeCuda:
 def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, device_count: int = 2) -> FakeCuda:
     """Install a ``FakeCuda`` into ``torch.cuda`` and the stage seams for this test."""
     from weightpipe.stages import _memory
+    from weightpipe.stages.engines.sglang import wire
     from weightpipe.stages.fetch import Fetch
 
     fake = FakeCuda(device_count)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: fake.device_count)
+    monkeypatch.setattr(wire, "_cuda_index", fake.device_of)
+    monkeypatch.setattr(wire, "_reduce_cuda", fake.reduce_tensor)
     for name in (
         "current_device",
         "set_device",
@@ -335,6 +397,7 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, device_count: int = 2) ->
         "set_stream",
         "stream",
         "synchronize",
+        "get_device_properties",
     ):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
     monkeypatch.setattr(torch.cuda, "Stream", FakeCudaStream)

@@ -13,6 +13,20 @@ a bucket for the byte layout SGLang's distributed receiver allocates
 owns the one rule for handing CUDA tensors to another process (``wait_written``). It
 never imports sglang unless asked for SGLang's own metadata class, and the tests prove
 the result decodes with SGLang's code, not ours.
+
+CUDA tensors travel as SGLang's own sender sends them (its ``monkey_patch_torch_reductions``):
+torch's CUDA-IPC reduction with the storage's device index replaced by that GPU's UUID, which
+the server (patched the same way before every decode) maps back to its own index. A trainer
+and a server with different ``CUDA_VISIBLE_DEVICES`` number the same GPU differently; the
+UUID is the same everywhere. Unlike SGLang, this is done by our own pickler's
+``reducer_override``, never by patching torch for the whole process.
+
+IPC lifetime: a CUDA-IPC handle points at the sender's memory. ``BucketPayload`` owns what
+its pickles point into (the flat buffer it made, or the tensors it pickled) for as long as
+it lives, and ``encode()`` writes fresh pickles (fresh IPC reference counts) per call: a
+caller that may resend (a retried request) keeps the ``BucketPayload`` until the engine can
+no longer decode any attempt (the session is closed) and encodes once per attempt, so a
+retry never points at memory that was freed and reused.
 """
 
 from __future__ import annotations
@@ -26,26 +40,33 @@ import threading
 import types
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Literal
 
 import anyio.to_thread
 import torch
 import torch.multiprocessing  # registers torch's tensor/storage reducers on ForkingPickler
+from torch.multiprocessing import reductions
 
 from weightpipe.stages._layout import TensorLayout, flatten, views_layout
 from weightpipe.stages.bucket import WeightBucket
 
 __all__ = [
     "ALIGN_BYTES",
+    "BucketPayload",
     "MetadataKind",
+    "Payloads",
     "b64encode_payloads",
+    "device_uuid",
     "distributed_order",
     "distributed_update_request",
     "encode_flattened_bucket",
     "encode_named_tensors",
     "init_group_request",
     "metadata_objects",
+    "prepare_flattened_bucket",
+    "prepare_named_tensors",
     "tensor_named_in",
     "wait_written",
 ]
@@ -127,11 +148,82 @@ def _sharing_strategy(strategy: str | None) -> Iterator[None]:
             _set_strategy(previous)
 
 
+# Where torch's CUDA-IPC reduction puts the storage's device index in the rebuild
+# arguments (``rebuild_cuda_tensor``'s ``storage_device``); SGLang's sender and receiver
+# rely on the same position.
+_DEVICE_ARG = 6
+
+
+def _cuda_index(tensor: torch.Tensor) -> int | None:
+    """The CUDA device index of ``tensor``'s storage, None for a host tensor (a seam:
+    ``tests.fakes.cuda`` marks stand-in tensors as living on a fake device)."""
+    return tensor.device.index if tensor.is_cuda else None
+
+
+def _reduce_cuda(tensor: torch.Tensor) -> tuple[Any, tuple[Any, ...]]:
+    """torch's own CUDA-IPC reduction of ``tensor`` (a seam, as ``_cuda_index``)."""
+    return reductions.reduce_tensor(tensor)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def device_uuid(index: int) -> str:
+    """The GPU's UUID as SGLang's sender writes it (``str`` of the device properties')."""
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+class _WirePickler(ForkingPickler):
+    """ForkingPickler whose CUDA tensors name their GPU by UUID, not by device index."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if not isinstance(obj, torch.Tensor) or _cuda_index(obj) is None:
+            return NotImplemented
+        rebuild, args = _reduce_cuda(obj)
+        device = args[_DEVICE_ARG]
+        if isinstance(device, int):  # a str is already a UUID (torch patched by SGLang)
+            args = (*args[:_DEVICE_ARG], device_uuid(device), *args[_DEVICE_ARG + 1 :])
+        return rebuild, args
+
+
 def _pickle(obj: object, cpu_strategy: str | None) -> bytes:
     buf = io.BytesIO()
     with _sharing_strategy(cpu_strategy):
-        ForkingPickler(buf).dump(obj)
+        _WirePickler(buf).dump(obj)
     return buf.getvalue()
+
+
+@dataclass(frozen=True, eq=False)
+class BucketPayload:
+    """One bucket's payload object and the memory its pickles point into.
+
+    Attributes:
+        obj: what is pickled (``[(name, tensor), ...]`` or the flattened-bucket dict).
+        holds: the tensors the pickles' handles point into (the flat buffer made for
+            them, or the tensors themselves): alive as long as this object is.
+        tp_size: payloads per ``encode()`` (one per TP rank: each rank decodes only its
+            own, and each pickle takes its own CUDA-IPC reference).
+        cpu_strategy: torch's sharing strategy while pickling host tensors.
+    """
+
+    obj: Any
+    holds: tuple[torch.Tensor, ...]
+    tp_size: int
+    cpu_strategy: str | None
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the pickles carry CUDA-IPC handles (then lifetime matters)."""
+        return any(_cuda_index(t) is not None for t in self.holds)
+
+    def encode(self) -> Payloads:
+        """Fresh pickles, one per TP rank; call once per attempt (see the module)."""
+        return Payloads((_pickle(self.obj, self.cpu_strategy) for _ in range(self.tp_size)), self)
+
+
+class Payloads(list[bytes]):
+    """The per-rank pickles of one ``encode()``; ``source`` keeps their memory alive."""
+
+    def __init__(self, items: Iterator[bytes] | Sequence[bytes], source: BucketPayload) -> None:
+        super().__init__(items)
+        self.source = source
 
 
 def encode_named_tensors(
@@ -139,7 +231,7 @@ def encode_named_tensors(
     *,
     tp_size: int = 1,
     cpu_strategy: str | None = "file_system",
-) -> list[bytes]:
+) -> Payloads:
     """One payload per TP rank of plain ``[(name, tensor), ...]`` (``load_format=None``).
 
     Each rank gets its own pickle so that each holds its own CUDA-IPC reference (SGLang
@@ -147,13 +239,29 @@ def encode_named_tensors(
     ``cpu_strategy="file_system"`` makes that memory openable by an unrelated process on
     the same node (the default strategy only works for child processes).
 
+    The returned list keeps the tensors alive (``Payloads.source``).
+
+    Raises:
+        ValueError: if ``tp_size < 1``.
+    """
+    return prepare_named_tensors(tensors, tp_size=tp_size, cpu_strategy=cpu_strategy).encode()
+
+
+def prepare_named_tensors(
+    tensors: Sequence[tuple[str, torch.Tensor]],
+    *,
+    tp_size: int = 1,
+    cpu_strategy: str | None = "file_system",
+) -> BucketPayload:
+    """The ``BucketPayload`` of ``encode_named_tensors`` (encode it once per attempt).
+
     Raises:
         ValueError: if ``tp_size < 1``.
     """
     if tp_size < 1:
         raise ValueError(f"tp_size must be >= 1, got {tp_size}")
     items = [(name, t.detach()) for name, t in tensors]
-    return [_pickle(items, cpu_strategy) for _ in range(tp_size)]
+    return BucketPayload(items, tuple(t for _, t in items), tp_size, cpu_strategy)
 
 
 def encode_flattened_bucket(
@@ -163,12 +271,35 @@ def encode_flattened_bucket(
     buffer: torch.Tensor | None = None,
     metadata: MetadataKind = "auto",
     cpu_strategy: str | None = "file_system",
-) -> list[bytes]:
+) -> Payloads:
     """One ``load_format="flattened_bucket"`` payload per TP rank.
 
     When ``buffer`` is given and every tensor is an aligned, contiguous view of it (a
     bucket the Fetch stage already flattened), that buffer is sent as is; otherwise the
     tensors are copied into a new aligned buffer.
+
+    The returned list keeps the sent buffer alive (``Payloads.source``): a caller that may
+    resend keeps it (or uses ``prepare_flattened_bucket``) until the engine is done.
+
+    Raises:
+        ValueError: if ``tensors`` is empty, ``tp_size < 1`` or devices differ.
+        ImportError: ``metadata="sglang"`` without sglang installed.
+    """
+    return prepare_flattened_bucket(
+        tensors, tp_size=tp_size, buffer=buffer, metadata=metadata, cpu_strategy=cpu_strategy
+    ).encode()
+
+
+def prepare_flattened_bucket(
+    tensors: Sequence[tuple[str, torch.Tensor]],
+    *,
+    tp_size: int = 1,
+    buffer: torch.Tensor | None = None,
+    metadata: MetadataKind = "auto",
+    cpu_strategy: str | None = "file_system",
+) -> BucketPayload:
+    """The ``BucketPayload`` of ``encode_flattened_bucket``: the bucket flattened once (or
+    its buffer reused), encoded once per attempt by the caller.
 
     Raises:
         ValueError: if ``tensors`` is empty, ``tp_size < 1`` or devices differ.
@@ -184,7 +315,7 @@ def encode_flattened_bucket(
     else:
         flat, layout = flatten(tensors, ALIGN_BYTES)
     payload = {"flattened_tensor": flat, "metadata": metadata_objects(layout, metadata)}
-    return [_pickle(payload, cpu_strategy) for _ in range(tp_size)]
+    return BucketPayload(payload, (flat,), tp_size, cpu_strategy)
 
 
 def b64encode_payloads(payloads: Sequence[bytes]) -> list[str]:
@@ -211,7 +342,8 @@ async def wait_written(bucket: WeightBucket) -> None:
     The one rule for handing a bucket to another process (SGLang's scheduler reads CUDA-IPC
     handles on its own streams, so stream ordering in this process does not protect it):
     wait on the bucket's ready event, or, when the producer recorded none, on an event
-    recorded now on the current stream (the producer's, as Load runs on it). Recording is
+    recorded now on the current stream of the bucket's device (the producer's, as Load
+    runs on it). Recording is
     asynchronous; the wait itself runs in a worker thread. No-op for a CPU bucket without
     an event.
     """
@@ -223,7 +355,8 @@ async def wait_written(bucket: WeightBucket) -> None:
         if not on_cuda:
             return
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        event.record(torch.cuda.current_stream())
+        # The bucket's device's current stream, not the current device's (another GPU).
+        event.record(torch.cuda.current_stream(bucket.cuda_device()))
     await anyio.to_thread.run_sync(event.synchronize)
 
 

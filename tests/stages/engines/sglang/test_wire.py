@@ -4,18 +4,22 @@ Proves: both payload shapes survive SGLang's safe unpickler and FlattenedTensorB
 bit (bf16, FP8 and fp32 scales in one bucket); the alignment catch that breaks SGLang's own
 unpadded bucket does not break ours; the distributed order matches the buffer SGLang's
 receiver allocates; a payload decodes in an unrelated process on the same node (the
-file_system sharing strategy); and the test double's request schemas match SGLang's
-request structs as written in the installed io_struct.py.
+file_system sharing strategy); the test double's request schemas match SGLang's
+request structs as written in the installed io_struct.py; CUDA payloads name their GPU by
+UUID, which SGLang's own decoding maps to the server's index (on the fake CUDA layer); and
+a payload owns the memory its handles point into.
 """
 
 from __future__ import annotations
 
 import ast
 import base64
+import gc
 import importlib.util
 import io
 import subprocess
 import sys
+import weakref
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from sglang.srt.utils import MultiprocessingSerializer
 from sglang.srt.utils.common import normalize_serialized_named_tensor_payloads
 from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
 
+from tests.fakes import FakeCuda, install_fake_cuda
 from tests.fakes.sglang_http import FIELDS_0523
 from tests.fakes.sglang_model import reconstruct_flattened
 from weightpipe.stages._layout import flatten, unflatten
@@ -238,3 +243,89 @@ def test_cuda_payload_decodes_in_another_process_via_cuda_ipc() -> None:
     text = wire.b64encode_payloads(wire.encode_flattened_bucket(tensors))[0]
     lines = _decode_in_another_process(text, cuda=True, timeout_s=300)
     assert lines == _byte_lines(tensors)
+
+
+# -- CUDA tensors on the fake CUDA layer (tests.fakes.cuda) ------------------------------
+
+
+def _on_fake_gpu(fake: FakeCuda, index: int) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
+    """``_awkward()`` as views of one flat stand-in buffer living on fake device ``index``."""
+    buffer, layouts = flatten(_awkward(), wire.ALIGN_BYTES)
+    fake.mark(buffer, index)
+    return unflatten(buffer, layouts), buffer
+
+
+def _patch_like_sglangs_server(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Run SGLang's own ``monkey_patch_torch_reductions`` (what its TP worker does before
+    every decode), undone after the test; torch's real rebuild, which would open the IPC
+    handle, is replaced by one recording the device it was asked for."""
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    from torch.multiprocessing import reductions
+
+    for name in ("reduce_tensor", "rebuild_cuda_tensor"):
+        monkeypatch.setattr(reductions, name, getattr(reductions, name))
+    for name in ("_reduce_tensor_original", "_rebuild_cuda_tensor_original"):
+        monkeypatch.setattr(reductions, name, None, raising=False)
+        monkeypatch.delattr(reductions, name)
+    reducers = dict(ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
+    monkeypatch.setattr(ForkingPickler, "_extra_reducers", reducers)
+    monkey_patch_torch_reductions()
+    opened: list[object] = []
+
+    def rebuild(*args: object) -> torch.Tensor:
+        opened.append(args[6])
+        nbytes = args[8]
+        assert isinstance(nbytes, int)
+        return torch.zeros(nbytes, dtype=torch.uint8)
+
+    monkeypatch.setattr(reductions, "_rebuild_cuda_tensor_original", rebuild)
+    return opened
+
+
+def test_cuda_payloads_name_the_gpu_by_uuid_and_sglang_maps_it_to_its_own_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = install_fake_cuda(monkeypatch, device_count=2)
+    trainer_view = list(fake.uuids)
+    tensors, buffer = _on_fake_gpu(fake, 1)  # the trainer's cuda:1
+    payloads = wire.encode_flattened_bucket(tensors, buffer=buffer, tp_size=2)
+    assert payloads.source.on_cuda and len(payloads) == 2
+    opened = _patch_like_sglangs_server(monkeypatch)
+    # The server was started with the two GPUs listed the other way round
+    # (CUDA_VISIBLE_DEVICES=1,0): the trainer's cuda:1 is the server's cuda:0.
+    fake.visible([trainer_view[1], trainer_view[0]])
+    decoded = _decode(wire.b64encode_payloads(payloads)[0])
+    assert opened == [0]
+    assert isinstance(decoded, dict) and decoded["flattened_tensor"].numel() == buffer.numel()
+    # The same payload on a server that sees the GPUs as the trainer does opens cuda:1.
+    fake.visible(trainer_view)
+    _decode(wire.b64encode_payloads(payloads)[1])
+    assert opened == [0, 1]
+
+
+def test_a_payload_keeps_the_buffer_its_handles_point_into_alive() -> None:
+    # Not views of one buffer: encoding flattens them into a new one, which only the
+    # pickles point into. The payload list owns it, so a resend never maps freed memory.
+    tensors = _awkward()
+    payloads = wire.encode_flattened_bucket(tensors)
+    (flat,) = payloads.source.holds
+    alive = weakref.ref(flat)
+    del flat
+    gc.collect()
+    assert alive() is not None
+    # Each attempt encodes afresh (its own IPC references) from the same owned buffer.
+    again = payloads.source.encode()
+    assert again.source is payloads.source
+    data = _decode(wire.b64encode_payloads(again)[0])
+    assert isinstance(data, dict)
+    _same(reconstruct_flattened(data), tensors)
+    del payloads, again, data
+    gc.collect()
+    assert alive() is None
+
+
+def test_named_tensor_payloads_keep_their_tensors_alive() -> None:
+    payload = wire.prepare_named_tensors([("w", torch.ones(3))], tp_size=3)
+    assert not payload.on_cuda
+    (held,) = payload.holds
+    assert len(payload.encode()) == 3 and torch.equal(held, torch.ones(3))
