@@ -41,6 +41,7 @@ from weightpipe.stages.sources import (
     safetensors_source,
 )
 from weightpipe.stages.sync import SyncAware, SyncReport, sync_weights
+from weightpipe.stages.trace import SyncTrace
 from weightpipe.stages.transport.distributed import (
     DistributedReceiver,
     DistributedSender,
@@ -77,6 +78,7 @@ __all__ = [
     "SyncAware",
     "SyncMode",
     "SyncReport",
+    "SyncTrace",
     "TransportError",
     "WeightBucket",
     "WeightpipeError",

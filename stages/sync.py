@@ -8,15 +8,23 @@ how fast generation went meanwhile. A sync either commits the new version or rai
 pipeline's ``StageError`` with the engine still serving its old version and generating.
 It knows the other stages and the engine only through two small protocols: a stage that
 is ``SyncAware`` (Fetch) is told the version before the run, and an engine that
-``MeasuresGeneration`` is asked for a generation window.
+``MeasuresGeneration`` is asked for a generation window. With ``trace=PATH`` the sync's
+timeline is written there as a Chrome/Perfetto trace (``stages/trace.py``), whether the
+sync commits or fails.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+import anyio
+import anyio.to_thread
 
 from weightpipe.pipeline import Pipeline, PipelineObserver, RunReport, StageError
 from weightpipe.stages.engines.base import (
@@ -28,8 +36,11 @@ from weightpipe.stages.engines.base import (
     wire_spec_of,
 )
 from weightpipe.stages.load import Load, LoadReport, OnPartialFailure
+from weightpipe.stages.trace import SyncTrace
 
 __all__ = ["GenerationMeasurement", "SyncAware", "SyncReport", "sync_weights"]
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -83,6 +94,9 @@ class SyncReport:
             ``MeasuresGeneration`` (the local engine); ``None`` from any other.
         tokens_per_s_during_sync: ``generation.tokens_per_s`` when measured.
         longest_gap_s: ``generation.longest_gap_s`` when measured.
+        trace_path: where the sync's trace was written (``sync_weights(trace=...)``);
+            ``None`` when none was asked for, or when writing it failed.
+        trace_error: why the trace could not be written (the sync itself committed).
     """
 
     version: int
@@ -95,6 +109,8 @@ class SyncReport:
     seconds: float
     hard_pause_s: float
     generation: GenerationMeasurement | None = None
+    trace_path: Path | None = None
+    trace_error: str | None = None
 
     @property
     def tokens_per_s_during_sync(self) -> float | None:
@@ -142,6 +158,7 @@ async def sync_weights(
     prefetch_bytes: int | None = 0,
     observer: PipelineObserver | None = None,
     on_partial_failure: OnPartialFailure = "keep_paused",
+    trace: str | os.PathLike[str] | None = None,
 ) -> SyncReport:
     """Install ``version`` from ``source`` into ``engine``: ``stages`` then ``Load``.
 
@@ -158,6 +175,16 @@ async def sync_weights(
     ``WireSpec`` and writes its output straight into such a buffer, so the bytes are
     written once; the other stages are told ``None``. ``on_partial_failure`` is Load's
     policy for a sync that fails after an engine that cannot roll back took a bucket.
+
+    ``trace`` is a file to write the sync's timeline to, as Chrome trace-event JSON
+    (open it in Perfetto or chrome://tracing; see ``docs/trace.md``): one track per stage
+    worker with a slice per bucket, the engine's calls and the hard pause, and, on an
+    engine that takes ``GenerationListener``s (the local engine), every decode step. The
+    pipeline's observer is then a recorder that passes every event on to ``observer``.
+    The trace is written when the sync ends, committed or failed (a failure appears as
+    an ``error`` instant); a trace that cannot be written never replaces the sync's
+    outcome: a committed sync's report says why in ``trace_error``, a failed sync's
+    error gets a note.
 
     Raises:
         StageError: a stage, the source or the engine failed (or timed out after
@@ -188,30 +215,57 @@ async def sync_weights(
         prefetch_bytes=prefetch_bytes,
         on_partial_failure=on_partial_failure,
     )
-    pipeline = Pipeline([*stages, load], depth, observer=observer)
+    timeline = (
+        None if trace is None else SyncTrace(version=version, engine=engine, observer=observer)
+    )
+    pipeline = Pipeline(
+        [*stages, load], depth, observer=observer if timeline is None else timeline.recorder
+    )
     window = engine.open_window() if isinstance(engine, MeasuresGeneration) else None
     started = time.perf_counter()
     try:
-        run = await pipeline.run(source)
-    except StageError as exc:
-        # The first failure may come from a stage before Load while the engine already
-        # holds part of the sync: the error the caller sees must say so too.
-        if load.report.engine_dirty and not getattr(exc, "engine_dirty", False):
-            exc.engine_dirty = True  # type: ignore[attr-defined]
-            getattr(exc, "add_note", lambda note: None)(
-                f"engine {load.report.engine!r} took part of this sync and cannot roll back: "
-                + (
-                    "it is left paused and marked dirty until a full sync commits"
-                    if on_partial_failure == "keep_paused"
-                    else "it is marked dirty and generation was resumed on it"
+        try:
+            if timeline is not None:
+                timeline.attach()
+            run = await pipeline.run(source)
+        except StageError as exc:
+            # The first failure may come from a stage before Load while the engine already
+            # holds part of the sync: the error the caller sees must say so too.
+            if load.report.engine_dirty and not getattr(exc, "engine_dirty", False):
+                exc.engine_dirty = True  # type: ignore[attr-defined]
+                _add_note(
+                    exc,
+                    f"engine {load.report.engine!r} took part of this sync and cannot roll "
+                    "back: "
+                    + (
+                        "it is left paused and marked dirty until a full sync commits"
+                        if on_partial_failure == "keep_paused"
+                        else "it is marked dirty and generation was resumed on it"
+                    ),
                 )
+            raise
+        finally:
+            if timeline is not None:
+                timeline.detach()  # first: every step it heard ended before the sync did
+            ended = time.perf_counter()
+            measured = window.close() if window is not None else None
+    except (Exception, anyio.get_cancelled_exc_class()) as exc:
+        if timeline is not None and trace is not None:
+            written, why = await _write_trace(timeline, trace, load.report, ended, exc)
+            _add_note(
+                exc,
+                f"the sync's trace is in {written}"
+                if written is not None
+                else f"the sync's trace could not be written to {os.fspath(trace)!r}: {why}",
             )
         raise
-    finally:
-        measured = window.close() if window is not None else None
     generation = measured if isinstance(measured, GenerationMeasurement) else None
-    seconds = time.perf_counter() - started
+    seconds = ended - started
     report = load.report
+    trace_path: Path | None = None
+    trace_error: str | None = None
+    if timeline is not None and trace is not None:
+        trace_path, trace_error = await _write_trace(timeline, trace, report, ended, None)
     return SyncReport(
         version=version,
         mode=mode,
@@ -223,4 +277,39 @@ async def sync_weights(
         seconds=seconds,
         hard_pause_s=report.hard_pause_s,
         generation=generation,
+        trace_path=trace_path,
+        trace_error=trace_error,
     )
+
+
+async def _write_trace(
+    timeline: SyncTrace,
+    path: str | os.PathLike[str],
+    load: LoadReport,
+    end_s: float,
+    error: BaseException | None,
+) -> tuple[Path | None, str | None]:
+    """Write the trace of the sync that ended at ``end_s``, in a worker thread (shielded:
+    a cancelled sync's trace is written too); returns the path, or ``None`` and why not.
+    Never raises an ``Exception``: the sync's own outcome is what the caller must see."""
+    try:
+        with anyio.CancelScope(shield=True):
+            written = await anyio.to_thread.run_sync(
+                lambda: timeline.write(path, load, end_s=end_s, error=error)
+            )
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
+        logger.warning(
+            "the trace of sync v%s could not be written to %r: %s",
+            timeline.version,
+            os.fspath(path),
+            why,
+        )
+        return None, why
+    return written, None
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    add_note = getattr(exc, "add_note", None)  # Python 3.11+
+    if add_note is not None:
+        add_note(note)
