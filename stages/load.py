@@ -5,10 +5,19 @@
 an ``_EngineSync``: the transaction object that owns every engine call of one sync
 (``begin`` before the first bucket, ``load`` for each, ``commit`` after the last, and on
 any failure ``abort`` and ``resume``), the pause state, what the engine accepted, and the
-deadline of each call. The sync mode picks the pause policy (``PAUSE_POLICY``): ``pause``
-pauses when the stage opens, ``prefetch`` when the first bucket is ready to load (or,
-with a ``prefetch_bytes`` look-ahead, once that many bytes or the last bucket are ready,
-so fetch and quantize overlap generation for longer), ``in_flight`` never. Whatever
+deadline of each call. The sync mode picks the pause policy (``PAUSE_POLICY``, through
+``pause_policy``): ``pause`` pauses when the stage opens, ``prefetch`` when the first
+bucket is ready to load (or, with a ``prefetch_bytes`` look-ahead, once that many bytes or
+the last bucket are ready, so fetch and quantize overlap generation for longer),
+``in_flight`` never on an engine that switches a sync's parameters together at commit
+(``SwitchesAtomically``: the local engine). An engine that cannot (SGLang applies each
+bucket to the live model as it arrives) would otherwise run decode steps on a mix of two
+versions, so ``in_flight`` on it means: requests are never aborted or retracted, fetch and
+quantize overlap generation, and the load phase runs under an ``in_place`` pause, entered
+like ``prefetch``'s (``prefetch_bytes=None`` prefetches the whole sync first, so the pause
+is the load alone). An engine that ``PreparesBuckets`` (SGLang: the payload's encoding) is
+given each bucket as it reaches Load, before the pause for it, so the pause holds only
+the engine's own calls; ``LoadReport.pause_phases`` splits the pause into its parts. Whatever
 happens (an engine error, a timeout, a failure upstream, cancellation) ``close`` aborts
 an uncommitted sync and resumes generation, so the engine keeps serving the old version.
 One sync at a time runs on an engine: a second ``Load`` opening on an engine that is in a
@@ -52,9 +61,11 @@ from weightpipe.stages.engines.base import (
     EngineDirtyError,
     EngineError,
     PauseMode,
+    PreparesBuckets,
     SyncMode,
     engine_name,
     engine_rolls_back,
+    engine_switches_atomically,
 )
 
 __all__ = [
@@ -65,8 +76,10 @@ __all__ = [
     "LoadReport",
     "OnPartialFailure",
     "PauseAt",
+    "PausePhases",
     "check_version",
     "engine_is_dirty",
+    "pause_policy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,7 +97,21 @@ PAUSE_POLICY: dict[SyncMode, PauseAt] = {
     "prefetch": "first_load",
     "in_flight": "never",
 }
-"""The pause policy of each sync mode (the one table of it)."""
+"""The pause policy of each sync mode on an engine that switches atomically (the one
+table of it; ``pause_policy`` adds the rule for any other engine)."""
+
+
+def pause_policy(
+    mode: SyncMode, pause_mode: PauseMode, *, switches_atomically: bool
+) -> tuple[PauseAt, PauseMode]:
+    """When a sync in ``mode`` pauses, and how: ``PAUSE_POLICY[mode]`` and ``pause_mode``,
+    except ``in_flight`` on an engine that cannot switch atomically: it pauses like
+    ``prefetch`` (at the first load, after the ``prefetch_bytes`` look-ahead) and always
+    ``in_place``, since ``in_flight`` promises that no request is aborted or retracted."""
+    if mode == "in_flight" and not switches_atomically:
+        return "first_load", "in_place"
+    return PAUSE_POLICY[mode], pause_mode
+
 
 OnPartialFailure = Literal["keep_paused", "resume"]
 """What Load does with an engine that cannot roll back and accepted part of a failed sync:
@@ -136,6 +163,39 @@ class EngineCall:
 
 
 @dataclass(frozen=True)
+class PausePhases:
+    """Where a sync's hard pause went; the four parts add up to ``hard_pause_s``.
+
+    Attributes:
+        first_payload_s: from generation stopping to the first call that hands the sync
+            to the engine (``begin``, else the first ``load``): waiting for the first
+            bucket and encoding its payload inside the pause. Near 0 once buckets are
+            prepared before the pause (``PreparesBuckets``).
+        engine_calls_s: inside the engine's own calls while paused (``begin``, every
+            ``load``, ``commit``; ``abort`` on a failure): what the engine must do paused.
+        between_calls_s: the rest before ``resume``: waiting for later buckets from
+            upstream and preparing them inside the pause (0 when the whole sync was
+            prefetched and prepared first).
+        resume_s: the ``resume`` call (generation restarts when it returns).
+    """
+
+    first_payload_s: float = 0.0
+    engine_calls_s: float = 0.0
+    between_calls_s: float = 0.0
+    resume_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """``{"first_payload": ..., "engine_calls": ..., "between_calls": ..., "resume": ...}``
+        in seconds (for JSON and tables)."""
+        return {
+            "first_payload": self.first_payload_s,
+            "engine_calls": self.engine_calls_s,
+            "between_calls": self.between_calls_s,
+            "resume": self.resume_s,
+        }
+
+
+@dataclass(frozen=True)
 class LoadReport:
     """What one sync did to the engine.
 
@@ -156,7 +216,9 @@ class LoadReport:
         engine_dirty: after this sync the engine holds part of a failed sync it cannot
             roll back (see the module's partial-failure policy).
         left_paused: generation was left paused because the engine is dirty.
-        calls: every engine call of the sync, in order, with its start and end.
+        calls: every engine call of the sync, in order, with its start and end
+            (``prepare of bucket ...`` for an engine that ``PreparesBuckets``).
+        pause_phases: the hard pause split into its parts (``PausePhases``).
     """
 
     engine: str
@@ -175,6 +237,7 @@ class LoadReport:
     engine_dirty: bool = False
     left_paused: bool = False
     calls: tuple[EngineCall, ...] = ()
+    pause_phases: PausePhases = PausePhases()
 
 
 # Engines in a sync, by id() (any object can be a key; an entry lives exactly as long as
@@ -186,6 +249,10 @@ _engines_lock = threading.Lock()
 # Dirty engines, by id(): id -> (the engine, kept alive so its id is not reused; whether
 # it was left paused). Under ``_engines_lock``.
 _dirty_engines: dict[int, tuple[object, bool]] = {}
+
+
+# The calls (by first word of ``EngineCall.what``) that hand the sync to the engine.
+_HANDOVER_CALLS = frozenset({"begin", "load", "commit", "abort"})
 
 
 def engine_is_dirty(engine: object) -> bool:
@@ -216,6 +283,7 @@ class _EngineSync:
     ) -> None:
         self.engine = engine
         self.rolls_back = engine_rolls_back(engine)
+        self.prepares = isinstance(engine, PreparesBuckets)
         self.on_partial_failure: OnPartialFailure = on_partial_failure
         self.dirty = False
         self.left_paused = False
@@ -240,6 +308,11 @@ class _EngineSync:
         self._paused_at = 0.0
         self._hard_pause_s = 0.0
         self._claimed = False
+        # The pause's parts (PausePhases): the first hand-over's start, engine calls and
+        # resume while paused.
+        self._first_handover_s: float | None = None
+        self._paused_calls_s = 0.0
+        self._resume_s = 0.0
 
     def claim(self) -> None:
         """Make this the engine's only sync until ``close``.
@@ -291,6 +364,25 @@ class _EngineSync:
         if self.paused:
             return self._hard_pause_s + time.perf_counter() - self._paused_at
         return self._hard_pause_s
+
+    def pause_phases(self) -> PausePhases:
+        """The hard pause so far, split (see ``PausePhases``)."""
+        total = self.hard_pause_s()
+        first = min(self._first_handover_s or 0.0, total)
+        calls = min(self._paused_calls_s, total - first)
+        resume = min(self._resume_s, total - first - calls)
+        return PausePhases(first, calls, max(total - first - calls - resume, 0.0), resume)
+
+    async def prepare(self, bucket: WeightBucket) -> None:
+        """Let an engine that ``PreparesBuckets`` encode ``bucket`` now (under the deadline).
+
+        Raises:
+            EngineError: the engine failed to prepare it, or did not in time.
+        """
+        if self.prepares:
+            engine = self.engine
+            assert isinstance(engine, PreparesBuckets)
+            await self._call(f"prepare of {bucket.describe()}", lambda: engine.prepare(bucket))
 
     async def pause(self) -> None:
         """Stop generation (once per sync; later calls return at once)."""
@@ -419,13 +511,21 @@ class _EngineSync:
             _dirty_engines[id(self.engine)] = (self.engine, self.left_paused)
 
     async def _resume(self) -> None:
-        await self._call("resume", self.engine.resume)
+        started = time.perf_counter()
+        try:
+            await self._call("resume", self.engine.resume)
+        finally:
+            self._resume_s += time.perf_counter() - started
         self._hard_pause_s += time.perf_counter() - self._paused_at
         self.paused = False
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """One engine call under ``timeout_s``; a timeout becomes an ``EngineError``."""
         started = time.perf_counter()
+        # A call that hands the sync to a paused engine: part of what it must do paused.
+        handover = self.paused and what.split(" ", 1)[0] in _HANDOVER_CALLS
+        if handover and self._first_handover_s is None:
+            self._first_handover_s = max(started - self._paused_at, 0.0)
         error: str | None = None
         try:
             with anyio.fail_after(self.timeout_s):
@@ -439,7 +539,10 @@ class _EngineSync:
             error = type(exc).__name__
             raise
         finally:
-            self.calls.append(EngineCall(what, started, time.perf_counter(), error))
+            ended = time.perf_counter()
+            if handover:
+                self._paused_calls_s += ended - started
+            self.calls.append(EngineCall(what, started, ended, error))
 
 
 def _resolve_timeout(engine: Engine, timeout_s: float | None) -> float:
@@ -462,8 +565,10 @@ class Load(Stage[WeightBucket, WeightBucket]):
 
     Args:
         engine: any ``Engine`` (SGLang adapters, ``LocalEngine``, a test fake).
-        mode: ``pause``, ``prefetch`` (default) or ``in_flight`` (see ``PAUSE_POLICY``).
-        pause_mode: how the engine pauses (``abort``, ``retract``, ``in_place``).
+        mode: ``pause``, ``prefetch`` (default) or ``in_flight`` (see ``pause_policy``).
+        pause_mode: how the engine pauses (``abort``, ``retract``, ``in_place``); an
+            ``in_flight`` sync on an engine that cannot switch atomically pauses
+            ``in_place`` whatever this says (no request is aborted or retracted).
         timeout_s: the deadline of each engine call; a call past it raises a retryable
             ``EngineError`` naming the call and the engine. ``None`` (default): the
             engine's ``default_timeout_s`` attribute, or ``DEFAULT_TIMEOUT_S`` (60 s) of
@@ -473,11 +578,13 @@ class Load(Stage[WeightBucket, WeightBucket]):
             waited for to its end even when the sync is cancelled meanwhile (see
             ``close``), so a cancellation can take up to this long to land.
         version: when given, every bucket must carry this version.
-        prefetch_bytes: ``prefetch`` mode only: how many bytes of buckets to hold back,
-            generation still running, before pausing to load them. 0 (default) pauses
-            at the first bucket; ``None`` holds the whole sync, so the hard pause shrinks
-            to the engine's load phase, at the cost of keeping every bucket of the sync
-            alive at once. Load holds at most ``prefetch_bytes`` plus one bucket.
+        prefetch_bytes: ``prefetch`` mode, and ``in_flight`` on an engine that cannot
+            switch atomically: how many bytes of buckets to hold back, generation still
+            running, before pausing to load them. 0 (default) pauses at the first bucket;
+            ``None`` holds the whole sync, so the hard pause shrinks to the engine's load
+            phase, at the cost of keeping every bucket of the sync alive at once (and,
+            for an engine that ``PreparesBuckets``, its encoded payload). Load holds at
+            most ``prefetch_bytes`` plus one bucket.
         name: the stage's name in the pipeline (default ``"load"``; the pipeline numbers
             a repeated name ``load-2``), so a second Load (a second engine) can say
             which it is in errors and reports.
@@ -539,7 +646,12 @@ class Load(Stage[WeightBucket, WeightBucket]):
         self.name = name
         self.engine = engine
         self.mode: SyncMode = mode
-        self.pause_mode: PauseMode = pause_mode
+        self.switches_atomically = engine_switches_atomically(engine)
+        self.pause_at: PauseAt
+        self.pause_mode: PauseMode
+        self.pause_at, self.pause_mode = pause_policy(
+            mode, pause_mode, switches_atomically=self.switches_atomically
+        )
         self.timeout_s = _resolve_timeout(engine, timeout_s)
         # The pipeline bounds each stage's close; Load's holds an abort and a resume, each
         # under its own deadline, and must not be cut before the resume was sent (the
@@ -547,7 +659,6 @@ class Load(Stage[WeightBucket, WeightBucket]):
         self.close_timeout_s = 2 * self.timeout_s + _CLOSE_SLACK_S
         self.version = version
         self.prefetch_bytes = prefetch_bytes
-        self.pause_at: PauseAt = PAUSE_POLICY[mode]
         self._engine_name = engine_name(engine)
         self._sync: _EngineSync | None = None
         self._last_report: LoadReport | None = None
@@ -556,7 +667,7 @@ class Load(Stage[WeightBucket, WeightBucket]):
     def _start_stream(self) -> None:
         self._sync_version: int | None = None
         self._received = 0
-        self._holding = self.mode == "prefetch"
+        self._holding = self.pause_at == "first_load"
         self._held: list[WeightBucket] = []
         self._held_bytes = 0
 
@@ -587,6 +698,7 @@ class Load(Stage[WeightBucket, WeightBucket]):
             engine_dirty=engine_is_dirty(self.engine) if sync is None else sync.dirty,
             left_paused=sync is not None and sync.left_paused,
             calls=() if sync is None else tuple(sync.calls),
+            pause_phases=PausePhases() if sync is None else sync.pause_phases(),
         )
 
     async def open(self) -> None:
@@ -625,12 +737,14 @@ class Load(Stage[WeightBucket, WeightBucket]):
                 raise
 
     async def process(self, item: WeightBucket) -> AsyncIterator[WeightBucket]:
-        """Load the buckets ready to load: this one, or in ``prefetch`` mode those held back
-        until the look-ahead budget or the last bucket is reached; pause first if the
-        policy says so."""
+        """Load the buckets ready to load: this one, or when the policy pauses at the first
+        load, those held back until the look-ahead budget or the last bucket is reached;
+        pause first if the policy says so. Each bucket is prepared as it arrives (an
+        engine that ``PreparesBuckets``), so before the pause for it."""
         sync = self._current()
         bucket = self._check(item, sync)
         await sync.check_version(bucket.version)  # before the engine is touched
+        await sync.prepare(bucket)
         ready = self._admit(bucket)
         if ready and self.pause_at == "first_load":
             await sync.pause()

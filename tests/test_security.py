@@ -141,13 +141,6 @@ async def test_the_api_key_appears_in_no_error_log_report_or_repr(
         assert API_KEY not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stages/engines/sglang/http.py puts the server's message into EngineError "
-    "unredacted (_message(response)); a server or proxy that reflects the request headers "
-    "leaks the bearer key into the error. Fix: redact the api_key (and 'Bearer <key>') "
-    "from every server-provided text before it enters an error or log line.",
-)
 async def test_a_server_reflecting_the_headers_does_not_leak_the_key(server: _Server) -> None:
     server.script = _Script(status=400, echo_headers=True)
     async with SGLangHTTPEngine(server.url, api_key=API_KEY, backoff_s=0) as engine:

@@ -44,13 +44,16 @@ __all__ = [
     "EngineError",
     "MeasuresGeneration",
     "PauseMode",
+    "PreparesBuckets",
     "RollsBack",
+    "SwitchesAtomically",
     "SyncMode",
     "TakesFlatBuckets",
     "WireSpec",
     "WritesWireBuffer",
     "engine_name",
     "engine_rolls_back",
+    "engine_switches_atomically",
     "retry_within_deadline",
     "wire_spec_of",
 ]
@@ -64,8 +67,12 @@ PAUSE_MODES: tuple[PauseMode, ...] = get_args(PauseMode)
 
 SyncMode = Literal["pause", "prefetch", "in_flight"]
 """``pause``: pause for the whole sync. ``prefetch``: fetch and quantize run during
-generation, pause from the first load. ``in_flight``: never pause; buckets are applied
-between decode steps."""
+generation, pause from the first load. ``in_flight``: requests are never aborted or
+retracted: on an engine that ``SwitchesAtomically`` (the local engine) generation never
+pauses and all of the sync's parameters switch together at commit, between two decode
+steps; on any other (SGLang, which applies each bucket as it arrives) fetch and quantize
+overlap generation and the load phase runs under an ``in_place`` pause, so no decode step
+reads two versions (see ``stages/load.py``)."""
 SYNC_MODES: tuple[SyncMode, ...] = get_args(SyncMode)
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -150,6 +157,50 @@ class RollsBack(Protocol):
 def engine_rolls_back(engine: object) -> bool:
     """True only for an engine that declares ``rolls_back = True`` (see ``RollsBack``)."""
     return getattr(engine, "rolls_back", False) is True
+
+
+@runtime_checkable
+class SwitchesAtomically(Protocol):
+    """Whether an engine keeps serving the old weights until ``commit`` switches all of a
+    sync's parameters at once, between two decode steps.
+
+    Only such an engine may take buckets while it generates without a decode step reading
+    two versions; Load pauses any other (``in_place`` in ``in_flight`` mode) for as long
+    as it takes buckets. The SGLang adapters declare False: SGLang applies each bucket to
+    the live parameters as it arrives, with no switch at the end.
+    """
+
+    switches_atomically: bool
+
+
+def engine_switches_atomically(engine: object) -> bool:
+    """Whether ``engine`` switches a sync's parameters together at commit.
+
+    An engine's own ``switches_atomically`` (a bool) decides. Without one, an engine that
+    ``rolls_back`` is taken to (it can undo a sync only because it stages the buckets
+    until commit, which is the switch); any other is taken to apply each bucket as it
+    arrives, so it is paused while it takes them.
+    """
+    declared = getattr(engine, "switches_atomically", None)
+    if isinstance(declared, bool):
+        return declared
+    return engine_rolls_back(engine)
+
+
+@runtime_checkable
+class PreparesBuckets(Protocol):
+    """An engine that can do its per-bucket work that does not touch the engine itself
+    (encoding the bucket's payload: SGLang's pickled shared-memory or CUDA-IPC handles)
+    ahead of ``load``.
+
+    Load calls ``prepare`` as each bucket reaches it, before it pauses generation for the
+    bucket (with a ``prefetch_bytes`` look-ahead, every held bucket is prepared while the
+    engine still generates), so the pause holds only what the engine must do while
+    paused. ``load`` then sends what was prepared; a bucket that was not prepared is
+    encoded in ``load`` as before. ``prepare`` must not change what the engine serves.
+    """
+
+    async def prepare(self, bucket: WeightBucket) -> None: ...
 
 
 class GenerationWindowLike(Protocol):

@@ -19,6 +19,13 @@ our client sent. Faults are injected by counters and events, never by timing: an
 times, refuse with success=false, hang until released. The distributed endpoints delegate to
 an optional receiver object (see sglang_receiver and
 tests/stages/engines/sglang/test_distributed.py).
+
+It also records what a loader must never do: every weight update that arrives while
+generation is not paused (``unpaused_updates``: SGLang would apply it between two decode
+steps of the running batch, which would then read two weight versions). An update's
+``weight_version`` is taken only when the whole call succeeded, and the answer then says
+" Weight version updated to <v>." as SGLang 0.5.23's tokenizer manager appends it
+(``confirms_weight_version=False``: a server that takes the field without saying so).
 """
 
 from __future__ import annotations
@@ -101,6 +108,11 @@ FIELDS_0523: dict[str, set[str]] = {
 # the parsed JSON body, stored by the middleware
 _BODY: web.RequestKey[dict[str, Any]] = web.RequestKey("body", dict)
 
+# The endpoints that change the served weights.
+_UPDATE_PATHS = frozenset(
+    {"/update_weights_from_tensor", "/update_weights_from_distributed", "/update_weights_from_disk"}
+)
+
 
 @dataclass
 class Call:
@@ -134,6 +146,8 @@ class SGLangHTTPDouble:
             remain unless generation is paused in abort or retract mode.
         version_in_server_info: report ``version`` in server info (False: hide it, so a
             client has to probe for sessions).
+        confirms_weight_version: say "Weight version updated to <v>." in the answer of an
+            update that carried ``weight_version`` (False: take it silently).
     """
 
     def __init__(
@@ -145,6 +159,7 @@ class SGLangHTTPDouble:
         api_key: str | None = None,
         running_requests: int = 0,
         version_in_server_info: bool = True,
+        confirms_weight_version: bool = True,
     ) -> None:
         self.spec = dict(spec)
         self.behave_like: Behaviour = behave_like
@@ -152,6 +167,9 @@ class SGLangHTTPDouble:
         self.api_key = api_key
         self.running_requests = running_requests
         self.version_in_server_info = version_in_server_info
+        self.confirms_weight_version = confirms_weight_version
+        self.unpaused_updates: list[str] = []
+        """Paths of weight updates that arrived while generation was not paused."""
         self.weights: dict[str, torch.Tensor] = {}
         self.weight_version = "default"
         self.session_open = False
@@ -276,6 +294,11 @@ class SGLangHTTPDouble:
     def paths(self) -> list[str]:
         return [c.path for c in self.calls if c.authorized]
 
+    @property
+    def updated_while_generating(self) -> bool:
+        """Whether any weight update arrived while generation was not paused."""
+        return bool(self.unpaused_updates)
+
     # -- handlers ----------------------------------------------------------------------
 
     @web.middleware
@@ -298,6 +321,8 @@ class SGLangHTTPDouble:
         self.calls.append(Call(request.method, request.path, logged, authorized))
         if not authorized:
             return web.json_response({"error": "Unauthorized"}, status=401)
+        if request.path in _UPDATE_PATHS and self.paused is None:
+            self.unpaused_updates.append(request.path)
         path = request.path
         if path in self.faults.hang:
             self._entered_hang.set()
@@ -387,15 +412,18 @@ class SGLangHTTPDouble:
         for name, tensor in per_rank[0]:
             self.weights[name] = tensor.clone()
         self.updates.append([[(n, t.clone()) for n, t in r] for r in per_rank])
-        if body.get("weight_version") is not None:
-            self.weight_version = str(body["weight_version"])
         if body.get("flush_cache", True) and not self._flush_allowed():
             return _answer(
                 False,
                 "Weights were updated, but the cache was not flushed because requests are "
                 "still running or queued. Retract or finish them, then call /flush_cache.",
             )
-        return _answer(True, "Success")
+        message = "Success"
+        if body.get("weight_version") is not None:
+            self.weight_version = str(body["weight_version"])
+            if self.confirms_weight_version:
+                message += f" Weight version updated to {body['weight_version']}."
+        return _answer(True, message)
 
     def _check(self, tensors: list[tuple[str, torch.Tensor]]) -> str | None:
         return check_against_spec(self.spec, tensors)

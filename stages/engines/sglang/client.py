@@ -10,7 +10,22 @@ close, or after a begin that timed out, still closes it), the bucket rule (every
 with ``flush_cache=false``, one flush at commit, a flush per bucket failing while requests
 run), the commit order (end the session, flush once, only then set the weight version, so
 a failed sync never reports the new version), the CUDA readiness rule of ``wire`` and the
-payload encoding in a worker thread. A transport only carries one attempt of one SGLang
+payload encoding in a worker thread.
+
+The pause holds only what the server must do paused. ``prepare`` (called by Load before
+it pauses for a bucket) detects sessions and encodes the bucket's payload, so the first
+call inside the pause is the begin and every update is sent as soon as it may be. Calls
+are folded where the server takes them in one: the sync's last update carries the flush
+(``flush_cache=true``; a flush it refuses because requests run leaves the weights in and
+falls back to one flush at commit) and, without a session, where the transport's update
+takes ``weight_version`` and the server is one whose update request has that field (a
+reported version >= 0.5.12), the version too; the server confirms it in its answer ("Weight
+version updated to ..."), and a server that does not is sent ``update_weight_version`` and
+not asked again. With a session the version is never folded: the update would set it
+before ``end_weight_update`` confirmed the close. Under an ``in_place`` pause the running
+requests stay in the batch and SGLang refuses every flush while any run, so the flush is
+tried once and a refusal is logged, not fatal (the radix cache keeps prefixes computed by
+the old version). A transport only carries one attempt of one SGLang
 operation: ``HTTPTransport`` (httpx, in ``http``) and ``EngineTransport`` (the blocking
 ``sglang.Engine`` methods in a worker thread, in ``inprocess``). No deadline is set here:
 Load gives every engine call one, and a transport sizes its own wait from what is left.
@@ -64,9 +79,20 @@ LOAD_FORMATS: tuple[LoadFormat, ...] = ("flattened_bucket", "named_tensors")
 SESSION_MIN_VERSION = (0, 5, 23)
 """The first SGLang that refuses tensor updates outside a weight-update session."""
 
+FOLD_VERSION_MIN_VERSION = (0, 5, 12)
+"""The oldest SGLang whose ``UpdateWeightsFromTensorReqInput`` is known to carry
+``weight_version`` (0.5.12 and 0.5.23 both do); an older or unknown server is sent
+``update_weight_version`` instead."""
+
+_VERSION_CONFIRMED = re.compile(r"weight version updated to (\S+?)\.?(\s|$)", re.I)
+
 # SGLang's answers when a flush was refused because requests still run (the update itself
 # succeeded, or it was the flush): repeating the flush once they finish may succeed.
 _CACHE_NOT_FLUSHED = re.compile(r"not (been )?flushed|running or (queued|waiting)", re.I)
+
+
+_FLUSH_REFUSED = object()
+"""What ``request`` returns for an update whose folded flush was refused."""
 
 
 def parse_version(text: str) -> tuple[int, ...] | None:
@@ -107,6 +133,10 @@ class SGLangTransport(Protocol):
     serializes_named_tensors: bool
     """Whether ``named_tensors`` payloads must be pickled per rank by the client (HTTP) or
     are passed as tensors for the engine to serialize (in-process)."""
+    update_takes_weight_version: bool
+    """Whether ``update_weights_from_tensor`` through this transport has a
+    ``weight_version`` field (SGLang's HTTP request does; ``Engine``'s method does not, and
+    the in-process transport keeps the version itself, at no cost)."""
 
     def sessions_by_capability(self) -> bool | None:
         """Whether the engine has weight-update sessions, when known without a call."""
@@ -182,6 +212,16 @@ class SGLangClient:
         self._needs_session: bool | None = {"on": True, "off": False, "auto": None}[session]
         self._session_open = False
         self._encode_limiter = anyio.CapacityLimiter(1)
+        # Payloads encoded before the pause: (version, index) -> (bucket, request fields).
+        self._prepared: dict[tuple[int, int], tuple[WeightBucket, dict[str, Any]]] = {}
+        # How the server is paused now (a flush cannot succeed under in_place with requests).
+        self._paused_mode: PauseMode | None = None
+        # Whether the last update may carry weight_version (None: not decided yet).
+        self._folds_version: bool | None = None
+        # What the sync's last update already did (reset at begin).
+        self._flushed = False
+        self._flush_refused = False
+        self._version_set: int | None = None
 
     def wire_spec(self) -> WireSpec | None:
         """How this client sends a bucket: one flat buffer with 16-byte starts for
@@ -213,9 +253,12 @@ class SGLangClient:
         *,
         tensors: Sequence[str] = (),
         retry: bool = True,
+        flush_refused_ok: bool = False,
     ) -> Any:
         """``op`` through the transport, repeated after retryable failures (``retry``)
-        within the caller's deadline and ``1 + retries`` attempts.
+        within the caller's deadline and ``1 + retries`` attempts. ``flush_refused_ok``:
+        an update whose own flush was refused because requests run is not repeated (its
+        weights are in): ``_FLUSH_REFUSED`` is returned instead.
 
         Raises:
             EngineError: the last failure (``OperationMissing`` when the engine lacks ``op``);
@@ -228,7 +271,12 @@ class SGLangClient:
         async def attempt() -> Any:
             nonlocal attempts
             attempts += 1
-            return await self.transport.call(op, body, tensors=tensors)
+            try:
+                return await self.transport.call(op, body, tensors=tensors)
+            except EngineError as exc:
+                if flush_refused_ok and _CACHE_NOT_FLUSHED.search(str(exc)):
+                    return _FLUSH_REFUSED
+                raise
 
         try:
             return await retry_within_deadline(
@@ -260,12 +308,53 @@ class SGLangClient:
         await self.request("end_weight_update")
         self._session_open = False  # only now: the engine confirmed the close
 
+    async def _detect_version_fold(self) -> bool:
+        """Whether the last update may carry ``weight_version`` (see the module)."""
+        if self._folds_version is None:
+            fold = False
+            if self.transport.update_takes_weight_version:
+                if self.server_version is None:
+                    try:
+                        info = await self.request("get_server_info")
+                    except OperationMissing:
+                        info = None
+                    if isinstance(info, dict) and info.get("version"):
+                        self.server_version = str(info["version"])
+                parsed = parse_version(self.server_version or "")
+                fold = parsed is not None and parsed[:3] >= FOLD_VERSION_MIN_VERSION
+            self._folds_version = fold
+        return self._folds_version
+
+    async def prepare(self, bucket: WeightBucket) -> None:
+        """Everything about ``bucket`` that need not wait for the pause: detect sessions
+        and what the last update may carry (once), and encode the payload (in a worker
+        thread), which ``load`` then sends as it is.
+
+        Raises:
+            EngineError: the server could not be asked what it supports.
+        """
+        await self._detect_sessions()
+        await self._detect_version_fold()
+        if not bucket.tensors:
+            return
+        await wire.wait_written(bucket)
+        fields = await anyio.to_thread.run_sync(
+            self._encode, list(bucket.tensors), bucket.buffer, limiter=self._encode_limiter
+        )
+        # Payloads of an earlier (failed) sync are never sent: drop them.
+        stale = [key for key in self._prepared if key[0] != bucket.version]
+        for key in stale:
+            del self._prepared[key]
+        self._prepared[(bucket.version, bucket.index)] = (bucket, fields)
+
     async def begin(self, version: int) -> None:
         """Open a weight-update session where the engine needs one.
 
         Raises:
             EngineError: the engine is unreachable or refuses the session.
         """
+        self._flushed = self._flush_refused = False
+        self._version_set = None
         if self._session_open:
             # An abort that could not close the last session: close it now, and if the
             # engine says there is none, the begin below tells whether it is free.
@@ -316,7 +405,9 @@ class SGLangClient:
         return self.transport.tensor_fields(self.load_format, payloads, tensors)
 
     async def load(self, bucket: WeightBucket) -> None:
-        """Send one bucket as ``update_weights_from_tensor`` with ``flush_cache=false``.
+        """Send one bucket as ``update_weights_from_tensor`` with ``flush_cache=false``;
+        the sync's last bucket carries the flush (and, where the module says, the
+        version) instead. A bucket ``prepare`` encoded is sent as it was encoded.
 
         Raises:
             EngineError: the engine refused the bucket (naming the tensor when its message
@@ -324,13 +415,44 @@ class SGLangClient:
         """
         if not bucket.tensors:
             return
-        await wire.wait_written(bucket)
-        # The pickler copies CPU tensors into shared memory: heavy, so off the loop.
-        fields = await anyio.to_thread.run_sync(
-            self._encode, list(bucket.tensors), bucket.buffer, limiter=self._encode_limiter
+        entry = self._prepared.pop((bucket.version, bucket.index), None)
+        if entry is not None and entry[0] is bucket:
+            fields = entry[1]
+        else:
+            await wire.wait_written(bucket)
+            # The pickler copies CPU tensors into shared memory: heavy, so off the loop.
+            fields = await anyio.to_thread.run_sync(
+                self._encode, list(bucket.tensors), bucket.buffer, limiter=self._encode_limiter
+            )
+        op = "update_weights_from_tensor"
+        flush = bucket.is_last and self.flush_cache_on_commit
+        version = (
+            str(bucket.version)
+            if bucket.is_last and not self._session_open and self._folds_version
+            else None
         )
-        fields["flush_cache"] = False
-        await self.request("update_weights_from_tensor", fields, tensors=bucket.names)
+        fields["flush_cache"] = flush
+        if version is not None:
+            fields["weight_version"] = version
+        answer = await self.request(op, fields, tensors=bucket.names, flush_refused_ok=flush)
+        if answer is _FLUSH_REFUSED:
+            # The weights are in; the flush waits for commit (the version too: the server
+            # set it only if the whole call succeeded).
+            self._flush_refused = True
+            return
+        self._flushed = flush
+        if version is not None:
+            message = str(answer.get("message", "")) if isinstance(answer, dict) else ""
+            confirmed = _VERSION_CONFIRMED.search(message)
+            if confirmed is not None and confirmed.group(1) == version:
+                self._version_set = bucket.version
+            else:
+                log.info(
+                    "%s: the server did not confirm weight_version on an update; setting "
+                    "it with update_weight_version from now on",
+                    self.name,
+                )
+                self._folds_version = False
 
     # -- the end of a sync -----------------------------------------------------------
 
@@ -343,10 +465,33 @@ class SGLangClient:
         """
         if self._session_open:
             await self._end_session()
-        if self.flush_cache_on_commit:
+        if self.flush_cache_on_commit and not self._flushed:
+            await self._flush()
+        if self._version_set != version:
+            await self.request(
+                "update_weight_version", {"new_version": str(version), "abort_all_requests": False}
+            )
+        self._flushed = self._flush_refused = False
+        self._version_set = None
+
+    async def _flush(self) -> None:
+        """Flush the radix cache once (retried), or under an ``in_place`` pause, where
+        SGLang refuses a flush while requests run, try it once and log a refusal."""
+        if self._paused_mode != "in_place":
             await self.request("flush_cache")
-        await self.request(
-            "update_weight_version", {"new_version": str(version), "abort_all_requests": False}
+            return
+        if not self._flush_refused:  # a refusal of the folded flush would only repeat
+            try:
+                await self.request("flush_cache", retry=False)
+                return
+            except EngineError as exc:
+                if not cache_not_flushed("flush_cache", str(exc)):
+                    raise
+        log.warning(
+            "%s: the radix cache was not flushed: requests stay in the batch under an "
+            "in_place pause and SGLang flushes only when none runs; cached prefixes "
+            "computed by the old weights may be reused",
+            self.name,
         )
 
     async def abort(self, version: int) -> None:
@@ -359,6 +504,9 @@ class SGLangClient:
             EngineError: the close failed (the session stays marked open; the next
                 ``begin`` tries to close it again).
         """
+        self._prepared.clear()
+        self._flushed = self._flush_refused = False
+        self._version_set = None
         if self._session_open:
             await self._end_session()
 
@@ -381,6 +529,7 @@ class SGLangClient:
             EngineError: the engine refused or could not be reached.
         """
         await self.request("pause_generation", {"mode": mode})
+        self._paused_mode = mode
 
     async def resume(self) -> None:
         """``continue_generation``.
@@ -389,6 +538,7 @@ class SGLangClient:
             EngineError: the engine refused or could not be reached.
         """
         await self.request("continue_generation")
+        self._paused_mode = None
 
     # -- the distributed update group (driven by SGLangDistributedEngine) -------------
     # Never retried: each pairs with a rendezvous or a broadcast that happens once.

@@ -10,7 +10,9 @@ a failed sync never reports the new version. No timeout is layered on top: Load 
 every call a deadline and one attempt waits at most what that deadline leaves (else
 ``default_timeout_s``). Tensor payloads are shared-memory or CUDA-IPC handles (see
 ``wire``), so this path needs the trainer and the server on the same node; across nodes
-use ``SGLangDistributedEngine``.
+use ``SGLangDistributedEngine``. Server-provided text (a refusal's message, a body) enters
+an error or a log line only with the api key redacted, since a server or a proxy may
+reflect the request's headers.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class HTTPTransport:
     """
 
     serializes_named_tensors = True
+    update_takes_weight_version = True  # UpdateWeightsFromTensorReqInput.weight_version
 
     def __init__(
         self,
@@ -86,8 +89,18 @@ class HTTPTransport:
         self.url = url.rstrip("/")
         self.default_timeout_s = default_timeout_s
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._secret = api_key or None
         self._client = client
         self._owns_client = client is None
+
+    def redact(self, text: str) -> str:
+        """``text`` with the api key replaced by ``[redacted]`` (for server-provided text)."""
+        if self._secret is None:
+            return text
+        return text.replace(self._secret, "[redacted]")
+
+    def _message(self, response: httpx.Response) -> str:
+        return self.redact(_message(response))
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -139,22 +152,23 @@ class HTTPTransport:
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # refused, reset
             raise EngineError(
                 self.name,
-                f"{path}: cannot reach {self.url} ({type(exc).__name__}: {exc})",
+                f"{path}: cannot reach {self.url} ({type(exc).__name__}: {self.redact(str(exc))})",
                 retryable=True,
             ) from exc
         except httpx.HTTPError as exc:  # a request httpx cannot make: repeating won't help
             raise EngineError(
-                self.name, f"{path}: request failed ({type(exc).__name__}: {exc})"
+                self.name,
+                f"{path}: request failed ({type(exc).__name__}: {self.redact(str(exc))})",
             ) from exc
         status = response.status_code
         if status in _RETRY_STATUS:
             raise EngineError(
-                self.name, f"{path} answered {status}: {_message(response)}", retryable=True
+                self.name, f"{path} answered {status}: {self._message(response)}", retryable=True
             )
         if status in _AUTH_STATUS:
             raise EngineError(
                 self.name,
-                f"{path} refused the credentials ({status}): {_message(response)}; "
+                f"{path} refused the credentials ({status}): {self._message(response)}; "
                 "check api_key against the server's --api-key",
             )
         if status == 404:
@@ -164,7 +178,7 @@ class HTTPTransport:
         if ok and isinstance(payload, dict) and payload.get("success") is False:
             ok = False
         if not ok:
-            message = _message(response)
+            message = self._message(response)
             refused = status == 400 or status < 300
             raise EngineError(
                 self.name,
@@ -185,7 +199,9 @@ class HTTPTransport:
                 continue
             payload = _json(response)
             if not isinstance(payload, dict):
-                raise EngineError(self.name, f"{path} answered non-JSON: {response.text[:200]}")
+                raise EngineError(
+                    self.name, f"{path} answered non-JSON: {self.redact(response.text[:200])}"
+                )
             return payload
         assert last is not None
         raise last
@@ -228,6 +244,9 @@ class SGLangHTTPEngine:
 
     name = "sglang_http"
     default_timeout_s: float = 60.0
+    switches_atomically = False
+    """SGLang applies each bucket to the live model as it arrives (``SwitchesAtomically``):
+    Load pauses it while it takes buckets, ``in_place`` in ``in_flight`` mode."""
 
     def __init__(
         self,
@@ -297,6 +316,16 @@ class SGLangHTTPEngine:
         return self.client.wire_spec()
 
     # -- Engine protocol: SGLangClient does the work ----------------------------------
+
+    async def prepare(self, bucket: WeightBucket) -> None:
+        """Encode the bucket's payload before Load pauses for it (``PreparesBuckets``),
+        and, once, ask the server what it supports (sessions, ``weight_version`` on an
+        update); nothing the server serves changes.
+
+        Raises:
+            EngineError: the server could not be reached.
+        """
+        await self.client.prepare(bucket)
 
     async def begin(self, version: int) -> None:
         """Open a weight-update session where the server needs one.

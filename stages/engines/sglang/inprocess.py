@@ -81,6 +81,7 @@ class EngineTransport:
     """
 
     serializes_named_tensors = False  # Engine.update_weights_from_tensor pickles per rank
+    update_takes_weight_version = False  # the version is kept here, at no cost
 
     def __init__(
         self,
@@ -219,6 +220,9 @@ class SGLangEngine:
 
     name = "sglang_engine"
     default_timeout_s: float = 600.0
+    switches_atomically = False
+    """SGLang applies each bucket to the live model as it arrives (``SwitchesAtomically``):
+    Load pauses it while it takes buckets, ``in_place`` in ``in_flight`` mode."""
 
     def __init__(
         self,
@@ -276,6 +280,16 @@ class SGLangEngine:
         return self.client.wire_spec()
 
     # -- Engine protocol: SGLangClient does the work ----------------------------------
+
+    async def prepare(self, bucket: WeightBucket) -> None:
+        """Encode a flattened bucket's payload before Load pauses for it
+        (``PreparesBuckets``); builds the Engine first if needed.
+
+        Raises:
+            ImportError: the Engine has to be built and sglang is missing.
+        """
+        await self.open()  # sessions are detected by the Engine's capability
+        await self.client.prepare(bucket)
 
     async def begin(self, version: int) -> None:
         """Open a weight-update session where the Engine has them.

@@ -12,6 +12,8 @@ fault ending in one clear EngineError with the version unchanged.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import threading
 from collections.abc import Iterator
@@ -25,8 +27,10 @@ from tests.fakes.sglang_model import SessionRefusal
 from tests.helpers import bits
 from tests.stages.engines.sglang.drive import WaitRecordingEvent, failed_sync, load_sync
 from weightpipe.stages._layout import flatten, unflatten
+from weightpipe.pipeline import Pipeline
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine
+from weightpipe.stages.load import Load
 from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine, parse_version, uses_sessions
 
 
@@ -101,23 +105,144 @@ async def test_sync_is_bit_identical_on_both_sglang_versions(
 
 async def test_request_sequence_on_0523(double: SGLangHTTPDouble) -> None:
     async with SGLangHTTPEngine(double.url) as engine:
-        await load_sync(engine, _buckets(3))
+        await load_sync(engine, _buckets(3), mode="prefetch", pause_mode="retract")
     assert double.paths() == [
         "/model_info",  # Load checks the version before touching the engine
-        "/server_info",
+        "/server_info",  # asked once, before the pause (prepare)
+        "/pause_generation",
         "/begin_weight_update",
         "/update_weights_from_tensor",
-        "/update_weights_from_tensor",
+        "/update_weights_from_tensor",  # carries the flush
         "/end_weight_update",
-        "/flush_cache",
-        "/update_weight_version",
+        "/update_weight_version",  # never folded in a session: only after the close
+        "/continue_generation",
     ]
     updates = [c.body for c in double.calls if c.path == "/update_weights_from_tensor"]
-    assert all(body["flush_cache"] is False for body in updates)
+    assert [body["flush_cache"] for body in updates] == [False, True]
     assert all(body["load_format"] == "flattened_bucket" for body in updates)
     assert all("weight_version" not in body for body in updates)  # set once, at commit
     version_call = next(c for c in double.calls if c.path == "/update_weight_version")
     assert version_call.body == {"new_version": "3", "abort_all_requests": False}
+
+
+async def test_request_sequence_on_0512_folds_flush_and_version(
+    double_0512: SGLangHTTPDouble,
+) -> None:
+    async with SGLangHTTPEngine(double_0512.url) as engine:
+        await load_sync(engine, _buckets(3), mode="prefetch", pause_mode="retract")
+        assert await engine.version() == 3
+    paths = double_0512.paths()
+    inside = paths[paths.index("/pause_generation") + 1 : paths.index("/continue_generation")]
+    # Without a session the last update is the last step: it carries flush and version.
+    assert inside == ["/update_weights_from_tensor", "/update_weights_from_tensor"]
+    updates = [c.body for c in double_0512.calls if c.path == "/update_weights_from_tensor"]
+    assert [body["flush_cache"] for body in updates] == [False, True]
+    assert [body.get("weight_version") for body in updates] == [None, "3"]
+    assert double_0512.weight_version == "3"
+    _assert_applied(double_0512, _model())
+
+
+async def test_a_server_that_does_not_confirm_the_version_is_sent_it_separately() -> None:
+    with SGLangHTTPDouble(_spec(), behave_like="0.5.12", confirms_weight_version=False) as server:
+        async with SGLangHTTPEngine(server.url) as engine:
+            await load_sync(engine, _buckets(1), mode="prefetch")
+            await load_sync(engine, _buckets(2), mode="prefetch")
+            assert await engine.version() == 2
+        updates = [c.body for c in server.calls if c.path == "/update_weights_from_tensor"]
+        # tried once, unconfirmed: set with /update_weight_version, and not folded again
+        assert [body.get("weight_version") for body in updates] == [None, "1", None, None]
+        versions = [c.body["new_version"] for c in server.calls if c.path.endswith("version")]
+        assert versions == ["1", "2"]
+
+
+async def test_an_old_or_unknown_server_is_never_sent_weight_version() -> None:
+    with SGLangHTTPDouble(_spec(), behave_like="0.5.12", version_in_server_info=False) as server:
+        async with SGLangHTTPEngine(server.url) as engine:
+            await load_sync(engine, _buckets(1), mode="prefetch")
+            assert await engine.version() == 1
+        updates = [c.body for c in server.calls if c.path == "/update_weights_from_tensor"]
+        assert all("weight_version" not in body for body in updates)
+        assert "/update_weight_version" in server.paths()
+
+
+# -- the pause holds only what the server must do paused ----------------------------------
+
+
+@pytest.mark.parametrize("prefetch_bytes", [0, None])
+async def test_payloads_are_encoded_before_the_pause(
+    double: SGLangHTTPDouble, prefetch_bytes: int | None
+) -> None:
+    async with SGLangHTTPEngine(double.url) as engine:
+        load = Load(engine, mode="prefetch", prefetch_bytes=prefetch_bytes)
+        await Pipeline([load], depth=2).run(_buckets(1))
+    kinds = [call.kind for call in load.report.calls]
+    paused = kinds.index("pause")
+    # Every bucket of a whole-sync prefetch, else the first one, was encoded first; the
+    # first call inside the pause hands the sync to the server.
+    assert kinds[:paused].count("prepare") == (2 if prefetch_bytes is None else 1)
+    assert kinds[paused + 1] == "begin"
+    assert kinds[-1] == "resume"
+    paths = double.paths()
+    assert paths.index("/server_info") < paths.index("/pause_generation")  # asked first
+    _assert_applied(double, _model())
+
+
+async def test_pause_phases_add_up_to_the_hard_pause(double: SGLangHTTPDouble) -> None:
+    async with SGLangHTTPEngine(double.url) as engine:
+        report = await load_sync(engine, _buckets(1), mode="prefetch")
+    phases = report.pause_phases
+    parts = phases.as_dict()
+    assert set(parts) == {"first_payload", "engine_calls", "between_calls", "resume"}
+    assert all(value >= 0.0 for value in parts.values())
+    assert math.isclose(sum(parts.values()), report.hard_pause_s, rel_tol=1e-9, abs_tol=1e-12)
+    assert phases.engine_calls_s > 0.0 and phases.resume_s > 0.0
+    # The calls inside the pause (begin, two updates, commit) are the engine_calls part.
+    paused = [c for c in report.calls if c.kind in {"begin", "load", "commit"}]
+    assert math.isclose(
+        phases.engine_calls_s, sum(c.end_s - c.start_s for c in paused), rel_tol=1e-9
+    )
+
+
+# -- no update reaches a generating server ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["in_flight", "prefetch", "pause"])
+async def test_no_update_arrives_while_the_server_generates(
+    double: SGLangHTTPDouble, mode: str
+) -> None:
+    async with SGLangHTTPEngine(double.url) as engine:
+        for version in (1, 2, 3):
+            report = await load_sync(engine, _buckets(version), mode=mode)  # type: ignore[arg-type]
+            assert report.committed
+    assert double.paths().count("/update_weights_from_tensor") == 6
+    assert double.unpaused_updates == []
+    assert not double.updated_while_generating
+    assert double.paused is None
+
+
+async def test_in_flight_never_aborts_or_retracts_requests(double: SGLangHTTPDouble) -> None:
+    async with SGLangHTTPEngine(double.url) as engine:
+        report = await load_sync(engine, _buckets(1), mode="in_flight", pause_mode="retract")
+    assert report.pause_mode == "in_place"
+    pauses = [c.body for c in double.calls if c.path == "/pause_generation"]
+    assert pauses == [{"mode": "in_place"}]
+    assert report.hard_pause_s > 0.0
+
+
+async def test_the_recorder_flags_an_update_sent_without_a_pause(
+    double: SGLangHTTPDouble,
+) -> None:
+    # The path Load no longer takes (buckets straight into a generating server) is caught.
+    async with SGLangHTTPEngine(double.url) as engine:
+        await engine.begin(1)
+        first, second = _buckets(1)
+        await engine.load(first)
+        await engine.pause("in_place")
+        await engine.load(second)
+        await engine.commit(1)
+        await engine.resume()
+    assert double.unpaused_updates == ["/update_weights_from_tensor"]
+    assert double.updated_while_generating
 
 
 async def test_no_sessions_on_0512(double_0512: SGLangHTTPDouble) -> None:
@@ -217,7 +342,9 @@ async def test_session_on_against_0512_names_the_missing_endpoint(
     async with SGLangHTTPEngine(double_0512.url, session="on") as engine:
         error, _ = await failed_sync(engine, _buckets(1))
     assert re.search(r"/begin_weight_update does not exist", str(error))
-    assert "/server_info" not in double_0512.paths()  # forced: no detection
+    # forced: no probe, and no session detection from the version it reports
+    assert double_0512.paths().count("/begin_weight_update") == 1
+    assert engine.needs_session() is True
 
 
 async def test_failed_end_weight_update_is_closed_by_the_abort(double: SGLangHTTPDouble) -> None:
@@ -263,25 +390,43 @@ async def test_pause_modes(double: SGLangHTTPDouble, mode: str) -> None:
     assert pause.body == {"mode": mode}
 
 
-async def test_flush_refused_while_requests_run_in_place() -> None:
+async def test_flush_refused_while_requests_run_in_place(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Under an in_place pause the requests stay in the batch, and SGLang flushes only when
+    # none runs: the folded flush is refused, the weights are in, and the sync commits
+    # with the refusal logged instead of failing (and keeping the server paused) forever.
     with SGLangHTTPDouble(_spec(), running_requests=2) as server:
         async with SGLangHTTPEngine(server.url, retries=2, backoff_s=0) as engine:
-            error, report = await failed_sync(
-                engine, _buckets(1), mode="pause", pause_mode="in_place"
-            )
-            assert re.search(r"flush_cache failed.*gave up after 3 attempts", str(error))
-            assert error.retryable  # attempts ran out, not the kind of failure
-            assert server.paths().count("/flush_cache") == 3  # cache-not-flushed is retried
-            assert await engine.version() is None  # version never set
-            # The buckets are in: the engine holds new weights under the old version and
-            # stays paused (Load's partial-failure policy) until a full sync commits.
-            assert report.engine_dirty
-            assert report.left_paused
-            assert server.paused == "in_place"
+            with caplog.at_level(logging.WARNING):
+                report = await load_sync(engine, _buckets(1), mode="in_flight")
+            assert report.committed
+            assert await engine.version() == 1
+        _assert_applied(server, _model())
+        updates = [c.body for c in server.calls if c.path == "/update_weights_from_tensor"]
+        assert [body["flush_cache"] for body in updates] == [False, True]  # not repeated
+        assert "/flush_cache" not in server.paths()  # a second try could only be refused
+        assert "radix cache was not flushed" in caplog.text
+        assert server.paused is None
         # A client that retracts the running requests lets the flush through.
         async with SGLangHTTPEngine(server.url, backoff_s=0) as engine:
             await load_sync(engine, _buckets(2), mode="pause", pause_mode="retract")
             assert await engine.version() == 2
+        assert server.running_requests == 2
+
+
+async def test_flush_refused_outside_in_place_still_fails_the_sync() -> None:
+    # Paused in abort/retract no request runs, so a refused flush is a real failure:
+    # retried within the deadline, then raised with the version unchanged.
+    with SGLangHTTPDouble(_spec()) as server:
+        server.refuse("/update_weights_from_tensor", "cache was not flushed", times=1, after=1)
+        server.refuse("/flush_cache", "requests still running or queued", times=None)
+        async with SGLangHTTPEngine(server.url, retries=2, backoff_s=0) as engine:
+            error, report = await failed_sync(engine, _buckets(1), mode="prefetch")
+            assert re.search(r"flush_cache failed.*gave up after 3 attempts", str(error))
+            assert server.paths().count("/flush_cache") == 3
+            assert await engine.version() is None
+            assert report.engine_dirty
 
 
 async def test_no_flush_when_disabled(double: SGLangHTTPDouble) -> None:

@@ -114,11 +114,10 @@ async def test_sync_bit_identical(load_format: str) -> None:
     assert await engine.version() == 4
     assert fake.calls == [
         "begin_weight_update",
-        "update_weights_from_tensor",
+        "update_weights_from_tensor",  # the sync's last update carries the flush
         "end_weight_update",
-        "flush_cache",
     ]
-    assert fake.flush_cache_args == [False]
+    assert fake.flush_cache_args == [True]
     for name, sent in _model():
         assert torch.equal(fake.weights[name].view(torch.uint8), sent.view(torch.uint8)), name
 
@@ -142,8 +141,26 @@ async def test_no_sessions_on_0512_engine() -> None:
     fake = FakeSGLangEngine0512(_spec())
     engine = SGLangEngine(fake)
     await load_sync(engine, [_bucket(1)])
-    assert fake.calls == ["update_weights_from_tensor", "flush_cache"]
+    assert fake.calls == ["update_weights_from_tensor"]  # the flush folded into it
+    assert fake.flush_cache_args == [True]
     assert await engine.version() == 1
+
+
+async def test_only_the_last_update_of_a_sync_flushes() -> None:
+    fake = FakeSGLangEngine(_spec())
+    engine = SGLangEngine(fake)
+    tensors = _model()
+    buckets = [
+        WeightBucket((tensors[0],), index=0, is_last=False, version=1),
+        WeightBucket(tuple(tensors[1:]), index=1, is_last=True, version=1),
+    ]
+    load = Load(engine, mode="prefetch", prefetch_bytes=None)
+    await Pipeline([load], depth=2).run(buckets)
+    report = load.report
+    assert report.committed
+    assert fake.flush_cache_args == [False, True]
+    kinds = [call.kind for call in report.calls]
+    assert kinds.index("pause") > max(i for i, k in enumerate(kinds) if k == "prepare")
 
 
 async def test_session_off_against_0523_is_refused_clearly() -> None:
@@ -182,7 +199,8 @@ async def test_unknown_name_and_engine_exception() -> None:
 async def test_flush_refused_at_commit_is_retried_and_keeps_the_version() -> None:
     fake = FakeSGLangEngine(_spec(), running_requests=1)
     engine = SGLangEngine(fake, initial_version=0, retries=2, backoff_s=0)
-    error, report = await failed_sync(engine, [_bucket(1)])
+    # paused in retract (here a no-op: the Engine has no pause API), nothing would run
+    error, report = await failed_sync(engine, [_bucket(1)], mode="prefetch")
     assert "flush_cache failed: requests are running; gave up after 3 attempts" in str(error)
     assert fake.calls.count("flush_cache") == 3
     assert report.engine_dirty  # the bucket is in, under the old version
