@@ -150,6 +150,9 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         self.cpu_threads = cpu_threads if cpu_threads is not None else default_cpu_threads()
         self._limiter: anyio.CapacityLimiter | None = None
         self._streams: dict[int, Any] = {}
+        # Workers create the stream of a device lazily; one lock, so two workers never
+        # make two streams for one device (each bucket's event would then be on another).
+        self._streams_lock = threading.Lock()
         self._flags = PendingFlags()
         # Output arenas of CPU buckets: buckets in flight here and downstream (a few
         # channel slots) plus one being written.
@@ -214,7 +217,8 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
             await anyio.to_thread.run_sync(warm_up_cpu_kernel)
 
     async def close(self) -> None:
-        self._streams.clear()
+        with self._streams_lock:
+            self._streams.clear()
         self._flags.reset()
 
     async def process(self, item: WeightBucket) -> list[WeightBucket]:
@@ -226,8 +230,17 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
 
         Raises:
             NonFiniteWeightError: with ``nonfinite="error"``, naming the first bad tensor.
+            ValueError: a weight selected for FP8 has no elements (naming it).
         """
         plan = [self.selection.quantizes(name, tensor) for name, tensor in bucket.tensors]
+        for (name, tensor), chosen in zip(bucket.tensors, plan, strict=True):
+            if chosen and tensor.numel() == 0:
+                # Refused here, by name: the kernels would fail on it with a reshape error
+                # naming nothing, and no engine has a linear layer without weights.
+                raise ValueError(
+                    f"tensor {name!r}: a weight selected for FP8 has no elements "
+                    f"(shape {tuple(tensor.shape)})"
+                )
         if (
             self.wire is not None
             and self.backend != "triton"
@@ -399,11 +412,12 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
 
     def _stream(self, device: torch.device) -> Any:
         index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = self._streams.get(index)
-        if stream is None:
-            stream = torch.cuda.Stream(device=index)  # type: ignore[no-untyped-call]
-            self._streams[index] = stream
-        return stream
+        with self._streams_lock:
+            stream = self._streams.get(index)
+            if stream is None:
+                stream = torch.cuda.Stream(device=index)  # type: ignore[no-untyped-call]
+                self._streams[index] = stream
+            return stream
 
     def _record(self, device: torch.device) -> Any:
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]

@@ -268,9 +268,6 @@ XFAIL: dict[str, str] = {
     "inf_without_fp8": "without Fp8Quantize nothing checks finiteness; the engine commits Inf",
     "incomplete_sync": "LocalEngine commits a sync that left parameters out (stale weights); "
     "fix: updates.check_commit lists the parameters never staged",
-    "empty_linear": "an empty tensor under a linear name fails in Fp8Quantize with a torch "
-    "reshape error that does not name the tensor (only the bucket's first one); fix in "
-    "stages/quantize.py / stages/fp8: refuse a 0-element weight by name",
 }
 
 CASES: dict[str, tuple[Case, str]] = {

@@ -75,8 +75,8 @@ def warm_up(*, required: bool = False) -> bool:
         for dtype in HIGH_PRECISION_DTYPES:
             w = torch.ones(128, 128, dtype=dtype)
             q = torch.empty(128, 128, dtype=torch.float8_e4m3fn)
-            s = torch.empty(1, 1)
-            a = torch.empty(1, 1)
+            s = torch.empty(1, 1, dtype=torch.float32)
+            a = torch.empty(1, 1, dtype=torch.float32)
             block_rows(w, q, s, a, 0, 128, (128, 128), "float32", _fresh)
         _WARMED_UP.append(True)
     return True

@@ -338,7 +338,10 @@ class _Job:
         self.scale = torch.empty(shape, dtype=torch.float32) if scale is None else scale
         self.q3 = self.qweight.view(-1, out_dim, in_dim)
         # Block and channel amax, one per scale entry: checked once when the job ends.
-        self.amax = torch.zeros(self.scale.shape if method != "tensor" else (0,))
+        # float32 always: torch.set_default_dtype(bfloat16) must not change the numbers
+        # (the numba kernel takes float32 arrays only).
+        amax_shape = self.scale.shape if method != "tensor" else (0,)
+        self.amax = torch.zeros(amax_shape, dtype=torch.float32)
         # Rows per task: whole row blocks for block scales, filling about one chunk.
         per_chunk = max(1, _CHUNK_ELEMENTS // max(in_dim, 1))
         rows = block[0] * max(1, per_chunk // block[0]) if method == "block" else per_chunk
@@ -364,7 +367,7 @@ class _Job:
         n_mat = self.matrices.shape[0]
         per_band = len(self.bands) // max(n_mat, 1)
         if per_band == 0:
-            amax = torch.zeros(n_mat)
+            amax = torch.zeros(n_mat, dtype=torch.float32)
         else:
             amax = self.partial_amax.view(n_mat, per_band).amax(dim=1)
         if not bool(torch.isfinite(amax).all()):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 import anyio
@@ -653,3 +654,29 @@ def test_written_bytes_count_outputs_not_pass_throughs() -> None:
     cast.quantize_bucket(bucket)
     embed = dict(bucket.tensors)["model.embed_tokens.weight"]
     assert cast.written_bytes == stage.written_bytes + embed.numel() * 2
+
+
+def test_concurrent_workers_share_one_stream_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With workers > 1 two buckets can ask for a device's stream at once. The first
+    # creation lets a second worker in before it returns: unlocked, that worker made a
+    # second stream for the same device (and its events were recorded on another stream).
+    stage = Fp8Quantize(workers=2)
+    made: list[object] = []
+    seen: dict[str, object] = {}
+    second = threading.Thread(target=lambda: seen.update(second=stage._stream(device)))
+    device = torch.device("cuda", 1)
+
+    class Stream:
+        def __init__(self, device: int) -> None:
+            made.append(self)
+            if len(made) == 1:
+                second.start()
+                # Unlocked, the second worker creates its own stream meanwhile; locked,
+                # it waits for this one, and this join gives up after the timeout.
+                second.join(timeout=2)
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    seen["first"] = stage._stream(device)
+    second.join(timeout=30)
+    assert not second.is_alive()
+    assert len(made) == 1 and seen["first"] is seen["second"] is made[0]

@@ -455,3 +455,18 @@ def test_warm_up_compiles_every_signature_real_inputs_use() -> None:
     for dtype in DTYPES:
         quantize_fp8(torch.randn(300, 260).to(dtype), name="w")
     assert len(kernel.signatures) == compiled
+
+
+@pytest.mark.parametrize("method", FP8_METHODS)
+def test_a_bf16_default_dtype_changes_nothing(method: Fp8Method, cpu_kernel: str) -> None:
+    # Trainers call torch.set_default_dtype(torch.bfloat16); a scratch tensor made with
+    # the default dtype then became bf16 (the numba kernel refused it, amax lost bits).
+    w = _weight((300, 260), torch.bfloat16, seed=3)
+    expected = quantize_fp8_reference(w, method=method)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = quantize_fp8(w, method=method)
+    finally:
+        torch.set_default_dtype(previous)
+    assert_same(got, expected)
