@@ -33,11 +33,11 @@ fixture of the tests that need it). It follows these real behaviours:
 
 Device memory cannot be faked for real tensors, so CPU tensors stand in for device
 tensors: the layer replaces the few seams a stage keeps for that (``Fetch._device_empty``,
-``Fetch._copy_to_device``, ``Fetch._to_device``; the SGLang wire's ``_cuda_index`` and
-``_reduce_cuda``) and remembers which fake device each stand-in storage lives on (a
-stand-in's own ``device`` still says ``cpu``). Every allocation, copy, wait, record and
-pin is appended to ``FakeCuda.calls`` with the calling thread's current device and the
-stream it ran on.
+``Fetch._copy_to_device``, ``Fetch._to_device``, ``SGLangDistributedEngine._flatten``; the
+SGLang wire's ``_cuda_index`` and ``_reduce_cuda``) and remembers which fake device each
+stand-in storage lives on (a stand-in's own ``device`` still says ``cpu``). Every
+allocation, copy, wait, record and pin is appended to ``FakeCuda.calls`` with the calling
+thread's current device and the stream it ran on.
 """
 
 from __future__ import annotations
@@ -380,7 +380,9 @@ class FakeCuda:
 def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, device_count: int = 2) -> FakeCuda:
     """Install a ``FakeCuda`` into ``torch.cuda`` and the stage seams for this test."""
     from weightpipe.stages import _memory
+    from weightpipe.stages._layout import flatten
     from weightpipe.stages.engines.sglang import wire
+    from weightpipe.stages.engines.sglang.distributed import SGLangDistributedEngine
     from weightpipe.stages.fetch import Fetch
 
     fake = FakeCuda(device_count)
@@ -410,6 +412,14 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, device_count: int = 2) ->
     )
     monkeypatch.setattr(Fetch, "_copy_to_device", lambda self, dst, src: fake.copy(dst, src))
     monkeypatch.setattr(Fetch, "_to_device", lambda self, tensor: fake.to(tensor, self.device))
+
+    def flatten_on_device(engine: Any, tensors: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        packed, _ = flatten(tensors, 1)
+        buffer = fake.empty(packed.numel(), engine.device)
+        fake.copy(buffer, packed)
+        return buffer
+
+    monkeypatch.setattr(SGLangDistributedEngine, "_flatten", flatten_on_device)
     real_to = torch.Tensor.to
 
     def to(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

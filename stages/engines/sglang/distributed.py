@@ -15,13 +15,28 @@ FP8). Sessions, the cache flush, the version and pause/resume are the control en
 (``SGLangHTTPEngine`` or the in-process ``SGLangEngine``), and the group's own calls go
 through that engine's ``SGLangClient``. No deadline is set here: Load gives every call one
 (``default_timeout_s`` 600 s by default); ``timeout_s`` is torch's limit on the group's
-rendezvous and collectives, so a broadcast abandoned at Load's deadline ends by itself.
+rendezvous and collectives.
+
+Devices and abandoned broadcasts. The broadcast device is resolved to an index once, at
+construction, and every worker-thread section runs under it (a thread's current device is
+its own, 0 in a new one). On CUDA, NCCL enqueues a broadcast that completes only when
+every rank joined; a receiver that refused the bucket never joins. So the broadcast, its
+buffer and the wait for it live on the engine's own side stream, never the device's
+default stream (the trainer's kernels never queue behind it), and the worker thread polls
+an event recorded after it instead of ``synchronize()``: when the announcement fails (or
+Load's deadline cancels the bucket) the thread is told, stops waiting, and the group's
+communicator is aborted (``ProcessGroup.abort``), which ends the queued NCCL kernel; the
+group is destroyed and rebuilt at the next ``begin``. On gloo (CPU) the broadcast blocks
+its worker thread until the group's timeout, and nothing else waits behind it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import threading
+import time
 from datetime import timedelta
 from typing import Any, Literal, Protocol
 
@@ -38,7 +53,13 @@ from weightpipe.stages.engines.base import EngineError, PauseMode
 from weightpipe.stages.engines.sglang import wire as wire
 from weightpipe.stages.engines.sglang.client import SGLangClient
 
-__all__ = ["DistributedControl", "SGLangDistributedEngine", "open_update_group"]
+__all__ = [
+    "DistributedControl",
+    "SGLangDistributedEngine",
+    "abort_update_group",
+    "open_update_group",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +140,33 @@ def close_update_group(pg: Any) -> None:
         log.warning("destroying the update group failed: %s", exc)
 
 
+def abort_update_group(pg: Any) -> None:
+    """Abort a group's communicator so that a collective left queued on it ends (NCCL's
+    ``ncclCommAbort``); best effort, since not every backend can (gloo cannot)."""
+    try:
+        pg.abort()
+    except Exception as exc:  # an abort is the last resort of a failing path
+        log.warning("aborting the update group failed: %s", exc)
+
+
 def _broadcast(pg: Any, tensor: torch.Tensor) -> None:
+    """Broadcast from rank 0. On NCCL ``wait()`` returns at once and orders the current
+    stream after the collective; on gloo it blocks until the collective is done."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.rootTensor = 0
     pg.broadcast([tensor], opts).wait()
+
+
+def resolve_device(device: str | torch.device | None, backend: str) -> torch.device:
+    """The broadcast device, resolved once: None is cuda for NCCL, else cpu; an unindexed
+    ``"cuda"`` is the calling thread's current device (under torchrun: the rank's, once it
+    called ``set_device``), never re-read from a worker thread later."""
+    default = "cuda" if backend == "nccl" else "cpu"
+    resolved = torch.device(device if device is not None else default)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
 
 
 class SGLangDistributedEngine:
@@ -140,8 +183,11 @@ class SGLangDistributedEngine:
         backend: ``nccl`` on GPUs, ``gloo`` on CPUs (default: nccl when CUDA is available).
         load_format: ``"flattened_bucket"`` (one broadcast per bucket) or None (one per
             tensor).
-        device: where broadcast buffers live (default: cuda for nccl, else cpu).
-        timeout_s: torch's limit on the group's rendezvous and on every broadcast, and
+        device: where broadcast buffers live (default: cuda for nccl, else cpu). An
+            unindexed ``"cuda"`` is resolved here, once, to the constructing thread's
+            current device; every send runs under that device, in whichever thread.
+        timeout_s: torch's limit on the group's rendezvous and on every broadcast (on
+            CUDA also the longest the worker thread waits for one), and
             ``default_timeout_s`` (Load's deadline for every call unless Load sets one).
     """
 
@@ -172,15 +218,15 @@ class SGLangDistributedEngine:
         self.group_name = group_name
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.load_format: DistributedLoadFormat = load_format
-        self.device = torch.device(
-            device if device is not None else ("cuda" if self.backend == "nccl" else "cpu")
-        )
+        self.device = resolve_device(device, self.backend)
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.timeout_s = timeout_s
         self.default_timeout_s = timeout_s
         self._group: Any = None
         self._group_broken = False
+        self._stream: Any = None  # the side stream broadcasts run on (CUDA only)
+        self._stream_lock = threading.Lock()
 
     # -- the group -------------------------------------------------------------------
 
@@ -256,43 +302,103 @@ class SGLangDistributedEngine:
         await self.open()
         await self.control.begin(version)
 
-    def _send(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def _device_guard(self) -> contextlib.AbstractContextManager[Any]:
+        """Select the engine's device for a worker-thread section (no-op on CPU)."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.device.index)
+
+    def _side_stream(self) -> Any:
+        with self._stream_lock:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=self.device)  # type: ignore[no-untyped-call]
+            return self._stream
+
+    def _send(
+        self,
+        bucket: WeightBucket,
+        tensors: list[tuple[str, torch.Tensor]],
+        abandoned: threading.Event,
+    ) -> None:
+        """Broadcast one bucket (worker thread), under the engine's device.
+
+        Raises:
+            EngineError: a broadcast failed, did not finish within ``timeout_s``, or the
+                bucket was given up (``abandoned`` set) before it finished.
+        """
+        with self._device_guard():
+            if self.device.type != "cuda":
+                bucket.wait_ready()
+                self._broadcast_all(tensors, abandoned)
+                return
+            stream = self._side_stream()
+            with torch.cuda.stream(stream):
+                bucket.wait_ready(stream)  # the producer's work, ordered on the device
+                self._broadcast_all(tensors, abandoned)
+                done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                done.record(stream)
+            self._wait_for(done, abandoned)
+
+    def _broadcast_all(
+        self, tensors: list[tuple[str, torch.Tensor]], abandoned: threading.Event
+    ) -> None:
         if self.load_format == "flattened_bucket":
             # Packed (align 1) as SGLang's receiver allocates it: distributed_order made
             # every start a multiple of its itemsize, so no padding is inserted. Host
-            # tensors are copied straight into the device buffer.
-            buffer, _ = flatten(tensors, 1, device=self.device)
-            _broadcast(self._group, buffer)
-        else:
-            for name, t in tensors:
-                try:
-                    _broadcast(self._group, t.detach().to(self.device).contiguous())
-                except Exception as exc:
-                    raise EngineError(
-                        self.name,
-                        f"broadcasting {t.dtype} {tuple(t.shape)} over {self.backend} failed: "
-                        f"{type(exc).__name__}: {exc}",
-                        tensor=name,
-                    ) from exc
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+            # tensors are copied straight into the device buffer (on the current stream).
+            _broadcast(self._group, self._flatten(tensors))
+            return
+        for name, t in tensors:
+            if abandoned.is_set():
+                raise EngineError(self.name, "the bucket was given up", tensor=name)
+            try:
+                _broadcast(self._group, t.detach().to(self.device).contiguous())
+            except Exception as exc:
+                raise EngineError(
+                    self.name,
+                    f"broadcasting {t.dtype} {tuple(t.shape)} over {self.backend} failed: "
+                    f"{type(exc).__name__}: {exc}",
+                    tensor=name,
+                ) from exc
+
+    def _flatten(self, tensors: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """The bucket packed into one new buffer on the engine's device, copied on the
+        current stream (a seam: ``tests.fakes.cuda`` stands a host tensor in for it)."""
+        buffer, _ = flatten(tensors, 1, device=self.device)
+        return buffer
+
+    def _wait_for(self, done: Any, abandoned: threading.Event) -> None:
+        """Wait for ``done`` without ``synchronize()``: a broadcast whose receiver never
+        joins never completes, and a thread blocked in it could not be told to stop."""
+        deadline = time.monotonic() + self.timeout_s
+        pause_s = 1e-4
+        while not done.query():
+            if abandoned.is_set():
+                raise EngineError(self.name, "the bucket was given up before its broadcast ended")
+            if time.monotonic() > deadline:
+                raise EngineError(
+                    self.name, f"the broadcast did not finish within timeout_s={self.timeout_s}"
+                )
+            abandoned.wait(pause_s)  # returns at once when the bucket is given up
+            pause_s = min(pause_s * 2, 5e-3)
 
     async def load(self, bucket: WeightBucket) -> None:
         """Announce the bucket and broadcast it; both finish before this returns.
 
         Raises:
             EngineError: the engine refused (naming the tensor when it does) or the
-                broadcast failed; the group is then rebuilt at the next ``begin``.
+                broadcast failed; the group's communicator is then aborted (so a queued
+                broadcast ends) and the group is rebuilt at the next ``begin``.
         """
         if not bucket.tensors:
             return
         if self._group is None:
             raise EngineError(self.name, "load() before begin(): no update group")
-        bucket.wait_ready()
         tensors = list(bucket.tensors)
         if self.load_format == "flattened_bucket":
             tensors = wire.distributed_order(tensors)
         names = [n for n, _ in tensors]
+        abandoned = threading.Event()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(
@@ -304,12 +410,16 @@ class SGLangDistributedEngine:
                     self.load_format,
                 )
                 # No limiter: an abandoned broadcast (its receiver refused, or Load's
-                # deadline passed) must not hold up the group's rebuild; it ends at the
-                # group's timeout.
-                await anyio.to_thread.run_sync(self._send, tensors, abandon_on_cancel=True)
+                # deadline passed) must not hold up the group's rebuild.
+                await anyio.to_thread.run_sync(
+                    self._send, bucket, tensors, abandoned, abandon_on_cancel=True
+                )
         except BaseException as exc:
-            # A broadcast without its receiver (or the reverse) leaves the group unusable.
+            # A broadcast without its receiver (or the reverse) leaves the group unusable:
+            # end the worker's wait and abort the communicator, so nothing stays queued.
+            abandoned.set()
             self._group_broken = True
+            abort_update_group(self._group)
             error = _engine_error(exc, self.name, f"broadcasting {bucket.describe()} failed", names)
             if error is exc:
                 raise
