@@ -5,12 +5,16 @@ may block on a collective or a disk read), another library's async generator.
 ``as_async_iter`` accepts all of them. A sync iterator is advanced in a worker
 thread so a slow or blocking producer never stalls the event loop, and whatever the
 source holds (an open file, a generator's ``finally``) is released when the run ends,
-early or not: async generators get ``aclose()``, sync generators ``close()``.
+early or not: async generators get ``aclose()``, sync generators ``close()``. That close
+is shielded from cancellation but bounded (``SOURCE_CLOSE_TIMEOUT_S``, or the source's own
+``close_timeout_s`` attribute), so a source that hangs in its ``finally`` cannot hold the
+caller's cancellation forever.
 """
 
 from __future__ import annotations
 
 import collections.abc as cabc
+import logging
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -18,7 +22,13 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-__all__ = ["aclose_iterator", "as_async_iter"]
+__all__ = ["SOURCE_CLOSE_TIMEOUT_S", "aclose_iterator", "as_async_iter"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE_CLOSE_TIMEOUT_S = 60.0
+"""How long closing a source (``aclose()``, a generator's ``finally``) may take by default;
+a source may set its own ``close_timeout_s`` attribute (``math.inf``: unbounded)."""
 
 T = TypeVar("T")
 
@@ -69,25 +79,62 @@ def as_async_iter(source: Iterable[T] | AsyncIterable[T]) -> AsyncGenerator[T, N
     )
 
 
-async def aclose_iterator(iterator: object) -> None:
+async def aclose_iterator(
+    iterator: object, *, timeout_s: float | None = None, quiet: bool = False
+) -> None:
     """Close an async iterator if it can be closed, shielded from cancellation.
 
     The one place a source is closed: a cancelled run still runs the source's
-    ``finally`` blocks (a producer releasing its buffers).
+    ``finally`` blocks (a producer releasing its buffers). The close is bounded by
+    ``timeout_s`` (default: the iterator's ``close_timeout_s`` attribute, else
+    ``SOURCE_CLOSE_TIMEOUT_S``), since a shielded wait nothing bounds would hold the
+    caller's cancellation for as long as the source hangs.
+
+    ``quiet``: the caller is already failing or cancelled, so that is the story; a close
+    that fails or overruns is logged instead of raised.
+
+    Raises:
+        TimeoutError: the close overran (not ``quiet``).
+        Exception: whatever the iterator's ``aclose`` raised (not ``quiet``).
     """
     aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        with anyio.CancelScope(shield=True):
+    if aclose is None:
+        return
+    if timeout_s is None:
+        timeout_s = _close_timeout(iterator)
+    try:
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + timeout_s
             await aclose()
+        if scope.cancelled_caught:
+            raise TimeoutError(
+                f"closing the source {type(iterator).__qualname__} did not finish within "
+                f"{timeout_s} s"
+            )
+    except Exception as exc:
+        if not quiet:
+            raise
+        logger.warning("closing a source failed while its run was failing: %r", exc)
+
+
+def _close_timeout(source: object) -> float:
+    own = getattr(source, "close_timeout_s", None)
+    if isinstance(own, int | float) and not isinstance(own, bool) and own > 0:
+        return float(own)
+    return SOURCE_CLOSE_TIMEOUT_S
 
 
 async def _from_async(source: AsyncIterable[T]) -> AsyncGenerator[T, None]:
     iterator: AsyncIterator[T] = aiter(source)
+    timeout_s = _close_timeout(source)
     try:
         async for item in iterator:
             yield item
-    finally:
-        await aclose_iterator(iterator)
+    except BaseException:
+        # Failing, cancelled or closed early (GeneratorExit): that is the story.
+        await aclose_iterator(iterator, timeout_s=timeout_s, quiet=True)
+        raise
+    await aclose_iterator(iterator, timeout_s=timeout_s)
 
 
 async def _from_container(source: Iterable[T]) -> AsyncGenerator[T, None]:
