@@ -13,18 +13,82 @@ nothing, rather than guess.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["HUGEPAGE_MIN_BYTES", "BufferPool", "allocate_host", "use_count"]
+__all__ = [
+    "HUGEPAGE_MIN_BYTES",
+    "PIN_ROUND_BYTES",
+    "BufferPool",
+    "allocate_host",
+    "pinned_size",
+    "use_count",
+]
 
 # Buffers at least this large are mapped with MADV_HUGEPAGE: first-touch page faults on
 # fresh 4 KiB pages otherwise cost more than the copy itself.
 HUGEPAGE_MIN_BYTES = 4 << 20
+
+PIN_ROUND_BYTES = 2 << 20
+"""A large pinned buffer is this multiple (one huge page), not the next power of two:
+torch's ``CachingHostAllocator`` rounds every request up to a power of two, so a 4.2 GB
+tensor would pin 8 GiB (and the pool would keep them)."""
+
+
+def pinned_size(nbytes: int) -> int:
+    """The bytes a pinned buffer of ``nbytes`` really takes (see ``PIN_ROUND_BYTES``)."""
+    if nbytes < HUGEPAGE_MIN_BYTES:
+        return 1 << max(nbytes - 1, 0).bit_length() if nbytes else 0  # torch's allocator
+    return -(-nbytes // PIN_ROUND_BYTES) * PIN_ROUND_BYTES
+
+
+def _pin_small(nbytes: int) -> torch.Tensor:
+    """A small pinned buffer from torch's ``CachingHostAllocator`` (a seam for the fake
+    CUDA layer): under ``HUGEPAGE_MIN_BYTES`` its power-of-two rounding costs little."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def _register_host(address: int, nbytes: int) -> None:
+    """Page-lock ``nbytes`` of host memory at ``address`` (``cudaHostRegister``; a seam for
+    the fake CUDA layer). Pinning goes through the calling thread's current device."""
+    error = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)  # type: ignore[no-untyped-call]
+    if int(error) != 0:
+        raise RuntimeError(f"allocate_host: cudaHostRegister of {nbytes} bytes failed: {error}")
+
+
+def _unregister_host(address: int) -> None:
+    """Undo ``_register_host`` (``cudaHostUnregister``; a seam for the fake CUDA layer)."""
+    torch.cuda.cudart().cudaHostUnregister(address)  # type: ignore[no-untyped-call]
+
+
+def _allocate_pinned(nbytes: int) -> torch.Tensor:
+    """A pinned buffer of ``pinned_size(nbytes)`` bytes.
+
+    Small ones come from torch's allocator. A large one is an anonymous huge-page mapping,
+    faulted in, then registered with CUDA; it is unregistered when its last view goes
+    (the finalizer runs while the mapping still exists: the ctypes array that exports it
+    to torch is what the storage holds, and it holds the mapping).
+    """
+    if nbytes < HUGEPAGE_MIN_BYTES or not sys.platform.startswith("linux"):
+        return _pin_small(nbytes)
+    size = pinned_size(nbytes)
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advise = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advise is not None:
+        region.madvise(advise)
+    array = (ctypes.c_uint8 * size).from_buffer(region)
+    buffer = torch.frombuffer(array, dtype=torch.uint8)  # keeps the array (and mapping)
+    buffer.fill_(0)  # fault the pages in from user space before the driver locks them
+    address = ctypes.addressof(array)
+    _register_host(address, size)
+    weakref.finalize(array, _unregister_host, address)
+    return buffer
 
 
 def use_count(tensor: torch.Tensor) -> int:
@@ -43,7 +107,8 @@ def allocate_host(
     ``shared``: in named shared memory (torch's ``file_system`` strategy), so pickling it
     for another process on this node (an SGLang server's ``update_weights_from_tensor``)
     sends a handle instead of first copying the bytes into shared memory.
-    ``pin``: page-locked (a device copies from or into it). Otherwise a buffer of at least
+    ``pin``: page-locked (a device copies from or into it), ``pinned_size(nbytes)`` long:
+    a multiple of 2 MiB when large, never the next power of two. Otherwise a buffer of at least
     ``HUGEPAGE_MIN_BYTES`` on Linux is an anonymous mapping advised for huge pages, freed
     when its last view goes. ``prefault`` touches its pages now, from user space: faults
     taken inside a ``read()`` into the buffer were measured to stall several times longer;
@@ -59,7 +124,7 @@ def allocate_host(
             buffer.fill_(0)
         return buffer
     if pin:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return _allocate_pinned(nbytes)
     if nbytes >= HUGEPAGE_MIN_BYTES and sys.platform.startswith("linux"):
         region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         advise = getattr(mmap, "MADV_HUGEPAGE", None)

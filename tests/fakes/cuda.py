@@ -21,8 +21,10 @@ fixture of the tests that need it). It follows these real behaviours:
   itself, so a test sees exactly what would run before the copy is done.
 - ``Tensor.record_stream`` is bookkept (the caching allocator's cross-stream use), and
   ``Tensor.to("cuda:k")`` copies on the current stream of cuda:k (its device guard).
-- Pinned host memory comes from torch's ``CachingHostAllocator``, which rounds every
-  request up to a power of two and pins through the calling thread's current device.
+- Small pinned host buffers come from torch's ``CachingHostAllocator``, which rounds
+  every request up to a power of two; large ones are registered (``cudaHostRegister``
+  locks exactly the range given) and unregistered when freed. Both pin through the
+  calling thread's current device.
 - Each device has a UUID (``get_device_properties(k).uuid``, whose ``str`` is
   ``GPU-...``); a device index is a position in the process's visible-device list, so
   two processes with different ``CUDA_VISIBLE_DEVICES`` give one GPU different indices:
@@ -63,7 +65,7 @@ class CudaCall:
 
     Attributes:
         op: ``alloc``, ``copy``, ``wait_stream``, ``wait_event``, ``record_event``,
-            ``record_stream``, ``pin``, ``host_wait``.
+            ``record_stream``, ``pin``, ``unpin``, ``host_wait``.
         thread_device: the calling thread's current device at the call.
         device: the device acted on (the allocation's, the copy's destination, the
             stream's), or None for host-only calls.
@@ -369,6 +371,15 @@ class FakeCuda:
             ),
         )
 
+    def register_host(self, address: int, nbytes: int) -> None:
+        """``cudaHostRegister``: locks exactly ``nbytes`` at ``address``, through the
+        calling thread's current device."""
+        self.log("pin", None, nbytes=nbytes, reserved=nbytes)
+
+    def unregister_host(self, address: int) -> None:
+        """``cudaHostUnregister``."""
+        self.log("unpin", None)
+
     def pin(self, nbytes: int) -> torch.Tensor:
         """A pinned host buffer as ``CachingHostAllocator`` gives one: the request is
         rounded up to a power of two, pinned through the current device's context."""
@@ -432,11 +443,8 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, device_count: int = 2) ->
         return real_to(tensor, *args, **kwargs)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(torch.Tensor, "to", to)
-    real_allocate = _memory.allocate_host
-
-    def allocate_host(nbytes: int, *, pin: bool, **kwargs: Any) -> torch.Tensor:
-        return fake.pin(nbytes) if pin else real_allocate(nbytes, pin=False, **kwargs)
-
-    monkeypatch.setattr(_memory, "allocate_host", allocate_host)
+    monkeypatch.setattr(_memory, "_pin_small", fake.pin)
+    monkeypatch.setattr(_memory, "_register_host", fake.register_host)
+    monkeypatch.setattr(_memory, "_unregister_host", fake.unregister_host)
     monkeypatch.setattr(sys.modules[__name__], "_ACTIVE", fake)  # None again at teardown
     return fake
