@@ -262,13 +262,7 @@ async def overlapping_safetensors_offsets(ctx: Ctx) -> Any:
     return await _sync(ctx, _file_source(path, direct=True), fp8=False)
 
 
-XFAIL: dict[str, str] = {
-    "nan_in_a_norm": "NaN in a tensor Fp8Quantize does not quantize is passed on and committed "
-    "(the local engine does not check finiteness); fix in stages/quantize.py or the engine",
-    "inf_without_fp8": "without Fp8Quantize nothing checks finiteness; the engine commits Inf",
-    "incomplete_sync": "LocalEngine commits a sync that left parameters out (stale weights); "
-    "fix: updates.check_commit lists the parameters never staged",
-}
+XFAIL: dict[str, str] = {}
 
 CASES: dict[str, tuple[Case, str]] = {
     # kind: (the sync, a regex the error chain must match: the culprit's name)

@@ -4,6 +4,8 @@
   4 new tokens) with any constructor argument overridden.
 - ``new_weights`` / ``snapshot`` / ``assert_weights``: what a trainer would send the
   engine, what it serves now, and a check that it serves exactly the given tensors.
+- ``complete``: a test's few tensors made into a whole sync (the engine refuses an
+  incomplete one), the other parameters as the engine serves them now.
 - ``RecordingListener``: a fake ``GenerationListener`` (follows the protocol the engine's
   own ``GenerationWindow`` implements) that records every callback in order, and the
   set of weight versions each step read.
@@ -29,6 +31,7 @@ __all__ = [
     "RecordingListener",
     "StepAfterLoad",
     "assert_weights",
+    "complete",
     "local_engine",
     "new_weights",
     "snapshot",
@@ -61,6 +64,24 @@ def assert_weights(engine: LocalEngine, expected: dict[str, torch.Tensor]) -> No
     """The engine serves exactly ``expected`` (bit for bit; names the first that differs)."""
     for name, tensor in expected.items():
         assert torch.equal(engine.parameter(name), tensor), name
+
+
+def complete(
+    engine: LocalEngine, tensors: list[tuple[str, torch.Tensor]]
+) -> list[tuple[str, torch.Tensor]]:
+    """``tensors`` (first, in order) plus every parameter they leave out, as the engine
+    serves it now, under one name per parameter (a tied weight sent under either name
+    counts), so the sync is complete and changes only what ``tensors`` change."""
+    names: dict[int, list[str]] = {}
+    for name, param in engine.model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    sent = {name for name, _ in tensors}
+    rest = [
+        (aliases[0], engine.parameter(aliases[0]))
+        for aliases in names.values()
+        if not sent.intersection(aliases)
+    ]
+    return [*tensors, *rest]
 
 
 class RecordingListener:

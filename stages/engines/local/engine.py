@@ -9,7 +9,9 @@ on; nothing a step reads changes until ``commit`` switches all of the sync's par
 together on the generation thread, between two decode steps. So in every sync mode each
 decode step runs exactly one weight version, every token carries it
 (``GenerationOutput.token_versions``), and the only pause an ``in_flight`` sync costs is
-that switch (``GenerationStats.swap_s``); ``abort`` just drops the staged storages. With
+that switch (``GenerationStats.swap_s``); ``abort`` just drops the staged storages. A
+sync is refused, before anything is switched, when a value is NaN or Inf or when it left a
+parameter out. With
 ``track_versions=True`` each step also records the versions of the parameters it read,
 which is how the tests check that no step ever read two. It measures its own generation
 (``MeasuresGeneration``): ``open_window()`` returns a ``GenerationWindow``, and any
@@ -34,6 +36,7 @@ from weightpipe.stages.engines.local.model import (
     cache_argument,
     default_config,
     named_parameters,
+    resolve_device,
 )
 from weightpipe.stages.engines.local.scheduler import Counter, Scheduler
 from weightpipe.stages.engines.local.updates import WeightUpdates
@@ -66,7 +69,9 @@ class LocalEngine:
         max_new_tokens: tokens per request before it finishes and a new one starts (an
             attribute: a change takes effect at the next step).
         dtype: the parameters' dtype (bf16 by default; FP8 buckets dequantise into it).
-        device: ``"cuda"`` when available, else ``"cpu"``, unless given.
+        device: ``"cuda"`` when available, else ``"cpu"``, unless given; an unindexed
+            ``"cuda"`` is the constructing thread's current device (``self.device`` is
+            always indexed).
         block_size: the FP8 block shape ``[out, in]`` that block scales refer to.
         initial_version: the version the random weights are reported as.
         history: finished outputs kept for ``outputs()``.
@@ -117,9 +122,9 @@ class LocalEngine:
         self.block_size = as_block(block_size, what="block_size")
         self.prepare_threads = prepare_threads
         self.config = config if config is not None else default_config()
-        self.device = torch.device(
-            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        # Resolved once, here: every worker section (staging, the generation thread) then
+        # runs under this index, never under its own thread's current device.
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.batch_size = batch_size
         self.seed = seed
@@ -145,6 +150,7 @@ class LocalEngine:
             engine=self.name,
             history=history,
             version_of=self._updates.version_of if track_versions else None,
+            device=self.device,
         )
         # One staging (or a commit while stopped) at a time, on a worker thread.
         self._limiter = anyio.CapacityLimiter(1)
@@ -221,11 +227,14 @@ class LocalEngine:
         float32 scale in the same bucket (``X.weight_scale_inv`` for ``block_size``
         blocks, ``X.weight_scale`` per channel or per tensor) is dequantised into it.
 
+        Every value staged is checked finite in the same pass that writes it (see
+        ``updates``), whether or not a quantizer upstream checked it.
+
         Raises:
             EngineError: no sync is open, the bucket belongs to another version, or a
                 tensor has an unknown name, a wrong shape or dtype, a missing or misshapen
-                scale, or was already loaded in this sync (the error names it; nothing
-                of the bucket was staged).
+                scale, was already loaded in this sync, or holds NaN or Inf (the error
+                names it; nothing of the bucket was staged).
         """
         self._check_alive()
         version, plan = self._updates.plan(bucket)
@@ -240,8 +249,12 @@ class LocalEngine:
         """Switch every staged parameter at once, between two decode steps: the step
         before read only the old version, every step from the next on reads ``version``.
 
+        Checked first, so that nothing is switched and the version stays: the sync must
+        have sent every parameter (a tied one under either name).
+
         Raises:
-            EngineError: no sync of ``version`` is open, or generation failed.
+            EngineError: no sync of ``version`` is open, it left parameters out (the
+                error lists them), or generation failed.
         """
         self._check_alive()
         self._updates.check_commit(version)

@@ -6,11 +6,17 @@ inference mode, ``random_weights`` makes a seeded set of new weights of the same
 (what a trainer would send), and ``named_parameters`` gives every parameter under each
 of its checkpoint names (tied weights answer to both). The scheduler
 runs the model, the update transaction writes into its parameters; neither builds one.
+Where the model lives is decided here too: ``resolve_device`` turns an unindexed
+``"cuda"`` into the constructing thread's current device once, and ``device_guard`` makes
+that device current for a section run on another thread (the current CUDA device is per
+thread, and every thread other than the one that chose it starts on cuda:0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -20,8 +26,10 @@ __all__ = [
     "build_prompts",
     "cache_argument",
     "default_config",
+    "device_guard",
     "named_parameters",
     "random_weights",
+    "resolve_device",
 ]
 
 
@@ -45,6 +53,25 @@ def default_config(**overrides: Any) -> Any:
     }
     fields.update(overrides)
     return LlamaConfig(**fields)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """An explicit device: CUDA when available unless ``device`` says otherwise, and a CUDA
+    device always with its index (an unindexed one is the calling thread's current
+    device, read now, so every later thread uses that device and not its own cuda:0)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def device_guard(device: torch.device) -> AbstractContextManager[Any]:
+    """``torch.cuda.device(device)`` for an indexed CUDA device, else nothing to do."""
+    if device.type == "cuda" and device.index is not None:
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
 
 
 def _seeded_model(config: Any, seed: int) -> Any:

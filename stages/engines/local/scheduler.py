@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 from weightpipe.stages.engines.base import EngineError, PauseMode
+from weightpipe.stages.engines.local.model import device_guard
 from weightpipe.stages.engines.local.window import (
     GenerationListener,
     GenerationOutput,
@@ -72,6 +73,8 @@ class Scheduler:
         version_of: the version tag of a parameter's storage; when given, each step
             records the tags of the parameters it read (``on_step``'s ``versions``), at
             the price of one hook call per module with parameters per step.
+        device: where the model lives; the generation thread runs under it (its own
+            current CUDA device would be cuda:0).
     """
 
     def __init__(
@@ -86,8 +89,10 @@ class Scheduler:
         engine: str,
         history: int,
         version_of: Callable[[torch.Tensor], Version] | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.model = model
+        self._device = device if device is not None else torch.device("cpu")
         self.max_new_tokens = max_new_tokens
         self._config = config
         self._prompts = prompts
@@ -275,6 +280,12 @@ class Scheduler:
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        # Everything this thread runs (steps, and the work queued between them) runs
+        # under the model's device.
+        with device_guard(self._device):
+            self._run_on_device()
+
+    def _run_on_device(self) -> None:
         try:
             with torch.no_grad():
                 self._loop()

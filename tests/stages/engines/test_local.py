@@ -11,10 +11,17 @@ import pytest
 import torch
 
 from tests.fakes import fake_broken_model, fake_buckets, small_llama_config
-from tests.fakes.local import BATCH, NEW_TOKENS, RecordingListener, local_engine, new_weights
+from tests.fakes.local import (
+    BATCH,
+    NEW_TOKENS,
+    RecordingListener,
+    complete,
+    local_engine,
+    new_weights,
+)
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine, EngineError, MeasuresGeneration
-from weightpipe.stages.engines.local import GenerationStats
+from weightpipe.stages.engines.local import GenerationStats, updates
 from weightpipe.stages.engines.local.updates import dequantize_into
 from weightpipe.stages.fp8 import dequantize_fp8, quantize_fp8
 
@@ -86,7 +93,9 @@ async def test_pause_stops_every_step_until_resume() -> None:
         frozen = engine.tokens_generated
         # A commit submitted while paused still runs, and no decode step sneaks in.
         await engine.begin(1)
-        await engine.load(bucket([(Q, torch.zeros(192, 192, dtype=torch.bfloat16))]))
+        await engine.load(
+            bucket(complete(engine, [(Q, torch.zeros(192, 192, dtype=torch.bfloat16))]))
+        )
         await engine.commit(1)
         assert engine.tokens_generated == frozen
         with pytest.raises(EngineError, match="already paused"):
@@ -164,11 +173,46 @@ async def test_bf16_bucket_commit_and_abort_restore() -> None:
     assert await engine.version() == 0
 
     await engine.begin(2)
-    await engine.load(fake_buckets([(Q, new[Q]), (MLP, new[MLP])], per_bucket=1, version=2)[0])
+    for b in fake_buckets(complete(engine, [(Q, new[Q])]), per_bucket=4, version=2):
+        await engine.load(b)
     await engine.commit(2)
     assert await engine.version() == 2
     assert torch.equal(engine.parameter(Q), new[Q])
-    assert torch.equal(engine.parameter(MLP), old_mlp)  # a partial update is allowed
+    assert torch.equal(engine.parameter(MLP), old_mlp)  # sent as it was
+
+
+async def test_an_incomplete_sync_is_refused_at_commit_listing_what_it_left_out() -> None:
+    engine = local_engine()
+    new = new_weights(engine, seed=5)
+    before = {name: engine.parameter(name) for name in new}
+    await engine.begin(1)
+    await engine.load(bucket([(Q, new[Q])]))
+    with pytest.raises(
+        EngineError, match=r"cannot commit v1: the sync left out (\d+) of the"
+    ) as info:
+        await engine.commit(1)
+    left_out = len(new) - 1
+    assert f"left out {left_out} of the {len(new)} parameters" in str(info.value)
+    assert f"and {left_out - 5} more" in str(info.value)  # five are named
+    assert repr(next(n for n in new if n != Q)) in str(info.value)
+    assert info.value.tensor is None  # several: the message lists them
+    # Nothing switched, the version stays; the sync is still open for the caller's abort.
+    assert await engine.version() == 0
+    assert all(torch.equal(engine.parameter(n), t) for n, t in before.items())
+    await engine.abort(1)
+
+    # One parameter short: named, also as the error's tensor.
+    await engine.begin(2)
+    norm = "model.norm.weight"
+    await engine.load(bucket([(n, t) for n, t in new.items() if n != norm], version=2))
+    with pytest.raises(EngineError, match=r"left out 1 of the .* \('model.norm.weight'\)") as one:
+        await engine.commit(2)
+    assert one.value.tensor == norm
+    assert await engine.version() == 0
+    await engine.load(bucket([(norm, new[norm])], version=2, index=1))
+    await engine.commit(2)
+    assert await engine.version() == 2
+    assert all(torch.equal(engine.parameter(n), t) for n, t in new.items())
 
 
 async def test_full_sync_while_generating_moves_the_version_at_commit() -> None:
@@ -201,7 +245,7 @@ async def test_fp8_bucket_is_dequantised_like_the_fp8_module_does(
     q, scale = quantize_fp8(weight, method=method)  # type: ignore[arg-type]
     assert tuple(scale.shape) == scale_shape  # block: partial edge blocks both ways
     await engine.begin(1)
-    await engine.load(bucket([(MLP, q), (MLP + suffix, scale)]))
+    await engine.load(bucket(complete(engine, [(MLP, q), (MLP + suffix, scale)])))
     await engine.commit(1)
     loaded = engine.parameter(MLP)
     # Bit for bit what the demo's verification and the quantizer's own checks compute.
@@ -209,6 +253,86 @@ async def test_fp8_bucket_is_dequantised_like_the_fp8_module_does(
     # FP8 e4m3 keeps 3 mantissa bits: within 1/16 relative of the scale group's maximum.
     error = (loaded.float() - weight.float()).abs().max().item()
     assert error <= weight.float().abs().max().item() / 16
+
+
+EMBED = "model.embed_tokens.weight"  # 512x192 bf16: several staging chunks below
+NORM = "model.layers.0.input_layernorm.weight"
+
+
+def poisoned(
+    name: str, shape: tuple[int, ...], at: tuple[int, ...], value: float
+) -> list[tuple[str, torch.Tensor]]:
+    tensor = torch.randn(shape).to(torch.bfloat16)
+    tensor[at] = value
+    return [(name, tensor)]
+
+
+def fp8_poisoned(*, code_nan: bool) -> list[tuple[str, torch.Tensor]]:
+    q, scale = quantize_fp8(torch.randn(320, 192))
+    if code_nan:
+        q.view(torch.uint8)[300, 7] = 0x7F  # e4m3fn's NaN, in the last band of rows
+    else:
+        scale[2, 1] = float("inf")  # the last band's second block: codes x Inf
+    return [(MLP, q), (MLP + "_scale_inv", scale)]
+
+
+@pytest.mark.parametrize(
+    ("tensors", "culprit", "message"),
+    [
+        pytest.param(
+            poisoned(NORM, (192,), (5,), float("nan")),
+            NORM,
+            r"holds 1 NaN and 0 Inf values \(the first at \[5\]\)",
+            id="nan-norm",
+        ),
+        pytest.param(
+            poisoned(EMBED, (512, 192), (500, 3), float("-inf")),  # in the last of several chunks
+            EMBED,
+            r"holds 0 NaN and 1 Inf values \(the first at \[500, 3\]\)",
+            id="inf-late-chunk",
+        ),
+        pytest.param(
+            fp8_poisoned(code_nan=True),
+            MLP,
+            r"holds 1 NaN and 0 Inf values \(the first at \[300, 7\]\)",
+            id="fp8-nan-code",
+        ),
+        pytest.param(fp8_poisoned(code_nan=False), MLP, r"NaN and \d+ Inf", id="fp8-inf-scale"),
+    ],
+)
+async def test_a_non_finite_value_is_refused_while_staging(
+    tensors: list[tuple[str, torch.Tensor]],
+    culprit: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(updates, "CHUNK_BYTES", 16 << 10)  # the embedding in 13 chunks
+    engine = local_engine()
+    good = (Q, torch.zeros(192, 192, dtype=torch.bfloat16))
+    await engine.begin(1)
+    with pytest.raises(EngineError, match=message) as info:
+        await engine.load(bucket([good, *tensors]))
+    assert info.value.tensor == culprit
+    assert "a non-finite weight fails the sync" in str(info.value)
+    # Nothing of the bucket was staged: each of its tensors can still be sent, once.
+    await engine.load(bucket(complete(engine, [good]), index=1))
+    await engine.commit(1)
+    assert await engine.version() == 1
+
+
+async def test_large_finite_values_whose_sum_overflows_are_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The check sums each band: a sum that overflows is not proof of an Inf, so the
+    # values themselves are looked at before a tensor is refused.
+    monkeypatch.setattr(updates, "CHUNK_BYTES", 16 << 10)
+    engine = local_engine()
+    huge = torch.full((512, 192), 3.0e38, dtype=torch.bfloat16)
+    assert not torch.isfinite(huge.sum())
+    await engine.begin(1)
+    await engine.load(bucket(complete(engine, [(EMBED, huge)])))
+    await engine.commit(1)
+    assert torch.equal(engine.parameter(EMBED), huge)
 
 
 async def test_fp8_with_a_scale_of_another_block_size_is_refused() -> None:
@@ -329,6 +453,7 @@ async def test_protocol_misuse_is_refused() -> None:
     assert info.value.tensor == Q
     with pytest.raises(EngineError, match="cannot commit v2: the open sync is v1"):
         await engine.commit(2)
+    await engine.load(bucket(complete(engine, list(good.tensors))[1:], version=1, index=1))
     await engine.commit(1)
     assert await engine.version() == 1
 
@@ -356,16 +481,29 @@ async def test_tied_weights_answer_to_both_names() -> None:
     assert specs["lm_head.weight"] == specs["model.embed_tokens.weight"]
     new = torch.randn(specs["lm_head.weight"][0]).to(torch.bfloat16)
     await engine.begin(1)
-    await engine.load(bucket([("lm_head.weight", new)]))
-    await engine.commit(1)
+    sync = complete(engine, [("lm_head.weight", new)])
+    assert "model.embed_tokens.weight" not in dict(sync)  # one parameter, sent once
+    await engine.load(bucket(sync))
+    await engine.commit(1)  # complete: the tied weight came under one of its names
     assert torch.equal(engine.parameter("model.embed_tokens.weight"), new)
+    # Under both names in one sync it would be written twice, the last silently winning.
+    await engine.begin(2)
+    with pytest.raises(EngineError, match=r"appears twice in one bucket.*tied") as info:
+        await engine.load(
+            bucket([("lm_head.weight", new), ("model.embed_tokens.weight", new)], version=2)
+        )
+    assert info.value.tensor == "model.embed_tokens.weight"
+    await engine.load(bucket([("lm_head.weight", new)], version=2))
+    with pytest.raises(EngineError, match="loaded twice in one sync"):
+        await engine.load(bucket([("model.embed_tokens.weight", new)], version=2, index=1))
+    await engine.abort(2)
 
 
 async def test_loaded_storage_is_a_copy_of_the_bucket() -> None:
     engine = local_engine()
     source = torch.randn(192, 192).to(torch.bfloat16)
     await engine.begin(1)
-    await engine.load(bucket([(Q, source)]))
+    await engine.load(bucket(complete(engine, [(Q, source)])))
     await engine.commit(1)
     source.zero_()  # a producer reusing its buffer must not reach into the engine
     assert not torch.equal(engine.parameter(Q), source)
@@ -401,7 +539,9 @@ async def test_a_listener_hears_steps_writes_and_pauses_until_removed() -> None:
         await engine.wait_for_outputs(BATCH)
         await engine.pause("in_place")
         await engine.begin(1)
-        await engine.load(bucket([(Q, torch.zeros(192, 192, dtype=torch.bfloat16))]))
+        await engine.load(
+            bucket(complete(engine, [(Q, torch.zeros(192, 192, dtype=torch.bfloat16))]))
+        )
         await engine.commit(1)
         await engine.resume()
         await engine.wait_for_tokens(engine.tokens_generated + BATCH)
