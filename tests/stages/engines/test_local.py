@@ -7,6 +7,8 @@ and never assert on timings.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -622,6 +624,34 @@ def test_a_block_size_that_is_not_two_positive_ints_is_refused() -> None:
     with pytest.raises(ValueError, match=r"block_size must be two positive ints"):
         local_engine(block_size=(128.5, 128))
     assert local_engine(block_size=[64, 64]).block_size == (64, 64)  # a config file's list
+
+
+async def test_buckets_are_staged_off_the_generation_thread_and_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Dequantising and copying (what a bucket costs) must not run where it would stall
+    # decode steps or the event loop; only the commit's switch runs between two steps.
+    staged_on: set[str] = set()
+    real_copy = updates.WeightUpdates._copy
+
+    def copy(self: updates.WeightUpdates, dst: torch.Tensor, src: torch.Tensor) -> None:
+        staged_on.add(threading.current_thread().name)
+        real_copy(self, dst, src)
+
+    monkeypatch.setattr(updates.WeightUpdates, "_copy", copy)
+    listener = RecordingListener()
+    async with local_engine() as engine:
+        engine.add_listener(listener)
+        q, scale = quantize_fp8(torch.randn(320, 192))
+        await engine.wait_for_tokens(BATCH)
+        await engine.begin(1)
+        sync = complete(engine, [(MLP, q), (MLP + "_scale_inv", scale)])
+        for b in fake_buckets(sync, per_bucket=4, version=1):
+            await engine.load(b)
+        await engine.commit(1)
+    assert staged_on
+    assert not staged_on & {"weightpipe-local-engine", threading.current_thread().name}
+    assert listener.names().count("write") == 1  # the commit, on the generation thread
 
 
 async def test_loaded_buckets_switch_together_at_commit_and_tokens_carry_versions() -> None:
