@@ -513,12 +513,16 @@ class WeightUpdates:
         return torch.empty_like(param)
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        # non_blocking: from pinned memory the H2D copy is queued on the current stream;
-        # ``prepare`` synchronises that stream before the bucket can be recycled.
-        dst.copy_(src, non_blocking=True)
+        # On a CUDA engine the copy is queued on the current stream, which ``prepare``
+        # synchronises before the bucket can be recycled. On a CPU engine it must block:
+        # a non-blocking copy out of a CUDA bucket could still be running when the sum
+        # (and the commit) read the storage.
+        dst.copy_(src, non_blocking=self._device.type == "cuda")
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self._device, non_blocking=True)
+        # Blocking on a CPU engine for the same reason (``.to("cpu", non_blocking=True)``
+        # of a CUDA tensor returns before its data has arrived).
+        return tensor.to(self._device, non_blocking=self._device.type == "cuda")
 
 
 _LISTED = 5
