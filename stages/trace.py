@@ -309,13 +309,16 @@ def _generation_track(trace: Trace, track: int, events: list[GenerationEvent]) -
                 args={"swap_ms": event.seconds * 1e3},
             )
         elif event.kind == "finish":
+            # The engine reports a step's finished requests before the step itself, at
+            # the same time: the step's slice still starts at the boundary before both.
             trace.instant(
                 track, "finished", at, category="generation", args={"requests": event.tokens}
             )
+            continue
         elif event.kind == "pause":
             paused_since = at
         elif paused_since is not None:  # resume
             trace.slice(track, "paused", paused_since, at, category="pause")
             paused_since = None
-        # No step runs across a pause or a resume; every kind moves the boundary.
+        # No step runs across a pause or a resume: each moves the boundary.
         boundary = at
