@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from weightpipe.pipeline.config import ConfigError, to_yaml
 from weightpipe.stages.app.config import WeightpipeConfig, load_weightpipe_config
+from weightpipe.stages.app.timeline import DEFAULT_TIMELINE
 
 __all__ = ["main"]
 
@@ -50,6 +51,18 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--api-key", help="SGLang server API key (engine.api_key)")
     demo.add_argument("--mode", choices=["pause", "prefetch", "in_flight"], help="engine.mode")
     demo.add_argument("--no-progress", action="store_true", help="no live display")
+    demo.add_argument(
+        "--trace",
+        metavar="PATH",
+        help="keep each sync's Chrome/Perfetto trace, one file per sync: PATH with "
+        "-v<version> before its suffix (trace.json -> trace-v1.json, ...)",
+    )
+    demo.add_argument(
+        "--timeline",
+        metavar="PATH",
+        default=DEFAULT_TIMELINE,
+        help="where to draw the last sync's timeline (PNG; default: %(default)s)",
+    )
     _add_config_args(demo)
 
     bench = commands.add_parser(
@@ -107,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from weightpipe.stages.app.demo import run_demo
 
-        return run_demo(config)
+        return run_demo(config, trace=args.trace, timeline=args.timeline)
     from weightpipe.stages.app.bench import run_sweep
 
     return run_sweep(config, json_path=args.json, plot_path=args.plot)

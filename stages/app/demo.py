@@ -11,6 +11,15 @@ parameter is checked: quantized ones must dequantize to the snapshot within FP8'
 bound, the others must equal it bit for bit. Metrics are served on
 ``http://<metrics.addr>:<metrics.port>/metrics`` for the whole run. Any failure exits
 non-zero.
+
+Every sync runs with ``sync_weights(trace=...)``. With ``trace`` given (``weightpipe
+demo --trace PATH``) each sync's Chrome/Perfetto trace is kept, one file per sync:
+``PATH`` with ``-v<version>`` before its suffix (``trace.json`` -> ``trace-v1.json``,
+``trace-v2.json``...). Without it the traces go to a temporary folder. Either way the
+demo draws the last sync's timeline as a PNG (``timeline``, ``weightpipe demo
+--timeline PATH``, ``weightpipe-demo-timeline.png`` in the working folder by default,
+beside ``weightpipe bench``'s ``weightpipe-sweep.png``) after its table, and says where;
+after a failed sync, the failed sync's timeline.
 """
 
 from __future__ import annotations
@@ -19,9 +28,11 @@ import fcntl
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -39,6 +50,7 @@ from weightpipe.stages.app.factory import (
     build_llama_config,
     build_quantize,
 )
+from weightpipe.stages.app.timeline import DEFAULT_TIMELINE
 from weightpipe.stages.engines.base import Engine
 from weightpipe.stages.engines.local import LocalEngine
 from weightpipe.stages.fp8 import check_fp8, dequantize_fp8, quantize_fp8, warm_up_cpu_kernel
@@ -46,7 +58,31 @@ from weightpipe.stages.load import engine_is_dirty
 from weightpipe.stages.metrics import MetricsServer, WeightpipeMetrics, serve_metrics
 from weightpipe.stages.sync import SyncReport, sync_weights
 
-__all__ = ["DemoSync", "run_demo"]
+__all__ = ["DemoSync", "TracePaths", "run_demo"]
+
+
+class TracePaths:
+    """Where each sync's trace goes: ``<stem>-v<version><suffix>`` beside ``base``.
+
+    ``last`` is the trace of the latest sync that was started (written whether it
+    committed or failed), which the timeline is drawn from; ``written`` every one.
+    """
+
+    def __init__(self, base: str | os.PathLike[str]) -> None:
+        self.base = Path(base)
+        self.last: Path | None = None
+        self.written: list[Path] = []
+
+    def for_version(self, version: int) -> Path:
+        suffix = self.base.suffix or ".json"
+        path = self.base.with_name(f"{self.base.stem}-v{version}{suffix}")
+        self.last = path
+        return path
+
+    def done(self, path: Path | None) -> None:
+        """A sync ended and its trace is at ``path`` (``None``: it was not written)."""
+        if path is not None:
+            self.written.append(path)
 
 
 @dataclass(frozen=True)
@@ -176,7 +212,7 @@ def print_table(console: Console, rows: list[DemoSync]) -> None:
     console.print(table)
 
 
-async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
+async def _demo(config: WeightpipeConfig, console: Console, traces: TracePaths) -> list[DemoSync]:
     block = config.quantize.block_shape
     trainer = await anyio.to_thread.run_sync(Trainer, config)
     # Compile the fused CPU FP8 kernel now (a few seconds, once per process), not inside
@@ -234,6 +270,7 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                         idle_s += stats.elapsed_s
                         idle = idle_tokens / idle_s if idle_s > 0 else None
                     started = time.perf_counter()
+                    trace = traces.for_version(version)
                     try:
                         report = await sync_weights(
                             snapshot,
@@ -247,8 +284,10 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                             prefetch_bytes=config.engine.prefetch_bytes,
                             observer=metrics,
                             on_partial_failure=config.engine.on_partial_failure,
+                            trace=trace,
                         )
                     except Exception:
+                        traces.done(trace if trace.exists() else None)
                         # Raising cancels the task group; run_demo unwraps the group.
                         metrics.record_sync(
                             seconds=time.perf_counter() - started,
@@ -258,6 +297,9 @@ async def _demo(config: WeightpipeConfig, console: Console) -> list[DemoSync]:
                             engine_dirty=engine_is_dirty(engine),
                         )
                         raise
+                    traces.done(report.trace_path)
+                    if report.trace_error is not None:
+                        console.print(f"[yellow]trace of v{version}:[/yellow] {report.trace_error}")
                     committed = report.version
                     metrics.record_sync(
                         seconds=report.seconds,
@@ -363,16 +405,40 @@ def _copy_above_stdio(fd: int) -> int | None:
         return None
 
 
-def run_demo(config: WeightpipeConfig) -> int:
-    """Run the demo; returns the process exit status (0 only if every sync checked out)."""
+def run_demo(
+    config: WeightpipeConfig,
+    *,
+    trace: str | os.PathLike[str] | None = None,
+    timeline: str | os.PathLike[str] = DEFAULT_TIMELINE,
+) -> int:
+    """Run the demo; returns the process exit status (0 only if every sync checked out).
+
+    ``trace``: keep each sync's trace, one file per sync (see the module's docstring);
+    ``timeline``: where to draw the last sync's timeline (PNG). A timeline that cannot
+    be drawn is reported and never changes the exit status.
+    """
     console = Console()
     if not console.is_terminal:
         console = Console(width=132)  # a log or pipe: keep the table on one line per row
     started = time.perf_counter()
     if config.engine.kind == "sglang_http":
         _start_shm_manager_detached()
+    with tempfile.TemporaryDirectory(prefix="weightpipe-demo-") as scratch:
+        traces = TracePaths(trace if trace is not None else Path(scratch) / "trace.json")
+        status = _run_and_report(config, console, traces, started)
+        if status != 130:  # an interrupted demo exits at once
+            _draw_timeline(console, traces, Path(timeline), failed=status != 0)
+        if trace is not None and traces.written:
+            shown = ", ".join(str(p) for p in traces.written)
+            console.print(f"traces (open in https://ui.perfetto.dev): {shown}", highlight=False)
+    return status
+
+
+def _run_and_report(
+    config: WeightpipeConfig, console: Console, traces: TracePaths, started: float
+) -> int:
     try:
-        rows = anyio.run(_demo, config, console)
+        rows = anyio.run(_demo, config, console, traces)
     except BaseException as exc:  # a CLI reports, then exits non-zero
         # A failure inside the task group arrives wrapped in an exception group: report
         # the errors themselves (a StageError names stage, bucket and tensor).
@@ -395,6 +461,24 @@ def run_demo(config: WeightpipeConfig) -> int:
         f"bucket {config.fetch.bucket_bytes / (1 << 20):.0f} MiB)"
     )
     return 0
+
+
+def _draw_timeline(console: Console, traces: TracePaths, target: Path, *, failed: bool) -> None:
+    """Draw the last sync's timeline at ``target``; say where, or why not."""
+    source = traces.last
+    if source is None or not source.exists():
+        if source is not None:
+            console.print("[yellow]no timeline: the last sync wrote no trace[/yellow]")
+        return
+    from weightpipe.stages.app.timeline import write_timeline
+
+    try:
+        written = write_timeline(source, target)
+    except Exception as exc:  # the demo's outcome is the syncs', not the drawing's
+        console.print(f"[yellow]no timeline:[/yellow] {type(exc).__name__}: {exc}", highlight=False)
+        return
+    which = "the failed sync" if failed else "the last sync"
+    console.print(f"timeline of {which} ({source.stem}): {written}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,26 @@ def test_config_show_of_a_directory_from_the_shell() -> None:
     )
     assert done.returncode == 2
     assert done.stderr == "weightpipe: config file '/tmp': is a directory, not a YAML file\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], (None, "weightpipe-demo-timeline.png")),
+        (["--trace", "t.json", "--timeline", "out/t.png"], ("t.json", "out/t.png")),
+    ],
+)
+def test_demo_passes_trace_and_timeline_to_run_demo(
+    flags: list[str], expected: tuple[str | None, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from weightpipe.stages.app import demo
+
+    seen: list[tuple[object, object]] = []
+
+    def fake_run_demo(config: object, *, trace: object = None, timeline: object = None) -> int:
+        seen.append((trace, timeline))
+        return 0
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", *flags]) == 0
+    assert seen == [expected]
