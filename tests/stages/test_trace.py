@@ -129,6 +129,13 @@ async def test_the_trace_of_a_sync_into_the_local_engine(mode: str, tmp_path: Pa
     assert all(e["args"]["mixed"] is False for e in steps)
     assert all(e["args"]["tokens"] > 0 for e in steps)
     assert [e["name"] for e in generation].count("swap") == 1  # the switch at commit
+    # A step's slice starts where the generation thread's previous slice ended: the
+    # steps tile the track (a finished batch, reported just before its step, moves
+    # nothing).
+    ends = [0] + [e["ts"] + e["dur"] for e in generation[:-1]]
+    assert all(
+        e["ts"] == end for e, end in zip(generation, ends, strict=True) if e["name"] == "step"
+    )
     if mode == "in_flight":
         assert paused == []
         assert "pause" not in [e["name"] for e in engine_calls]
