@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -116,12 +117,14 @@ _UPDATE_PATHS = frozenset(
 
 @dataclass
 class Call:
-    """One request the double received (payload bytes left out)."""
+    """One request the double received (payload bytes left out); ``received_s`` is
+    ``time.perf_counter()`` when its body was read (for benchmarks, never for asserts)."""
 
     method: str
     path: str
     body: dict[str, Any]
     authorized: bool
+    received_s: float = 0.0
 
 
 @dataclass
@@ -318,7 +321,9 @@ class SGLangHTTPDouble:
             request.headers.get("Authorization") == f"Bearer {self.api_key}"
         )
         logged = {k: v for k, v in body.items() if k != "serialized_named_tensors"}
-        self.calls.append(Call(request.method, request.path, logged, authorized))
+        self.calls.append(
+            Call(request.method, request.path, logged, authorized, time.perf_counter())
+        )
         if not authorized:
             return web.json_response({"error": "Unauthorized"}, status=401)
         if request.path in _UPDATE_PATHS and self.paused is None:

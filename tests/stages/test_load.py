@@ -9,6 +9,7 @@ resumed. Synchronisation is by events (a gate stage, the engines' events), never
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator
 
 import anyio
@@ -24,7 +25,7 @@ from weightpipe.stages.app.config import load_weightpipe_config
 from weightpipe.stages.app.factory import build_load
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import DEFAULT_TIMEOUT_S, EngineError, SyncMode
-from weightpipe.stages.load import PAUSE_POLICY, Load, engine_is_dirty
+from weightpipe.stages.load import PAUSE_POLICY, Load, PausePhases, engine_is_dirty
 from weightpipe.stages.metrics import WeightpipeMetrics
 
 
@@ -155,6 +156,139 @@ async def test_prefetch_with_look_ahead_aborts_a_failing_load() -> None:
     assert error.__cause__ is engine.raised[0]
     assert engine.call_names() == ["pause", "begin", "load", "load", "load", "abort", "resume"]
     assert await engine.version() == 0
+
+
+# -- engines that cannot switch atomically -------------------------------------------------
+
+
+class AppliesAsItArrives(FakeEngine):
+    """``FakeEngine`` declaring what the SGLang adapters declare: each bucket goes into the
+    live model as it arrives (``switches_atomically = False``)."""
+
+    switches_atomically = False
+
+
+class PreparingEngine(AppliesAsItArrives):
+    """Also ``PreparesBuckets``, as the SGLang adapters do (it records each prepare, and
+    ``fail_prepare_at`` makes that bucket's prepare fail)."""
+
+    def __init__(self, *, fail_prepare_at: int | None = None, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.fail_prepare_at = fail_prepare_at
+
+    async def prepare(self, bucket: WeightBucket) -> None:
+        self.calls.append(("prepare", bucket.index))
+        if bucket.index == self.fail_prepare_at:
+            error = EngineError(self.name, "cannot encode (fake)")
+            self.raised.append(error)
+            raise error
+
+
+@pytest.mark.parametrize(
+    ("engine_class", "pauses"),
+    [
+        (FakeEngine, True),  # declares nothing and cannot roll back: applies as it arrives
+        (AppliesAsItArrives, True),
+        (RollbackEngine, False),  # rolls back, so it stages until commit: the switch
+        (type("Atomic", (FakeEngine,), {"switches_atomically": True}), False),
+        (type("RollbackNotAtomic", (RollbackEngine,), {"switches_atomically": False}), True),
+    ],
+)
+async def test_in_flight_pauses_in_place_only_an_engine_that_cannot_switch_atomically(
+    engine_class: type[FakeEngine], pauses: bool
+) -> None:
+    engine = engine_class()
+    load = Load(engine, mode="in_flight", pause_mode="retract")
+    await run(load, buckets())
+    middle = ["begin", "load", "load", "load", "commit"]
+    assert engine.call_names() == (["pause", *middle, "resume"] if pauses else middle)
+    assert engine.pause_modes == (["in_place"] if pauses else [])  # never abort or retract
+    assert load.report.pause_mode == ("in_place" if pauses else "retract")
+    assert (load.report.hard_pause_s > 0.0) is pauses
+    assert await engine.version() == 1
+    assert not engine.paused
+
+
+@pytest.mark.parametrize(("prefetch_bytes", "pause_after"), [(0, 0), (32, 1), (None, 3)])
+async def test_in_flight_on_such_an_engine_holds_buckets_like_prefetch(
+    prefetch_bytes: int | None, pause_after: int
+) -> None:
+    engine = AppliesAsItArrives()
+
+    async def source() -> AsyncIterator[WeightBucket]:
+        for bucket in buckets(count=4):  # 16 bytes each
+            engine.calls.append(("source", bucket.index))
+            yield bucket
+
+    load = Load(engine, mode="in_flight", prefetch_bytes=prefetch_bytes)
+    await run(load, source())
+    calls = engine.calls
+    # Load cannot pause before the bucket that fills its budget has arrived.
+    assert calls.index(("pause", "in_place")) > calls.index(("source", pause_after))
+    assert [b.index for b in engine.loaded] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("mode", "prepared_first"), [("prefetch", 3), ("in_flight", 3)])
+async def test_a_whole_sync_prefetched_is_prepared_before_the_pause(
+    mode: SyncMode, prepared_first: int
+) -> None:
+    engine = PreparingEngine()
+    load = Load(engine, mode=mode, prefetch_bytes=None)
+    await run(load, buckets())
+    names = engine.call_names()
+    assert names[: names.index("pause")] == ["prepare"] * prepared_first
+    assert names[names.index("pause") :] == [
+        "pause",
+        "begin",
+        "load",
+        "load",
+        "load",
+        "commit",
+        "resume",
+    ]
+    kinds = [call.kind for call in load.report.calls]
+    assert kinds[: kinds.index("pause")] == ["version", *["prepare"] * prepared_first]
+
+
+async def test_each_bucket_is_prepared_before_the_pause_for_it() -> None:
+    engine = PreparingEngine()
+    await run(Load(engine, mode="prefetch"), buckets())
+    assert engine.calls[:3] == [("prepare", 0), ("pause", "retract"), ("begin", 1)]
+    assert engine.call_names().count("prepare") == 3
+
+
+async def test_a_failed_prepare_touches_nothing() -> None:
+    engine = PreparingEngine(fail_prepare_at=2)
+    load = Load(engine, mode="in_flight", prefetch_bytes=None)
+    error = await run_expecting_failure(load, buckets())
+    assert error.__cause__ is engine.raised[0]
+    assert engine.call_names() == ["prepare", "prepare", "prepare"]
+    assert not load.report.engine_dirty
+    assert not engine.paused
+    assert await engine.version() == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_pause_phases_add_up_to_the_hard_pause(mode: SyncMode) -> None:
+    engine = PreparingEngine()
+    load = Load(engine, mode=mode)
+    await run(load, buckets())
+    report = load.report
+    parts = report.pause_phases.as_dict()
+    assert all(value >= 0.0 for value in parts.values())
+    assert math.isclose(sum(parts.values()), report.hard_pause_s, rel_tol=1e-9, abs_tol=1e-12)
+    handed = [c for c in report.calls if c.kind in {"begin", "load", "commit"}]
+    assert math.isclose(
+        report.pause_phases.engine_calls_s, sum(c.end_s - c.start_s for c in handed), rel_tol=1e-9
+    )
+    assert report.pause_phases.resume_s > 0.0
+
+
+async def test_no_pause_no_phases() -> None:
+    load = Load(RollbackEngine(), mode="in_flight")
+    await run(load, buckets())
+    assert load.report.hard_pause_s == 0.0
+    assert load.report.pause_phases == PausePhases()
 
 
 # -- errors at open -----------------------------------------------------------------------

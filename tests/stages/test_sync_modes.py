@@ -408,3 +408,53 @@ async def test_no_step_reads_two_versions_over_50_syncs(mode: str) -> None:
         assert set(read) == set(range(51))
     for output in outputs:
         assert list(output.token_versions) == sorted(output.token_versions)  # type: ignore[type-var]
+
+
+# -- SGLang: no update reaches a generating server, in any mode ----------------------------
+
+
+def _sglang_weights(seed: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ("model.embed_tokens.weight", torch.randn(64, 32, generator=g).to(torch.bfloat16)),
+        *(
+            (f"model.layers.{i}.mlp.down_proj.weight", torch.randn(160, 130, generator=g))
+            for i in range(3)
+        ),
+        ("model.norm.weight", torch.randn(32, generator=g).to(torch.bfloat16)),
+    ]
+
+
+def _sglang_spec() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What the double's model holds: the names, shapes and dtypes Fp8Quantize sends."""
+    sample = WeightBucket(tuple(_sglang_weights(0)), index=0, is_last=True, version=1)
+    return {n: (tuple(t.shape), t.dtype) for n, t in Fp8Quantize().quantize_bucket(sample).tensors}
+
+
+@pytest.mark.parametrize(
+    ("mode", "prefetch_bytes"), [*((m, 0) for m in MODES), ("in_flight", None)]
+)
+async def test_no_update_reaches_a_generating_sglang_server(
+    mode: str, prefetch_bytes: int | None
+) -> None:
+    from tests.fakes.sglang_http import SGLangHTTPDouble
+    from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
+
+    with SGLangHTTPDouble(_sglang_spec()) as server:
+        async with SGLangHTTPEngine(server.url) as engine:
+            for version in range(1, 4):
+                report = await sync_weights(
+                    _sglang_weights(version),
+                    engine,
+                    version=version,
+                    stages=[Fetch(40 << 10), Fp8Quantize()],
+                    mode=mode,  # type: ignore[arg-type]
+                    prefetch_bytes=prefetch_bytes,
+                )
+                assert report.load.committed and report.load.buckets > 1
+                assert await engine.version() == version
+        assert server.paths().count("/update_weights_from_tensor") > 3
+        assert server.unpaused_updates == []  # every update arrived inside a pause
+        pauses = [c.body["mode"] for c in server.calls if c.path == "/pause_generation"]
+        assert pauses == ["in_place" if mode == "in_flight" else "retract"] * 3
+        assert server.paused is None

@@ -26,12 +26,12 @@ from tests.fakes.sglang_http import SGLangHTTPDouble
 from tests.fakes.sglang_model import SessionRefusal
 from tests.helpers import bits
 from tests.stages.engines.sglang.drive import WaitRecordingEvent, failed_sync, load_sync
-from weightpipe.stages._layout import flatten, unflatten
 from weightpipe.pipeline import Pipeline
+from weightpipe.stages._layout import flatten, unflatten
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import Engine
-from weightpipe.stages.load import Load
 from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine, parse_version, uses_sessions
+from weightpipe.stages.load import Load
 
 
 def _model() -> list[tuple[str, torch.Tensor]]:
