@@ -12,9 +12,11 @@ run in the stage's own worker thread in batches, so the event loop never moves b
 CUDA the buffer is assembled in pinned host memory and sent with one ``non_blocking``
 copy on a dedicated copy stream; downstream gets the event recorded after it
 (``bucket.ready``), never a host synchronisation per tensor. On CPU the same path runs
-without streams. A source may hand Fetch ``FileSpan``s instead of tensors
-(``safetensors_source(direct=True)``): those are read from the file straight into the
-bucket buffer, one kernel copy each.
+without streams; CUDA source tensors bound for a CPU Fetch are copied into pinned host
+memory on the stream that produced them (an asynchronous DMA, ordered after their
+writer and nothing else), and the worker thread waits for those copies once per bucket.
+A source may hand Fetch ``FileSpan``s instead of tensors (``safetensors_source(direct=True)``):
+those are read from the file straight into the bucket buffer, one kernel copy each.
 
 Memory invariant (why ``is_last`` is exact): a bucket is emitted only when the first
 tensor of the next bucket has arrived (then ``is_last=False``) or at ``flush`` (then
@@ -39,6 +41,7 @@ import anyio.to_thread
 import torch
 
 from weightpipe.pipeline import Stage
+from weightpipe.stages import _memory
 from weightpipe.stages._layout import (
     BucketPlanner,
     TensorLayout,
@@ -86,6 +89,7 @@ class _OpenBucket:
     """The bucket being filled; only the stage's worker thread copies into it."""
 
     __slots__ = (
+        "d2h",
         "device_sources",
         "flat",
         "host",
@@ -95,6 +99,7 @@ class _OpenBucket:
         "pending",
         "pending_bytes",
         "producers",
+        "source_streams",
         "tensor_bytes",
         "tensors",
         "used",
@@ -107,6 +112,10 @@ class _OpenBucket:
         self.tensors: list[tuple[str, torch.Tensor]] = []  # unflattened buckets only
         self.pending: list[tuple[TensorLayout, torch.Tensor | FileSpan]] = []
         self.device_sources: list[tuple[TensorLayout, torch.Tensor]] = []
+        # CPU Fetch only: CUDA sources and the stream each was produced on, copied at seal.
+        self.d2h: list[tuple[TensorLayout, torch.Tensor, Any]] = []
+        # Unpacked buckets: the producing stream of each tensor (None: a host tensor).
+        self.source_streams: list[Any] = []
         # The streams CUDA sources were produced on, as the event-loop thread saw them
         # current (a worker thread's current stream is its own, the default one).
         self.producers: list[Any] = []
@@ -210,6 +219,7 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         self._cuda = self.device.type == "cuda"
         self._limiter = anyio.CapacityLimiter(1)
         self._pool = BufferPool(bucket_bytes, keep_buffers, pin=self._cuda)
+        self._d2h_pool: BufferPool | None = None  # CPU Fetch of CUDA sources: pinned
         self.wire: WireSpec | None = None
         self.written_bytes = 0
         self._stream: Any = None
@@ -263,7 +273,8 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             return bool(self.flatten)
         if self.wire is not None or isinstance(first, FileSpan):
             return True
-        return self._cuda and first.device.type != "cuda"
+        # Host -> device needs pinned staging; device -> host a pinned target.
+        return self._cuda != (self._source_device(first).type == "cuda")
 
     async def open(self) -> None:
         """Start a sync; on CUDA, create the copy stream.
@@ -350,8 +361,9 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             self._open_bucket = _OpenBucket(self._emitted, self._packs(tensor))
         bucket = self._open_bucket
         assert bucket is not None
-        if self._cuda and isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
-            producer = torch.cuda.current_stream(tensor.device)
+        producer = None
+        if isinstance(tensor, torch.Tensor) and self._source_device(tensor).type == "cuda":
+            producer = torch.cuda.current_stream(self._source_device(tensor))
             if all(p is not producer for p in bucket.producers):
                 bucket.producers.append(producer)
         if isinstance(tensor, FileSpan) and not bucket.flat:
@@ -369,9 +381,14 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         if not bucket.flat:
             assert isinstance(tensor, torch.Tensor)
             bucket.tensors.append((name, tensor))
+            bucket.source_streams.append(producer)
             return
-        if self._cuda and isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
-            bucket.device_sources.append((layout, tensor))
+        if producer is not None:
+            assert isinstance(tensor, torch.Tensor)
+            if self._cuda:
+                bucket.device_sources.append((layout, tensor))
+            else:
+                bucket.d2h.append((layout, tensor, producer))
             return
         bucket.pending.append((layout, tensor))
         bucket.pending_bytes += nbytes
@@ -472,6 +489,38 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         """``tensor`` on the stage's device, copied on the current stream."""
         return tensor.to(self.device, non_blocking=True)
 
+    @staticmethod
+    def _source_device(tensor: torch.Tensor) -> torch.device:
+        """Where a source tensor lives (a seam: the fake's stand-ins say cpu)."""
+        return tensor.device
+
+    def _host_pool(self, bucket: _OpenBucket) -> BufferPool:
+        """The pool a bucket's host buffer comes from: pinned when a device copies from
+        it (a CUDA Fetch) or into it (CUDA sources of a CPU Fetch)."""
+        if self._cuda or not bucket.d2h:
+            return self._pool
+        if self._d2h_pool is None:
+            self._d2h_pool = BufferPool(self.bucket_bytes, self._pool.keep, pin=True)
+        return self._d2h_pool
+
+    def _copy_from_devices(self, copies: list[tuple[torch.Tensor, Any, Any]]) -> None:
+        """``(host target, CUDA source, producing stream)``: each copy is enqueued on its
+        producer's stream (after the writer, nothing else), then waited for once per
+        stream: a CPU consumer reads the bytes as soon as it gets the bucket."""
+        if not copies:
+            return
+        events = []
+        for target, tensor, stream in copies:
+            with torch.cuda.stream(stream):
+                target.copy_(tensor, non_blocking=True)
+        for stream in {id(stream): stream for _, _, stream in copies}.values():
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(stream)
+            events.append(event)
+        for event in events:
+            event.synchronize()
+        self.written_bytes += sum(t.numel() * t.element_size() for _, t, _ in copies)
+
     def _capacity_for(self, bucket: _OpenBucket) -> int:
         # The planner already decided: only a lone oversize tensor exceeds bucket_bytes.
         first = bucket.layouts[0]
@@ -480,7 +529,7 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
     def _copy_pending(self, bucket: _OpenBucket) -> None:
         with self._device_guard():  # pinning goes through the current device's context
             if bucket.host is None:
-                bucket.host = self._pool.take(self._capacity_for(bucket))
+                bucket.host = self._host_pool(bucket).take(self._capacity_for(bucket))
             host = bucket.host
             for layout, tensor in bucket.pending:
                 if isinstance(tensor, FileSpan):
@@ -507,8 +556,22 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
         if not self._cuda:
             if bucket.pending or bucket.host is None:
                 self._copy_pending(bucket)
-            assert bucket.host is not None
-            return bucket.host[:used], None
+            host = bucket.host
+            assert host is not None
+            if bucket.d2h:
+                self._copy_from_devices(
+                    [
+                        (
+                            host[layout.offset : layout.end].view(layout.dtype).view(layout.shape),
+                            tensor,
+                            stream,
+                        )
+                        for layout, tensor, stream in bucket.d2h
+                        if layout.nbytes
+                    ]
+                )
+                bucket.d2h = []
+            return host[:used], None
         with self._device_guard():
             if bucket.pending:
                 self._copy_pending(bucket)
@@ -541,10 +604,21 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
     def _seal_unflattened(self, bucket: _OpenBucket) -> tuple[list[tuple[str, torch.Tensor]], Any]:
         moved: list[tuple[str, torch.Tensor]] = []
         if not self._cuda:
-            for name, tensor in bucket.tensors:
+            copies = []
+            for (name, tensor), stream in zip(bucket.tensors, bucket.source_streams, strict=True):
+                if stream is not None:
+                    # A CUDA source: into pinned memory, on its producer's stream.
+                    nbytes = tensor.numel() * tensor.element_size()
+                    target = _memory.allocate_host(nbytes, pin=True)[:nbytes]
+                    target = target.view(tensor.dtype).view(tensor.shape)
+                    copies.append((target, tensor, stream))
+                    moved.append((name, target))
+                    continue
                 if tensor.device != self.device or not tensor.is_contiguous():
                     self.written_bytes += tensor.numel() * tensor.element_size()
                 moved.append((name, tensor.to(self.device).contiguous()))
+            if copies:
+                self._copy_from_devices(copies)
             return moved, None
         with self._device_guard():
             stream = self._stream
@@ -552,12 +626,12 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             with torch.cuda.stream(stream):
                 for name, tensor in bucket.tensors:
                     nbytes = tensor.numel() * tensor.element_size()
-                    if tensor.device.type == "cuda":
+                    if self._source_device(tensor).type == "cuda":
                         tensor.record_stream(stream)  # the copy stream reads it
                     source = tensor.contiguous()
                     if source is not tensor:
                         self.written_bytes += nbytes
-                    if source.device != self.device:
+                    if self._source_device(source) != self.device:
                         self.written_bytes += nbytes
                         source = self._to_device(source)
                     moved.append((name, source))

@@ -35,11 +35,12 @@ fixture of the tests that need it). It follows these real behaviours:
 
 Device memory cannot be faked for real tensors, so CPU tensors stand in for device
 tensors: the layer replaces the few seams a stage keeps for that (``Fetch._device_empty``,
-``Fetch._copy_to_device``, ``Fetch._to_device``, ``SGLangDistributedEngine._flatten``; the
-SGLang wire's ``_cuda_index`` and ``_reduce_cuda``) and remembers which fake device each
-stand-in storage lives on (a stand-in's own ``device`` still says ``cpu``). Every
-allocation, copy, wait, record and pin is appended to ``FakeCuda.calls`` with the calling
-thread's current device and the stream it ran on.
+``Fetch._copy_to_device``, ``Fetch._to_device``, ``Fetch._source_device``,
+``SGLangDistributedEngine._flatten``; the SGLang wire's ``_cuda_index`` and
+``_reduce_cuda``) and remembers which fake device each stand-in storage lives on (a
+stand-in's own ``device`` still says ``cpu``). Every allocation, copy, wait, record and
+pin is appended to ``FakeCuda.calls`` with the calling thread's current device and the
+stream it ran on.
 """
 
 from __future__ import annotations
@@ -207,7 +208,10 @@ class FakeCuda:
         self._lock = threading.Lock()
         self._thread = _ThreadState()
         self.default_streams = [FakeCudaStream(k, label=f"default{k}") for k in range(device_count)]
-        self._where: dict[int, int] = {}  # stand-in storage address -> fake device
+        # stand-in storage (its StorageImpl's address) -> (fake device, the storage): the
+        # layer keeps every stand-in's storage alive, so a freed one's address never names
+        # a new host tensor (empty storages all have data_ptr 0, hence not data_ptr).
+        self._where: dict[int, tuple[int, Any]] = {}
 
     # -- torch.cuda's functions ---------------------------------------------------------
 
@@ -304,14 +308,15 @@ class FakeCuda:
 
     def device_of(self, tensor: torch.Tensor) -> int | None:
         """The fake device a stand-in tensor lives on (None: host memory)."""
-        return self._where.get(tensor.untyped_storage().data_ptr())
+        entry = self._where.get(tensor.untyped_storage()._cdata)
+        return None if entry is None else entry[0]
 
     def empty(self, nbytes: int, device: Any) -> torch.Tensor:
         """A uint8 stand-in for ``torch.empty(nbytes, device=device)``: the caching
         allocator gives the block to the current stream of the tensor's device."""
         index = self.index(device)
         tensor = torch.empty(nbytes, dtype=torch.uint8)
-        self._where[tensor.untyped_storage().data_ptr()] = index
+        self._place(tensor, index)
         self.log("alloc", index, stream=self.current_stream(index), nbytes=nbytes)
         return tensor
 
@@ -335,9 +340,13 @@ class FakeCuda:
         index = stream.device.index if stream is not None else None
         self.log("record_stream", index, stream=stream, nbytes=int(tensor.nbytes))
 
+    def _place(self, tensor: torch.Tensor, index: int) -> None:
+        storage = tensor.untyped_storage()
+        self._where[storage._cdata] = (index, storage)
+
     def mark(self, tensor: torch.Tensor, device: Any) -> torch.Tensor:
         """Say that stand-in ``tensor`` lives on fake ``device`` (returns it)."""
-        self._where[tensor.untyped_storage().data_ptr()] = self.index(device)
+        self._place(tensor, self.index(device))
         return tensor
 
     def reduce_tensor(self, tensor: torch.Tensor) -> tuple[Any, tuple[Any, ...]]:
@@ -423,6 +432,12 @@ def install_fake_cuda(monkeypatch: pytest.MonkeyPatch, device_count: int = 2) ->
     )
     monkeypatch.setattr(Fetch, "_copy_to_device", lambda self, dst, src: fake.copy(dst, src))
     monkeypatch.setattr(Fetch, "_to_device", lambda self, tensor: fake.to(tensor, self.device))
+
+    def source_device(tensor: torch.Tensor) -> torch.device:
+        index = fake.device_of(tensor)
+        return tensor.device if index is None else torch.device("cuda", index)
+
+    monkeypatch.setattr(Fetch, "_source_device", staticmethod(source_device))
 
     def flatten_on_device(engine: Any, tensors: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         packed, _ = flatten(tensors, 1)

@@ -497,3 +497,35 @@ async def test_an_empty_packed_sync_allocates_on_the_stages_device(fake_cuda: Fa
     fetch = Fetch(device="cuda", empty_source="empty", flatten=True)
     buckets, _ = await run_fetch(fetch, [])
     assert buckets[0].buffer is not None and fake_cuda.device_of(buckets[0].buffer) == 1
+
+
+@pytest.mark.parametrize("flatten", ["auto", False])
+async def test_a_cpu_fetch_copies_cuda_sources_into_pinned_memory_on_their_stream(
+    fake_cuda: FakeCuda, flatten: Any
+) -> None:
+    # The trainer's weights live on cuda:1 and were written on its side stream, current
+    # on the loop thread; a CPU Fetch (host-side quantization) pulls them.
+    pairs = every_dtype()
+    for _, tensor in pairs:
+        fake_cuda.mark(tensor, 1)
+    trainer = FakeCudaStream(1, label="trainer")
+    torch.cuda.set_stream(trainer)  # type: ignore[arg-type]
+    fetch = Fetch(4096, flatten=flatten)
+    buckets, _ = await run_fetch(fetch, pairs)
+    # Every target is pinned (an asynchronous DMA; pageable memory would stage each copy
+    # through the driver synchronously) ...
+    pins = fake_cuda.ops("pin")
+    assert pins and all(p.thread != threading.current_thread().name for p in pins)
+    # ... each bucket's copies ran on the producer's stream and were waited for once.
+    records = fake_cuda.ops("record_event")
+    assert len(records) == len(buckets) > 1
+    for call in records:
+        assert call.stream is trainer and call.device == 1
+        assert call.event is not None and call.event.host_waits == 1
+    assert fake_cuda.default_streams[1].waited == [] and trainer.waited == []
+    for bucket in buckets:
+        assert bucket.ready is None  # already on the host when emitted
+    got = [p for b in buckets for p in b.tensors]
+    for (name, a), (_, b) in zip(got, pairs, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(as_bytes(a), as_bytes(b)), name
