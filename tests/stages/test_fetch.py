@@ -529,3 +529,22 @@ async def test_a_cpu_fetch_copies_cuda_sources_into_pinned_memory_on_their_strea
     for (name, a), (_, b) in zip(got, pairs, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(as_bytes(a), as_bytes(b)), name
+
+
+async def test_the_copy_stream_waits_for_the_sources_producer_only(fake_cuda: FakeCuda) -> None:
+    # GPU-resident sources written on the trainer's side stream: the copy stream orders
+    # itself after that stream, never after the default stream (all the trainer's kernels).
+    pairs = every_dtype()
+    for _, tensor in pairs:
+        fake_cuda.mark(tensor, 1)
+    trainer = FakeCudaStream(1, label="trainer")
+    torch.cuda.set_stream(trainer)  # type: ignore[arg-type]
+    fetch = Fetch(4096, device="cuda:1", flatten=True)
+    buckets, _ = await run_fetch(fetch, pairs)
+    stream = _copy_stream(fetch)
+    assert stream.waited == [trainer] * len(buckets)
+    waits = fake_cuda.ops("wait_stream")
+    assert all(w.other is trainer and w.thread_device == 1 for w in waits)
+    recorded = {c.stream for c in fake_cuda.ops("record_stream")}
+    assert recorded == {stream}  # the sources are read on the copy stream
+    check_buckets(buckets, pairs, 4096)
