@@ -4,7 +4,7 @@
 pipeline's observer (``weightpipe.pipeline.trace.SpanRecorder``, forwarding to the
 caller's observer), so each stage worker gets a track with a slice per bucket; when the
 engine takes ``GenerationListener``s (the local engine), a ``GenerationTrace`` hears
-every decode step and weight switch. ``build`` adds, from the ``LoadReport``, the
+every decode step, weight switch and pause. ``build`` adds, from the ``LoadReport``, the
 engine's track: every engine call Load made (``LoadReport.calls``) and the hard pause as
 its own slice around the calls made while generation was stopped; and a ``sync`` track
 with the whole sync and, when it failed, the error as an instant event. Every timestamp
@@ -277,7 +277,7 @@ def _generation_track(trace: Trace, track: int, events: list[GenerationEvent]) -
     """Decode steps, weight switches and pauses as slices, finished requests as instants.
 
     The engine reports when a step ended, not when it began: a step's slice starts where
-    the generation thread's previous event (a step, a switch, a resume) ended, or at the
+    the generation thread's previous event (a step, a switch, a pause or resume) ended, or at the
     trace's origin, so one step's slice may also hold a short idle time before it. The
     boundary only moves forward, so the track's slices never overlap, whatever order
     threads reported in.
