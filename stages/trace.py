@@ -232,9 +232,11 @@ def _engine_track(
     """Load's engine calls, and the hard pause around those made while paused.
 
     The pause runs from the end of the pause call (generation has stopped) to the end of
-    the resume call, as ``LoadReport.hard_pause_s`` counts it; it starts at the sync's
-    beginning when a failed sync left the engine paused before this one (no pause
-    call), and lasts to the end of the trace when this sync leaves it paused.
+    the resume call, as ``LoadReport.hard_pause_s`` counts it, with its phases
+    (``LoadReport.pause_phases``) in its arguments and the wait for the first payload as
+    a slice inside it. It starts at the sync's beginning when a failed sync left the
+    engine paused before this one (no pause call), and lasts to the end of the trace
+    when this sync leaves it paused.
     """
     paused_from: float | None = None
     paused_to: float | None = None
@@ -259,18 +261,42 @@ def _engine_track(
     if paused_from is None:
         return
     left_paused = paused_to is None
+    paused_end = max(end_s, paused_from) if paused_to is None else paused_to
+    phases: dict[str, object] = {
+        f"{name}_ms": seconds * 1e3 for name, seconds in load.pause_phases.as_dict().items()
+    }
     trace.slice(
         track,
         "paused",
         paused_from,
-        max(end_s, paused_from) if paused_to is None else paused_to,
+        paused_end,
         category="pause",
         args={
             "pause_mode": load.pause_mode,
             "hard_pause_ms": load.hard_pause_s * 1e3,
             "left_paused": left_paused,
+            "phases": phases,
         },
     )
+    # The first phase of the pause, drawn inside it: generation has stopped and the
+    # engine has not been handed the sync yet (``PausePhases.first_payload_s``).
+    handover = next(
+        (
+            call.start_s
+            for call in load.calls
+            if call.kind in ("begin", "load") and paused_from <= call.start_s <= paused_end
+        ),
+        None,
+    )
+    if handover is not None and handover > paused_from:
+        trace.slice(
+            track,
+            "waiting for the first payload",
+            paused_from,
+            handover,
+            category="pause",
+            args={"first_payload_ms": (handover - paused_from) * 1e3},
+        )
 
 
 def _generation_track(trace: Trace, track: int, events: list[GenerationEvent]) -> None:

@@ -103,6 +103,8 @@ def _kind(track: str, event: Mapping[str, Any]) -> tuple[str, int | None]:
     bucket = args.get("bucket") if isinstance(args, dict) else None
     if isinstance(bucket, int) and not isinstance(bucket, bool):
         return "bucket", bucket
+    if event.get("cat") == "pause":  # a phase of the pause, not a call
+        return "other", None
     if track.startswith("engine"):
         return "engine", None
     name = event.get("name")
@@ -242,6 +244,8 @@ def write_timeline(
         Patch(color=_FIXED["swap"], label="weight switch"),
         Patch(color="#1f77b4", alpha=0.12, label="hard pause"),
     ]
+    if any(bar.kind == "other" for row in rows for bar in row.bars):
+        handles.append(Patch(color=_FIXED["other"], label="other (waiting in the pause)"))
     if timeline.errors_ms:
         handles.append(Patch(color="#d62728", label="error"))
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)

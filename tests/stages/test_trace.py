@@ -142,6 +142,14 @@ async def test_the_trace_of_a_sync_into_the_local_engine(mode: str, tmp_path: Pa
     else:
         (pause,) = paused
         assert pause["args"]["left_paused"] is False
+        phases = pause["args"]["phases"]
+        assert set(phases) == {
+            "first_payload_ms",
+            "engine_calls_ms",
+            "between_calls_ms",
+            "resume_ms",
+        }
+        assert sum(phases.values()) == pytest.approx(pause["args"]["hard_pause_ms"])
         # Every load and the commit ran while generation was stopped, and no step did.
         assert all(within(e, pause) for e in engine_calls if e["name"] in ("load", "commit"))
         assert [e["name"] for e in generation].count("paused") == 1

@@ -32,7 +32,7 @@ def sync_like_trace(*, failed: bool = False) -> Trace:
         trace.slice(fetch, f"bucket {index}", start, start + 0.001, args={"bucket": index})
         trace.slice(load, f"bucket {index}", start + 0.004, start + 0.005, args={"bucket": index})
         trace.slice(engine, "load", start + 0.004, start + 0.005, args={"bucket": index})
-    trace.slice(engine, "pause", 10.003, 10.004)
+    trace.slice(engine, "pause", 10.003, 10.004, category="engine")
     trace.slice(engine, "paused", 10.004, 10.008, category="pause")
     trace.slice(generation, "step", 10.0, 10.002)
     trace.slice(generation, "paused", 10.004, 10.008, category="pause")
