@@ -503,7 +503,7 @@ class _EngineSync:
                 self.name,
             )
             try:
-                if not self.paused:  # in_flight never paused: stop serving the mixed model
+                if not self.paused:  # a sync that never paused: stop serving the mixed model
                     await self.pause()
             finally:
                 self.left_paused = self.paused

@@ -1,34 +1,36 @@
 """SGLangClient: the one SGLang client behind the HTTP and the in-process adapters.
 
 It owns everything the two adapters share: when to retry (only an ``EngineError`` whose
-``retryable`` is set, only within the caller's deadline, at most ``1 + retries`` attempts),
-weight-update sessions (needed from SGLang 0.5.23, absent in 0.5.12: detected by the
-engine's capability, else by its reported version, else by probing
+``retryable`` is set, only within the caller's deadline, at most ``1 + retries``
+attempts), weight-update sessions (needed from SGLang 0.5.23, absent in 0.5.12: detected
+by the engine's capability, else by its reported version, else by probing
 ``begin_weight_update``; the open-session flag is set once a begin was sent and not
 refused, and clears only once the engine confirmed the close, so an abort after a failed
 close, or after a begin that timed out, still closes it), the bucket rule (every bucket
-with ``flush_cache=false``, one flush at commit, a flush per bucket failing while requests
-run), the commit order (end the session, flush once, only then set the weight version, so
-a failed sync never reports the new version), the CUDA readiness rule of ``wire`` and the
-payload encoding in a worker thread.
+with ``flush_cache=false`` but the sync's last, one flush per sync, a flush per bucket
+failing while requests run), the commit order (end the session, flush once, only then set
+the weight version, so a failed sync never reports the new version), the CUDA readiness
+rule of ``wire`` and the payload encoding in a worker thread.
 
-The pause holds only what the server must do paused. ``prepare`` (called by Load before
-it pauses for a bucket) detects sessions and encodes the bucket's payload, so the first
-call inside the pause is the begin and every update is sent as soon as it may be. Calls
-are folded where the server takes them in one: the sync's last update carries the flush
+The pause holds only what the server must do paused. ``prepare`` (called by Load before it
+pauses for a bucket) detects sessions and encodes the bucket's payload, so the first call
+inside the pause is the begin and every update is sent as soon as it may be. Calls are
+folded where the server takes them in one: the sync's last update carries the flush
 (``flush_cache=true``; a flush it refuses because requests run leaves the weights in and
 falls back to one flush at commit) and, without a session, where the transport's update
 takes ``weight_version`` and the server is one whose update request has that field (a
-reported version >= 0.5.12), the version too; the server confirms it in its answer ("Weight
-version updated to ..."), and a server that does not is sent ``update_weight_version`` and
-not asked again. With a session the version is never folded: the update would set it
-before ``end_weight_update`` confirmed the close. Under an ``in_place`` pause the running
-requests stay in the batch and SGLang refuses every flush while any run, so the flush is
-tried once and a refusal is logged, not fatal (the radix cache keeps prefixes computed by
-the old version). A transport only carries one attempt of one SGLang
-operation: ``HTTPTransport`` (httpx, in ``http``) and ``EngineTransport`` (the blocking
-``sglang.Engine`` methods in a worker thread, in ``inprocess``). No deadline is set here:
-Load gives every engine call one, and a transport sizes its own wait from what is left.
+reported version >= 0.5.12), the version too; the server confirms it in its answer
+("Weight version updated to ..."), and a server that does not is sent
+``update_weight_version`` and not asked again. With a session the version is never folded:
+the update would set it before ``end_weight_update`` confirmed the close. Under an
+``in_place`` pause the running requests stay in the batch and SGLang refuses every flush
+while any run, so the flush is tried once and a refusal is logged, not fatal (the radix
+cache keeps prefixes computed by the old version).
+
+A transport only carries one attempt of one SGLang operation: ``HTTPTransport`` (httpx, in
+``http``) and ``EngineTransport`` (the blocking ``sglang.Engine`` methods in a worker
+thread, in ``inprocess``). No deadline is set here: Load gives every engine call one, and
+a transport sizes its own wait from what is left.
 """
 
 from __future__ import annotations
@@ -457,7 +459,9 @@ class SGLangClient:
     # -- the end of a sync -----------------------------------------------------------
 
     async def commit(self, version: int) -> None:
-        """Close the session, flush the cache once, then set the weight version.
+        """Close the session, flush the cache once, then set the weight version (the
+        flush, and without a session the version, are skipped when the sync's last update
+        already carried them; see the module).
 
         Raises:
             EngineError: any step failed; the reported version is then still the old one

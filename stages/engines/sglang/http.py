@@ -5,14 +5,15 @@ A thin adapter: ``HTTPTransport`` carries one attempt of one SGLang operation ov
 retryable ``EngineError``, 401/403 and validation failures as final ones), and
 ``SGLangClient`` owns everything else: sessions (0.5.23 refuses tensor updates outside
 one; 0.5.12 has none), retries within the caller's deadline, ``flush_cache=false`` on
-every bucket with one flush at commit, and setting ``weight_version`` only after that, so
-a failed sync never reports the new version. No timeout is layered on top: Load gives
-every call a deadline and one attempt waits at most what that deadline leaves (else
-``default_timeout_s``). Tensor payloads are shared-memory or CUDA-IPC handles (see
-``wire``), so this path needs the trainer and the server on the same node; across nodes
-use ``SGLangDistributedEngine``. Server-provided text (a refusal's message, a body) enters
-an error or a log line only with the api key redacted, since a server or a proxy may
-reflect the request's headers.
+every bucket but the last, which carries the one flush (and, without a session, the
+version), and setting ``weight_version`` only after the session closed, so a failed sync
+never reports the new version; payloads encoded before the pause (``prepare``). No timeout
+is layered on top: Load gives every call a deadline and one attempt waits at most what
+that deadline leaves (else ``default_timeout_s``). Tensor payloads are shared-memory or
+CUDA-IPC handles (see ``wire``), so this path needs the trainer and the server on the same
+node; across nodes use ``SGLangDistributedEngine``. Server-provided text (a refusal's
+message, a body) enters an error or a log line only with the api key redacted, since a
+server or a proxy may reflect the request's headers.
 """
 
 from __future__ import annotations
@@ -336,7 +337,8 @@ class SGLangHTTPEngine:
         await self.client.begin(version)
 
     async def load(self, bucket: WeightBucket) -> None:
-        """Send one bucket as ``/update_weights_from_tensor`` with ``flush_cache=false``.
+        """Send one bucket as ``/update_weights_from_tensor`` with ``flush_cache=false``
+        (the sync's last carries the flush, and without a session the version).
 
         Raises:
             EngineError: the server refused the bucket (naming the tensor when its message
@@ -345,7 +347,8 @@ class SGLangHTTPEngine:
         await self.client.load(bucket)
 
     async def commit(self, version: int) -> None:
-        """Close the session, flush the cache once, then set ``weight_version``.
+        """Close the session, flush the cache once, then set ``weight_version`` (each
+        skipped when the last update already carried it).
 
         Raises:
             EngineError: any step failed; the reported version is then still the old one.
