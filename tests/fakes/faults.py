@@ -261,7 +261,8 @@ class FaultyEngine:
     """Wraps an ``Engine``; one call of the next sync fails as told.
 
     ``arm(call, fault, buckets=n)``: the next time ``call`` is made (for a ``load``, of
-    the first / middle / last of ``n`` buckets) it raises a non-retryable ``EngineError``
+    the first bucket, the one marked last, or bucket ``n // 2`` of about ``n``; pass at
+    most the real count) it raises a non-retryable ``EngineError``
     (``"raise"``), or waits until cancelled (``"hang"``: Load's deadline ends it), or
     cancels ``cancel_scope`` and checkpoints (``"cancel"``). Every other call goes to the
     wrapped engine unchanged; attributes not defined here (``rolls_back``,
@@ -301,12 +302,12 @@ class FaultyEngine:
         self.cancel_scope.cancel()
         await anyio.lowlevel.checkpoint()
 
-    def _load_call(self, index: int) -> EngineCallName | None:
-        if index == 0:
+    def _load_call(self, bucket: WeightBucket) -> EngineCallName | None:
+        if bucket.index == 0:
             return "load first"
-        if index == self._buckets - 1:
+        if bucket.is_last:
             return "load last"
-        if index == self._buckets // 2:
+        if bucket.index == max(1, self._buckets // 2):
             return "load middle"
         return None
 
@@ -315,7 +316,7 @@ class FaultyEngine:
         await self.inner.begin(version)
 
     async def load(self, bucket: WeightBucket) -> None:
-        call = self._load_call(bucket.index)
+        call = self._load_call(bucket)
         if call is not None:
             await self._maybe(call)
         await self.inner.load(bucket)

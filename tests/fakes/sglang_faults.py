@@ -1,0 +1,115 @@
+"""FaultyHTTPDouble: ``SGLangHTTPDouble`` (a test double of SGLang's HTTP weight-update
+surface) with the faults that double does not inject, for the engine fault matrix.
+
+A fault lands on the n-th request to one path: ``success_false`` (400 with
+``{"success": false}``, what SGLang answers a refused call), a 500 once or on every
+request, no answer until ``clear()`` (a hang past Load's deadline), the connection closed
+without an answer (a reset), a 200 whose body is not JSON (a proxy's page in between), a
+401 (a rotated api key). The request is answered before the double's own handler runs, so
+the server did nothing: what a client does with the answer is what is tested. Faults are
+counters, never timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from aiohttp import web
+
+from tests.fakes.sglang_http import SGLangHTTPDouble
+
+__all__ = ["HTTP_FAULTS", "FaultyHTTPDouble", "HTTPFault"]
+
+HTTPFault = Literal["success_false", "500_once", "500_always", "hang", "reset", "non_json", "401"]
+HTTP_FAULTS: tuple[HTTPFault, ...] = (
+    "success_false",
+    "500_once",
+    "500_always",
+    "hang",
+    "reset",
+    "non_json",
+    "401",
+)
+RETRYABLE: frozenset[HTTPFault] = frozenset({"500_once", "reset"})
+"""The faults a client absorbs by repeating the call once (one 500, one reset)."""
+
+
+@dataclass
+class _Injected:
+    fault: HTTPFault
+    skip: int  # requests to the path served as usual first
+    fired: int = 0
+
+
+class FaultyHTTPDouble(SGLangHTTPDouble):
+    """``SGLangHTTPDouble`` plus one injected fault per path (see the module)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.injected: dict[str, _Injected] = {}
+        self._hung: asyncio.Event | None = None
+
+    def __enter__(self) -> FaultyHTTPDouble:
+        self.start()
+        return self
+
+    def inject(self, path: str, fault: HTTPFault, *, skip: int = 0) -> None:
+        """``fault`` on ``path`` once ``skip`` requests to it were served as usual;
+        ``500_always`` and ``hang`` then answer every request, the others one."""
+        self.injected[path] = _Injected(fault, skip)
+
+    def fired(self, path: str) -> int:
+        """How many requests to ``path`` got the injected fault."""
+        injected = self.injected.get(path)
+        return 0 if injected is None else injected.fired
+
+    def clear(self) -> None:
+        """Drop every injected fault and release the requests that hang."""
+        self.injected.clear()
+        loop, hung = self._loop, self._hung
+        if loop is not None and hung is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(hung.set)
+
+    def _take(self, path: str) -> HTTPFault | None:
+        injected = self.injected.get(path)
+        if injected is None:
+            return None
+        if injected.skip > 0:
+            injected.skip -= 1
+            return None
+        if injected.fired and injected.fault not in ("500_always", "hang"):
+            return None
+        injected.fired += 1
+        return injected.fault
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        fault = self._take(request.path)
+        if fault is None:
+            answer: web.StreamResponse = await super()._middleware(request, handler)
+            return answer
+        if fault == "success_false":
+            return web.json_response({"success": False, "message": "injected refusal"}, status=400)
+        if fault in ("500_once", "500_always"):
+            return web.Response(status=500, text="Internal Server Error")
+        if fault == "401":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        if fault == "non_json":
+            return web.Response(
+                status=200, text="<html>a proxy's page</html>", content_type="text/html"
+            )
+        if fault == "hang":
+            if self._hung is None:
+                self._hung = asyncio.Event()
+            await self._hung.wait()
+            return web.Response(status=503, text="released")
+        # reset: close the connection without an answer
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        raise ConnectionResetError("injected connection reset")

@@ -1,0 +1,300 @@
+"""The engine fault matrix: each call of a sync x each fault, one fault per trial.
+
+SGLang over HTTP (``FaultyHTTPDouble``, SGLang's own decoding, in both server behaviours:
+0.5.23 with weight-update sessions, 0.5.12 without): every endpoint a sync calls (the
+version query, pause, begin, the first / middle / last bucket, the end of the session, the
+flush, the version update, resume) x (success=false with 400, one 500, 500 always, a hang
+past Load's deadline, a connection reset, a 200 whose body is not JSON, 401). The local
+engine (``FaultyEngine`` around a generating ``LocalEngine``): every protocol call x
+(raise, hang past the deadline, an outside cancellation at that call).
+
+Each trial: a clean sync of v1, the faulted sync of v2, then a clean sync of v3.
+- A retryable fault (one 500, one reset; and a refused or text-answered flush, which
+  SGLang answers while requests run) is absorbed: v2 commits, with v2's weights.
+- Any other fails the sync: the engine reports v1; if the engine had accepted a bucket or
+  been sent the commit and cannot roll back (SGLang) it is dirty and kept paused, else
+  nothing of v2 was applied and generation runs; the session is closed whenever the
+  server answered the abort's close (the client never believes a session closed that is
+  open). A failed resume comes after the commit: v2 is served, and the resume is retried.
+- v3 then commits, generation runs, nothing is dirty, no session is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Literal
+
+import anyio
+import pytest
+import torch
+
+from tests.fakes.faults import ENGINE_CALLS, STAGE_FAULTS, EngineCallName, FaultyEngine, StageFault
+from tests.fakes.local import local_engine, new_weights
+from tests.fakes.sglang_faults import HTTP_FAULTS, RETRYABLE, FaultyHTTPDouble, HTTPFault
+from tests.helpers import bits
+from weightpipe.pipeline import Pipeline, StageError
+from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
+from weightpipe.stages.fetch import Fetch
+from weightpipe.stages.load import Load, engine_is_dirty
+from weightpipe.stages.sync import sync_weights
+
+TIMEOUT_S = 0.5
+"""Load's deadline per engine call: how long a hang lasts."""
+
+Behaviour = Literal["0.5.23", "0.5.12"]
+
+# -- SGLang over HTTP ---------------------------------------------------------------------
+
+HTTPCall = Literal[
+    "version query",
+    "pause",
+    "begin",
+    "load first",
+    "load middle",
+    "load last",
+    "end of session",
+    "flush",
+    "version update",
+    "resume",
+]
+HTTP_CALLS: tuple[HTTPCall, ...] = (
+    "version query",
+    "pause",
+    "begin",
+    "load first",
+    "load middle",
+    "load last",
+    "end of session",
+    "version update",
+    "resume",
+)
+NOT_CALLED: dict[Behaviour, frozenset[HTTPCall]] = {
+    "0.5.23": frozenset(),
+    "0.5.12": frozenset({"begin", "end of session", "version update"}),
+}
+"""Calls a sync does not make on that server: 0.5.12 has no sessions, and its last update
+carries the weight version. On both, the last update carries the cache flush, so there is
+no separate flush call to fail: a fault there is the last bucket's."""
+TOUCHES = frozenset({"load middle", "load last", "end of session", "version update"})
+"""Calls after which the server holds part of the sync: a failure there leaves it dirty."""
+
+
+def _path(call: HTTPCall, behave_like: Behaviour) -> tuple[str, int]:
+    """The endpoint a call reaches and how many requests to it come first in a sync."""
+    if call == "version query":
+        return ("/model_info" if behave_like == "0.5.23" else "/get_model_info", 0)
+    if call.startswith("load"):
+        return (
+            "/update_weights_from_tensor",
+            ("load first", "load middle", "load last").index(call),
+        )
+    return {
+        "pause": ("/pause_generation", 0),
+        "begin": ("/begin_weight_update", 0),
+        "end of session": ("/end_weight_update", 0),
+        "version update": ("/update_weight_version", 0),
+        "resume": ("/continue_generation", 0),
+    }[call]
+
+
+NAMES = ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight")
+
+
+def _tensors(version: int) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(version)
+    return [(name, torch.randn(4, 6, generator=g).to(torch.bfloat16)) for name in NAMES]
+
+
+def _buckets(version: int) -> list[WeightBucket]:
+    return [
+        WeightBucket(((name, tensor),), index=i, is_last=i == len(NAMES) - 1, version=version)
+        for i, (name, tensor) in enumerate(_tensors(version))
+    ]
+
+
+def _serves(server: FaultyHTTPDouble, version: int) -> bool:
+    return all(
+        name in server.weights and torch.equal(bits(server.weights[name]), bits(tensor))
+        for name, tensor in _tensors(version)
+    )
+
+
+NON_JSON_ACCEPTED = frozenset(
+    {
+        "pause",
+        "load first",
+        "load middle",
+        "load last",
+        "end of session",
+        "version update",
+        "resume",
+    }
+)
+"""Where the client takes a 200 whose body is not JSON for SGLang's success."""
+
+
+def _http_trials() -> Iterator[object]:
+    for behave_like in ("0.5.23", "0.5.12"):
+        for call in HTTP_CALLS:
+            if call in NOT_CALLED[behave_like]:
+                continue
+            for fault in HTTP_FAULTS:
+                marks = []
+                if fault == "non_json" and call in NON_JSON_ACCEPTED:
+                    marks.append(
+                        pytest.mark.xfail(
+                            strict=True,
+                            reason="needs stages/engines/sglang/http.py HTTPTransport._attempt: "
+                            "a 2xx answer whose body is not JSON fails the call (non-retryable "
+                            "EngineError naming the path) for every op but flush_cache, whose "
+                            "SGLang answer is text; today it counts as success",
+                        )
+                    )
+                yield pytest.param(
+                    behave_like, call, fault, marks=marks, id=f"{behave_like}-{call}-{fault}"
+                )
+
+
+async def _http_sync(engine: SGLangHTTPEngine, version: int) -> Load:
+    load = Load(engine, mode="pause", version=version, timeout_s=TIMEOUT_S)
+    await Pipeline([load]).run(_buckets(version))
+    return load
+
+
+@pytest.mark.parametrize(("behave_like", "call", "fault"), list(_http_trials()))
+async def test_http_fault(behave_like: Behaviour, call: HTTPCall, fault: HTTPFault) -> None:
+    spec = {name: ((4, 6), torch.bfloat16) for name in NAMES}
+    with FaultyHTTPDouble(spec, behave_like=behave_like) as server:
+        async with SGLangHTTPEngine(server.url, retries=3, backoff_s=0) as engine:
+            await _http_sync(engine, 1)
+            tasks_before = set(asyncio.all_tasks())
+            path, skip = _path(call, behave_like)
+            server.inject(path, fault, skip=skip)
+            load = Load(engine, mode="pause", version=2, timeout_s=TIMEOUT_S)
+            error: StageError | None = None
+            with anyio.fail_after(10 * TIMEOUT_S + 5):
+                try:
+                    await Pipeline([load]).run(_buckets(2))
+                except StageError as exc:
+                    error = exc
+            fired = server.fired(path)
+            server.clear()
+            assert fired, f"the fault on {path} never fired"
+            absorbed = fault in RETRYABLE
+            report = load.report
+            if absorbed:
+                assert error is None
+                assert server.weight_version == "2"
+                assert _serves(server, 2)
+                assert server.paused is None
+            elif call == "resume":
+                # after the commit: v2 is served; close retried the resume
+                assert error is not None
+                assert server.weight_version == "2"
+                assert _serves(server, 2)
+                assert not engine_is_dirty(engine)
+                assert (server.paused is None) == (fault not in ("500_always", "hang"))
+            else:
+                assert error is not None, "the sync committed despite the fault"
+                assert server.weight_version == "1"
+                dirty = call in TOUCHES
+                assert report.engine_dirty == dirty
+                assert engine_is_dirty(engine) == dirty
+                assert (
+                    getattr(error, "engine_dirty", False)
+                    or getattr(error.__cause__, "engine_dirty", False) == dirty
+                )
+                if dirty:
+                    assert report.left_paused
+                    assert server.paused == "retract"
+                else:
+                    assert _serves(server, 1)  # nothing of v2 reached the server
+                    assert server.paused is None
+            assert engine.session_is_open() or not server.session_open
+            if fault not in ("500_always", "hang") or call != "end of session":
+                assert not server.session_open
+            assert set(asyncio.all_tasks()) == tasks_before
+
+            await _http_sync(engine, 3)
+            assert server.weight_version == "3"
+            assert _serves(server, 3)
+            assert server.paused is None
+            assert not server.session_open
+            assert not engine_is_dirty(engine)
+
+
+# -- the local engine ---------------------------------------------------------------------
+
+
+def _engine_threads() -> list[str]:
+    """Threads other than anyio's idle worker pool, once a stopped engine's prepare pool
+    (shut down without waiting) has exited: join, bounded, never a sleep."""
+    for thread in threading.enumerate():
+        if thread.name.startswith("weightpipe-local-prepare"):
+            thread.join(timeout=10)
+    return sorted(t.name for t in threading.enumerate() if t.name != "AnyIO worker thread")
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[int, dict[str, torch.Tensor]]:
+    engine = local_engine()
+    return {v: new_weights(engine, seed=v) for v in (1, 2, 3)}
+
+
+def _assert_serves(engine: object, expected: dict[str, torch.Tensor]) -> None:
+    for name, tensor in expected.items():
+        assert torch.equal(engine.parameter(name), tensor), name  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("fault", STAGE_FAULTS)
+@pytest.mark.parametrize("call", ENGINE_CALLS)
+async def test_local_fault(
+    call: EngineCallName, fault: StageFault, weights: dict[int, dict[str, torch.Tensor]]
+) -> None:
+    inner = local_engine()
+    engine = FaultyEngine(inner)
+    bucket_bytes = 64 << 10
+    total = sum(t.nbytes for t in weights[1].values())
+    buckets = total // bucket_bytes  # at most Fetch's count: bucket n // 2 is a middle one
+    threads_before = _engine_threads()
+    async with inner:
+        await sync_weights(
+            list(weights[1].items()), engine, version=1, stages=[Fetch(bucket_bytes)]
+        )
+        before = {name: inner.parameter(name) for name in weights[1]}
+        engine.arm(call, fault, buckets=buckets)
+        error: StageError | None = None
+        with anyio.fail_after(10 * TIMEOUT_S + 5), anyio.CancelScope() as scope:
+            engine.cancel_scope = scope
+            try:
+                await sync_weights(
+                    list(weights[2].items()),
+                    engine,
+                    version=2,
+                    stages=[Fetch(bucket_bytes)],
+                    timeout_s=TIMEOUT_S,
+                )
+            except StageError as exc:
+                error = exc
+        assert engine.fired, f"{call} was never made"
+        version = await inner.version()
+        if call == "resume":
+            assert version == 2  # committed before the resume failed
+            _assert_serves(inner, weights[2])
+        else:
+            assert error is not None or scope.cancelled_caught
+            assert version == 1
+            _assert_serves(inner, before)  # rolled back: nothing of v2 is served
+        assert (error is None) == (fault == "cancel")
+        assert not inner.paused
+        assert not engine_is_dirty(engine)
+        await sync_weights(
+            list(weights[3].items()), engine, version=3, stages=[Fetch(bucket_bytes)]
+        )
+        assert await inner.version() == 3
+        _assert_serves(inner, weights[3])
+        assert not inner.paused
+    assert _engine_threads() == threads_before
