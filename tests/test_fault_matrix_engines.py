@@ -32,11 +32,20 @@ import torch
 
 from tests.fakes.faults import ENGINE_CALLS, STAGE_FAULTS, EngineCallName, FaultyEngine, StageFault
 from tests.fakes.local import local_engine, new_weights
-from tests.fakes.sglang_faults import HTTP_FAULTS, RETRYABLE, FaultyHTTPDouble, HTTPFault
+from tests.fakes.sglang_faults import (
+    HTTP_FAULTS,
+    IN_PROCESS_FAULTS,
+    RETRYABLE,
+    FaultyFakeSGLangEngine,
+    FaultyHTTPDouble,
+    HTTPFault,
+    InProcessFault,
+)
 from tests.helpers import bits
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
+from weightpipe.stages.engines.sglang.inprocess import SGLangEngine
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.load import Load, engine_is_dirty
 from weightpipe.stages.sync import sync_weights
@@ -224,6 +233,79 @@ async def test_http_fault(behave_like: Behaviour, call: HTTPCall, fault: HTTPFau
             assert server.paused is None
             assert not server.session_open
             assert not engine_is_dirty(engine)
+
+
+# -- SGLang in-process --------------------------------------------------------------------
+
+IN_PROCESS_CALLS: dict[str, tuple[str, int]] = {
+    "pause": ("pause_generation", 0),
+    "begin": ("begin_weight_update", 0),
+    "load first": ("update_weights_from_tensor", 0),
+    "load middle": ("update_weights_from_tensor", 1),
+    "load last": ("update_weights_from_tensor", 2),
+    "end of session": ("end_weight_update", 0),
+    "resume": ("continue_generation", 0),
+}
+"""The in-process engine's calls and the ``sglang.Engine`` method each reaches (its
+version is kept by the adapter: no call to fail)."""
+
+
+def _paused(fake: FaultyFakeSGLangEngine) -> bool:
+    marks = [c for c in fake.calls if c.startswith("pause") or c == "continue"]
+    return bool(marks) and marks[-1] != "continue"
+
+
+def _fake_serves(fake: FaultyFakeSGLangEngine, version: int) -> bool:
+    return all(
+        name in fake.weights and torch.equal(bits(fake.weights[name]), bits(tensor))
+        for name, tensor in _tensors(version)
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "fault"),
+    [
+        (call, fault)
+        for call in IN_PROCESS_CALLS
+        for fault in IN_PROCESS_FAULTS
+        # pause and continue answer nothing, so there is no refusal to give: they only raise
+        if not (fault == "refuse" and call in ("pause", "resume"))
+    ],
+)
+async def test_in_process_fault(call: str, fault: InProcessFault) -> None:
+    fake = FaultyFakeSGLangEngine({name: ((4, 6), torch.bfloat16) for name in NAMES})
+    engine = SGLangEngine(fake, retries=3, backoff_s=0)
+    load = Load(engine, mode="pause", version=1, timeout_s=10 * TIMEOUT_S)
+    await Pipeline([load]).run(_buckets(1))
+    method, skip = IN_PROCESS_CALLS[call]
+    fake.inject(method, fault, skip=skip)
+    load = Load(engine, mode="pause", version=2, timeout_s=10 * TIMEOUT_S)
+    with pytest.raises(StageError) as info:
+        await Pipeline([load]).run(_buckets(2))
+    assert fake.fired
+    report = load.report
+    if call == "resume":
+        assert await engine.version() == 2
+        assert _fake_serves(fake, 2)
+        assert not _paused(fake)  # close retried the resume
+    else:
+        assert await engine.version() == 1
+        dirty = call in TOUCHES
+        assert report.engine_dirty == dirty
+        assert (
+            getattr(info.value, "engine_dirty", False)
+            or getattr(info.value.__cause__, "engine_dirty", False) == dirty
+        )
+        assert _paused(fake) == dirty
+        if not dirty:
+            assert _fake_serves(fake, 1)
+    assert not fake.session_open
+    load = Load(engine, mode="pause", version=3, timeout_s=10 * TIMEOUT_S)
+    await Pipeline([load]).run(_buckets(3))
+    assert await engine.version() == 3
+    assert _fake_serves(fake, 3)
+    assert not _paused(fake)
+    assert not engine_is_dirty(engine)
 
 
 # -- the local engine ---------------------------------------------------------------------

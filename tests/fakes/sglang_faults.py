@@ -1,5 +1,8 @@
-"""FaultyHTTPDouble: ``SGLangHTTPDouble`` (a test double of SGLang's HTTP weight-update
-surface) with the faults that double does not inject, for the engine fault matrix.
+"""Faults the SGLang fakes do not inject, for the engine fault matrix.
+
+``FaultyFakeSGLangEngine``: the in-process fake ``sglang.Engine`` whose method fails on
+its n-th call (refused, or raising). ``FaultyHTTPDouble``: ``SGLangHTTPDouble`` (a test
+double of SGLang's HTTP weight-update surface) with the HTTP faults below.
 
 A fault lands on the n-th request to one path: ``success_false`` (400 with
 ``{"success": false}``, what SGLang answers a refused call), a 500 once or on every
@@ -19,9 +22,18 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from tests.fakes.sglang_engine import FakePausableSGLangEngine
 from tests.fakes.sglang_http import SGLangHTTPDouble
 
-__all__ = ["HTTP_FAULTS", "FaultyHTTPDouble", "HTTPFault"]
+__all__ = [
+    "HTTP_FAULTS",
+    "IN_PROCESS_FAULTS",
+    "RETRYABLE",
+    "FaultyFakeSGLangEngine",
+    "FaultyHTTPDouble",
+    "HTTPFault",
+    "InProcessFault",
+]
 
 HTTPFault = Literal["success_false", "500_once", "500_always", "hang", "reset", "non_json", "401"]
 HTTP_FAULTS: tuple[HTTPFault, ...] = (
@@ -113,3 +125,59 @@ class FaultyHTTPDouble(SGLangHTTPDouble):
         if transport is not None:
             transport.abort()
         raise ConnectionResetError("injected connection reset")
+
+
+InProcessFault = Literal["refuse", "raise"]
+"""Faults of one in-process ``sglang.Engine`` method: answer ``(False, message)`` (what
+SGLang returns for a refused call), or raise (what a crashed scheduler does)."""
+IN_PROCESS_FAULTS: tuple[InProcessFault, ...] = ("refuse", "raise")
+
+
+class FaultyFakeSGLangEngine(FakePausableSGLangEngine):
+    """``FakePausableSGLangEngine`` (a fake of the in-process ``sglang.Engine`` with the
+    pause methods) whose ``method`` fails once, on its ``skip + 1``-th call after ``inject``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fault: tuple[str, InProcessFault, int] | None = None
+        self.fired = False
+
+    def inject(self, method: str, fault: InProcessFault, *, skip: int = 0) -> None:
+        self.fault = (method, fault, skip)
+        self.fired = False
+
+    def _take(self, method: str) -> tuple[bool, str] | None:
+        if self.fault is None or self.fault[0] != method:
+            return None
+        _, fault, skip = self.fault
+        if skip > 0:
+            self.fault = (method, fault, skip - 1)
+            return None
+        self.fault = None
+        self.fired = True
+        if fault == "raise":
+            raise RuntimeError(f"injected crash in {method}")
+        return False, f"injected refusal of {method}"
+
+    def begin_weight_update(self, selector: str = "all") -> tuple[bool, str]:
+        return self._take("begin_weight_update") or super().begin_weight_update(selector)
+
+    def end_weight_update(self) -> tuple[bool, str]:
+        return self._take("end_weight_update") or super().end_weight_update()
+
+    def update_weights_from_tensor(
+        self, named_tensors: Any, load_format: str | None = None, flush_cache: bool = True
+    ) -> tuple[bool, str]:
+        return self._take("update_weights_from_tensor") or super().update_weights_from_tensor(
+            named_tensors, load_format, flush_cache
+        )
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        refused = self._take("pause_generation")
+        if refused is None:
+            super().pause_generation(mode)
+
+    def continue_generation(self) -> None:
+        refused = self._take("continue_generation")
+        if refused is None:
+            super().continue_generation()
