@@ -5,8 +5,12 @@
 #
 # Without a CUDA device (CI, a laptop) it says so, runs what needs no device (the FP8
 # kernel's ahead-of-time sm_90a report), lists the device parts as skipped and exits 0
-# unless a part that ran failed. On a GPU machine it also runs the CUDA tests and the FP8
-# kernel against the device's measured copy bandwidth (fraction of that roofline).
+# unless a part that ran failed. On a GPU machine it also runs the CUDA tests, the FP8
+# kernel against the device's measured copy bandwidth (fraction of that roofline), and
+# benchmarks/gpu_parts.py's parts: Fetch H2D from pinned staging against a plain pinned
+# copy, Fetch -> Fp8Quantize end to end against the kernel alone, the local engine on
+# CUDA generating while it syncs in each mode, and CUDA IPC of a flattened FP8 bucket to a
+# second process decoding it with SGLang's own code. Everything lands in one JSON.
 #
 # Offline: on a bare device image (python3 with torch and Triton, nothing fetchable), run
 # benchmarks/gpu_wheels.sh beforehand on a machine with network access and carry the
@@ -23,8 +27,12 @@ export OUT
 
 # --- offline install of what the image lacks (never torch: the image's own stays) ------
 missing=()
-for mod in pytest pytest_asyncio anyio numpy safetensors omegaconf; do
-  "$PY" -c "import $mod" 2>/dev/null || missing+=("${mod//_/-}")
+# module:distribution; the second group is what SGLang's decode path imports.
+for pair in pytest:pytest pytest_asyncio:pytest-asyncio anyio:anyio numpy:numpy \
+  safetensors:safetensors omegaconf:omegaconf prometheus_client:prometheus-client \
+  msgspec:msgspec orjson:orjson pybase64:pybase64 zmq:pyzmq pydantic:pydantic \
+  starlette:starlette IPython:ipython; do
+  "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ -d "$WHEELS" ]; then
@@ -34,6 +42,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   else
     echo "gpu_check: missing ${missing[*]} and no $WHEELS/ (run benchmarks/gpu_wheels.sh)"
   fi
+fi
+if ! "$PY" -c "import sglang" 2>/dev/null && [ -d "$WHEELS" ]; then
+  "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-deps sglang \
+    >>"$OUT/pip.log" 2>&1 || echo "gpu_check: sglang (--no-deps) not installed, see $OUT/pip.log"
 fi
 if ! "$PY" -c "import weightpipe.stages.quantize" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$OUT/pip.log" 2>&1
@@ -56,13 +68,26 @@ else
   part kernel_report skipped "triton (with its NVIDIA backend) is not importable"
 fi
 
-DEVICE_PARTS=(cuda_tests fp8_vs_copy_bandwidth fetch_h2d local_engine_cuda cuda_ipc_sglang)
+GPU_PARTS=(fetch_h2d end_to_end local_engine_cuda cuda_ipc_sglang)  # benchmarks/gpu_parts.py
+DEVICE_PARTS=(cuda_tests fp8_vs_copy_bandwidth "${GPU_PARTS[@]}")
 if [ -z "$device" ]; then
   echo "gpu_check: no CUDA device present; device parts skipped: ${DEVICE_PARTS[*]}"
   for p in "${DEVICE_PARTS[@]}"; do part "$p" skipped "no CUDA device"; done
+  # The device parts' script still runs here, at a tiny size on the CPU (one part; all
+  # four are dry-run by tests/test_gpu_parts.py), so a broken script shows before a lease.
+  if "$PY" -m benchmarks.gpu_parts fetch_h2d --dry-run --json "$OUT/gpu_parts_dry_run.json" \
+    >"$OUT/gpu_parts_dry_run.log" 2>&1; then
+    part gpu_parts_dry_run passed "gpu_parts_dry_run.json"
+  else
+    part gpu_parts_dry_run failed "see gpu_parts_dry_run.log"
+  fi
 else
   echo "gpu_check: device $device"
-  if "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/stages/fp8/test_cuda.py \
+  # Every test marked cuda (FP8 kernel and stage, Fetch's CUDA buckets, CUDA IPC into
+  # SGLang's decoder, the local engine's sync modes on CUDA).
+  if timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/stages/fp8/test_cuda.py \
+    tests/stages/test_fetch.py tests/stages/engines/sglang/test_wire.py \
+    tests/stages/test_sync_modes.py \
     --junitxml="$OUT/pytest_cuda.xml" >"$OUT/pytest_cuda.log" 2>&1; then
     part cuda_tests passed "pytest_cuda.xml"
   else
@@ -102,10 +127,14 @@ PYEOF
   else
     part fp8_vs_copy_bandwidth failed "see fp8_vs_copy_bandwidth.log"
   fi
-  # Not written yet (the benchmarks they need take no CUDA device so far).
-  part fetch_h2d skipped "not implemented: benchmarks/fetch.py has no --device cuda"
-  part local_engine_cuda skipped "not implemented: benchmarks/overlap.py has no --device"
-  part cuda_ipc_sglang skipped "not implemented: no IPC-to-SGLang check script yet"
+  for p in "${GPU_PARTS[@]}"; do
+    if timeout 150 "$PY" -m benchmarks.gpu_parts "$p" --json "$OUT/$p.json" \
+      >"$OUT/$p.log" 2>&1; then
+      part "$p" passed "$p.json"
+    else
+      part "$p" failed "see $p.log"
+    fi
+  done
 fi
 
 # --- one JSON: device, parts, figures ----------------------------------------------------

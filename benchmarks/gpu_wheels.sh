@@ -17,6 +17,9 @@ common=(--dest "$WHEELS" --only-binary=:all: --python-version "$PYVER"
 # What the tests and the package import beyond torch/Triton, with their own dependencies.
 "$PY" -m pip download "${common[@]}" \
   pytest pytest-asyncio anyio numpy safetensors omegaconf prometheus-client
-# SGLang's own code only (its dependencies would pull another torch).
+# SGLang's own code only (its dependencies would pull another torch), plus what its
+# decode path (sglang.srt.utils, patch_torch, tensor_bucket) imports that the H100/H200
+# image lacks, with their own dependencies (none of them needs torch).
 "$PY" -m pip download "${common[@]}" --no-deps sglang
+"$PY" -m pip download "${common[@]}" msgspec orjson pybase64 pyzmq pydantic starlette ipython
 ls "$WHEELS" | wc -l | xargs echo "gpu_wheels: wheels in $WHEELS:"
