@@ -95,9 +95,12 @@ class LocalEngine:
 
     name: str = "local"
     default_timeout_s: float = 60.0
+    """Load's deadline per call unless it is given one (see ``engines.base``)."""
     rolls_back: bool = True
     """Its commit is staged and ``abort`` discards the staged buckets (``RollsBack``)."""
-    """Load's deadline per call unless it is given one (see ``engines.base``)."""
+    switches_atomically: bool = True
+    """Every parameter of a sync switches at once, between two decode steps, so Load
+    never pauses it in ``in_flight`` mode (``SwitchesAtomically``)."""
 
     def __init__(
         self,

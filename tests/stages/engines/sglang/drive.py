@@ -53,8 +53,8 @@ async def load_sync(
 ) -> LoadReport:
     """One sync of ``buckets`` into ``engine`` through Load; returns Load's report.
 
-    ``in_flight`` (the default) never pauses, so the engine sees only begin, the buckets
-    and commit; ``timeout_s`` is Load's deadline per engine call (default: the engine's
+    ``in_flight`` (the default) aborts no request, but an SGLang engine cannot switch
+    atomically, so Load still pauses it ``in_place`` around the buckets; ``timeout_s`` is Load's deadline per engine call (default: the engine's
     ``default_timeout_s``).
     """
     load = _load(engine, mode, pause_mode, timeout_s)
