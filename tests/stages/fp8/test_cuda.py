@@ -57,7 +57,10 @@ def test_cuda_paths_equal_the_cpu_definition(
     wc = w.cuda()
     assert _same(quantize_fp8(wc, scale_fmt=scale_fmt), ref)  # Triton when installed
     stage = Fp8Quantize(scale_fmt=scale_fmt, backend="torch")
-    out = stage.quantize_bucket(WeightBucket((("m.q_proj.weight", wc),), 0, True, 1))
+    # A 3-D weight is quantized only as a stacked expert tensor (a plain q_proj is not).
+    name = "m.mlp.experts.down_proj.weight" if len(shape) == 3 else "m.q_proj.weight"
+    assert stage.selection.quantizes(name, w)
+    out = stage.quantize_bucket(WeightBucket(((name, wc),), 0, True, 1))
     out.ready.synchronize()
     assert _same((out.tensors[0][1], out.tensors[1][1]), ref)
 
