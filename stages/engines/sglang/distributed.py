@@ -319,8 +319,12 @@ class SGLangDistributedEngine:
         bucket: WeightBucket,
         tensors: list[tuple[str, torch.Tensor]],
         abandoned: threading.Event,
+        producer: Any = None,
     ) -> None:
         """Broadcast one bucket (worker thread), under the engine's device.
+
+        ``producer``: for a bucket without a ready event, the stream its tensors were
+        made on (the caller's current stream), which the side stream orders itself after.
 
         Raises:
             EngineError: a broadcast failed, did not finish within ``timeout_s``, or the
@@ -333,7 +337,11 @@ class SGLangDistributedEngine:
                 return
             stream = self._side_stream()
             with torch.cuda.stream(stream):
-                bucket.wait_ready(stream)  # the producer's work, ordered on the device
+                # The producer's work, ordered on the device (the host never waits).
+                if bucket.ready is not None:
+                    bucket.wait_ready(stream)
+                elif producer is not None:
+                    stream.wait_stream(producer)
                 self._broadcast_all(tensors, abandoned)
                 done = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 done.record(stream)
@@ -399,6 +407,10 @@ class SGLangDistributedEngine:
             tensors = wire.distributed_order(tensors)
         names = [n for n, _ in tensors]
         abandoned = threading.Event()
+        producer = None
+        if self.device.type == "cuda" and bucket.ready is None:
+            # No event: the tensors were made on this thread's current stream.
+            producer = torch.cuda.current_stream(self.device)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(
@@ -412,7 +424,7 @@ class SGLangDistributedEngine:
                 # No limiter: an abandoned broadcast (its receiver refused, or Load's
                 # deadline passed) must not hold up the group's rebuild.
                 await anyio.to_thread.run_sync(
-                    self._send, bucket, tensors, abandoned, abandon_on_cancel=True
+                    self._send, bucket, tensors, abandoned, producer, abandon_on_cancel=True
                 )
         except BaseException as exc:
             # A broadcast without its receiver (or the reverse) leaves the group unusable:

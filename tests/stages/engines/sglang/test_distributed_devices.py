@@ -165,3 +165,19 @@ def test_the_broadcast_wait_polls_and_ends_on_completion_abandon_or_timeout() ->
     engine.timeout_s = 1e-9
     with pytest.raises(EngineError, match="did not finish within"):
         engine._wait_for(_CountingEvent(10**9), threading.Event())
+
+
+async def test_a_bucket_without_an_event_is_ordered_after_the_callers_stream(
+    fake_cuda: FakeCuda,
+) -> None:
+    group = _Group()
+    torch.cuda.set_device(1)
+    trainer = FakeCudaStream(1, label="trainer")
+    torch.cuda.set_stream(trainer)  # type: ignore[arg-type]
+    engine = _engine(group, timeout_s=600)
+    engine._group = group
+    with pytest.raises(EngineError):  # the double refuses; the ordering is what counts
+        await engine.load(WeightBucket((("model.x.weight", torch.ones(4)),), 0, True, 3))
+    side = engine._stream
+    assert isinstance(side, FakeCudaStream) and side.waited == [trainer]
+    assert trainer.waited == [] and group.broadcasts == [(1, side)]
