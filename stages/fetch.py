@@ -496,8 +496,10 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
 
     def _host_pool(self, bucket: _OpenBucket) -> BufferPool:
         """The pool a bucket's host buffer comes from: pinned when a device copies from
-        it (a CUDA Fetch) or into it (CUDA sources of a CPU Fetch)."""
-        if self._cuda or not bucket.d2h:
+        it (a CUDA Fetch) or into it (CUDA sources of a CPU Fetch), unless the engine
+        needs shared memory (a buffer is pinned or shared, not both; sharing it saves the
+        pickler's copy, pinning only makes the device-to-host copy asynchronous)."""
+        if self._cuda or not bucket.d2h or self._pool.shared:
             return self._pool
         if self._d2h_pool is None:
             self._d2h_pool = BufferPool(self.bucket_bytes, self._pool.keep, pin=True)
