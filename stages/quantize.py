@@ -280,7 +280,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         if bucket.is_last:
             # Flags of earlier CUDA buckets, when this one added none: read before commit.
             self._flags.wait_all()
-        if ready is not None and any(not plan[i] or i not in results for i in cuda_idx):
+        if ready is not None and _kept_after_event(cuda_idx, results):
             # Casts of kept CUDA tensors were enqueued after the event: record again.
             ready = self._record(bucket.tensors[cuda_idx[0]][1].device)
         return bucket.with_tensors(
@@ -480,3 +480,10 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
             scale_fmt=self.scale_fmt,
             backend=self.backend,
         )
+
+
+def _kept_after_event(cuda_idx: list[int], results: dict[int, Fp8Tensor | None]) -> bool:
+    """Whether a CUDA tensor of the bucket is sent unquantized, so its cast to
+    ``keep_dtype`` was enqueued after the quantize event: not selected (no result), or
+    selected but non-finite under ``nonfinite="keep"`` (its result is None)."""
+    return any(results.get(i) is None for i in cuda_idx)

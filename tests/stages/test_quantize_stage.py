@@ -680,3 +680,15 @@ def test_concurrent_workers_share_one_stream_per_device(monkeypatch: pytest.Monk
     second.join(timeout=30)
     assert not second.is_alive()
     assert len(made) == 1 and seen["first"] is seen["second"] is made[0]
+
+
+def test_a_nonfinite_weight_kept_on_cuda_makes_the_event_be_recorded_again() -> None:
+    # nonfinite="keep": a selected CUDA weight that held NaN has a None result and is cast
+    # after the quantize event; the bucket's ready event must come after that cast. The
+    # old rule looked only at unselected tensors (no result at all) and missed it.
+    from weightpipe.stages.quantize import _kept_after_event
+
+    q = Fp8Tensor(torch.zeros(1, 1, dtype=FP8_DTYPE), torch.ones(1, 1))
+    assert not _kept_after_event([0, 1], {0: q, 1: q})
+    assert _kept_after_event([0, 1], {0: q, 1: None})  # kept: non-finite
+    assert _kept_after_event([0, 1], {0: q})  # kept: not selected
