@@ -28,6 +28,7 @@ from tests.fakes.sglang_http import SGLangHTTPDouble
 __all__ = [
     "HTTP_FAULTS",
     "IN_PROCESS_FAULTS",
+    "LOST_ANSWERS",
     "RETRYABLE",
     "FaultyFakeSGLangEngine",
     "FaultyHTTPDouble",
@@ -35,7 +36,17 @@ __all__ = [
     "InProcessFault",
 ]
 
-HTTPFault = Literal["success_false", "500_once", "500_always", "hang", "reset", "non_json", "401"]
+HTTPFault = Literal[
+    "success_false",
+    "500_once",
+    "500_always",
+    "hang",
+    "reset",
+    "non_json",
+    "401",
+    "applied_then_hang",
+    "applied_then_reset",
+]
 HTTP_FAULTS: tuple[HTTPFault, ...] = (
     "success_false",
     "500_once",
@@ -45,7 +56,10 @@ HTTP_FAULTS: tuple[HTTPFault, ...] = (
     "non_json",
     "401",
 )
-RETRYABLE: frozenset[HTTPFault] = frozenset({"500_once", "reset"})
+LOST_ANSWERS: tuple[HTTPFault, ...] = ("applied_then_hang", "applied_then_reset")
+"""The server did the work, then its answer was lost: no answer until ``clear()``, or the
+connection closed (not in ``HTTP_FAULTS``: the matrix runs them on the first bucket)."""
+RETRYABLE: frozenset[HTTPFault] = frozenset({"500_once", "reset", "applied_then_reset"})
 """The faults a client absorbs by repeating the call once (one 500, one reset)."""
 
 
@@ -92,7 +106,7 @@ class FaultyHTTPDouble(SGLangHTTPDouble):
         if injected.skip > 0:
             injected.skip -= 1
             return None
-        if injected.fired and injected.fault not in ("500_always", "hang"):
+        if injected.fired and injected.fault not in ("500_always", "hang", "applied_then_hang"):
             return None
         injected.fired += 1
         return injected.fault
@@ -105,6 +119,9 @@ class FaultyHTTPDouble(SGLangHTTPDouble):
         if fault is None:
             answer: web.StreamResponse = await super()._middleware(request, handler)
             return answer
+        if fault in LOST_ANSWERS:
+            await super()._middleware(request, handler)  # the work is done; the answer lost
+            fault = "hang" if fault == "applied_then_hang" else "reset"
         if fault == "success_false":
             return web.json_response({"success": False, "message": "injected refusal"}, status=400)
         if fault in ("500_once", "500_always"):
