@@ -66,7 +66,7 @@ class CudaCall:
 
     Attributes:
         op: ``alloc``, ``copy``, ``wait_stream``, ``wait_event``, ``record_event``,
-            ``record_stream``, ``pin``, ``unpin``, ``host_wait``.
+            ``record_stream``, ``pin``, ``unpin``, ``host_wait``, ``ipc_share``.
         thread_device: the calling thread's current device at the call.
         device: the device acted on (the allocation's, the copy's destination, the
             stream's), or None for host-only calls.
@@ -359,6 +359,7 @@ class FakeCuda:
             raise AssertionError("fake cuda: reduce_tensor of a host tensor")
         storage = tensor._typed_storage()  # type: ignore[no-untyped-call]
         handle = f"ipc:{tensor.untyped_storage().data_ptr():x}".encode()
+        self.log("ipc_share", index, nbytes=int(tensor.untyped_storage().nbytes()))
         return (
             reductions.rebuild_cuda_tensor,
             (

@@ -174,9 +174,13 @@ class _WirePickler(ForkingPickler):
     """ForkingPickler whose CUDA tensors name their GPU by UUID, not by device index."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if not isinstance(obj, torch.Tensor) or _cuda_index(obj) is None:
+        index = _cuda_index(obj) if isinstance(obj, torch.Tensor) else None
+        if index is None:
             return NotImplemented
-        rebuild, args = _reduce_cuda(obj)
+        # Encoding runs in worker threads (current device 0): the IPC handle and the
+        # event torch records for the receiver to wait on belong to the tensor's device.
+        with torch.cuda.device(index):
+            rebuild, args = _reduce_cuda(obj)
         device = args[_DEVICE_ARG]
         if isinstance(device, int):  # a str is already a UUID (torch patched by SGLang)
             args = (*args[:_DEVICE_ARG], device_uuid(device), *args[_DEVICE_ARG + 1 :])

@@ -290,6 +290,9 @@ def test_cuda_payloads_name_the_gpu_by_uuid_and_sglang_maps_it_to_its_own_index(
     tensors, buffer = _on_fake_gpu(fake, 1)  # the trainer's cuda:1
     payloads = wire.encode_flattened_bucket(tensors, buffer=buffer, tp_size=2)
     assert payloads.source.on_cuda and len(payloads) == 2
+    # Each rank's pickle shares the buffer once, under its device (this thread is on 0).
+    shares = fake.ops("ipc_share")
+    assert [(c.device, c.thread_device) for c in shares] == [(1, 1), (1, 1)]
     opened = _patch_like_sglangs_server(monkeypatch)
     # The server was started with the two GPUs listed the other way round
     # (CUDA_VISIBLE_DEVICES=1,0): the trainer's cuda:1 is the server's cuda:0.
