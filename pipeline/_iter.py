@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import logging
+import threading
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -144,18 +145,73 @@ async def _from_container(source: Iterable[T]) -> AsyncGenerator[T, None]:
         yield item
 
 
+class _SyncSource:
+    """A sync iterator shared by the loop and the worker threads that advance it.
+
+    ``lock`` is held while a thread runs ``next()`` or ``close()`` (a generator refuses
+    to run twice at once). ``abandoned``: the loop stopped waiting (the run was cancelled
+    or closed) while a ``next()`` ran; that thread then closes the iterator itself once
+    ``next()`` returns, since the loop does not wait for it.
+    """
+
+    __slots__ = ("abandoned", "closed", "iterator", "lock")
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator = iterator
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.closed = False
+
+    def next_or_done(self) -> Any:
+        with self.lock:
+            if self.closed:
+                return _DONE
+            item = _next_or_done(self.iterator)
+            if self.abandoned:  # nobody waits for this item: release the source now
+                self._close()
+                return _DONE
+            return item
+
+    def close_if_idle(self) -> bool:
+        """Close the iterator unless a ``next()`` still runs; whether it was closed here."""
+        if not self.lock.acquire(blocking=False):
+            return False  # that thread sees ``abandoned`` and closes it when it returns
+        try:
+            self._close()
+        finally:
+            self.lock.release()
+        return True
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
+
+
 async def _from_sync(source: Iterable[T]) -> AsyncGenerator[T, None]:
-    iterator = iter(source)
-    # One thread per source: next() calls on one generator must never run concurrently.
-    limiter = anyio.CapacityLimiter(1)
+    # Each next() runs in a worker thread, one at a time (the state's lock). A cancelled
+    # wait is abandoned at once, so the caller's cancellation takes effect without waiting
+    # for a producer blocked in next() (a collective, a disk read, a sleep); that thread
+    # keeps running the producer until next() returns and then closes it.
+    state = _SyncSource(iter(source))
+    timeout_s = _close_timeout(source)
     try:
         while True:
-            item = await anyio.to_thread.run_sync(_next_or_done, iterator, limiter=limiter)
+            item = await anyio.to_thread.run_sync(state.next_or_done, abandon_on_cancel=True)
             if item is _DONE:
                 return
             yield item
     finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(close, limiter=limiter)
+        state.abandoned = True  # before the close: see _SyncSource
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + timeout_s
+            await anyio.to_thread.run_sync(state.close_if_idle, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            logger.warning(
+                "closing the source %s did not finish within %s s; left to its thread",
+                type(source).__qualname__,
+                timeout_s,
+            )

@@ -17,14 +17,20 @@ Every trial, under a deadline it must not reach:
   never closed; the source is closed exactly once once it was started;
 - no pooled buffer (``LeasePool``, BufferPool's rule) is still held once the error is
   dropped.
+
+A sync source blocked inside ``next()`` (which no cancellation can interrupt) still lets
+the caller's cancellation end the run at once; its thread closes the source afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from tests.fakes.faults import (
@@ -145,3 +151,39 @@ async def test_one_fault(where: str, phase: Phase, fault: StageFault) -> None:
         assert stage.closes == stage.opened, stage.name
     assert source.closes == (1 if source.started else 0)
     assert pool.checked_out() == []
+
+
+@pytest.mark.parametrize("phase", ["first", "middle", "last"])
+async def test_sync_source_blocked_in_next_honours_the_callers_cancellation(phase: Phase) -> None:
+    # A sync generator blocked inside next() (a collective, a disk read) cannot be
+    # interrupted; the caller's cancellation must still end the run at once, and the
+    # source must be closed (its finally run) by its thread once next() returns.
+    block_at = {"first": 1, "middle": ITEMS // 2 + 1, "last": ITEMS}[phase]
+    entered, release, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def source() -> Iterator[int]:
+        try:
+            for index in range(1, ITEMS + 1):
+                if index == block_at:
+                    entered.set()
+                    release.wait(DEADLINE_S)
+                yield index
+        finally:
+            closed.set()
+
+    stage = FaultyStage("first", FaultPoint("nowhere", "open", "raise", items=ITEMS))
+    with anyio.fail_after(DEADLINE_S), anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as group:
+
+            async def cancel_when_blocked() -> None:
+                await anyio.to_thread.run_sync(entered.wait, DEADLINE_S)
+                scope.cancel()
+
+            group.start_soon(cancel_when_blocked)
+            await Pipeline([stage]).run(source())
+    assert scope.cancelled_caught
+    assert not release.is_set()  # the run ended while the source was still blocked
+    assert not closed.is_set()
+    assert stage.closes == stage.opened == 1
+    release.set()
+    assert await anyio.to_thread.run_sync(closed.wait, DEADLINE_S)
