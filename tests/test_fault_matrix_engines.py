@@ -22,6 +22,7 @@ Each trial: a clean sync of v1, the faulted sync of v2, then a clean sync of v3.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from collections.abc import Iterator
 from typing import Literal
@@ -44,6 +45,8 @@ from tests.fakes.sglang_faults import (
 from tests.helpers import bits
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.engines.base import EngineError
+from weightpipe.stages.engines.sglang.client import SGLangClient
 from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
 from weightpipe.stages.engines.sglang.inprocess import SGLangEngine
 from weightpipe.stages.fetch import Fetch
@@ -52,6 +55,14 @@ from weightpipe.stages.sync import sync_weights
 
 TIMEOUT_S = 0.5
 """Load's deadline per engine call: how long a hang lasts."""
+
+# Two fixes were in flight in other files when this matrix was written; until both are in
+# every checkout these say which behaviour the code has, so the trials expect it (and the
+# strict xfails below flip with it). Drop them once the fixes are committed.
+UNANSWERED_LOADS_TOUCH = "unanswered" in inspect.signature(EngineError).parameters
+"""Load counts a load that got no answer (a timeout) as having touched the engine."""
+RETRIES_PICKLE_AFRESH = "refresh" in inspect.signature(SGLangClient.request).parameters
+"""A retried update is pickled afresh (the first delivery consumed its handles)."""
 
 Behaviour = Literal["0.5.23", "0.5.12"]
 
@@ -209,7 +220,9 @@ async def test_http_fault(behave_like: Behaviour, call: HTTPCall, fault: HTTPFau
             else:
                 assert error is not None, "the sync committed despite the fault"
                 assert server.weight_version == "1"
-                dirty = call in TOUCHES
+                # a load that timed out may have been carried out: it touched the engine
+                unanswered = call == "load first" and fault == "hang" and UNANSWERED_LOADS_TOUCH
+                dirty = call in TOUCHES or unanswered
                 assert report.engine_dirty == dirty
                 assert engine_is_dirty(engine) == dirty
                 assert (
@@ -219,7 +232,7 @@ async def test_http_fault(behave_like: Behaviour, call: HTTPCall, fault: HTTPFau
                 if dirty:
                     assert report.left_paused
                     assert server.paused == "retract"
-                else:
+                elif not unanswered:
                     assert _serves(server, 1)  # nothing of v2 reached the server
                     assert server.paused is None
             assert engine.session_is_open() or not server.session_open
@@ -241,6 +254,7 @@ async def test_http_fault(behave_like: Behaviour, call: HTTPCall, fault: HTTPFau
         pytest.param(
             "applied_then_hang",
             marks=pytest.mark.xfail(
+                not UNANSWERED_LOADS_TOUCH,
                 strict=True,
                 reason="needs stages/load.py _EngineSync.load: a load that failed without a "
                 "definite answer (Load's timeout, a lost connection: a retryable EngineError) "
@@ -251,6 +265,7 @@ async def test_http_fault(behave_like: Behaviour, call: HTTPCall, fault: HTTPFau
         pytest.param(
             "applied_then_reset",
             marks=pytest.mark.xfail(
+                not RETRIES_PICKLE_AFRESH,
                 strict=True,
                 reason="needs stages/engines/sglang/client.py SGLangClient.load: a retried "
                 "update re-sends payloads whose file_system shared-memory handles the first "
