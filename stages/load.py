@@ -299,6 +299,7 @@ class _EngineSync:
         self.paused = False
         self.abort_error: str | None = None
         self.buckets = 0
+        self._maybe_loaded = False
         self.tensors = 0
         self.bytes = 0
         self.load_s = 0.0
@@ -357,8 +358,9 @@ class _EngineSync:
 
     @property
     def touched(self) -> bool:
-        """The engine accepted a bucket, or was sent the commit, of this sync."""
-        return self.buckets > 0 or self._commit_sent
+        """The engine accepted a bucket of this sync (or may have: a load it never
+        answered), or was sent the commit."""
+        return self.buckets > 0 or self._maybe_loaded or self._commit_sent
 
     def hard_pause_s(self) -> float:
         if self.paused:
@@ -417,7 +419,15 @@ class _EngineSync:
         started = time.perf_counter()
         what = f"load of {bucket.describe()}"
         try:
-            await self._call(what, lambda: self.engine.load(bucket))
+            # Until the engine answers, the bucket may be in: a timeout, a dropped answer
+            # or a cancellation leaves it counted as touching the engine.
+            self._maybe_loaded = True
+            try:
+                await self._call(what, lambda: self.engine.load(bucket))
+            except EngineError as exc:
+                self._maybe_loaded = exc.unanswered
+                raise
+            self._maybe_loaded = False
             self.load_s += time.perf_counter() - started
             self.buckets += 1
             self.tensors += len(bucket.tensors)
@@ -450,6 +460,8 @@ class _EngineSync:
 
     def _dirty_words(self) -> str:
         accepted = f"after the engine accepted {self.buckets} bucket(s)"
+        if self._maybe_loaded:
+            accepted += " and may have applied one it never answered"
         if self._commit_sent:
             accepted += " and was sent the commit"
         then = (
@@ -533,7 +545,10 @@ class _EngineSync:
         except TimeoutError as exc:
             error = "TimeoutError"
             raise EngineError(
-                self.name, f"{what} did not answer within {self.timeout_s} s", retryable=True
+                self.name,
+                f"{what} did not answer within {self.timeout_s} s",
+                retryable=True,
+                unanswered=True,
             ) from exc
         except BaseException as exc:
             error = type(exc).__name__

@@ -22,7 +22,6 @@ Each trial: a clean sync of v1, the faulted sync of v2, then a clean sync of v3.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 from collections.abc import Iterator
 from typing import Literal
@@ -45,8 +44,6 @@ from tests.fakes.sglang_faults import (
 from tests.helpers import bits
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import EngineError
-from weightpipe.stages.engines.sglang.client import SGLangClient
 from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
 from weightpipe.stages.engines.sglang.inprocess import SGLangEngine
 from weightpipe.stages.fetch import Fetch
@@ -55,14 +52,6 @@ from weightpipe.stages.sync import sync_weights
 
 TIMEOUT_S = 0.5
 """Load's deadline per engine call: how long a hang lasts."""
-
-# Two fixes were in flight in other files when this matrix was written; until both are in
-# every checkout these say which behaviour the code has, so the trials expect it (and the
-# strict xfails below flip with it). Drop them once the fixes are committed.
-UNANSWERED_LOADS_TOUCH = "unanswered" in inspect.signature(EngineError).parameters
-"""Load counts a load that got no answer (a timeout) as having touched the engine."""
-RETRIES_PICKLE_AFRESH = "refresh" in inspect.signature(SGLangClient.request).parameters
-"""A retried update is pickled afresh (the first delivery consumed its handles)."""
 
 Behaviour = Literal["0.5.23", "0.5.12"]
 
@@ -142,40 +131,13 @@ def _serves(server: FaultyHTTPDouble, version: int) -> bool:
     )
 
 
-NON_JSON_ACCEPTED = frozenset(
-    {
-        "pause",
-        "load first",
-        "load middle",
-        "load last",
-        "end of session",
-        "version update",
-        "resume",
-    }
-)
-"""Where the client takes a 200 whose body is not JSON for SGLang's success."""
-
-
 def _http_trials() -> Iterator[object]:
     for behave_like in ("0.5.23", "0.5.12"):
         for call in HTTP_CALLS:
             if call in NOT_CALLED[behave_like]:
                 continue
             for fault in HTTP_FAULTS:
-                marks = []
-                if fault == "non_json" and call in NON_JSON_ACCEPTED:
-                    marks.append(
-                        pytest.mark.xfail(
-                            strict=True,
-                            reason="needs stages/engines/sglang/http.py HTTPTransport._attempt: "
-                            "a 2xx answer whose body is not JSON fails the call (non-retryable "
-                            "EngineError naming the path) for every op but flush_cache, whose "
-                            "SGLang answer is text; today it counts as success",
-                        )
-                    )
-                yield pytest.param(
-                    behave_like, call, fault, marks=marks, id=f"{behave_like}-{call}-{fault}"
-                )
+                yield pytest.param(behave_like, call, fault, id=f"{behave_like}-{call}-{fault}")
 
 
 async def _http_sync(engine: SGLangHTTPEngine, version: int) -> Load:
@@ -220,8 +182,9 @@ async def test_http_fault(behave_like: Behaviour, call: HTTPCall, fault: HTTPFau
             else:
                 assert error is not None, "the sync committed despite the fault"
                 assert server.weight_version == "1"
-                # a load that timed out may have been carried out: it touched the engine
-                unanswered = call == "load first" and fault == "hang" and UNANSWERED_LOADS_TOUCH
+                # a load without an answer (a timeout, a 200 that is not SGLang's JSON) may
+                # have been carried out: it touched the engine
+                unanswered = call == "load first" and fault in ("hang", "non_json")
                 dirty = call in TOUCHES or unanswered
                 assert report.engine_dirty == dirty
                 assert engine_is_dirty(engine) == dirty
@@ -253,26 +216,9 @@ async def test_http_fault(behave_like: Behaviour, call: HTTPCall, fault: HTTPFau
     [
         pytest.param(
             "applied_then_hang",
-            marks=pytest.mark.xfail(
-                not UNANSWERED_LOADS_TOUCH,
-                strict=True,
-                reason="needs stages/load.py _EngineSync.load: a load that failed without a "
-                "definite answer (Load's timeout, a lost connection: a retryable EngineError) "
-                "may have been applied, so it counts as touching the engine (dirty, kept "
-                "paused); today buckets == 0 resumes generation on the half-applied model",
-            ),
         ),
         pytest.param(
             "applied_then_reset",
-            marks=pytest.mark.xfail(
-                not RETRIES_PICKLE_AFRESH,
-                strict=True,
-                reason="needs stages/engines/sglang/client.py SGLangClient.load: a retried "
-                "update re-sends payloads whose file_system shared-memory handles the first "
-                "delivery consumed (the pickler's one incref; the temporary buffer _encode "
-                "flattened into is gone), so the retry fails to deserialize; keep the "
-                "encoded storages alive until the last attempt returns, or encode per attempt",
-            ),
         ),
     ],
 )

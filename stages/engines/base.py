@@ -86,16 +86,26 @@ class EngineError(WeightpipeError, RuntimeError):
         engine: the engine's name.
         tensor: the offending tensor's name, when one is at fault.
         retryable: whether repeating the same call may succeed (5xx, reset, timeout).
+        unanswered: the request may have reached the engine and no answer came (a timeout,
+            a connection dropped after sending): the engine may have carried it out, so
+            Load counts a load that failed so as having touched the engine.
     """
 
     def __init__(
-        self, engine: str, message: str, *, tensor: str | None = None, retryable: bool = False
+        self,
+        engine: str,
+        message: str,
+        *,
+        tensor: str | None = None,
+        retryable: bool = False,
+        unanswered: bool = False,
     ) -> None:
         where = f" (tensor {tensor!r})" if tensor else ""
         super().__init__(f"engine {engine!r}: {message}{where}")
         self.engine = engine
         self.tensor = tensor
         self.retryable = retryable
+        self.unanswered = unanswered
 
     engine_dirty: bool = False
     """The engine holds part of a failed sync it cannot roll back (see ``EngineDirtyError``)."""

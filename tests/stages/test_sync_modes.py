@@ -305,8 +305,18 @@ async def test_sync_against_a_timing_out_engine() -> None:
         await sync_weights(source, engine, version=4, timeout_s=0.05)
     assert info.value.stage == "load"
     assert await engine.version() == 0
-    assert not engine.paused
+    # A load never answered may have been applied, and this engine cannot roll back: it is
+    # dirty and stays paused until a full sync commits.
+    assert getattr(info.value, "engine_dirty", False)
+    assert "may have applied one it never answered" in str(info.value.__cause__)
+    assert engine.paused
     assert ("abort", 4) in engine.calls
+    engine.fail_at.clear()
+    await sync_weights(
+        fake_buckets({"w": torch.ones(2)}, per_bucket=1, version=5), engine, version=5
+    )
+    assert await engine.version() == 5
+    assert not engine.paused
 
 
 async def test_sync_report_without_generation_figures_for_other_engines() -> None:

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -215,7 +216,10 @@ class SGLangClient:
         self._session_open = False
         self._encode_limiter = anyio.CapacityLimiter(1)
         # Payloads encoded before the pause: (version, index) -> (bucket, request fields).
-        self._prepared: dict[tuple[int, int], tuple[WeightBucket, dict[str, Any]]] = {}
+        self._prepared: dict[tuple[int, int], tuple[WeightBucket, _Encoded]] = {}
+        # What the handles of every update sent in this session point into: kept until the
+        # session ends (commit or abort), since a server may still map them.
+        self._sent: list[wire.BucketPayload] = []
         # How the server is paused now (a flush cannot succeed under in_place with requests).
         self._paused_mode: PauseMode | None = None
         # Whether the last update may carry weight_version (None: not decided yet).
@@ -256,11 +260,15 @@ class SGLangClient:
         tensors: Sequence[str] = (),
         retry: bool = True,
         flush_refused_ok: bool = False,
+        refresh: Callable[[], Any] | None = None,
     ) -> Any:
         """``op`` through the transport, repeated after retryable failures (``retry``)
         within the caller's deadline and ``1 + retries`` attempts. ``flush_refused_ok``:
         an update whose own flush was refused because requests run is not repeated (its
-        weights are in): ``_FLUSH_REFUSED`` is returned instead.
+        weights are in): ``_FLUSH_REFUSED`` is returned instead. ``refresh``: awaited
+        before every attempt after the first for that attempt's fields (an update's
+        payloads are pickled afresh per attempt: a server that decoded the first one
+        consumed its handles).
 
         Raises:
             EngineError: the last failure (``OperationMissing`` when the engine lacks ``op``);
@@ -269,13 +277,17 @@ class SGLangClient:
         """
         body = {} if fields is None else fields
         attempts = 0
+        unanswered = False
 
         async def attempt() -> Any:
-            nonlocal attempts
+            nonlocal attempts, body, unanswered
             attempts += 1
+            if attempts > 1 and refresh is not None:
+                body = await refresh()
             try:
                 return await self.transport.call(op, body, tensors=tensors)
             except EngineError as exc:
+                unanswered = unanswered or exc.unanswered
                 if flush_refused_ok and _CACHE_NOT_FLUSHED.search(str(exc)):
                     return _FLUSH_REFUSED
                 raise
@@ -287,6 +299,8 @@ class SGLangClient:
         except EngineError as exc:
             if attempts > 1:
                 exc.args = (f"{exc}; gave up after {attempts} attempts", *exc.args[1:])
+            # One unanswered attempt may have been carried out, whatever the last said.
+            exc.unanswered = exc.unanswered or unanswered
             raise
 
     # -- sessions --------------------------------------------------------------------
@@ -340,14 +354,14 @@ class SGLangClient:
         if not bucket.tensors:
             return
         await wire.wait_written(bucket)
-        fields = await anyio.to_thread.run_sync(
+        encoded = await anyio.to_thread.run_sync(
             self._encode, list(bucket.tensors), bucket.buffer, limiter=self._encode_limiter
         )
         # Payloads of an earlier (failed) sync are never sent: drop them.
         stale = [key for key in self._prepared if key[0] != bucket.version]
         for key in stale:
             del self._prepared[key]
-        self._prepared[(bucket.version, bucket.index)] = (bucket, fields)
+        self._prepared[(bucket.version, bucket.index)] = (bucket, encoded)
 
     async def begin(self, version: int) -> None:
         """Open a weight-update session where the engine needs one.
@@ -357,6 +371,7 @@ class SGLangClient:
         """
         self._flushed = self._flush_refused = False
         self._version_set = None
+        self._release_sent()
         if self._session_open:
             # An abort that could not close the last session: close it now, and if the
             # engine says there is none, the begin below tells whether it is free.
@@ -390,10 +405,11 @@ class SGLangClient:
 
     def _encode(
         self, tensors: list[tuple[str, torch.Tensor]], buffer: torch.Tensor | None
-    ) -> dict[str, Any]:
-        payloads: list[bytes] | None = None
+    ) -> _Encoded:
+        """The bucket's payload object (flattened once) and its first attempt's fields."""
+        payload: wire.BucketPayload | None = None
         if self.load_format == "flattened_bucket":
-            payloads = wire.encode_flattened_bucket(
+            payload = wire.prepare_flattened_bucket(
                 tensors,
                 tp_size=self.tp_size,
                 buffer=buffer,
@@ -401,10 +417,17 @@ class SGLangClient:
                 cpu_strategy=self.cpu_sharing_strategy,
             )
         elif self.transport.serializes_named_tensors:
-            payloads = wire.encode_named_tensors(
+            payload = wire.prepare_named_tensors(
                 tensors, tp_size=self.tp_size, cpu_strategy=self.cpu_sharing_strategy
             )
-        return self.transport.tensor_fields(self.load_format, payloads, tensors)
+        encoded = _Encoded(payload, tensors, {})
+        encoded.fields = self._fields(encoded)
+        return encoded
+
+    def _fields(self, encoded: _Encoded) -> dict[str, Any]:
+        """One attempt's fields: fresh pickles of the payload (their own handles)."""
+        payloads = None if encoded.payload is None else encoded.payload.encode()
+        return self.transport.tensor_fields(self.load_format, payloads, encoded.tensors)
 
     async def load(self, bucket: WeightBucket) -> None:
         """Send one bucket as ``update_weights_from_tensor`` with ``flush_cache=false``;
@@ -419,13 +442,16 @@ class SGLangClient:
             return
         entry = self._prepared.pop((bucket.version, bucket.index), None)
         if entry is not None and entry[0] is bucket:
-            fields = entry[1]
+            encoded = entry[1]
         else:
             await wire.wait_written(bucket)
             # The pickler copies CPU tensors into shared memory: heavy, so off the loop.
-            fields = await anyio.to_thread.run_sync(
+            encoded = await anyio.to_thread.run_sync(
                 self._encode, list(bucket.tensors), bucket.buffer, limiter=self._encode_limiter
             )
+        if encoded.payload is not None:
+            self._sent.append(encoded.payload)  # alive until the session ends
+        fields = encoded.fields
         op = "update_weights_from_tensor"
         flush = bucket.is_last and self.flush_cache_on_commit
         version = (
@@ -433,10 +459,21 @@ class SGLangClient:
             if bucket.is_last and not self._session_open and self._folds_version
             else None
         )
-        fields["flush_cache"] = flush
+        extra: dict[str, Any] = {"flush_cache": flush}
         if version is not None:
-            fields["weight_version"] = version
-        answer = await self.request(op, fields, tensors=bucket.names, flush_refused_ok=flush)
+            extra["weight_version"] = version
+        fields.update(extra)
+
+        async def refresh() -> dict[str, Any]:
+            fresh = await anyio.to_thread.run_sync(
+                self._fields, encoded, limiter=self._encode_limiter
+            )
+            fresh.update(extra)
+            return fresh
+
+        answer = await self.request(
+            op, fields, tensors=bucket.names, flush_refused_ok=flush, refresh=refresh
+        )
         if answer is _FLUSH_REFUSED:
             # The weights are in; the flush waits for commit (the version too: the server
             # set it only if the whole call succeeded).
@@ -477,6 +514,16 @@ class SGLangClient:
             )
         self._flushed = self._flush_refused = False
         self._version_set = None
+        self._release_sent()
+
+    def _release_sent(self) -> None:
+        """Drop the buffers this session's updates pointed into (the server is done with
+        them: the session closed, or a new one begins); CUDA-IPC references the server
+        never opened are collected too."""
+        sent, self._sent = self._sent, []
+        if any(payload.on_cuda for payload in sent):
+            del sent
+            torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]
 
     async def _flush(self) -> None:
         """Flush the radix cache once (retried), or under an ``in_place`` pause, where
@@ -513,6 +560,7 @@ class SGLangClient:
         self._version_set = None
         if self._session_open:
             await self._end_session()
+        self._release_sent()
 
     async def version(self) -> int | None:
         """The engine's weight version as an int (None when unset or not a number).
@@ -590,3 +638,13 @@ class SGLangClient:
             EngineError: the engine refused or failed.
         """
         await self.request("destroy_weights_update_group", {"group_name": group_name}, retry=False)
+
+
+@dataclass(eq=False)
+class _Encoded:
+    """A bucket ready to send: its payload object (None when the transport takes the
+    tensors themselves), the tensors, and the first attempt's fields."""
+
+    payload: wire.BucketPayload | None
+    tensors: list[tuple[str, torch.Tensor]]
+    fields: dict[str, Any]

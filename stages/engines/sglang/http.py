@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
+_TEXT_ANSWERS = frozenset({"/flush_cache"})
+"""Endpoints whose success SGLang answers as text, not JSON."""
 _AUTH_STATUS = frozenset({401, 403})
 # Operations whose request carries abort_all_requests (the HTTP structs have it; the
 # in-process Engine methods do not take it).
@@ -149,12 +151,15 @@ class HTTPTransport:
                 self.name,
                 f"{path} did not answer within {timeout:.3g} s ({type(exc).__name__})",
                 retryable=True,
+                unanswered=not isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)),
             ) from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:  # refused, reset
             raise EngineError(
                 self.name,
                 f"{path}: cannot reach {self.url} ({type(exc).__name__}: {self.redact(str(exc))})",
                 retryable=True,
+                # Refused: never sent. Reset or cut off: perhaps carried out.
+                unanswered=not isinstance(exc, httpx.ConnectError),
             ) from exc
         except httpx.HTTPError as exc:  # a request httpx cannot make: repeating won't help
             raise EngineError(
@@ -176,6 +181,16 @@ class HTTPTransport:
             raise OperationMissing(self.name, f"{path} does not exist on {self.url} (404)")
         ok = status < 400
         payload = _json(response)
+        if ok and payload is None and path not in _TEXT_ANSWERS:
+            # Every SGLang endpoint but /flush_cache answers JSON: a 2xx without it is a
+            # proxy or another server, and nothing says the call was carried out.
+            raise EngineError(
+                self.name,
+                f"{path} answered {status} without a JSON body "
+                f"({self.redact(response.text[:200])!r}); is {self.url} an SGLang server?",
+                tensor=wire.tensor_named_in(response.text, tensors),
+                unanswered=True,
+            )
         if ok and isinstance(payload, dict) and payload.get("success") is False:
             ok = False
         if not ok:

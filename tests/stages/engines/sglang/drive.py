@@ -54,8 +54,8 @@ async def load_sync(
     """One sync of ``buckets`` into ``engine`` through Load; returns Load's report.
 
     ``in_flight`` (the default) aborts no request, but an SGLang engine cannot switch
-    atomically, so Load still pauses it ``in_place`` around the buckets; ``timeout_s`` is Load's deadline per engine call (default: the engine's
-    ``default_timeout_s``).
+    atomically, so Load still pauses it ``in_place`` around the buckets; ``timeout_s`` is
+    Load's deadline per engine call (default: the engine's ``default_timeout_s``).
     """
     load = _load(engine, mode, pause_mode, timeout_s)
     await Pipeline([load], depth=2).run(list(buckets))

@@ -1,9 +1,8 @@
 """A retried ``update_weights_from_tensor`` and the memory its CUDA-IPC handles point into.
 
-The wire side is in place (``wire.BucketPayload`` owns the buffer its pickles point into;
-``encode()`` writes fresh pickles, each with its own IPC reference). What must follow is
-the client's: keep each bucket's ``BucketPayload`` until the session is closed, and encode
-once per attempt. Until ``SGLangClient`` does, this test is a strict xfail.
+``wire.BucketPayload`` owns the buffer its pickles point into and ``encode()`` writes fresh
+pickles (on CUDA each takes its own IPC reference); ``SGLangClient`` keeps each bucket's
+payload until the session ends (commit or abort) and encodes once per attempt.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-import pytest
 import torch
 
 from weightpipe.stages.bucket import WeightBucket
@@ -56,12 +54,6 @@ class _FlakyTransport:
         return {"serialized_named_tensors": wire.b64encode_payloads(payloads)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs SGLangClient (stages/engines/sglang/client.py) to keep each bucket's "
-    "wire.BucketPayload (prepare_flattened_bucket / prepare_named_tensors) until the "
-    "session is closed (commit/abort) and to call payload.encode() once per attempt",
-)
 async def test_a_retry_sends_fresh_handles_into_a_buffer_still_alive() -> None:
     transport = _FlakyTransport()
     client = SGLangClient(transport, session="off", retries=2, backoff_s=0)  # type: ignore[arg-type]
@@ -71,5 +63,11 @@ async def test_a_retry_sends_fresh_handles_into_a_buffer_still_alive() -> None:
     assert len(transport.attempts) == 2
     # The buffer the handles of both attempts point into is still alive ...
     assert transport.buffers and all(ref() is not None for ref in transport.buffers)
-    # ... and the retry carries its own pickles (its own IPC references).
-    assert transport.attempts[0] != transport.attempts[1]
+    # ... and the retry was pickled afresh (its own IPC references on CUDA; host memory
+    # pickles to the same file_system handle) from that same buffer, flattened once.
+    first, second = (transport.buffers[i::2] for i in range(2))
+    assert len(first) == len(second) == 1 and first[0]() is second[0]()
+    # The session's end lets the buffer go.
+    await client.commit(1)
+    gc.collect()
+    assert all(ref() is None for ref in transport.buffers)
