@@ -332,11 +332,8 @@ async def test_in_process_fault(call: str, fault: InProcessFault) -> None:
 
 
 def _engine_threads() -> list[str]:
-    """Threads other than anyio's idle worker pool, once a stopped engine's prepare pool
-    (shut down without waiting) has exited: join, bounded, never a sleep."""
-    for thread in threading.enumerate():
-        if thread.name.startswith("weightpipe-local-prepare"):
-            thread.join(timeout=10)
+    """Threads other than anyio's idle worker pool (a stopped engine has joined its
+    staging threads)."""
     return sorted(t.name for t in threading.enumerate() if t.name != "AnyIO worker thread")
 
 

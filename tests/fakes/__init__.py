@@ -7,6 +7,9 @@
 - ``sglang_engine``: fakes of the in-process ``sglang.Engine`` and the ``sglang`` module.
 - ``sglang_receiver``: a fake of SGLang's receiving rank of a distributed update.
 - ``sglang_model``: SGLang's model-side checks, shared by the SGLang fakes.
+- ``sglang_faults``: the HTTP double and the in-process fake with injected faults.
+- ``faults``: one fault at one chosen point of a pipeline run or an engine call.
+- ``local``: helpers around the real ``LocalEngine`` and a recording generation listener.
 
 The light fakes are re-exported here; the SGLang ones import ``sglang`` and ``aiohttp``, so
 they are imported from their modules (``from tests.fakes.sglang_http import ...``).

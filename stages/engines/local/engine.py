@@ -202,7 +202,10 @@ class LocalEngine:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(thread.join)
         self._scheduler.stopped()
-        self._updates.close()
+        # The staging threads are joined too (off the loop: one may finish a copy), so
+        # none outlives the engine.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._updates.close)
 
     @property
     def running(self) -> bool:

@@ -161,11 +161,12 @@ class WeightUpdates:
         return {name: (tuple(p.shape), p.dtype) for name, p in self._params.items()}
 
     def close(self) -> None:
-        """Release the staging threads (started again on the next bucket if needed)."""
+        """Release the staging threads and wait for them to end (they are started again on
+        the next bucket if needed); a staging task not yet started is dropped."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False)
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ the transaction
 
