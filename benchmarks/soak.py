@@ -15,9 +15,11 @@ JSON: ``syncs``, ``syncs_committed``, ``syncs_failed`` (the engine does not serv
 sync's version), ``errors_raised`` (a sync whose resume failed after its commit raises yet
 commits), ``faults_injected`` per kind, ``half_applied``, ``left_paused``,
 ``rss_drift_bytes`` (RSS at the last sync minus RSS at sync 100, or a third of the way
-into a shorter run; target <= 64 MiB), ``threads_start``/``threads_end`` and
-``fds_start``/``fds_end`` (at the same two points; equal), ``sync_s_p50``/``_p99`` and
-``hard_pause_s_p50``/``_p99`` over the clean syncs, ``wall_s``, ``targets_met``.
+into a shorter run; target <= 64 MiB), ``threads_start``/``threads_end`` (every thread but
+anyio's idle worker pool, which grows and shrinks by itself: ``anyio_workers_start/_end``
+report it) and ``fds_start``/``fds_end`` (at the same two points; equal),
+``sync_s_p50``/``_p99`` and ``hard_pause_s_p50``/``_p99`` over the clean syncs, ``wall_s``,
+``targets_met``.
 
 Usage: ``python -m benchmarks.soak --syncs 1000 --json out/soak.json``
 """
@@ -165,6 +167,17 @@ class RaiseAtBucket(Stage[WeightBucket, WeightBucket]):
         yield item
 
 
+ANYIO_WORKER = "AnyIO worker thread"
+
+
+def thread_counts() -> tuple[int, int]:
+    """Threads other than anyio's worker pool, and that pool's threads (a worker stuck in
+    a call shows up as that pool's growth, an idle one exits after anyio's idle time)."""
+    names = [t.name for t in threading.enumerate()]
+    workers = names.count(ANYIO_WORKER)
+    return len(names) - workers, workers
+
+
 def fd_count() -> int:
     try:
         return len(os.listdir("/proc/self/fd"))
@@ -281,11 +294,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     first_problem = first_problem or f"sync {attempt}: left paused or dirty"
                     await engine.resume()
                 if attempt == mark_at:
-                    marks = {"rss": rss_bytes(), "threads": threading.active_count()}
+                    threads, workers = thread_counts()
+                    marks = {"rss": rss_bytes(), "threads": threads, "anyio_workers": workers}
                     marks["fds"] = fd_count()
                     marks["at_sync"] = attempt
                 progress.update(task, advance=1, state=f"committed {committed} failed {failed}")
-        rss_end, threads_end, fds_end = rss_bytes(), threading.active_count(), fd_count()
+        rss_end, fds_end = rss_bytes(), fd_count()
+        threads_end, workers_end = thread_counts()
         tokens = engine.tokens_generated
     wall_s = time.perf_counter() - started
     result: dict[str, Any] = {
@@ -303,6 +318,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "rss_drift_bytes": rss_end - marks["rss"],
         "threads_start": marks["threads"],
         "threads_end": threads_end,
+        "anyio_workers_start": marks["anyio_workers"],
+        "anyio_workers_end": workers_end,
         "fds_start": marks["fds"],
         "fds_end": fds_end,
         "sync_s_p50": statistics.median(sync_s) if sync_s else float("nan"),
