@@ -26,15 +26,30 @@ steps of the running batch, which would then read two weight versions). An updat
 ``weight_version`` is taken only when the whole call succeeded, and the answer then says
 " Weight version updated to <v>." as SGLang 0.5.23's tokenizer manager appends it
 (``confirms_weight_version=False``: a server that takes the field without saying so).
+
+``/generate`` is a minimal stand-in for SGLang's, there so a test can check what an output's
+``meta_info["weight_version"]`` means while a sync runs. It follows SGLang 0.5.23's
+tokenizer manager in the two points that matter: a request that arrives while generation is
+paused waits (on SGLang's ``is_pause`` condition) until ``/continue_generation``, whatever
+the pause mode, and ``weight_version`` is the server's version at the moment the output is
+built, not when the request arrived. It answers at once otherwise: the double has no running
+batch, so no request spans a pause (under a real ``in_place`` pause one can, and its spans
+then show the switch). Text and token ids are a digest of the prompt and the loaded weights,
+so they are deterministic; every answer is recorded as a ``Generation`` with the digest of
+each parameter it was computed on (``weights_seen``), so a test can tell a v1 output from a
+v2 one and from one computed on a mix. ``hold_until`` holds a request to one path until the
+generation state reaches a condition (e.g. a request waits on the pause), so a test orders
+events with the double's own state, never with sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,9 +63,12 @@ from .sglang_receiver import DistributedReceiver
 
 __all__ = [
     "FIELDS_0523",
+    "GENERATE_FIELDS",
     "UPDATE_TENSOR_FIELDS",
     "Call",
+    "Generation",
     "SGLangHTTPDouble",
+    "tensor_digest",
 ]
 
 Behaviour = Literal["0.5.23", "0.5.12"]
@@ -127,6 +145,39 @@ class Call:
     received_s: float = 0.0
 
 
+GENERATE_FIELDS = frozenset({"text", "input_ids", "sampling_params", "rid", "stream"})
+"""The part of SGLang's ``GenerateReqInput`` the double serves; any other field is a 422, so
+a test never relies on something the double would silently ignore."""
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A digest of ``tensor``'s dtype, shape and bytes: equal digests mean bit-identical."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.blake2b(f"{flat.dtype}{tuple(tensor.shape)}".encode(), digest_size=16)
+    digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One ``/generate`` the double answered, and what computed it.
+
+    Attributes:
+        rid: the request id, as ``meta_info["id"]`` answered it (the request's ``rid``, or
+            the double's own ``gen-<n>``).
+        weight_version: ``meta_info["weight_version"]`` as answered.
+        weights_seen: parameter name -> ``tensor_digest`` of the tensor it held when the
+            output was computed (only parameters loaded by then).
+        waited: True when the request arrived while generation was paused and was answered
+            after the continue.
+    """
+
+    rid: str
+    weight_version: str
+    weights_seen: Mapping[str, str]
+    waited: bool
+
+
 @dataclass
 class _Faults:
     unavailable: dict[str, int] = field(default_factory=dict)  # path -> 503s left
@@ -174,6 +225,14 @@ class SGLangHTTPDouble:
         self.unpaused_updates: list[str] = []
         """Paths of weight updates that arrived while generation was not paused."""
         self.weights: dict[str, torch.Tensor] = {}
+        self.weight_digests: dict[str, str] = {}
+        """``tensor_digest`` of each entry of ``weights``, kept as each update lands."""
+        self.generations: list[Generation] = []
+        """Every answered ``/generate``, in the order the double answered them."""
+        self.generate_waiting = 0
+        """``/generate`` requests waiting for the continue right now."""
+        self.hold_timeouts: list[str] = []
+        """Paths whose ``hold_until`` condition never came true within its timeout."""
         self.weight_version = "default"
         self.session_open = False
         self.paused: str | None = None
@@ -187,6 +246,11 @@ class SGLangHTTPDouble:
         self._runner: web.AppRunner | None = None
         self._release: asyncio.Event | None = None
         self._entered_hang = threading.Event()
+        # Generation state (pause, waiting and answered /generate) lives in the double's
+        # loop; this condition wakes waiting /generate requests and hold_until's holds.
+        self._state: asyncio.Condition | None = None
+        self._holds: dict[str, tuple[Callable[[SGLangHTTPDouble], bool], float]] = {}
+        self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -228,6 +292,7 @@ class SGLangHTTPDouble:
 
     async def _open(self) -> None:
         self._release = asyncio.Event()
+        self._state = asyncio.Condition()
         app = web.Application(middlewares=[self._middleware], client_max_size=1 << 30)
         routes = [
             ("GET", "/get_server_info", self._server_info),
@@ -241,6 +306,8 @@ class SGLangHTTPDouble:
             ("POST", "/init_weights_update_group", self._init_group),
             ("POST", "/update_weights_from_distributed", self._update_from_distributed),
             ("POST", "/destroy_weights_update_group", self._destroy_group),
+            ("POST", "/generate", self._generate),
+            ("PUT", "/generate", self._generate),
         ]
         if self.behave_like == "0.5.23":
             routes += [
@@ -265,10 +332,18 @@ class SGLangHTTPDouble:
             return
         if self._release is not None:
             loop.call_soon_threadsafe(self._release.set)
+        if self._state is not None:
+            asyncio.run_coroutine_threadsafe(self._wake_for_stop(), loop).result(timeout=30)
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout=30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
+
+    async def _wake_for_stop(self) -> None:
+        assert self._state is not None
+        async with self._state:
+            self._stopping = True
+            self._state.notify_all()
 
     def wait_until_hanging(self, timeout_s: float = 30.0) -> bool:
         """Block until a request reached a hanging endpoint (an event, not a sleep)."""
@@ -291,6 +366,21 @@ class SGLangHTTPDouble:
     def hang(self, path: str) -> None:
         """Never answer ``path`` until the double stops."""
         self.faults.hang.add(path)
+
+    def hold_until(
+        self,
+        path: str,
+        until: Callable[[SGLangHTTPDouble], bool],
+        *,
+        timeout_s: float = 10.0,
+    ) -> None:
+        """Hold the next request to ``path``, before the double handles it, until
+        ``until(self)`` is true. ``until`` runs in the double's loop each time the
+        generation state changes (a ``/generate`` arrives, waits or is answered; a pause or
+        continue), so it may read ``generations``, ``generate_waiting`` and ``paused``. A
+        hold that times out is recorded in ``hold_timeouts`` and the request then goes on,
+        so a test fails on an assertion rather than hanging."""
+        self._holds[path] = (until, timeout_s)
 
     # -- queries -----------------------------------------------------------------------
 
@@ -326,6 +416,9 @@ class SGLangHTTPDouble:
         )
         if not authorized:
             return web.json_response({"error": "Unauthorized"}, status=401)
+        hold = self._holds.pop(request.path, None)
+        if hold is not None:
+            await self._hold(request.path, *hold)
         if request.path in _UPDATE_PATHS and self.paused is None:
             self.unpaused_updates.append(request.path)
         path = request.path
@@ -352,6 +445,84 @@ class SGLangHTTPDouble:
         request[_BODY] = body
         result: web.StreamResponse = await handler(request)
         return result
+
+    async def _hold(
+        self, path: str, until: Callable[[SGLangHTTPDouble], bool], timeout_s: float
+    ) -> None:
+        assert self._state is not None
+        async with self._state:
+            try:
+                await asyncio.wait_for(
+                    self._state.wait_for(lambda: self._stopping or until(self)), timeout_s
+                )
+            except TimeoutError:
+                self.hold_timeouts.append(path)
+
+    def _store(self, name: str, tensor: torch.Tensor) -> None:
+        self.weights[name] = tensor.clone()
+        self.weight_digests[name] = tensor_digest(tensor)
+
+    async def _generate(self, request: web.Request) -> web.Response:
+        body: dict[str, Any] = request[_BODY]
+        unknown = set(body) - GENERATE_FIELDS
+        if unknown:
+            return web.json_response({"detail": f"unknown fields {sorted(unknown)}"}, status=422)
+        if body.get("stream"):
+            return web.json_response({"error": "the double does not stream"}, status=400)
+        text, input_ids = body.get("text"), body.get("input_ids")
+        if (text is None) == (input_ids is None):
+            return web.json_response(
+                {"error": "give exactly one of text and input_ids"}, status=400
+            )
+        if not isinstance(text, str | None) or not (
+            input_ids is None
+            or (isinstance(input_ids, list) and all(isinstance(i, int) for i in input_ids))
+        ):
+            return web.json_response({"error": "one prompt: a string or token ids"}, status=400)
+        max_new_tokens = (body.get("sampling_params") or {}).get("max_new_tokens", 128)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            return web.json_response({"error": "max_new_tokens must be an int >= 0"}, status=400)
+        assert self._state is not None
+        async with self._state:
+            waited = self.paused is not None
+            if waited:
+                # SGLang's tokenizer manager holds a new request on its is_pause condition
+                # until continue_generation, in every pause mode.
+                self.generate_waiting += 1
+                self._state.notify_all()
+                try:
+                    await self._state.wait_for(lambda: self._stopping or self.paused is None)
+                finally:
+                    self.generate_waiting -= 1
+                if self._stopping:
+                    return web.json_response({"error": "server shut down"}, status=503)
+            # The output is built now: on the weights loaded now, labelled with the
+            # version the server reports now (SGLang reads it when it builds meta_info).
+            seen = dict(self.weight_digests)
+            rid = str(body.get("rid") or f"gen-{len(self.generations)}")
+            generation = Generation(rid, self.weight_version, seen, waited)
+            self.generations.append(generation)
+            self._state.notify_all()
+        prompt = text if text is not None else " ".join(map(str, input_ids or []))
+        digest = hashlib.blake2b(prompt.encode(), digest_size=64)
+        for name in sorted(seen):
+            digest.update(f"{name}={seen[name]}".encode())
+        raw = digest.digest()
+        output_ids = [raw[i % len(raw)] for i in range(max_new_tokens)]
+        return web.json_response(
+            {
+                "text": "".join(chr(ord("a") + t % 26) for t in output_ids),
+                "output_ids": output_ids,
+                "meta_info": {
+                    "id": rid,
+                    "finish_reason": {"type": "length", "length": max_new_tokens},
+                    "prompt_tokens": len(prompt.split()),
+                    "weight_version": generation.weight_version,
+                    "completion_tokens": max_new_tokens,
+                    "cached_tokens": 0,
+                },
+            }
+        )
 
     async def _server_info(self, request: web.Request) -> web.Response:
         info: dict[str, Any] = {"tp_size": self.tp_size}
@@ -415,7 +586,7 @@ class SGLangHTTPDouble:
             if problem is not None:
                 return _answer(False, problem)
         for name, tensor in per_rank[0]:
-            self.weights[name] = tensor.clone()
+            self._store(name, tensor)
         self.updates.append([[(n, t.clone()) for n, t in r] for r in per_rank])
         if body.get("flush_cache", True) and not self._flush_allowed():
             return _answer(
@@ -457,7 +628,10 @@ class SGLangHTTPDouble:
         mode = request[_BODY].get("mode", "abort")
         if mode not in ("abort", "retract", "in_place"):
             return web.json_response({"detail": f"bad mode {mode!r}"}, status=422)
-        self.paused = mode
+        assert self._state is not None
+        async with self._state:
+            self.paused = mode
+            self._state.notify_all()
         if mode == "abort":
             self.running_requests = 0
         return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
@@ -465,7 +639,10 @@ class SGLangHTTPDouble:
     async def _continue(self, request: web.Request) -> web.Response:
         if (bad := _unknown(request, "ContinueGenerationReqInput")) is not None:
             return bad
-        self.paused = None
+        assert self._state is not None
+        async with self._state:
+            self.paused = None
+            self._state.notify_all()
         return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
     async def _init_group(self, request: web.Request) -> web.Response:
@@ -493,7 +670,7 @@ class SGLangHTTPDouble:
             if problem is not None:
                 return _answer(False, problem)
             for name, tensor in tensors:
-                self.weights[name] = tensor.clone()
+                self._store(name, tensor)
             self.updates.append([list(tensors)])
         return _answer(ok, message)
 
