@@ -1,8 +1,9 @@
 """Faults the SGLang fakes do not inject, for the engine fault matrix.
 
 ``FaultyFakeSGLangEngine``: the in-process fake ``sglang.Engine`` whose method fails on
-its n-th call (refused, or raising). ``FaultyHTTPDouble``: ``SGLangHTTPDouble`` (a test
-double of SGLang's HTTP weight-update surface) with the HTTP faults below.
+its n-th call (refused, raising, or hanging until released). ``FaultyHTTPDouble``:
+``SGLangHTTPDouble`` (a test double of SGLang's HTTP weight-update surface) with the HTTP
+faults below.
 
 A fault lands on the n-th request to one path: ``success_false`` (400 with
 ``{"success": false}``, what SGLang answers a refused call), a 500 once or on every
@@ -16,9 +17,10 @@ counters, never timing.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 
@@ -144,26 +146,71 @@ class FaultyHTTPDouble(SGLangHTTPDouble):
         raise ConnectionResetError("injected connection reset")
 
 
-InProcessFault = Literal["refuse", "raise"]
+InProcessFault = Literal["refuse", "raise", "hang"]
 """Faults of one in-process ``sglang.Engine`` method: answer ``(False, message)`` (what
-SGLang returns for a refused call), or raise (what a crashed scheduler does)."""
+SGLang returns for a refused call), raise (what a crashed scheduler does), or hang until
+``release_hang()`` and then do the call's work and answer as usual (``sglang.Engine``'s
+methods block their caller until the scheduler answers, and cannot be interrupted: a
+call whose caller gave up at its deadline still runs to its end, its work done)."""
 IN_PROCESS_FAULTS: tuple[InProcessFault, ...] = ("refuse", "raise")
+"""The faults that answer at once (``hang`` has its own trials)."""
+
+T = TypeVar("T")
 
 
 class FaultyFakeSGLangEngine(FakePausableSGLangEngine):
     """``FakePausableSGLangEngine`` (a fake of the in-process ``sglang.Engine`` with the
-    pause methods) whose ``method`` fails once, on its ``skip + 1``-th call after ``inject``."""
+    pause methods) whose ``method`` fails once, on its ``skip + 1``-th call after ``inject``.
+
+    ``at_once``/``max_at_once`` count the faultable methods running at once (a hung one
+    included), which the real Engine (one event loop driven by ``run_until_complete``)
+    cannot survive above 1. ``hung`` is set when a hung call enters its hang,
+    ``hang_returned`` once it has done its work and answered.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fault: tuple[str, InProcessFault, int] | None = None
         self.fired = False
+        self.at_once = 0
+        self.max_at_once = 0
+        self.hung = threading.Event()
+        self.hang_returned = threading.Event()
+        self._unhang = threading.Event()
+        self._count_lock = threading.Lock()
 
     def inject(self, method: str, fault: InProcessFault, *, skip: int = 0) -> None:
         self.fault = (method, fault, skip)
         self.fired = False
 
-    def _take(self, method: str) -> tuple[bool, str] | None:
+    def release_hang(self) -> None:
+        """Let the hung call go on: it does its work and answers."""
+        self._unhang.set()
+
+    def _run(self, method: str, work: Callable[[], T]) -> T | tuple[bool, str]:
+        """``work`` (the fake's own method) under the injected fault, counted in flight."""
+        with self._count_lock:
+            self.at_once += 1
+            self.max_at_once = max(self.max_at_once, self.at_once)
+        hung = False
+        try:
+            fault = self._take(method)
+            if fault == "refuse":
+                return False, f"injected refusal of {method}"
+            if fault == "raise":
+                raise RuntimeError(f"injected crash in {method}")
+            if fault == "hang":
+                hung = True
+                self.hung.set()
+                self._unhang.wait()
+            return work()
+        finally:
+            with self._count_lock:
+                self.at_once -= 1
+            if hung:
+                self.hang_returned.set()
+
+    def _take(self, method: str) -> InProcessFault | None:
         if self.fault is None or self.fault[0] != method:
             return None
         _, fault, skip = self.fault
@@ -172,29 +219,36 @@ class FaultyFakeSGLangEngine(FakePausableSGLangEngine):
             return None
         self.fault = None
         self.fired = True
-        if fault == "raise":
-            raise RuntimeError(f"injected crash in {method}")
-        return False, f"injected refusal of {method}"
+        return fault
 
     def begin_weight_update(self, selector: str = "all") -> tuple[bool, str]:
-        return self._take("begin_weight_update") or super().begin_weight_update(selector)
+        return self._run(
+            "begin_weight_update",
+            lambda: super(FaultyFakeSGLangEngine, self).begin_weight_update(selector),
+        )
 
     def end_weight_update(self) -> tuple[bool, str]:
-        return self._take("end_weight_update") or super().end_weight_update()
+        return self._run(
+            "end_weight_update", lambda: super(FaultyFakeSGLangEngine, self).end_weight_update()
+        )
 
     def update_weights_from_tensor(
         self, named_tensors: Any, load_format: str | None = None, flush_cache: bool = True
     ) -> tuple[bool, str]:
-        return self._take("update_weights_from_tensor") or super().update_weights_from_tensor(
-            named_tensors, load_format, flush_cache
+        return self._run(
+            "update_weights_from_tensor",
+            lambda: super(FaultyFakeSGLangEngine, self).update_weights_from_tensor(
+                named_tensors, load_format, flush_cache
+            ),
         )
 
     def pause_generation(self, mode: str = "abort") -> None:
-        refused = self._take("pause_generation")
-        if refused is None:
-            super().pause_generation(mode)
+        # pause and continue answer nothing: a refusal is dropped, as SGLang has none to give
+        self._run(
+            "pause_generation", lambda: super(FaultyFakeSGLangEngine, self).pause_generation(mode)
+        )
 
     def continue_generation(self) -> None:
-        refused = self._take("continue_generation")
-        if refused is None:
-            super().continue_generation()
+        self._run(
+            "continue_generation", lambda: super(FaultyFakeSGLangEngine, self).continue_generation()
+        )
