@@ -328,6 +328,76 @@ async def test_in_process_fault(call: str, fault: InProcessFault) -> None:
     assert not engine_is_dirty(engine)
 
 
+HANG_DIRTY = frozenset({"load first", "load middle", "load last", "end of session"})
+"""In-process calls whose hang leaves the engine dirty: an update that never answered may
+have been applied (it is, once released), and the end of the session was the commit."""
+
+
+def _sync_threads() -> set[threading.Thread]:
+    """Threads other than anyio's worker pool, whose threads idle there once a call ends."""
+    return {t for t in threading.enumerate() if t.name != "AnyIO worker thread"}
+
+
+@pytest.mark.parametrize("call", list(IN_PROCESS_CALLS))
+async def test_in_process_hang(call: str) -> None:
+    # A hung sglang.Engine method holds its worker thread until it returns (it cannot be
+    # interrupted); the adapter keeps one call at a time. The version update is no row:
+    # the adapter keeps the version itself, no Engine call is made.
+    fake = FaultyFakeSGLangEngine({name: ((4, 6), torch.bfloat16) for name in NAMES})
+    engine = SGLangEngine(fake, retries=3, backoff_s=0)
+    await Pipeline([Load(engine, mode="pause", version=1, timeout_s=10 * TIMEOUT_S)]).run(
+        _buckets(1)
+    )
+    tasks_before, threads_before = set(asyncio.all_tasks()), _sync_threads()
+    method, skip = IN_PROCESS_CALLS[call]
+    fake.inject(method, "hang", skip=skip)
+    load = Load(engine, mode="pause", version=2, timeout_s=TIMEOUT_S)
+    # the sync's calls, then at most an abort and a resume, each under its own deadline
+    with anyio.fail_after(3 * TIMEOUT_S + load.close_timeout_s + 5):
+        with pytest.raises(StageError) as info:
+            await Pipeline([load]).run(_buckets(2))
+    assert fake.hung.is_set() and not fake.hang_returned.is_set()
+    what = {"pause": "pause(", "load first": "bucket 0", "load middle": "bucket 1"}
+    what |= {"load last": "bucket 2", "end of session": "commit"}
+    assert f"did not answer within {TIMEOUT_S} s" in str(info.value)
+    assert what.get(call, call) in str(info.value)
+    report = load.report
+    if call == "resume":  # after the commit: v2 is served
+        assert await engine.version() == 2
+        assert not report.engine_dirty
+    else:
+        assert await engine.version() == 1
+        dirty = call in HANG_DIRTY
+        assert report.engine_dirty == dirty
+        assert engine_is_dirty(engine) == dirty
+        assert report.left_paused == dirty
+        if not dirty:
+            assert _fake_serves(fake, 1)
+    if call not in ("pause", "resume"):  # begun, not committed: the abort waited, then gave up
+        assert report.abort_error is not None
+        assert "abort did not answer" in report.abort_error
+    assert fake.max_at_once == 1  # the abort and the resume waited; nothing raced the hang
+
+    hung_at = len(fake.calls)  # the hung call is recorded when it does its work
+    fake.release_hang()
+    await anyio.to_thread.run_sync(fake.hang_returned.wait)
+    load = Load(engine, mode="pause", version=3, timeout_s=10 * TIMEOUT_S)
+    await Pipeline([load]).run(_buckets(3))
+    assert await engine.version() == 3
+    assert _fake_serves(fake, 3)
+    assert not _paused(fake)
+    assert not fake.session_open
+    assert not engine_is_dirty(engine)
+    assert fake.max_at_once == 1
+    after = fake.calls[hung_at:]
+    assert after[0] == ("pause:retract" if call == "pause" else method.replace("_generation", ""))
+    if call in ("pause", "begin"):
+        # the resume that waited behind the hung call ran right after it, before v3's pause
+        assert after[1:3] == ["continue", "pause:retract"], after
+    assert set(asyncio.all_tasks()) == tasks_before
+    assert _sync_threads() == threads_before
+
+
 # -- the local engine ---------------------------------------------------------------------
 
 

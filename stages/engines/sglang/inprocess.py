@@ -6,7 +6,8 @@ in child processes and exposes blocking methods (each drives the Engine's own ev
 with ``run_until_complete``), so every call runs in a worker thread, one at a time even
 after a call was abandoned at its deadline (the next call, the abort that follows a
 timeout included, waits under its own deadline for that thread to leave the Engine,
-instead of racing it inside the Engine). Sessions are detected
+instead of racing it inside the Engine; a resume that gave up waiting runs as soon as
+that thread leaves, so a pause landing late is still undone). Sessions are detected
 by capability (``begin_weight_update`` exists from 0.5.23). The in-process Engine has no
 weight-version setter, so the transport keeps the committed version itself, and no pause
 API, so ``pause``/``resume`` use the Engine's own methods when a future SGLang has them and
@@ -96,10 +97,12 @@ class EngineTransport:
         self.weight_version: str | None = None if initial_version is None else str(initial_version)
         self._lock = anyio.Lock()
         self._engine_lock = threading.Lock()  # held by the thread inside an Engine method
+        self._resume_owed = False  # a resume abandoned behind a hung call (see ``run``)
         self._warned: set[str] = set()
 
-    async def run(self, fn: Callable[[], Any]) -> Any:
-        """Run one blocking Engine call in a worker thread, never two at once.
+    async def run(self, fn: Callable[[], Any], *, op: str = "") -> Any:
+        """Run one blocking Engine call (``op``, for the resume rule) in a worker thread,
+        never two at once.
 
         The caller's deadline may abandon the wait (the Engine's methods cannot be
         interrupted), but not the one-call-at-a-time rule, which lives in the worker
@@ -107,29 +110,73 @@ class EngineTransport:
         holds it until the Engine returns, so a call abandoned at its deadline still
         holds it while it hangs. The next call (an abort, typically) waits for it under
         its own deadline; if that deadline passes first, the waiting thread gives up
-        without calling the Engine at all, so no abandoned call runs later either.
+        without calling the Engine at all, so no abandoned call runs later either, with
+        one exception: a resume. A resume abandoned behind a hung call (a pause or a
+        begin that did not answer) is owed, and runs as soon as the hung call returns,
+        before any later call: dropped, it would leave the pause that lands late in
+        force with nobody left to resume it.
         """
         async with self._lock:  # callers queue in order; the thread lock is the rule
             abandoned = threading.Event()
+            resume = op == "continue_generation"
 
             def job() -> Any:
                 if not self._engine_lock.acquire(blocking=False):
                     log.warning("%s: waiting for an earlier call that is still running", self.name)
                     while not self._engine_lock.acquire(timeout=_ABANDON_POLL_S):
                         if abandoned.is_set():
+                            if resume:
+                                self._owe_resume()
                             return None  # nobody waits for this call any more
                 try:
-                    if abandoned.is_set():
+                    if resume:
+                        self._resume_owed = False  # this call is the resume
+                    else:
+                        self._pay_resume()
+                    if abandoned.is_set() and not resume:
                         return None
                     return fn()
                 finally:
-                    self._engine_lock.release()
+                    self._leave()
 
             try:
                 return await anyio.to_thread.run_sync(job, abandon_on_cancel=True)
             except BaseException:
                 abandoned.set()
                 raise
+
+    def _owe_resume(self) -> None:
+        """Record a resume abandoned behind a running call; whoever holds the Engine
+        runs it when that call returns (or this thread, if the Engine is free now)."""
+        log.warning(
+            "%s: continue_generation() waits for an earlier call that is still running; "
+            "it runs as soon as that call returns",
+            self.name,
+        )
+        self._resume_owed = True
+        if self._engine_lock.acquire(blocking=False):
+            self._leave()
+
+    def _pay_resume(self) -> None:
+        """Run an owed resume (the Engine lock held)."""
+        if not self._resume_owed:
+            return
+        self._resume_owed = False
+        method = getattr(self.engine, "continue_generation", None)
+        if not callable(method):
+            return
+        try:
+            method()
+        except Exception as exc:  # nobody waits for it: logged, the next sync resumes
+            log.error("%s: the owed continue_generation() failed: %s", self.name, exc)
+
+    def _leave(self) -> None:
+        """Release the Engine, paying an owed resume first, also one owed meanwhile."""
+        while True:
+            self._pay_resume()
+            self._engine_lock.release()
+            if not self._resume_owed or not self._engine_lock.acquire(blocking=False):
+                return
 
     async def open(self) -> None:
         """Build the Engine if none was given (imports sglang).
@@ -179,7 +226,7 @@ class EngineTransport:
             raise OperationMissing(self.name, f"sglang.Engine has no {op}()")
         kwargs = dict(fields)
         try:
-            result = await self.run(lambda: method(**kwargs))
+            result = await self.run(lambda: method(**kwargs), op=op)
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
             raise EngineError(
