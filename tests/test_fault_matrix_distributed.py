@@ -4,9 +4,11 @@ This process is the trainer (rank 0); a spawned process is SGLang's receiving ra
 (``SubprocessReceiver``, SGLang's own receive code); the control plane is
 ``FaultyHTTPDouble`` in the 0.5.23 behaviour. The subset is the control plane's calls
 around the broadcasts: the begin, the end of the session and the version update refused
-(success=false, 400), and one 500 on the end of the session (retried). A refused bucket
-announcement is left out: on gloo the sender's broadcast then blocks its worker thread
-until the group's timeout, too long for CI. The invariants are those of
+(success=false, 400), and one 500 on the end of the session (retried); and the faults
+around a broadcast: the second bucket's announcement refused (on gloo the sender's
+broadcast may then block its worker thread until the group's timeout) and the receiving
+rank killed in the middle of the second bucket's broadcast (then restarted, as a
+supervisor would). The invariants are those of
 ``test_fault_matrix_engines``: the version stays v1 after a failure, the engine is dirty
 and kept paused once it took a bucket, the session is closed, and a clean sync then
 commits.
@@ -43,6 +45,15 @@ TRIALS: list[tuple[str, str, HTTPFault]] = [
 ]
 TOUCHES = frozenset({"end of session", "version update"})
 
+SHORT_GROUP_TIMEOUT_S = 20.0
+"""torch's limit on the group in the broadcast trials: how long an abandoned gloo broadcast
+blocks its thread. The rendezvous needs no more, since the receiving rank is ``ready()``
+(torch and sglang imported) before each group is formed."""
+LOAD_TIMEOUT_S = 10.0
+"""Load's deadline in the broadcast trials, under the group's timeout: a sync that waited
+behind the blocked broadcast would miss it."""
+BROADCAST_FAULTS = ("announcement_refused", "rank_killed")
+
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[SubprocessReceiver]:
@@ -53,22 +64,28 @@ def receiver() -> Iterator[SubprocessReceiver]:
         rank.close()
 
 
-def _tensors(version: int) -> list[tuple[str, torch.Tensor]]:
+SHAPE = (4, 6)
+BIG_SHAPE = (4096, 2048)
+"""16 MiB of bf16 per tensor in the broadcast trials: more than the loopback socket buffers
+hold, so a gloo broadcast nobody receives blocks its sender (a small one completes)."""
+
+
+def _tensors(version: int, shape: tuple[int, int] = SHAPE) -> list[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(version)
-    return [(name, torch.randn(4, 6, generator=g).to(torch.bfloat16)) for name in NAMES]
+    return [(name, torch.randn(*shape, generator=g).to(torch.bfloat16)) for name in NAMES]
 
 
-def _buckets(version: int) -> list[WeightBucket]:
+def _buckets(version: int, shape: tuple[int, int] = SHAPE) -> list[WeightBucket]:
     return [
         WeightBucket(((name, tensor),), index=i, is_last=i == len(NAMES) - 1, version=version)
-        for i, (name, tensor) in enumerate(_tensors(version))
+        for i, (name, tensor) in enumerate(_tensors(version, shape))
     ]
 
 
-def _serves(server: FaultyHTTPDouble, version: int) -> bool:
+def _serves(server: FaultyHTTPDouble, version: int, shape: tuple[int, int] = SHAPE) -> bool:
     return all(
         name in server.weights and torch.equal(bits(server.weights[name]), bits(tensor))
-        for name, tensor in _tensors(version)
+        for name, tensor in _tensors(version, shape)
     )
 
 
@@ -121,5 +138,61 @@ async def test_distributed_fault(
                 assert _serves(server, 3)
                 assert server.paused is None
                 assert not engine_is_dirty(engine)
+            finally:
+                await engine.close()
+
+
+@pytest.mark.parametrize("fault", BROADCAST_FAULTS)
+async def test_distributed_broadcast_fault(receiver: SubprocessReceiver, fault: str) -> None:
+    spec = {name: (BIG_SHAPE, torch.bfloat16) for name in NAMES}
+    receiver.ready()
+    with FaultyHTTPDouble(spec) as server:
+        server.receiver = receiver
+        async with SGLangHTTPEngine(server.url, retries=3, backoff_s=0) as control:
+            engine = SGLangDistributedEngine(
+                control,
+                master_address="127.0.0.1",
+                master_port=free_port(),
+                group_name=f"wp_fault_{fault}",
+                timeout_s=SHORT_GROUP_TIMEOUT_S,
+            )
+
+            def load(version: int) -> Load:
+                return Load(engine, mode="pause", version=version, timeout_s=LOAD_TIMEOUT_S)
+
+            try:
+                await Pipeline([load(1)]).run(_buckets(1, BIG_SHAPE))
+                first_group = (engine.group_name, engine.master_port)
+                if fault == "announcement_refused":
+                    server.inject("/update_weights_from_distributed", "success_false", skip=1)
+                else:
+                    receiver.die_at_receive(2)
+                failing = load(2)
+                with pytest.raises(StageError) as raised:
+                    await Pipeline([failing]).run(_buckets(2, BIG_SHAPE))
+                # The refusal or the dead rank failed the sync, not Load's deadline (a dead
+                # rank is seen by the control plane or by the sender's broadcast first).
+                message = str(raised.value)
+                if fault == "announcement_refused":
+                    assert "injected refusal" in message
+                else:
+                    assert "died" in message or "broadcasting" in message
+                assert server.weight_version == "1"
+                assert failing.report.engine_dirty  # the first bucket was taken
+                assert server.paused == "retract"
+                assert not server.session_open
+                server.clear()
+                if fault == "rank_killed":
+                    receiver.restart()
+                    receiver.ready()
+                # A new group (name and port) formed, within Load's deadline: the sync did
+                # not wait behind the old group's broadcast.
+                await Pipeline([load(3)]).run(_buckets(3, BIG_SHAPE))
+                assert (engine.group_name, engine.master_port) != first_group
+                assert server.weight_version == "3"
+                assert _serves(server, 3, BIG_SHAPE)
+                assert server.paused is None
+                assert not engine_is_dirty(engine)
+                assert not server.session_open
             finally:
                 await engine.close()

@@ -36,24 +36,64 @@ class SubprocessReceiver:
     ``FlattenedTensorBucket.empty`` from the announced names/dtypes/shapes and one
     broadcast into it for ``flattened_bucket``, else one broadcast per tensor. Plug it into
     ``SGLangHTTPDouble.receiver`` (or a fake Engine) to serve the distributed endpoints.
+
+    Faults: ``die_at_receive(n)`` kills the rank in the middle of the n-th next receive
+    (its broadcast posted, nothing received), as a crashed TP rank; that request and every
+    later one until ``restart()`` is answered as failed. ``ready()`` returns once the
+    process imported torch and sglang, so that a rendezvous after it needs no long timeout.
     """
 
     def __init__(self, tp_rank: int = 0) -> None:
+        self._tp_rank = tp_rank
+        self._lock = threading.Lock()
+        self._die_in = 0
+        self._start()
+
+    def _start(self) -> None:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
-            target=_receiver_main, args=(child, tp_rank), name="sglang-receiver", daemon=True
+            target=_receiver_main,
+            args=(child, self._tp_rank),
+            name="sglang-receiver",
+            daemon=True,
         )
         self._proc.start()
         child.close()
-        self._lock = threading.Lock()
 
     def _ask(self, command: str, body: dict[str, Any]) -> Any:
         with self._lock:
-            self._conn.send((command, body))
-            return self._conn.recv()
+            if command == "recv" and self._die_in > 0:
+                self._die_in -= 1
+                if self._die_in == 0:
+                    command = "recv_then_die"
+            try:
+                self._conn.send((command, body))
+                return self._conn.recv()
+            except (EOFError, OSError) as exc:
+                failure = f"Failed to {command}: the receiving rank died ({type(exc).__name__})"
+                return (False, failure, []) if command.startswith("recv") else (False, failure)
+
+    def ready(self) -> None:
+        """Block until the process answers (it imported torch and sglang)."""
+        ok, message = self._ask("ping", {})
+        if not ok:
+            raise RuntimeError(f"the receiving rank is not running: {message}")
+
+    def die_at_receive(self, n: int = 1) -> None:
+        """Kill the rank during the ``n``-th receive from now (1: the next one)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self._die_in = n
+
+    def restart(self) -> None:
+        """A new receiving rank in place of this one (after ``die_at_receive`` or not):
+        it knows no group, as a restarted TP rank."""
+        self.close()
+        self._die_in = 0
+        self._start()
 
     def init_group(self, body: dict[str, Any]) -> tuple[bool, str]:
         ok, message = self._ask("init", body)
@@ -90,6 +130,8 @@ class SubprocessReceiver:
 
 def _receiver_main(conn: Any, tp_rank: int) -> None:
     """The receiving rank's loop (runs in the spawned process)."""
+    import os
+
     import torch.distributed as dist
     from sglang.srt.utils.common import init_custom_process_group
 
@@ -108,6 +150,18 @@ def _receiver_main(conn: Any, tp_rank: int) -> None:
                     group_name=body["group_name"],
                 )
                 conn.send((True, "Succeeded to initialize custom process group."))
+            elif command == "ping":
+                conn.send((True, "ready"))
+            elif command == "recv_then_die":
+                group = groups[body["group_name"]]
+                names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+                if body.get("load_format") == "flattened_bucket":
+                    buffer = FlattenedTensorBucket.empty(names, dtypes, shapes, "cpu")
+                    first = buffer.get_flattened_tensor()
+                else:
+                    first = torch.empty(shapes[0], dtype=getattr(torch, dtypes[0]))
+                dist.broadcast(first, src=0, group=group, async_op=True)
+                os._exit(1)  # killed mid-broadcast: no answer, no cleanup
             elif command == "recv":
                 group = groups[body["group_name"]]
                 names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]

@@ -25,9 +25,14 @@ buffer and the wait for it live on the engine's own side stream, never the devic
 default stream (the trainer's kernels never queue behind it), and the worker thread polls
 an event recorded after it instead of ``synchronize()``: when the announcement fails (or
 Load's deadline cancels the bucket) the thread is told, stops waiting, and the group's
-communicator is aborted (``ProcessGroup.abort``), which ends the queued NCCL kernel; the
-group is destroyed and rebuilt at the next ``begin``. On gloo (CPU) the broadcast blocks
-its worker thread until the group's timeout, and nothing else waits behind it.
+communicator is aborted (``ProcessGroup.abort``), which ends the queued NCCL kernel. On
+gloo (CPU) nothing can end it: the broadcast blocks its worker thread until the group's
+timeout. Either way a group that saw a failed, refused or abandoned broadcast is unusable
+(its peers disagree on what was sent), so it is never waited for: the next ``begin`` asks
+the engine to drop it (best effort) and builds a new group under a fresh name
+(``{group_name}_r{n}``) on a fresh port, which also lets a restarted receiving rank join.
+The old group is kept aside and destroyed only once no worker thread is left in it, at a
+later ``begin`` or ``close``; neither waits for that.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import socket
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, Protocol
 
@@ -176,10 +183,13 @@ class SGLangDistributedEngine:
         control: the SGLang adapter that carries the control calls (HTTP or in-process).
         master_address: where this process hosts the group's rendezvous (reachable from
             the engine's nodes).
-        master_port: a free port on ``master_address``.
+        master_port: a free port on ``master_address`` for the first group; a rebuilt
+            group takes a port the OS reports free there (``self.master_port`` is the
+            current one's).
         engine_ranks: how many engine ranks join (the server's TP size times its DP size);
             the group's world size is ``1 + engine_ranks``.
-        group_name: the group's name on both sides.
+        group_name: the first group's name on both sides (a rebuilt group is
+            ``{group_name}_r{n}``; ``self.group_name`` is the current one's).
         backend: ``nccl`` on GPUs, ``gloo`` on CPUs (default: nccl when CUDA is available).
         load_format: ``"flattened_bucket"`` (one broadcast per bucket) or None (one per
             tensor).
@@ -225,6 +235,14 @@ class SGLangDistributedEngine:
         self.default_timeout_s = timeout_s
         self._group: Any = None
         self._group_broken = False
+        self._base_group_name = group_name
+        self._rebuilds = 0
+        # Set while no worker-thread section runs on the current group; a broken group
+        # is destroyed only once it is set (destroying it under a blocked gloo broadcast
+        # would block until the group's timeout).
+        self._idle = threading.Event()
+        self._idle.set()
+        self._abandoned: list[_Abandoned] = []
         self._stream: Any = None  # the side stream broadcasts run on (CUDA only)
         self._stream_lock = threading.Lock()
 
@@ -236,10 +254,11 @@ class SGLangDistributedEngine:
         Raises:
             EngineError: the engine refused or the group could not form.
         """
+        self._reap()
         if self._group is not None and not self._group_broken:
             return
         if self._group is not None:
-            await self.close()
+            await self._abandon()
         joined: list[Any] = []
 
         def join() -> None:
@@ -276,9 +295,53 @@ class SGLangDistributedEngine:
             raise error from exc
         self._group = joined[0]
         self._group_broken = False
+        self._idle = threading.Event()
+        self._idle.set()
+
+    async def _abandon(self) -> None:
+        """Set the broken group aside and pick a fresh name and port for the next one.
+
+        The engine is asked to drop its side (best effort: a rank that was restarted no
+        longer has it); this side is destroyed by ``_reap`` once its worker thread ended.
+        """
+        group, name = self._group, self.group_name
+        self._group = None
+        self._abandoned.append(_Abandoned(group, name, self._idle))
+        self._rebuilds += 1
+        self.group_name = f"{self._base_group_name}_r{self._rebuilds}"
+        self.master_port = _free_port(self.master_address)
+        log.warning(
+            "%s: update group %r is unusable after a failed broadcast; building %r on port %d",
+            self.name,
+            name,
+            self.group_name,
+            self.master_port,
+        )
+        try:
+            await self.control.client.destroy_weights_update_group(name)
+        except EngineError as exc:
+            log.warning("%s: destroying the engine's group %r failed: %s", self.name, name, exc)
+
+    def _reap(self) -> None:
+        """Destroy the abandoned groups no worker thread is in any more (never waits)."""
+        pending = []
+        for old in self._abandoned:
+            if old.idle.is_set():
+                close_update_group(old.group)
+            else:
+                pending.append(old)
+        self._abandoned = pending
 
     async def close(self) -> None:
-        """Destroy the group on both sides (best effort)."""
+        """Destroy the group on both sides (best effort); abandoned groups whose broadcast
+        still blocks a worker thread are left to end at their own timeout."""
+        self._reap()
+        for old in self._abandoned:
+            log.warning(
+                "%s: group %r still has a broadcast blocked until its timeout; not destroyed",
+                self.name,
+                old.name,
+            )
         group, self._group = self._group, None
         if group is None:
             return
@@ -286,7 +349,10 @@ class SGLangDistributedEngine:
             await self.control.client.destroy_weights_update_group(self.group_name)
         except EngineError as exc:
             log.warning("%s: destroying the engine's group failed: %s", self.name, exc)
-        close_update_group(group)
+        if self._idle.is_set():
+            close_update_group(group)
+        else:
+            self._abandoned.append(_Abandoned(group, self.group_name, self._idle))
 
     async def aclose(self) -> None:
         await self.close()
@@ -396,7 +462,7 @@ class SGLangDistributedEngine:
         Raises:
             EngineError: the engine refused (naming the tensor when it does) or the
                 broadcast failed; the group's communicator is then aborted (so a queued
-                broadcast ends) and the group is rebuilt at the next ``begin``.
+                broadcast ends) and a new group is built at the next ``begin``.
         """
         if not bucket.tensors:
             return
@@ -411,6 +477,15 @@ class SGLangDistributedEngine:
         if self.device.type == "cuda" and bucket.ready is None:
             # No event: the tensors were made on this thread's current stream.
             producer = torch.cuda.current_stream(self.device)
+        idle = self._idle
+
+        def send() -> None:
+            idle.clear()
+            try:
+                self._send(bucket, tensors, abandoned, producer)
+            finally:
+                idle.set()
+
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(
@@ -423,9 +498,7 @@ class SGLangDistributedEngine:
                 )
                 # No limiter: an abandoned broadcast (its receiver refused, or Load's
                 # deadline passed) must not hold up the group's rebuild.
-                await anyio.to_thread.run_sync(
-                    self._send, bucket, tensors, abandoned, producer, abandon_on_cancel=True
-                )
+                await anyio.to_thread.run_sync(send, abandon_on_cancel=True)
         except BaseException as exc:
             # A broadcast without its receiver (or the reverse) leaves the group unusable:
             # end the worker's wait and abort the communicator, so nothing stays queued.
@@ -468,6 +541,32 @@ class SGLangDistributedEngine:
             EngineError: the engine refused.
         """
         await self.control.resume()
+
+
+@dataclass(frozen=True)
+class _Abandoned:
+    """A group set aside after a failed broadcast: destroyed once ``idle`` is set."""
+
+    group: Any
+    name: str
+    idle: threading.Event
+
+
+def _free_port(address: str) -> int:
+    """A TCP port the OS reports free on ``address`` (the rendezvous binds it at once).
+
+    Raises:
+        EngineError: no port could be bound there.
+    """
+    try:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((address, 0))
+            return int(sock.getsockname()[1])
+    except OSError as exc:
+        raise EngineError(
+            "sglang_distributed", f"no free port on {address} for a new update group: {exc}"
+        ) from exc
 
 
 def _engine_error(
