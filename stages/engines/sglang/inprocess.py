@@ -118,6 +118,7 @@ class EngineTransport:
         """
         async with self._lock:  # callers queue in order; the thread lock is the rule
             abandoned = threading.Event()
+            started = threading.Event()
             resume = op == "continue_generation"
 
             def job() -> Any:
@@ -125,16 +126,17 @@ class EngineTransport:
                     log.warning("%s: waiting for an earlier call that is still running", self.name)
                     while not self._engine_lock.acquire(timeout=_ABANDON_POLL_S):
                         if abandoned.is_set():
-                            if resume:
-                                self._owe_resume()
+                            if resume and self._engine_lock.acquire(blocking=False):
+                                self._leave()  # the Engine is free now: pay it here
                             return None  # nobody waits for this call any more
                 try:
-                    if resume:
-                        self._resume_owed = False  # this call is the resume
-                    else:
-                        self._pay_resume()
-                    if abandoned.is_set() and not resume:
-                        return None
+                    if resume and not abandoned.is_set():
+                        started.set()
+                        self._resume_owed = False  # this call is the resume owed
+                        return fn()
+                    self._pay_resume()  # an owed resume comes before anything later
+                    if abandoned.is_set():
+                        return None  # (an owed resume of this call's was just paid)
                     return fn()
                 finally:
                     self._leave()
@@ -143,19 +145,15 @@ class EngineTransport:
                 return await anyio.to_thread.run_sync(job, abandon_on_cancel=True)
             except BaseException:
                 abandoned.set()
+                if resume and not started.is_set():
+                    # Owed before the next caller may queue: it pays it before its own call.
+                    log.warning(
+                        "%s: continue_generation() waits for an earlier call that is still "
+                        "running; it runs as soon as that call returns",
+                        self.name,
+                    )
+                    self._resume_owed = True
                 raise
-
-    def _owe_resume(self) -> None:
-        """Record a resume abandoned behind a running call; whoever holds the Engine
-        runs it when that call returns (or this thread, if the Engine is free now)."""
-        log.warning(
-            "%s: continue_generation() waits for an earlier call that is still running; "
-            "it runs as soon as that call returns",
-            self.name,
-        )
-        self._resume_owed = True
-        if self._engine_lock.acquire(blocking=False):
-            self._leave()
 
     def _pay_resume(self) -> None:
         """Run an owed resume (the Engine lock held)."""

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 
@@ -29,6 +30,7 @@ from tests.fakes.sglang_engine import (
     FakeSGLangEngine0512,
     FakeSGLangModule,
 )
+from tests.fakes.sglang_faults import FaultyFakeSGLangEngine
 from tests.stages.engines.sglang.drive import WaitRecordingEvent, failed_sync, load_sync
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages.bucket import WeightBucket
@@ -250,6 +252,27 @@ async def test_timeout_keeps_one_engine_call_at_a_time(hung: str) -> None:
     assert await engine.version() == 1
     assert fake.max_in_flight == 1
     assert not fake.session_open
+
+
+async def test_a_resume_given_up_behind_a_hung_call_runs_before_any_later_call() -> None:
+    # A pause that never answered lands once its call returns: the resume that gave up
+    # waiting for it is owed and runs first, even with a later call already queued.
+    fake = FaultyFakeSGLangEngine(_spec())
+    transport = SGLangEngine(fake).transport
+    fake.inject("pause_generation", "hang")
+    with anyio.move_on_after(0.2) as pause_scope:
+        await transport.call("pause_generation", {"mode": "retract"})
+    with anyio.move_on_after(0.2) as resume_scope:
+        await transport.call("continue_generation", {})
+    assert pause_scope.cancelled_caught and resume_scope.cancelled_caught
+    assert fake.calls == []  # the pause hangs; the resume never entered the Engine
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(transport.call, "begin_weight_update", {"selector": "all"})
+        await anyio.wait_all_tasks_blocked()  # the begin waits for the hung pause
+        fake.release_hang()
+    assert fake.calls == ["pause:retract", "continue", "begin_weight_update"]
+    assert fake.max_at_once == 1
+    assert fake.session_open
 
 
 async def test_pause_and_resume_are_noops_without_engine_support() -> None:
