@@ -321,6 +321,7 @@ class SGLangDistributedEngine:
             await self.control.client.destroy_weights_update_group(name)
         except EngineError as exc:
             log.warning("%s: destroying the engine's group %r failed: %s", self.name, name, exc)
+        self._reap()  # an aborted NCCL group's thread has usually ended by now
 
     def _reap(self) -> None:
         """Destroy the abandoned groups no worker thread is in any more (never waits)."""
