@@ -1,4 +1,5 @@
-"""Security checks: loopback metrics, no API key in any text, no redirects, deadlines.
+"""Security checks: loopback metrics, no API key in any text, no redirects, deadlines, no
+unpickling.
 
 The HTTP engine is pointed at ``_Server``, a bare ``http.server`` on 127.0.0.1 that answers
 every request the same scripted way (a status, a body, a redirect): none of SGLang's
@@ -7,6 +8,7 @@ behaviour is needed to see what the client does with a hostile or broken answer.
 
 from __future__ import annotations
 
+import ast
 import http.server
 import json
 import logging
@@ -14,6 +16,7 @@ import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import pytest
@@ -224,3 +227,57 @@ async def test_abort_of_a_failed_sync_has_a_deadline_too() -> None:
         await sync_weights(_buckets(), engine, version=1, mode="pause")
     assert math.isfinite(engine.deadlines["abort"])
     assert math.isfinite(engine.deadlines["resume"])
+
+
+# What turns bytes into objects by running their code: pickle and every wrapper of it.
+_UNPICKLERS = {
+    ("pickle", "load"),
+    ("pickle", "loads"),
+    ("pickle", "Unpickler"),
+    ("cPickle", "loads"),
+    ("dill", "loads"),
+    ("ForkingPickler", "loads"),
+    ("torch", "load"),
+    ("MultiprocessingSerializer", "deserialize"),
+    ("np", "load"),
+    ("numpy", "load"),
+}
+
+
+def _unpickling_calls(source: str) -> list[str]:
+    """``module.function`` calls (or imports) of an unpickler in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if (node.value.id, node.attr) in _UNPICKLERS:
+                found.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+            if (node.value.attr, node.attr) in _UNPICKLERS:
+                found.append(f"...{node.value.attr}.{node.attr} (line {node.lineno})")
+        elif isinstance(node, ast.ImportFrom) and node.module in ("pickle", "dill", "cPickle"):
+            found.append(f"from {node.module} import ... (line {node.lineno})")
+    return found
+
+
+def test_the_library_never_unpickles() -> None:
+    # Weights arrive as tensors, safetensors files (a JSON header and raw bytes) or
+    # torch.distributed broadcasts into buffers weightpipe allocated; the only pickles are
+    # the ones it writes for SGLang's server to read. So no module of the installed
+    # library may call an unpickler (the benchmarks' child processes that play SGLang's
+    # server decode our own payloads with SGLang's code, and are not the library).
+    root = Path(__file__).resolve().parent.parent
+    offenders = {
+        str(path.relative_to(root)): calls
+        for folder in ("pipeline", "stages")
+        for path in sorted((root / folder).rglob("*.py"))
+        if (calls := _unpickling_calls(path.read_text(encoding="utf-8")))
+    }
+    assert offenders == {}
+
+
+def test_the_unpickler_scan_finds_what_it_looks_for() -> None:
+    source = (
+        "import pickle\nimport torch\nfrom pickle import loads\n"
+        "pickle.loads(b'')\ntorch.load('x')\nmultiprocessing.reduction.ForkingPickler.loads(b'')\n"
+    )
+    assert len(_unpickling_calls(source)) == 4
