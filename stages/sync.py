@@ -29,13 +29,16 @@ import anyio.to_thread
 from weightpipe.pipeline import Pipeline, PipelineObserver, RunReport, StageError
 from weightpipe.stages.engines.base import (
     Engine,
+    ExpectsFp8Block,
     MeasuresGeneration,
     PauseMode,
     SyncMode,
     WritesWireBuffer,
+    engine_name,
     wire_spec_of,
 )
 from weightpipe.stages.load import Load, LoadReport, OnPartialFailure
+from weightpipe.stages.quantize import Fp8Quantize
 from weightpipe.stages.trace import SyncTrace
 
 __all__ = ["GenerationMeasurement", "SyncAware", "SyncReport", "sync_weights"]
@@ -195,8 +198,11 @@ async def sync_weights(
             ``engine_dirty`` is True and its message says so) and, under
             ``keep_paused``, stays paused until a full sync commits.
         ValueError: an unknown mode, a bad ``depth``, ``timeout_s``, ``prefetch_bytes`` or
-            version. Repeated stage names are numbered (``load``, ``load-2``).
+            version, or a block FP8 stage whose block is not the engine's
+            (``ExpectsFp8Block``; checked before the engine is touched). Repeated stage
+            names are numbered (``load``, ``load-2``).
     """
+    _check_fp8_block(stages, engine)
     for stage in stages:
         if isinstance(stage, SyncAware):
             stage.start_sync(version)
@@ -313,3 +319,20 @@ def _add_note(exc: BaseException, note: str) -> None:
     add_note = getattr(exc, "add_note", None)  # Python 3.11+
     if add_note is not None:
         add_note(note)
+
+
+def _check_fp8_block(stages: Sequence[Any], engine: object) -> None:
+    """Refuse a block FP8 stage whose block is not the one the engine reads scales with
+    (``ExpectsFp8Block``), before anything is touched."""
+    if not isinstance(engine, ExpectsFp8Block):
+        return
+    expected = tuple(engine.fp8_block_size)
+    for stage in stages:
+        blocked = isinstance(stage, Fp8Quantize) and stage.method == "block"
+        if blocked and tuple(stage.block) != expected:
+            raise ValueError(
+                f"Fp8Quantize block {list(stage.block)} does not match engine "
+                f"{engine_name(engine)!r}, which reads block scales of {list(expected)}: "
+                "every scale would be applied to the wrong rows and columns "
+                f"(quantize.block={list(expected)}, or launch the engine with that block)"
+            )

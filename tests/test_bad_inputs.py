@@ -206,6 +206,11 @@ async def block_float(ctx: Ctx) -> Any:
     return await _sync(ctx, list(ctx.weights.items()), block=(128.9, 128))
 
 
+async def block_mismatch(ctx: Ctx) -> Any:
+    # 127-row blocks give the same scale shapes as the engine's 128 for these weights.
+    return await _sync(ctx, list(ctx.weights.items()), block=(127, 128))
+
+
 async def non_pairs(ctx: Ctx) -> Any:
     return await _sync(ctx, [*list(ctx.weights.items())[:2], "model.norm.weight"])
 
@@ -293,6 +298,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "depth_zero": (depth_zero, "depth"),
     "block_one_dim": (block_one_dim, "block"),
     "block_float": (block_float, "block"),
+    "block_mismatch": (block_mismatch, r"block \[127, 128\] does not match engine"),
     "non_pairs": (non_pairs, "stage 'fetch'|source"),
     "async_source_raises": (async_source_raises, "source"),
     "version_backwards": (version_backwards, "version 0 is not greater than the version 1"),

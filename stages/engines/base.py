@@ -42,6 +42,7 @@ __all__ = [
     "Engine",
     "EngineDirtyError",
     "EngineError",
+    "ExpectsFp8Block",
     "MeasuresGeneration",
     "PauseMode",
     "PreparesBuckets",
@@ -181,6 +182,20 @@ class SwitchesAtomically(Protocol):
     """
 
     switches_atomically: bool
+
+
+@runtime_checkable
+class ExpectsFp8Block(Protocol):
+    """An engine that knows the block shape ``[out, in]`` its block-FP8 scales refer to
+    (the local engine: its ``block_size``; SGLang's is the checkpoint's
+    ``weight_block_size``, which no endpoint reports). ``sync_weights`` refuses, before
+    the engine is touched, a block FP8 stage whose block differs: scale shapes can agree
+    for two blocks (127 and 128 rows both give 3 blocks for 320 rows), so nothing later
+    would notice that every scale is read against the wrong rows.
+    """
+
+    @property
+    def fp8_block_size(self) -> tuple[int, int]: ...
 
 
 def engine_switches_atomically(engine: object) -> bool:

@@ -208,6 +208,11 @@ class LocalEngine:
             await anyio.to_thread.run_sync(self._updates.close)
 
     @property
+    def fp8_block_size(self) -> tuple[int, int]:
+        """The block shape its block-FP8 scales refer to (``ExpectsFp8Block``)."""
+        return self.block_size
+
+    @property
     def running(self) -> bool:
         """Whether the generation thread is alive."""
         return self._scheduler.running
