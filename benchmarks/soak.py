@@ -42,16 +42,16 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from weightpipe.benchmarks._faults import EngineCallName, FaultyEngine, StageFault
 from weightpipe.pipeline import Stage, StageError
 from weightpipe.stages.app.report import machine, print_table, rss_bytes, write_json
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import EngineError, PauseMode
 from weightpipe.stages.engines.local import LocalEngine, default_config, random_weights
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.load import engine_is_dirty
 from weightpipe.stages.sync import sync_weights
 
-Fault = tuple[str, Literal["raise", "hang", "cancel"]]
+Fault = tuple[EngineCallName | Literal["stage"], StageFault]
 
 FAULTS: tuple[Fault, ...] = (
     ("load middle", "raise"),
@@ -88,68 +88,6 @@ TINY = {
 
 class InjectedFault(RuntimeError):
     """The error an injected ``raise`` fault raises."""
-
-
-class FaultInjector:
-    """Wraps the engine: the armed call raises, hangs (Load's deadline ends it) or
-    cancels the sync's scope, once. Other calls go to the engine unchanged."""
-
-    def __init__(self, engine: LocalEngine) -> None:
-        self.inner = engine
-        self.name = engine.name
-        self.rolls_back = engine.rolls_back
-        self.default_timeout_s = engine.default_timeout_s
-        self.armed: Fault | None = None
-        self.buckets = 1
-        self.scope: anyio.CancelScope | None = None
-
-    def open_window(self) -> Any:
-        return self.inner.open_window()
-
-    async def _maybe(self, call: str) -> None:
-        if self.armed is None or self.armed[0] != call:
-            return
-        what = self.armed[1]
-        self.armed = None
-        if what == "raise":
-            raise EngineError(self.name, f"soak: injected failure of {call}")
-        if what == "hang":
-            await anyio.sleep_forever()
-        assert self.scope is not None
-        self.scope.cancel()
-        await anyio.lowlevel.checkpoint()
-
-    async def begin(self, version: int) -> None:
-        await self._maybe("begin")
-        await self.inner.begin(version)
-
-    async def load(self, bucket: WeightBucket) -> None:
-        if bucket.index == 0:
-            await self._maybe("load first")
-        elif bucket.is_last:
-            await self._maybe("load last")
-        elif bucket.index == self.buckets // 2:
-            await self._maybe("load middle")
-        await self.inner.load(bucket)
-
-    async def commit(self, version: int) -> None:
-        await self._maybe("commit")
-        await self.inner.commit(version)
-
-    async def abort(self, version: int) -> None:
-        await self.inner.abort(version)
-
-    async def version(self) -> int | None:
-        await self._maybe("version query")
-        return await self.inner.version()
-
-    async def pause(self, mode: PauseMode) -> None:
-        await self._maybe("pause")
-        await self.inner.pause(mode)
-
-    async def resume(self) -> None:
-        await self._maybe("resume")
-        await self.inner.resume()
 
 
 class RaiseAtBucket(Stage[WeightBucket, WeightBucket]):
@@ -205,11 +143,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     engine = LocalEngine(config, seed=0, batch_size=4, max_new_tokens=8)
     sets = [random_weights(config, seed=1 + k, dtype=engine.dtype) for k in range(WEIGHT_SETS)]
     expected: dict[int, dict[str, torch.Tensor]] = {0: {}}  # v0: the engine's own weights
-    injector = FaultInjector(engine)
+    injector = FaultyEngine(engine)
     raiser = RaiseAtBucket()
     model_bytes = sum(t.nbytes for t in sets[0].values())
     buckets = max(1, -(-model_bytes // args.bucket_bytes))
-    injector.buckets = buckets
     faults: Counter[str] = Counter()
     committed = failed = raised = half_applied = left_paused = 0
     sync_s: list[float] = []
@@ -243,17 +180,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     else None
                 )
                 if fault is not None:
-                    faults[f"{fault[0]}: {fault[1]}"] += 1
-                    if fault[0] == "stage":
+                    where, what = fault
+                    faults[f"{where}: {what}"] += 1
+                    if where == "stage":
                         raiser.at = buckets // 2
                     else:
-                        injector.armed = fault
+                        injector.arm(where, what, buckets=buckets)
                 before = await engine.version()
                 began = time.perf_counter()
                 error: BaseException | None = None
                 report = None
                 with anyio.CancelScope() as scope:
-                    injector.scope = scope
+                    injector.cancel_scope = scope
                     try:
                         report = await sync_weights(
                             list(weights.items()),
@@ -266,7 +204,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         )
                     except StageError as exc:
                         error = exc
-                injector.armed, raiser.at = None, None
+                injector.disarm()
+                raiser.at = None
                 if error is not None or scope.cancelled_caught:
                     raised += error is not None
                 now = await engine.version()

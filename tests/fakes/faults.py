@@ -12,7 +12,8 @@
   that a buffer is free once nothing outside the pool holds it (weak references stand in
   for the storage use count), so a test can ask which buffers a run left checked out.
 - ``FaultyEngine``: wraps any ``Engine`` and injects one fault into one protocol call
-  (the local engine's matrix and the random cancellation trials).
+  (the local engine's matrix and the random cancellation trials); it lives in
+  ``weightpipe.benchmarks._faults``, which the soak shares.
 
 The HTTP faults of the SGLang double live in ``sglang_faults`` (it imports ``sglang``).
 """
@@ -29,9 +30,8 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from weightpipe.benchmarks._faults import ENGINE_CALLS, EngineCallName, FaultyEngine, StageFault
 from weightpipe.pipeline import Stage
-from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import Engine, EngineError, PauseMode
 
 __all__ = [
     "ENGINE_CALLS",
@@ -57,9 +57,7 @@ Phase = Literal["open", "first", "middle", "last", "flush", "close"]
 the last item, its flush, its close."""
 PHASES: tuple[Phase, ...] = ("open", "first", "middle", "last", "flush", "close")
 
-StageFault = Literal["raise", "hang", "cancel"]
-"""``raise``: an exception; ``hang``: wait until cancelled; ``cancel``: the trial's outer
-cancel scope is cancelled right at that point."""
+
 STAGE_FAULTS: tuple[StageFault, ...] = ("raise", "hang", "cancel")
 
 
@@ -230,112 +228,3 @@ class FaultySink:
     async def __call__(self, item: Any) -> None:
         self.seen += 1
         await self.point.hit("sink", self.point.phase_of(self.seen))
-
-
-# -- engines ---------------------------------------------------------------------------
-
-EngineCallName = Literal[
-    "version query",
-    "pause",
-    "begin",
-    "load first",
-    "load middle",
-    "load last",
-    "commit",
-    "resume",
-]
-"""The protocol calls of one sync that ``FaultyEngine`` can fail (``abort`` is cleanup)."""
-ENGINE_CALLS: tuple[EngineCallName, ...] = (
-    "version query",
-    "pause",
-    "begin",
-    "load first",
-    "load middle",
-    "load last",
-    "commit",
-    "resume",
-)
-
-
-class FaultyEngine:
-    """Wraps an ``Engine``; one call of the next sync fails as told.
-
-    ``arm(call, fault, buckets=n)``: the next time ``call`` is made (for a ``load``, of
-    the first bucket, the one marked last, or bucket ``n // 2`` of about ``n``; pass at
-    most the real count) it raises a non-retryable ``EngineError``
-    (``"raise"``), or waits until cancelled (``"hang"``: Load's deadline ends it), or
-    cancels ``cancel_scope`` and checkpoints (``"cancel"``). Every other call goes to the
-    wrapped engine unchanged; attributes not defined here (``rolls_back``,
-    ``default_timeout_s``, ``open_window``...) are the wrapped engine's.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.inner = engine
-        self.name = engine.name
-        self._armed: tuple[EngineCallName, StageFault] | None = None
-        self._buckets = 0
-        self.cancel_scope: anyio.CancelScope | None = None
-        self.fired = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def arm(self, call: EngineCallName, fault: StageFault, *, buckets: int = 1) -> None:
-        self._armed = (call, fault)
-        self._buckets = buckets
-        self.fired = False
-
-    def disarm(self) -> None:
-        self._armed = None
-
-    async def _maybe(self, call: EngineCallName) -> None:
-        if self._armed is None or self._armed[0] != call:
-            return
-        fault = self._armed[1]
-        self._armed = None
-        self.fired = True
-        if fault == "raise":
-            raise EngineError(self.name, f"injected failure of {call}")
-        if fault == "hang":
-            await anyio.sleep_forever()
-        assert self.cancel_scope is not None, "a cancel fault needs cancel_scope"
-        self.cancel_scope.cancel()
-        await anyio.lowlevel.checkpoint()
-
-    def _load_call(self, bucket: WeightBucket) -> EngineCallName | None:
-        if bucket.index == 0:
-            return "load first"
-        if bucket.is_last:
-            return "load last"
-        if bucket.index == max(1, self._buckets // 2):
-            return "load middle"
-        return None
-
-    async def begin(self, version: int) -> None:
-        await self._maybe("begin")
-        await self.inner.begin(version)
-
-    async def load(self, bucket: WeightBucket) -> None:
-        call = self._load_call(bucket)
-        if call is not None:
-            await self._maybe(call)
-        await self.inner.load(bucket)
-
-    async def commit(self, version: int) -> None:
-        await self._maybe("commit")
-        await self.inner.commit(version)
-
-    async def abort(self, version: int) -> None:
-        await self.inner.abort(version)
-
-    async def version(self) -> int | None:
-        await self._maybe("version query")
-        return await self.inner.version()
-
-    async def pause(self, mode: PauseMode) -> None:
-        await self._maybe("pause")
-        await self.inner.pause(mode)
-
-    async def resume(self) -> None:
-        await self._maybe("resume")
-        await self.inner.resume()
