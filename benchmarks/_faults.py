@@ -8,7 +8,7 @@ cancels an outer scope. ``benchmarks.soak`` injects its faults through it and
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import anyio
 import anyio.lowlevel
@@ -33,16 +33,7 @@ EngineCallName = Literal[
     "resume",
 ]
 """The protocol calls of one sync that ``FaultyEngine`` can fail (``abort`` is cleanup)."""
-ENGINE_CALLS: tuple[EngineCallName, ...] = (
-    "version query",
-    "pause",
-    "begin",
-    "load first",
-    "load middle",
-    "load last",
-    "commit",
-    "resume",
-)
+ENGINE_CALLS: tuple[EngineCallName, ...] = get_args(EngineCallName)
 
 
 class FaultyEngine:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, get_args
 
 import anyio
 import pytest
@@ -65,21 +65,10 @@ HTTPCall = Literal[
     "load middle",
     "load last",
     "end of session",
-    "flush",
     "version update",
     "resume",
 ]
-HTTP_CALLS: tuple[HTTPCall, ...] = (
-    "version query",
-    "pause",
-    "begin",
-    "load first",
-    "load middle",
-    "load last",
-    "end of session",
-    "version update",
-    "resume",
-)
+HTTP_CALLS: tuple[HTTPCall, ...] = get_args(HTTPCall)
 NOT_CALLED: dict[Behaviour, frozenset[HTTPCall]] = {
     "0.5.23": frozenset(),
     "0.5.12": frozenset({"begin", "end of session", "version update"}),

@@ -24,7 +24,7 @@ import gc
 import threading
 import weakref
 from collections.abc import AsyncIterator
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import anyio
 import anyio.lowlevel
@@ -55,10 +55,10 @@ T = TypeVar("T")
 Phase = Literal["open", "first", "middle", "last", "flush", "close"]
 """Where in a stage's life a fault lands: its open, its process at the first, a middle or
 the last item, its flush, its close."""
-PHASES: tuple[Phase, ...] = ("open", "first", "middle", "last", "flush", "close")
+PHASES: tuple[Phase, ...] = get_args(Phase)
 
 
-STAGE_FAULTS: tuple[StageFault, ...] = ("raise", "hang", "cancel")
+STAGE_FAULTS: tuple[StageFault, ...] = get_args(StageFault)
 
 
 class InjectedFault(RuntimeError):
