@@ -23,11 +23,20 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from weightpipe.pipeline._channel import ChannelStatistics
 from weightpipe.pipeline._pipeline import PipelineObserver, RunReport
 
-__all__ = ["JsonValue", "Span", "SpanRecorder", "Trace", "TraceEvent", "add_stage_tracks"]
+__all__ = [
+    "JsonValue",
+    "Span",
+    "SpanRecorder",
+    "Trace",
+    "TraceEvent",
+    "add_stage_tracks",
+    "write_atomically",
+]
 
 TraceEvent = dict[str, object]
 """One trace event, as written to the JSON (``name``, ``ph``, ``ts``, ``pid``, ``tid``...)."""
@@ -230,21 +239,8 @@ class Trace:
         Raises:
             OSError: the file could not be written (its folder is missing, say).
         """
-        target = Path(path)
-        data = json.dumps(self.to_json(), separators=(",", ":"))
-        handle, temporary = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-        )
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                file.write(data)
-            # mkstemp's file is private (0600); a trace is an ordinary output file.
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return target
+        data = json.dumps(self.to_json(), separators=(",", ":")).encode("utf-8")
+        return write_atomically(path, lambda file: file.write(data))
 
     def _meta(self, name: str, tid: int, args: dict[str, object]) -> TraceEvent:
         return {"name": name, "ph": "M", "ts": 0, "pid": self.pid, "tid": tid, "args": args}
@@ -306,3 +302,27 @@ def add_stage_tracks(
             },
         )
     return tracks
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write`` on a temporary file beside ``path`` and rename it over ``path``, so a
+    reader never sees half a file (and a failed write leaves no file); returns the path.
+
+    Raises:
+        OSError: the file could not be written (its folder is missing, say); whatever
+            ``write`` raises.
+    """
+    target = Path(path)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+    )
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        # mkstemp's file is private (0600); these are ordinary output files.
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from weightpipe.pipeline.trace import write_atomically
 
 __all__ = [
     "DEFAULT_TIMELINE",
@@ -250,23 +251,8 @@ def write_timeline(
         handles.append(Patch(color="#d62728", label="error"))
     axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     figure.tight_layout()
-    return _save(figure, Path(path))
+    return write_atomically(path, lambda file: figure.savefig(file, format="png"))
 
 
 def _to_hex(rgba: Sequence[float]) -> str:
     return "#" + "".join(f"{round(channel * 255):02x}" for channel in rgba[:3])
-
-
-def _save(figure: Any, target: Path) -> Path:
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-    )
-    try:
-        with os.fdopen(handle, "wb") as file:
-            figure.savefig(file, format="png")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return target
