@@ -8,7 +8,8 @@ lives in one module a person can own:
 
 - ``spec``: the format, the choices (``Literal`` types and their tuples), scale names and
   shapes, block coercion, the result type and the argument rules;
-- ``reference``: the definition in plain torch ops, which every path equals bit for bit;
+- ``reference``: the definition in plain torch ops, which every path equals bit for bit,
+  in SGLang's arithmetic or verl's (``Fp8Arithmetic``);
 - ``cpu``: row bands on a thread pool, torch band kernels, output arenas;
   ``_numba``: the fused numba CPU kernel; ``_triton``: the batched CUDA kernel;
 - ``dispatch``: which of them runs, by device and backend;
@@ -37,10 +38,12 @@ from weightpipe.stages.fp8.reference import (
     fp8_scale_from_amax,
     quantize_fp8_reference,
     reference_with_amax,
+    verl_multiplier_from_amax,
 )
 from weightpipe.stages.fp8.selection import Fp8Selection, select_for_fp8
 from weightpipe.stages.fp8.sglang import sglang_quantization_config
 from weightpipe.stages.fp8.spec import (
+    FP8_ARITHMETICS,
     FP8_DTYPE,
     FP8_EPSILON,
     FP8_MAX,
@@ -50,6 +53,7 @@ from weightpipe.stages.fp8.spec import (
     QUANTIZE_BACKENDS,
     SCALE_FORMATS,
     SCALE_SUFFIXES,
+    Fp8Arithmetic,
     Fp8Method,
     Fp8Tensor,
     NonFinitePolicy,
@@ -57,6 +61,7 @@ from weightpipe.stages.fp8.spec import (
     QuantizeBackend,
     ScaleFormat,
     as_block,
+    check_arithmetic,
     check_quantizable,
     scale_name,
     scale_owner,
@@ -64,6 +69,7 @@ from weightpipe.stages.fp8.spec import (
 )
 
 __all__ = [
+    "FP8_ARITHMETICS",
     "FP8_DTYPE",
     "FP8_EPSILON",
     "FP8_MAX",
@@ -73,6 +79,7 @@ __all__ = [
     "QUANTIZE_BACKENDS",
     "SCALE_FORMATS",
     "SCALE_SUFFIXES",
+    "Fp8Arithmetic",
     "Fp8CheckError",
     "Fp8Method",
     "Fp8Selection",
@@ -82,6 +89,7 @@ __all__ = [
     "QuantizeBackend",
     "ScaleFormat",
     "as_block",
+    "check_arithmetic",
     "check_backend",
     "check_fp8",
     "check_quantizable",
@@ -104,5 +112,6 @@ __all__ = [
     "select_for_fp8",
     "sglang_quantization_config",
     "triton_usable",
+    "verl_multiplier_from_amax",
     "warm_up_cpu_kernel",
 ]

@@ -4,7 +4,8 @@ torch's own float32 -> float8 cast on CPU is a scalar loop that dominates block
 quantization; this kernel fuses the passes (column max, block scale, divide and round) over
 a cache-sized chunk of a row band, about 2x faster per core on AVX-512, and rounds to e4m3
 on the integer bits as the Triton kernel does. It computes the definition in
-``weightpipe.stages.fp8.reference`` bit for bit (the tests hold it to that). numba is
+``weightpipe.stages.fp8.reference`` bit for bit, for either arithmetic (the tests hold it
+to that). numba is
 optional: ``kernel()`` is None without it and ``weightpipe.stages.fp8.cpu`` falls back to
 its torch band ops. Compilation is lazy (about 2 s, once per process); ``warm_up`` pays it
 ahead of the first sync.
@@ -19,7 +20,13 @@ from typing import Any
 
 import torch
 
-from weightpipe.stages.fp8.spec import FP8_EPSILON, FP8_MAX, HIGH_PRECISION_DTYPES, ScaleFormat
+from weightpipe.stages.fp8.spec import (
+    FP8_EPSILON,
+    FP8_MAX,
+    HIGH_PRECISION_DTYPES,
+    Fp8Arithmetic,
+    ScaleFormat,
+)
 
 __all__ = ["Scratch", "block_rows", "kernel", "warm_up"]
 
@@ -78,6 +85,7 @@ def warm_up(*, required: bool = False) -> bool:
             s = torch.empty(1, 1, dtype=torch.float32)
             a = torch.empty(1, 1, dtype=torch.float32)
             block_rows(w, q, s, a, 0, 128, (128, 128), "float32", _fresh)
+            block_rows(w, q, s, a, 0, 128, (128, 128), "float32", _fresh, "verl")
         _WARMED_UP.append(True)
     return True
 
@@ -96,11 +104,13 @@ def block_rows(
     block: tuple[int, int],
     scale_fmt: ScaleFormat,
     scratch: Scratch,
+    arithmetic: Fp8Arithmetic = "sglang",
 ) -> None:
     """Rows ``[r0, r1)`` of 2-D ``w`` (whole row blocks, or exactly one partial one).
 
     Writes the FP8 bits to ``q``, the block scales to ``s`` and the block amax to
-    ``amax_out`` (both indexed by row block from ``r0 // block[0]``).
+    ``amax_out`` (both indexed by row block from ``r0 // block[0]``; +Inf for a block
+    that ``arithmetic="verl"`` cannot scale, as in ``reference_with_amax``).
     """
     import numpy as np
 
@@ -131,6 +141,7 @@ def block_rows(
         bo,
         bi,
         scale_fmt == "ue8m0",
+        arithmetic == "verl",
         colmax,
         scl,
     )
@@ -160,12 +171,14 @@ def _build() -> Any:
 
     f448 = np.float32(FP8_MAX)
     eps = np.float32(FP8_EPSILON)
+    f1 = np.float32(1.0)
+    f_inf = np.float32(np.inf)
     c16384 = np.float32(16384.0)
 
     # error_model="numpy": no ZeroDivisionError branch per division (it blocks SIMD).
     # Every float constant is float32, so nothing is computed in double precision.
     @numba.njit(nogil=True, boundscheck=False, error_model="numpy", cache=False)  # type: ignore[misc]
-    def band(src16, src32, bf16, q, s, a, rb0, bo, bi, ue8m0, colmax, scl):  # type: ignore[no-untyped-def]
+    def band(src16, src32, bf16, q, s, a, rb0, bo, bi, ue8m0, verl, colmax, scl):  # type: ignore[no-untyped-def]
         rows = src16.shape[0] if bf16 else src32.shape[0]
         n = src16.shape[1] if bf16 else src32.shape[1]
         n_rb = max(1, rows // bo)
@@ -189,7 +202,8 @@ def _build() -> Any:
                         for c in range(w):
                             m = sr32[c] & np.int32(0x7FFFFFFF)
                             cm[c] = m if m > cm[c] else cm[c]
-                # 2. per block: amax, scale = max(amax, eps) / 448, ue8m0 rounding up
+                # 2. per block: amax, scale = max(amax, eps) / 448, ue8m0 rounding up;
+                # verl: the multiplier 448 / amax (1 for 0 and Inf), scale = 1 / it
                 for cs in range(0, w, bi):
                     ce = min(w, cs + bi)
                     m = np.int32(0)
@@ -198,6 +212,14 @@ def _build() -> Any:
                     amax = bits_f32(m)
                     cb = (c0 + cs) // bi
                     a[rb0 + rb, cb] = amax
+                    if verl:
+                        mult = f1 if amax == 0 or amax == f_inf else f448 / amax
+                        if mult == f_inf:
+                            a[rb0 + rb, cb] = f_inf  # too small to scale: the caller's flag
+                        s[rb0 + rb, cb] = f1 / mult
+                        for c in range(cs, ce):
+                            scl[c] = mult
+                        continue
                     scale = (amax if amax > eps else eps) / f448
                     if ue8m0:
                         sb = f32_bits(scale)
@@ -209,7 +231,8 @@ def _build() -> Any:
                     s[rb0 + rb, cb] = scale
                     for c in range(cs, ce):
                         scl[c] = scale
-                # 3. divide, clamp, round to e4m3 on the bits (as the Triton kernel does)
+                # 3. divide (verl: multiply), clamp, round to e4m3 on the bits (as the
+                # Triton kernel does)
                 sc = scl[:w]
                 for r in range(rb_rows):
                     qr = q[rb * rb_rows + r, c0 : c0 + w]
@@ -219,10 +242,11 @@ def _build() -> Any:
                         sr32 = src32[rb * rb_rows + r, c0 : c0 + w]
                     for c in range(w):
                         x = bits_f32(np.int32(sr[c]) << 16) if bf16 else bits_f32(sr32[c])
-                        # No clamp needed here: |w| <= amax and scale = RN(amax / 448),
-                        # so |y| <= 448 * (1 + 2**-23), i.e. at most one ulp above 448,
-                        # which the rounding below maps to 448 exactly as clamping does.
-                        yb = f32_bits(x / sc[c])
+                        # No clamp needed here: |w| <= amax and scale = RN(amax / 448)
+                        # (verl: multiplier RN(448 / amax)), so |y| <= 448 * (1 + 2**-23),
+                        # i.e. at most one ulp above 448, which the rounding below maps
+                        # to 448 exactly as clamping does.
+                        yb = f32_bits(x * sc[c] if verl else x / sc[c])
                         mag = yb & np.int32(0x7FFFFFFF)
                         # Normal: keep 3 mantissa bits (RTNE), rebias 127 -> 7 (-960 << 20).
                         normal = (

@@ -8,8 +8,10 @@ off. Each program quantizes one ``[block_out, block_in]`` block with the definit
 ``weightpipe.stages.fp8.reference``: IEEE divisions (``div_rn``, not Triton's approximate
 ``/``) and a round-to-nearest-even float32 -> e4m3 conversion done on the integer bits, so
 the result is the same on a GPU and under ``TRITON_INTERPRET=1`` (whose own float8 cast
-rounds differently) and equals torch's cast bit for bit. NaN/Inf set a per-tensor flag instead
-of raising, so no host sync happens inside the batch.
+rounds differently) and equals torch's cast bit for bit; ``arithmetic="verl"`` takes the
+multiplier ``div_rn(448, amax)`` and a plain (IEEE) multiplication instead. NaN/Inf (and,
+under verl arithmetic, a block too small to scale) set a per-tensor flag instead of
+raising, so no host sync happens inside the batch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from weightpipe.stages.fp8.spec import (
     FP8_DTYPE,
     FP8_EPSILON,
     FP8_MAX,
+    Fp8Arithmetic,
     Fp8Tensor,
     ScaleFormat,
     as_block,
@@ -70,8 +73,9 @@ if triton is not None:
         return amax, bad
 
     @triton.jit  # type: ignore[untyped-decorator]
-    def _e4m3_codes(x, scale):  # type: ignore[no-untyped-def]
-        y = tl.math.div_rn(x, scale)
+    def _e4m3_codes(x, operand, VERL: tl.constexpr):  # type: ignore[no-untyped-def]
+        # sglang: x / scale (IEEE division); verl: x * multiplier (no FMA: fusion is off).
+        y = x * operand if VERL else tl.math.div_rn(x, operand)
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         # Round-to-nearest-even float32 -> e4m3fn on the bits. Normal results (|y| >=
         # 2**-6): keep 3 mantissa bits, the carry of the rounding may bump the exponent,
@@ -101,6 +105,7 @@ if triton is not None:
         UE8M0: tl.constexpr,
         ALIGNED: tl.constexpr,
         CHUNK_M: tl.constexpr,
+        VERL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         mat = tl.program_id(1)
@@ -153,22 +158,31 @@ if triton is not None:
                 amax = tl.maximum(amax, chunk_amax)
                 bad = tl.maximum(bad, chunk_bad)
 
-        scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)
-        if UE8M0:
-            sbits = scale.to(tl.int32, bitcast=True)
-            exponent = ((sbits >> 23) & 0xFF) + ((sbits & 0x7FFFFF) != 0).to(tl.int32)
-            exponent = tl.minimum(tl.maximum(exponent, 1), 254)
-            scale = (exponent << 23).to(tl.float32, bitcast=True)
+        if VERL:
+            # verl: m = 448 / amax (1 for an all-zero or Inf block), scale = 1 / m; an
+            # overflowing m (0 < amax < 448 / FLT_MAX) flags the tensor.
+            operand = tl.math.div_rn(tl.full((), 448.0, tl.float32), amax)
+            operand = tl.where((amax == 0.0) | (amax > 3.4028234663852886e38), 1.0, operand)
+            bad = tl.maximum(bad, (operand > 3.4028234663852886e38).to(tl.int32))
+            scale = tl.math.div_rn(tl.full((), 1.0, tl.float32), operand)
+        else:
+            scale = tl.math.div_rn(tl.maximum(amax, eps), 448.0)
+            if UE8M0:
+                sbits = scale.to(tl.int32, bitcast=True)
+                exponent = ((sbits >> 23) & 0xFF) + ((sbits & 0x7FFFFF) != 0).to(tl.int32)
+                exponent = tl.minimum(tl.maximum(exponent, 1), 254)
+                scale = (exponent << 23).to(tl.float32, bitcast=True)
+            operand = scale
 
         if CHUNK_M == BLOCK_M:
-            tl.store(dst + index, _e4m3_codes(x, scale), mask=mask)
+            tl.store(dst + index, _e4m3_codes(x, operand, VERL), mask=mask)
         else:
             for r in range(0, BLOCK_M, CHUNK_M):
                 offs_m = r + tl.arange(0, CHUNK_M)
                 mask = (offs_m[:, None] < live_rows) & col_mask
                 index = offs_m[:, None] * cols + offs_n[None, :]
                 x = tl.load(src + index, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dst + index, _e4m3_codes(x, scale), mask=mask)
+                tl.store(dst + index, _e4m3_codes(x, operand, VERL), mask=mask)
 
         tl.store(out_scale + pid, scale, mask=valid)
         tl.atomic_max(flags + tl.load(owner_table + mat), bad, mask=valid)
@@ -193,12 +207,14 @@ def quantize_block_batch(
     weights: Sequence[torch.Tensor],
     block: tuple[int, int] = (128, 128),
     scale_fmt: ScaleFormat = "float32",
+    arithmetic: Fp8Arithmetic = "sglang",
 ) -> tuple[list[Fp8Tensor], torch.Tensor]:
     """Block-quantize ``weights`` (each ``[..., out, in]``) on the current stream.
 
     One launch per input dtype (more only past 65535 matrices). Returns the results in
     order and an int32 flag per weight, on the device, set to 1 where the weight holds
-    NaN/Inf (that weight's result is then meaningless). Nothing waits on the device.
+    NaN/Inf (that weight's result is then meaningless; with ``arithmetic="verl"`` also
+    where a block is too small to scale). Nothing waits on the device.
     Everything is enqueued on the weights' device (its current stream), whatever the
     calling thread's current device is. Inputs whose rows all start on 16 bytes (columns a
     multiple of 16, aligned bases) get 16-byte vector accesses; others a slower scalar
@@ -220,7 +236,7 @@ def quantize_block_batch(
     # The launch, the table's copy and the current stream belong to the weights' device,
     # not to the calling thread's current one (cuda:0 in a fresh worker thread).
     with device_guard(device):
-        return _enqueue(weights, device, block, scale_fmt)
+        return _enqueue(weights, device, block, scale_fmt, arithmetic)
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -235,6 +251,7 @@ def _enqueue(
     device: torch.device,
     block: tuple[int, int],
     scale_fmt: ScaleFormat,
+    arithmetic: Fp8Arithmetic,
 ) -> tuple[list[Fp8Tensor], torch.Tensor]:
     flags = torch.zeros(len(weights), dtype=torch.int32, device=device)
     results: list[Fp8Tensor] = []
@@ -296,6 +313,7 @@ def _enqueue(
                 UE8M0=scale_fmt == "ue8m0",
                 ALIGNED=aligned,
                 CHUNK_M=launch_chunk_m(block, aligned),
+                VERL=arithmetic == "verl",
                 num_warps=NUM_WARPS,
                 # No FMA contraction: the definition is separately rounded IEEE ops.
                 enable_fp_fusion=False,

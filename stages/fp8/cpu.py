@@ -9,7 +9,7 @@ fresh host buffers from ``weightpipe.stages._memory``. Block scaling runs the nu
 of ``weightpipe.stages.fp8._numba`` when numba is installed (torch's own float8 cast is a
 scalar loop that dominates otherwise), else band-wise torch ops;
 ``WEIGHTPIPE_FP8_CPU_KERNEL=torch`` forces the latter. Every path equals
-``weightpipe.stages.fp8.reference`` bit for bit.
+``weightpipe.stages.fp8.reference`` bit for bit, for either arithmetic.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import torch
 
 from weightpipe.stages._memory import allocate_host
 from weightpipe.stages.fp8 import _numba
-from weightpipe.stages.fp8.reference import fp8_scale_from_amax
+from weightpipe.stages.fp8.reference import fp8_scale_from_amax, verl_multiplier_from_amax
 from weightpipe.stages.fp8.spec import (
     FP8_DTYPE,
     FP8_MAX,
+    Fp8Arithmetic,
     Fp8Method,
     Fp8Tensor,
     ScaleFormat,
@@ -110,15 +111,22 @@ def _divide_cast(
     divisor: torch.Tensor,
     dst: torch.Tensor,
     grouped: tuple[int, ...] | None = None,
+    *,
+    multiply: bool = False,
 ) -> None:
     """``dst = e4m3(clamp(src_fp32 / divisor))`` through a float32 scratch band.
 
     ``grouped`` is the shape the division sees (rows split into row blocks), so that
-    ``divisor`` broadcasts one row of scales per row block.
+    ``divisor`` broadcasts one row of scales per row block. ``multiply``: ``src_fp32 *
+    divisor`` instead (verl's arithmetic, whose ``divisor`` is the multiplier).
     """
     tmp = _SCRATCH.get(torch.float32, src.numel()).view(src.shape)
     tmp.copy_(src)
-    (tmp.view(grouped) if grouped is not None else tmp).div_(divisor)
+    view = tmp.view(grouped) if grouped is not None else tmp
+    if multiply:
+        view.mul_(divisor)
+    else:
+        view.div_(divisor)
     if not _SATURATES:
         tmp.clamp_(-FP8_MAX, FP8_MAX)
     dst.copy_(tmp)
@@ -138,6 +146,7 @@ def _block_band(
     rows: int,
     block: tuple[int, int],
     scale_fmt: ScaleFormat,
+    arithmetic: Fp8Arithmetic = "sglang",
 ) -> None:
     """Quantize rows ``[r0, r0 + rows)`` (``r0`` on a block boundary) of 2-D ``w``.
 
@@ -156,9 +165,9 @@ def _block_band(
         if hi <= lo:
             continue
         if use_numba:
-            _numba.block_rows(w, q, s, amax_out, lo, hi, block, scale_fmt, _SCRATCH.get)
+            _numba.block_rows(w, q, s, amax_out, lo, hi, block, scale_fmt, _SCRATCH.get, arithmetic)
         else:
-            _block_rows(w, q, s, amax_out, lo, hi, block, scale_fmt)
+            _block_rows(w, q, s, amax_out, lo, hi, block, scale_fmt, arithmetic)
 
 
 def _block_rows(
@@ -170,8 +179,13 @@ def _block_rows(
     r1: int,
     block: tuple[int, int],
     scale_fmt: ScaleFormat,
+    arithmetic: Fp8Arithmetic = "sglang",
 ) -> None:
-    """Rows ``[r0, r1)``: whole row blocks, or exactly one partial row block."""
+    """Rows ``[r0, r1)``: whole row blocks, or exactly one partial row block.
+
+    A block that ``arithmetic="verl"`` cannot scale gets +Inf in ``amax_out`` (the
+    caller's NaN/Inf flag), as in ``reference_with_amax``.
+    """
     bo, bi = block
     rows = r1 - r0
     n_rb = max(1, rows // bo)
@@ -193,11 +207,21 @@ def _block_rows(
         amax = _bits_to_amax(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), w.dtype)
         b0 = c0 // bi
         nb = amax.shape[1]
+        if arithmetic == "verl":
+            operand, scale = verl_multiplier_from_amax(amax)
+            amax = torch.where(torch.isfinite(operand), amax, torch.inf)
+        else:
+            operand = scale = fp8_scale_from_amax(amax, scale_fmt)
         amax_out[rb0 : rb0 + n_rb, b0 : b0 + nb] = amax
-        scale = fp8_scale_from_amax(amax, scale_fmt)
         s[rb0 : rb0 + n_rb, b0 : b0 + nb] = scale
-        divisor = scale.repeat_interleave(bi, dim=1)[:, None, :width]
-        _divide_cast(src, divisor, q[r0:r1, c0:c1], (n_rb, rb_rows, width))
+        per_column = operand.repeat_interleave(bi, dim=1)[:, None, :width]
+        _divide_cast(
+            src,
+            per_column,
+            q[r0:r1, c0:c1],
+            (n_rb, rb_rows, width),
+            multiply=arithmetic == "verl",
+        )
 
 
 def _channel_band(
@@ -322,11 +346,13 @@ class _Job:
         scale_fmt: ScaleFormat,
         qweight: torch.Tensor | None = None,
         scale: torch.Tensor | None = None,
+        arithmetic: Fp8Arithmetic = "sglang",
     ) -> None:
         self.name = name
         self.method = method
         self.block = block
         self.scale_fmt: ScaleFormat = scale_fmt
+        self.arithmetic: Fp8Arithmetic = arithmetic
         self.nonfinite = False
         # detach: a Parameter that requires grad is read as plain data (no autograd graph).
         src = weight.detach()
@@ -389,7 +415,9 @@ class _Job:
             e, r0 = self.bands[i]
             w, q = self.matrices[e], self.q3[e]
             if self.method == "block":
-                _block_band(w, q, s3[e], a3[e], r0, self.rows, self.block, self.scale_fmt)
+                _block_band(
+                    w, q, s3[e], a3[e], r0, self.rows, self.block, self.scale_fmt, self.arithmetic
+                )
             elif self.method == "channel":
                 _channel_band(w, q, s3[e], a3[e], r0, self.rows, self.scale_fmt)
             else:
@@ -466,13 +494,16 @@ def quantize_fp8_many(
     threads: int = 1,
     arena: torch.Tensor | None = None,
     outputs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    arithmetic: Fp8Arithmetic = "sglang",
 ) -> list[Fp8Tensor | None]:
     """Quantize several CPU tensors at once, splitting all of them into row bands.
 
     The bands of every tensor go to ``threads`` workers together, so a bucket of many
     small tensors keeps the cores as busy as one large tensor does. Returns one result per
-    input in order: an ``Fp8Tensor``, or ``None`` where the tensor holds NaN/Inf (the caller
-    decides whether that is an error; ``quantize_fp8`` raises). The work runs on a shared
+    input in order: an ``Fp8Tensor``, or ``None`` where the tensor holds NaN/Inf, or where
+    ``arithmetic="verl"`` meets a block too small to scale (the caller decides whether
+    that is an error; ``quantize_fp8`` raises). ``arithmetic``: ``sglang`` or ``verl``
+    (``weightpipe.stages.fp8.reference`` defines both). The work runs on a shared
     pool of ``threads`` band workers (each with single-threaded torch ops) and the calling
     thread waits for it.
 
@@ -494,7 +525,7 @@ def quantize_fp8_many(
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     for name, weight in named:
-        block = check_quantizable(weight, method, block, scale_fmt, name)
+        block = check_quantizable(weight, method, block, scale_fmt, name, arithmetic)
         if weight.device.type != "cpu":
             raise ValueError(f"tensor {name!r}: quantize_fp8_many takes CPU tensors")
     if arena is not None and outputs is not None:
@@ -506,7 +537,7 @@ def quantize_fp8_many(
         carved = _carve(arena, named) if arena is not None else [None] * len(named)
         pairs = [(q, None) for q in carved]
     jobs = [
-        _Job(name, weight, method, block, scale_fmt, q, scale)
+        _Job(name, weight, method, block, scale_fmt, q, scale, arithmetic)
         for (name, weight), (q, scale) in zip(named, pairs, strict=True)
     ]
     tensor_jobs = [job for job in jobs if job.method == "tensor"]

@@ -1,7 +1,8 @@
 """The FP8 format weightpipe emits, and every rule about it that more than one module needs.
 
-One owner per contract: the element format and its limits, the methods and scale formats
-(as ``Literal`` types with their tuples of choices), the names SGLang loads a weight's scale
+One owner per contract: the element format and its limits, the methods, scale formats and
+arithmetics (as ``Literal`` types with their tuples of choices, and ``check_arithmetic``,
+the combinations an arithmetic allows), the names SGLang loads a weight's scale
 under (and the inverse), the shape of a scale, the coercion of a block shape, the result
 type ``Fp8Tensor``, the arguments a quantizer accepts (``check_quantizable``) and the error
 a NaN/Inf weight raises. The quantizer, the engines, the config schema and the demo import
@@ -19,6 +20,7 @@ import torch
 from weightpipe.pipeline import WeightpipeError
 
 __all__ = [
+    "FP8_ARITHMETICS",
     "FP8_DTYPE",
     "FP8_EPSILON",
     "FP8_MAX",
@@ -28,6 +30,7 @@ __all__ = [
     "QUANTIZE_BACKENDS",
     "SCALE_FORMATS",
     "SCALE_SUFFIXES",
+    "Fp8Arithmetic",
     "Fp8Method",
     "Fp8Tensor",
     "NonFinitePolicy",
@@ -35,6 +38,7 @@ __all__ = [
     "QuantizeBackend",
     "ScaleFormat",
     "as_block",
+    "check_arithmetic",
     "check_quantizable",
     "scale_name",
     "scale_owner",
@@ -55,6 +59,16 @@ FP8_METHODS: tuple[Fp8Method, ...] = get_args(Fp8Method)
 ScaleFormat = Literal["float32", "ue8m0"]
 """``float32`` scales, or ``ue8m0``: rounded up to a power of two (DeepGEMM runners)."""
 SCALE_FORMATS: tuple[ScaleFormat, ...] = get_args(ScaleFormat)
+
+Fp8Arithmetic = Literal["sglang", "verl"]
+"""How a block's scale and codes follow from its amax (``weightpipe.stages.fp8.reference``
+defines both exactly). ``sglang``: ``scale = max(amax, 1e-4) / 448``, ``q = w / scale``
+(SGLang's and DeepGEMM's references; every method and scale format). ``verl``: verl
+0.9.1's PyTorch block quantizer, ``m = 448 / amax`` (1 for an all-zero block),
+``q = w * m``, ``scale = 1 / m``: block method, square blocks and float32 scales only
+(``check_arithmetic``). On real weights they differ by one ulp in about 40% of the scales
+and in under 0.01% of the codes (``benchmarks/verl_compare.py``)."""
+FP8_ARITHMETICS: tuple[Fp8Arithmetic, ...] = get_args(Fp8Arithmetic)
 
 NonFinitePolicy = Literal["error", "keep"]
 """A NaN/Inf weight: ``error`` fails the sync; ``keep`` sends it unquantized."""
@@ -137,6 +151,9 @@ class Fp8Tensor(NamedTuple):
 class NonFiniteWeightError(WeightpipeError, ValueError):
     """A weight holds NaN or Inf, so it has no FP8 representation.
 
+    Under ``arithmetic="verl"`` a block whose ``448 / amax`` overflows float32 (amax
+    above 0 and below about 1.3e-36, where verl itself sends an infinite multiplier, a
+    zero scale and NaN codes) has none either, and is reported the same way.
     A ``ValueError`` too, as it was before ``WeightpipeError`` existed.
 
     Attributes:
@@ -149,13 +166,59 @@ class NonFiniteWeightError(WeightpipeError, ValueError):
         super().__init__(f"tensor {tensor!r} contains NaN or Inf and cannot be quantized{more}")
 
 
+def check_arithmetic(
+    arithmetic: object,
+    method: object,
+    block: tuple[int, int],
+    scale_fmt: object,
+    *,
+    what: str = "FP8",
+) -> None:
+    """Refuse an unknown arithmetic, or a combination that verl's quantizer does not do.
+
+    ``arithmetic="verl"`` reproduces verl 0.9.1's block quantizer, which quantizes in
+    square blocks with float32 scales only; ``what`` starts the message.
+
+    Raises:
+        ValueError: an unknown ``arithmetic``; ``verl`` with a method other than
+            ``block``, a non-square ``block`` or ``scale_fmt="ue8m0"``.
+    """
+    if arithmetic not in FP8_ARITHMETICS:
+        raise ValueError(
+            f"{what}: unknown FP8 arithmetic {arithmetic!r}, not one of {FP8_ARITHMETICS}"
+        )
+    if arithmetic != "verl":
+        return
+    if method != "block":
+        raise ValueError(
+            f"{what}: arithmetic='verl' quantizes in blocks only (verl has no "
+            f"{method!r} FP8), use arithmetic='sglang'"
+        )
+    if block[0] != block[1]:
+        raise ValueError(
+            f"{what}: arithmetic='verl' needs a square block (verl's quantizer refuses "
+            f"{list(block)}), use arithmetic='sglang'"
+        )
+    if scale_fmt != "float32":
+        raise ValueError(
+            f"{what}: arithmetic='verl' has float32 scales only (verl's quantizer has no "
+            f"{scale_fmt!r} rounding), use arithmetic='sglang'"
+        )
+
+
 def check_quantizable(
-    weight: torch.Tensor, method: object, block: object, scale_fmt: object, name: str
+    weight: torch.Tensor,
+    method: object,
+    block: object,
+    scale_fmt: object,
+    name: str,
+    arithmetic: object = "sglang",
 ) -> tuple[int, int]:
     """Refuse what no quantizer accepts; returns ``block`` as two ints (``as_block``).
 
     Raises:
-        ValueError: an unknown method or scale format, a bad block, or fewer than 2 dims,
+        ValueError: an unknown method, scale format or arithmetic, a combination the
+            arithmetic refuses (``check_arithmetic``), a bad block, or fewer than 2 dims,
             naming the tensor.
         TypeError: the weight is not one of ``HIGH_PRECISION_DTYPES``.
     """
@@ -168,6 +231,7 @@ def check_quantizable(
             f"tensor {name!r}: unknown scale_fmt {scale_fmt!r}, not one of {SCALE_FORMATS}"
         )
     pair = as_block(block, what=f"tensor {name!r}: block")
+    check_arithmetic(arithmetic, method, pair, scale_fmt, what=f"tensor {name!r}")
     if weight.dtype not in HIGH_PRECISION_DTYPES:
         raise TypeError(
             f"tensor {name!r}: dtype {weight.dtype} is not bfloat16, float16 or float32"
