@@ -31,6 +31,7 @@ from weightpipe.stages.fp8 import (
     NONFINITE_POLICIES,
     QUANTIZE_BACKENDS,
     SCALE_FORMATS,
+    Fp8Arithmetic,
     Fp8Method,
     Fp8Selection,
     Fp8Tensor,
@@ -39,6 +40,7 @@ from weightpipe.stages.fp8 import (
     QuantizeBackend,
     ScaleFormat,
     as_block,
+    check_arithmetic,
     check_backend,
     default_cpu_threads,
     fp8_output_bytes,
@@ -81,6 +83,9 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         block: FP8 block ``[out, in]`` for ``method="block"``.
         method: ``block`` (SGLang/DeepSeek block FP8), ``channel`` or ``tensor``.
         scale_fmt: ``float32``, or ``ue8m0`` (power-of-two scales, for DeepGEMM).
+        arithmetic: ``sglang`` (``scale = max(amax, 1e-4) / 448``, ``q = w / scale``) or
+            ``verl`` (verl 0.9.1's quantizer: ``q = w * (448 / amax)``; block, square
+            blocks, float32 scales); ``weightpipe.stages.fp8.reference`` defines both.
         nonfinite: a weight with NaN/Inf: ``error`` raises ``NonFiniteWeightError`` naming
             it (on CUDA at a later bucket, the sync's last at the latest, so before the
             commit: the flags are read without a host wait per bucket); ``keep`` sends it
@@ -111,6 +116,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         block: tuple[int, int] = (128, 128),
         method: Fp8Method = "block",
         scale_fmt: ScaleFormat = "float32",
+        arithmetic: Fp8Arithmetic = "sglang",
         nonfinite: NonFinitePolicy = "error",
         keep_dtype: torch.dtype | None = torch.bfloat16,
         ignored_layers: Sequence[str] = (),
@@ -133,6 +139,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         ):
             if value not in choices:
                 raise ValueError(f"Fp8Quantize: {what} {value!r} is not one of {choices}")
+        check_arithmetic(arithmetic, method, block, scale_fmt, what="Fp8Quantize")
         if keep_dtype is not None and not keep_dtype.is_floating_point:
             raise ValueError(f"Fp8Quantize: keep_dtype {keep_dtype} is not a floating dtype")
         if workers < 1:
@@ -142,6 +149,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
         self.block = block
         self.method: Fp8Method = method
         self.scale_fmt: ScaleFormat = scale_fmt
+        self.arithmetic: Fp8Arithmetic = arithmetic
         self.nonfinite: NonFinitePolicy = nonfinite
         self.keep_dtype = keep_dtype
         self.selection = Fp8Selection(tuple(ignored_layers), tuple(include), tuple(exclude))
@@ -361,6 +369,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
                 scale_fmt=self.scale_fmt,
                 threads=self.cpu_threads,
                 outputs=outputs,
+                arithmetic=self.arithmetic,
             )
             if selected
             else []
@@ -398,6 +407,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
             scale_fmt=self.scale_fmt,
             threads=self.cpu_threads,
             arena=arena,
+            arithmetic=self.arithmetic,
         )
         results.update(zip(idx, many, strict=True))
 
@@ -479,6 +489,7 @@ class Fp8Quantize(Stage[WeightBucket, WeightBucket]):
             block=self.block,
             scale_fmt=self.scale_fmt,
             backend=self.backend,
+            arithmetic=self.arithmetic,
         )
 
 
