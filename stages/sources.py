@@ -5,8 +5,8 @@ yields one tensor at a time, so Fetch bounds memory no matter how large the mode
 module or a state_dict (DTensor/FSDP2 shards gathered with ``full_tensor()`` one tensor
 at a time, a collective every rank must join in the same order), any sync or async
 iterable of pairs (a checkpoint engine's ``receive_weights()`` async generator), and a
-directory of safetensors shards read through the safetensors library, memory-mapped,
-one tensor at a time. For the torch.distributed receiver see ``weightpipe.stages.
+directory of safetensors shards, memory-mapped a window at a time (headers validated
+first), one tensor at a time. For the torch.distributed receiver see ``weightpipe.stages.
 distributed``. A source that lends its buffers (it overwrites a tensor it yielded once it
 is asked for the next one, as verl's NCCL checkpoint engine does with its double buffer)
 is declared with ``borrowed_tensors``, which copies each tensor exactly once before the
@@ -15,9 +15,11 @@ source advances; owned tensors are never copied.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import (
@@ -349,16 +351,17 @@ def safetensors_source(
 
 
 def safetensors_source(
-    path: str | Path, *, window_bytes: int = 256 << 20, direct: bool = False
+    path: str | Path, *, window_bytes: int = 64 << 20, direct: bool = False
 ) -> Iterable[tuple[str, torch.Tensor | FileSpan]]:
     """Stream a safetensors checkpoint one tensor at a time (see ``safetensors_index``).
 
-    By default tensors come from ``safetensors.safe_open(..., framework="pt")``: zero-copy
-    views of a memory-mapped file, whose pages are read only when a consumer touches
-    them. A mapping stays alive as long as any tensor from it does, so the file is
-    reopened after every ``window_bytes`` of tensors: resident file pages are then
-    bounded by the tensors still alive downstream plus one window, never by the file's
-    size. Files are closed when the generator finishes or is closed early.
+    By default tensors are zero-copy views of a private (copy-on-write) memory mapping of
+    the file, whose pages are read only when a consumer touches them. Each mapping covers
+    one window of consecutive tensors (about ``window_bytes``; a larger tensor gets a
+    window of its own) and lives as long as any tensor from it does, so resident file
+    pages are bounded by the tensors still alive downstream plus one window, never by the
+    file's size; the header is parsed and validated once per file, not per window. Files
+    are closed when the generator finishes or is closed early.
 
     With ``direct=True`` it returns a list of ``FileSpan``s instead (offsets from the same
     headers, no file opened yet): Fetch reads each one straight into its bucket buffer
@@ -456,23 +459,55 @@ def _stream_spans(path: Path) -> Iterator[tuple[str, FileSpan]]:
 def _stream_safetensors(
     path: Path, window_bytes: int
 ) -> Generator[tuple[str, torch.Tensor], None, None]:
-    from safetensors import safe_open
-
     for file, entries in safetensors_index(path):
+        header = _read_header(file)  # validated: offsets in bounds, no overlaps, sizes
         windows: list[list[str]] = [[]]
         filled = 0
-        for name, nbytes in entries:
+        for name, nbytes in entries:  # on-disk order
             if windows[-1] and filled + nbytes > window_bytes:
                 windows.append([])
                 filled = 0
             windows[-1].append(name)
             filled += nbytes
-        for window in windows:
-            if not window:
-                continue
-            with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for name in window:
-                    yield name, handle.get_tensor(name)
+        with file.open("rb") as handle:
+            for window in windows:
+                if window:
+                    yield from _window_tensors(handle.fileno(), file, header, window)
+
+
+def _window_tensors(
+    descriptor: int, file: Path, header: _Header, names: list[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors ``names`` (consecutive on disk) as views of one private mapping.
+
+    The mapping covers just this window (from the page before its first byte to its last)
+    and lives as long as any of its tensors does, so the pages a consumer touched are
+    returned when the window's last tensor is dropped. Copy-on-write: writing a tensor
+    never reaches the file. A tensor whose start is not a multiple of its element size
+    (legal, if unusual, in safetensors) is copied into aligned memory instead.
+    """
+    entries = [header.entries[name] for name in names]
+    first = header.data_start + min(e.start for e in entries)
+    last = header.data_start + max(e.end for e in entries)
+    base = first - first % mmap.ALLOCATIONGRANULARITY
+    mapping = None
+    if last > first:
+        mapping = mmap.mmap(descriptor, last - base, offset=base, access=mmap.ACCESS_COPY)
+        # Ask for read-ahead of the whole window now: a cold file then streams from disk
+        # while the consumer works on the window before.
+        with contextlib.suppress(OSError, AttributeError):
+            mapping.madvise(mmap.MADV_WILLNEED)
+    for name, entry in zip(names, entries, strict=True):
+        nbytes = entry.end - entry.start
+        if nbytes == 0 or mapping is None:
+            yield name, torch.empty(entry.shape, dtype=entry.dtype)
+            continue
+        at = header.data_start + entry.start - base
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=at)
+        if at % entry.dtype.itemsize:
+            raw = raw.clone()  # the mapping is page-aligned: realign this one by a copy
+        typed = raw if entry.dtype == torch.uint8 else raw.view(entry.dtype)
+        yield name, typed.view(entry.shape)
 
 
 # -- borrowed buffers -----------------------------------------------------------------------

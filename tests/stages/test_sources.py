@@ -160,7 +160,7 @@ def test_safetensors_early_stop_closes(tmp_path: Path) -> None:
     save_file({f"t{i}": torch.ones(4) for i in range(5)}, str(tmp_path / "m.safetensors"))
     stream = safetensors_source(tmp_path)
     next(stream)
-    stream.close()  # runs the generator's finally: the open safe_open handle exits
+    stream.close()  # runs the generator's finally: the open file is closed
     assert getattr(stream, "gi_frame", None) is None
 
 
@@ -396,3 +396,42 @@ def test_a_valid_hand_written_file_reads_on_both_paths(tmp_path: Path) -> None:
     for name, expected in {"a": values[:4], "b": values[4:], "e": values[:0]}.items():
         assert torch.equal(mapped[name], expected)
         assert torch.equal(spans[name].load(), expected)
+
+
+def test_a_tensor_at_an_unaligned_offset_reads_intact(tmp_path: Path) -> None:
+    # A 1-byte tensor first puts the float32 one at an odd offset: legal in safetensors,
+    # and a view there would be misaligned, so the mapped path copies that one tensor.
+    values = torch.tensor([1.5, -2.25, 3e-3], dtype=torch.float32)
+    header = {"flag": _entry(0, 1, [1], "U8"), "w": _entry(1, 13, [3])}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-aligned, so "w" sits at +1
+    file = _raw_safetensors(
+        tmp_path / "odd.safetensors", raw, b"\x07" + struct.pack("<3f", *values.tolist())
+    )
+    mapped = dict(safetensors_source(file))
+    assert mapped["flag"].tolist() == [7]
+    assert torch.equal(mapped["w"], values)
+    assert mapped["w"].data_ptr() % 4 == 0
+
+
+def test_writing_a_mapped_tensor_never_reaches_the_file(tmp_path: Path) -> None:
+    file = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(1024), "b": torch.full((1024,), 2.0)}, str(file))
+    before = file.read_bytes()
+    tensors = dict(safetensors_source(file))
+    tensors["a"].mul_(-3)  # a private, copy-on-write mapping
+    assert torch.equal(tensors["a"], torch.full((1024,), -3.0))
+    assert file.read_bytes() == before
+    again = dict(safetensors_source(file))
+    assert torch.equal(again["a"], torch.ones(1024)) and torch.equal(again["b"], tensors["b"])
+
+
+def test_many_windows_of_one_file_read_every_tensor_in_disk_order(tmp_path: Path) -> None:
+    # Windows far smaller than a mapping's granularity: every window still maps from
+    # the page before its first byte, and tensors outlive the generator's later windows.
+    tensors = {f"t{i:02d}": torch.full((1000 + i,), float(i)) for i in range(40)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    got = list(safetensors_source(tmp_path, window_bytes=5000))
+    assert [name for name, _ in got] == [n for n, _ in safetensors_index(tmp_path)[0][1]]
+    for name, tensor in got:
+        assert torch.equal(tensor, tensors[name]), name
