@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import threading
@@ -18,6 +19,7 @@ from weightpipe.stages._memory import BufferPool
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import WireSpec
 from weightpipe.stages.fp8 import (
+    FP8_ARITHMETICS,
     FP8_DTYPE,
     FP8_METHODS,
     SCALE_FORMATS,
@@ -322,12 +324,20 @@ async def test_stage_keep_dtype_none_and_passthrough_of_other_dtypes() -> None:
 
 async def test_stage_matches_the_functions_for_every_method_and_format() -> None:
     tensors = _llama_tensors()
-    for method in FP8_METHODS:
-        for fmt in SCALE_FORMATS:
-            stage = Fp8Quantize(method=method, scale_fmt=fmt, cpu_threads=2)
+    name = tensors[3][0]
+    for method, fmt, arithmetic in itertools.product(FP8_METHODS, SCALE_FORMATS, FP8_ARITHMETICS):
+        if arithmetic == "verl" and (method, fmt) != ("block", "float32"):
+            with pytest.raises(ValueError, match="Fp8Quantize: arithmetic='verl'"):
+                Fp8Quantize(method=method, scale_fmt=fmt, arithmetic=arithmetic)
+            continue
+        ref = quantize_fp8_reference(
+            tensors[3][1], method=method, scale_fmt=fmt, arithmetic=arithmetic
+        )
+        for wire in (None, WireSpec()):  # output arena; or the packed wire buffer
+            stage = Fp8Quantize(
+                method=method, scale_fmt=fmt, arithmetic=arithmetic, cpu_threads=2, wire=wire
+            )
             got = dict(stage.quantize_bucket(_bucket(tensors)).tensors)
-            ref = quantize_fp8_reference(tensors[3][1], method=method, scale_fmt=fmt)
-            name = tensors[3][0]
             assert torch.equal(got[name].view(torch.uint8), ref.qweight.view(torch.uint8))
             assert torch.equal(got[scale_name(name, method)], ref.scale)
 
@@ -452,6 +462,10 @@ def test_constructor_rejects_bad_settings() -> None:
         Fp8Quantize(keep_dtype=torch.int8)
     with pytest.raises(ValueError, match="workers"):
         Fp8Quantize(workers=0)
+    with pytest.raises(ValueError, match="arithmetic"):
+        Fp8Quantize(arithmetic="ieee")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="square block"):
+        Fp8Quantize(arithmetic="verl", block=(128, 64))
     with pytest.raises(ValueError, match="block"):
         Fp8Quantize(block=(0, 128))
     assert Fp8Quantize.name == "quantize"

@@ -13,6 +13,7 @@ import torch
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.fp8 import (
     FP8_DTYPE,
+    Fp8Arithmetic,
     Fp8Method,
     Fp8Tensor,
     NonFiniteWeightError,
@@ -48,15 +49,21 @@ def _same(got: tuple[torch.Tensor, torch.Tensor], ref: Fp8Tensor) -> bool:
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("scale_fmt", ["float32", "ue8m0"])
+@pytest.mark.parametrize(
+    ("scale_fmt", "arithmetic"), [("float32", "sglang"), ("ue8m0", "sglang"), ("float32", "verl")]
+)
 def test_cuda_paths_equal_the_cpu_definition(
-    shape: tuple[int, ...], dtype: torch.dtype, scale_fmt: ScaleFormat
+    shape: tuple[int, ...], dtype: torch.dtype, scale_fmt: ScaleFormat, arithmetic: Fp8Arithmetic
 ) -> None:
     w = _weight(shape, dtype)
-    ref = quantize_fp8_reference(w, scale_fmt=scale_fmt)
+    if shape[-1] > 128:
+        w[..., :128, :128] = 0.0  # an all-zero block (verl: scale 1)
+        w[..., :128, 128:] *= 1e-3  # a block whose amax is below the 1e-4 epsilon
+    ref = quantize_fp8_reference(w, scale_fmt=scale_fmt, arithmetic=arithmetic)
     wc = w.cuda()
-    assert _same(quantize_fp8(wc, scale_fmt=scale_fmt), ref)  # Triton when installed
-    stage = Fp8Quantize(scale_fmt=scale_fmt, backend="torch")
+    # Triton when installed
+    assert _same(quantize_fp8(wc, scale_fmt=scale_fmt, arithmetic=arithmetic), ref)
+    stage = Fp8Quantize(scale_fmt=scale_fmt, arithmetic=arithmetic, backend="torch")
     # A 3-D weight is quantized only as a stacked expert tensor (a plain q_proj is not).
     name = "m.mlp.experts.down_proj.weight" if len(shape) == 3 else "m.q_proj.weight"
     assert stage.selection.quantizes(name, w)

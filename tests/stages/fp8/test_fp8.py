@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 
 from weightpipe.pipeline import WeightpipeError
 from weightpipe.stages.fp8 import (
+    FP8_ARITHMETICS,
     FP8_DTYPE,
     FP8_EPSILON,
     FP8_METHODS,
     SCALE_FORMATS,
+    Fp8Arithmetic,
     Fp8CheckError,
     Fp8Method,
     Fp8Tensor,
@@ -34,6 +36,7 @@ from weightpipe.stages.fp8 import (
     quantize_fp8_reference,
     quantize_tensor_fp8,
     scale_shape,
+    verl_multiplier_from_amax,
     warm_up_cpu_kernel,
 )
 
@@ -79,17 +82,33 @@ def assert_same(a: Fp8Tensor, b: Fp8Tensor) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("scale_fmt", FORMATS)
+@pytest.mark.parametrize("arithmetic", FP8_ARITHMETICS)
 def test_fast_path_equals_definition(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     method: Fp8Method,
     scale_fmt: ScaleFormat,
+    arithmetic: Fp8Arithmetic,
     cpu_kernel: str,
 ) -> None:
     w = _weight(shape, dtype)
-    ref = quantize_fp8_reference(w, method=method, scale_fmt=scale_fmt)
+    if shape[-1] > 128:
+        w[..., :128, :128] = 0.0  # an all-zero block (verl: scale 1)
+        w[..., :128, 128:] *= 1e-3  # a block whose amax is below the 1e-4 epsilon
+    if arithmetic == "verl" and (method != "block" or scale_fmt != "float32"):
+        # verl's quantizer has neither: refused by every entry, naming the tensor.
+        with pytest.raises(ValueError, match=r"'w'.*arithmetic='verl'"):
+            quantize_fp8(w, method=method, scale_fmt=scale_fmt, arithmetic=arithmetic, name="w")
+        with pytest.raises(ValueError, match=r"'w'.*arithmetic='verl'"):
+            quantize_fp8_reference(
+                w, method=method, scale_fmt=scale_fmt, arithmetic=arithmetic, name="w"
+            )
+        return
+    ref = quantize_fp8_reference(w, method=method, scale_fmt=scale_fmt, arithmetic=arithmetic)
     for threads in (1, 2):
-        got = quantize_fp8(w, method=method, scale_fmt=scale_fmt, threads=threads)
+        got = quantize_fp8(
+            w, method=method, scale_fmt=scale_fmt, arithmetic=arithmetic, threads=threads
+        )
         assert_same(got, ref)
     assert got.scale.shape == scale_shape(shape, method)
     worst = check_fp8(w, got)
@@ -154,6 +173,10 @@ def test_zero_blocks_give_finite_scales_and_zeros(dtype: torch.dtype) -> None:
             assert bool((deq[:128, :128] == 0).all())
     q, s = quantize_block_fp8(w)
     assert s[0, 0] == pytest.approx(FP8_EPSILON / 448.0)
+    # verl's arithmetic has no epsilon: an all-zero block gets multiplier and scale 1.
+    q, s = quantize_block_fp8(w, arithmetic="verl")
+    assert float(s[0, 0]) == 1.0 and bool((q[:128, :128].float() == 0).all())
+    assert float(s[1, 1]) == float(torch.tensor(1.0) / (torch.tensor(448.0) / 0.5))
 
 
 def test_ue8m0_scales_are_powers_of_two_and_never_under_scale() -> None:
@@ -237,6 +260,30 @@ def test_nonfinite_raises_naming_the_tensor(
     assert info.value.tensor == "model.layers.7.mlp.down_proj.weight"
     with pytest.raises(NonFiniteWeightError):
         quantize_fp8_reference(w, method=method)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_verl_block_too_small_to_scale_is_reported_as_nonfinite(
+    dtype: torch.dtype, cpu_kernel: str
+) -> None:
+    # 448 / amax overflows float32 below 448 / FLT_MAX (~1.3e-36): verl would send an
+    # infinite multiplier (scale 0, NaN codes for zeros); weightpipe flags the tensor.
+    m, scale = verl_multiplier_from_amax(torch.tensor([0.0, math.inf, 448.0, 1e-37, 2e-36]))
+    assert m.tolist()[:3] == [1.0, 1.0, 1.0] and math.isinf(m[3]) and math.isfinite(m[4])
+    assert scale.tolist()[:4] == [1.0, 1.0, 1.0, 0.0]
+    w = _weight((200, 300), torch.float32)
+    w[128:, 256:] = torch.tensor(1e-37).to(dtype).float()  # the partial edge block
+    w = w.to(dtype)
+    with pytest.raises(NonFiniteWeightError, match=r"'x\.weight'"):
+        quantize_fp8(w, arithmetic="verl", name="x.weight", threads=2)
+    with pytest.raises(NonFiniteWeightError):
+        quantize_fp8_reference(w, arithmetic="verl")
+    assert quantize_fp8_many([("x.weight", w)], arithmetic="verl")[0] is None
+    # The same weight is fine in SGLang's arithmetic (its epsilon), and one just above the
+    # bound is fine in verl's, equal to the definition.
+    assert_same(quantize_fp8(w), quantize_fp8_reference(w))
+    w[128:, 256:] = torch.tensor(2e-36).to(dtype)
+    assert_same(quantize_fp8(w, arithmetic="verl"), quantize_fp8_reference(w, arithmetic="verl"))
 
 
 def test_many_reports_nonfinite_as_none_and_quantizes_the_rest() -> None:
@@ -399,19 +446,29 @@ def weights(draw: st.DrawFn) -> torch.Tensor:
     method=st.sampled_from(METHODS),
     scale_fmt=st.sampled_from(FORMATS),
     kernel=st.sampled_from(KERNELS),
+    arithmetic=st.sampled_from(FP8_ARITHMETICS),
 )
 def test_property_error_bound_and_definition(
-    w: torch.Tensor, method: Fp8Method, scale_fmt: ScaleFormat, kernel: str
+    w: torch.Tensor,
+    method: Fp8Method,
+    scale_fmt: ScaleFormat,
+    kernel: str,
+    arithmetic: Fp8Arithmetic,
 ) -> None:
     if kernel == "numba" and _numba.kernel() is None:
         kernel = "torch"
+    if arithmetic == "verl":  # verl's quantizer: float32 block scales only
+        method, scale_fmt = "block", "float32"
     saved = cpu._CPU_KERNEL
     cpu._CPU_KERNEL = kernel
     try:
-        got = quantize_fp8(w, method=method, scale_fmt=scale_fmt, threads=2)
+        got = quantize_fp8(w, method=method, scale_fmt=scale_fmt, arithmetic=arithmetic, threads=2)
     finally:
         cpu._CPU_KERNEL = saved
-    assert_same(got, quantize_fp8_reference(w, method=method, scale_fmt=scale_fmt))
+    assert_same(
+        got,
+        quantize_fp8_reference(w, method=method, scale_fmt=scale_fmt, arithmetic=arithmetic),
+    )
     assert check_fp8(w, got) <= 1.0
     if scale_fmt == "ue8m0":
         assert bool((torch.frexp(got.scale)[0] == 0.5).all())
@@ -441,6 +498,22 @@ def test_quotient_one_ulp_above_448_still_maps_to_448(cpu_kernel: str) -> None:
         got = quantize_fp8(w, method=method, block=(1, 128))
         assert_same(got, quantize_fp8_reference(w, method=method, block=(1, 128)))
     q = quantize_block_fp8(w, block=(1, 128)).qweight
+    assert bool((q[: picked.numel(), 0].float() == 448.0).all())
+
+
+def test_product_one_ulp_above_448_still_maps_to_448(cpu_kernel: str) -> None:
+    """verl's amax * RN(448 / amax) can round above 448: the clamp (or rounding) gives 448."""
+    gen = torch.Generator().manual_seed(12)
+    amax = torch.rand(4096, generator=gen) * 10 + 0.01
+    over = amax * (torch.tensor(448.0) / amax) > 448.0
+    assert bool(over.any())
+    w = torch.zeros(128, 128)
+    picked = amax[over][:128]
+    w[: picked.numel(), 0] = picked
+    for block in ((1, 1), (128, 128)):
+        got = quantize_block_fp8(w, block=block, arithmetic="verl")
+        assert_same(got, quantize_fp8_reference(w, block=block, arithmetic="verl"))
+    q = quantize_block_fp8(w, block=(1, 1), arithmetic="verl").qweight
     assert bool((q[: picked.numel(), 0].float() == 448.0).all())
 
 

@@ -22,7 +22,9 @@ _CHILD = textwrap.dedent(
     """
     import json, math, torch, anyio
     from weightpipe.stages.fp8 import _triton as T
-    from weightpipe.stages.fp8 import HIGH_PRECISION_DTYPES, SCALE_FORMATS, quantize_fp8_reference
+    from weightpipe.stages.fp8 import (
+        FP8_ARITHMETICS, HIGH_PRECISION_DTYPES, SCALE_FORMATS, quantize_fp8_reference,
+    )
     from weightpipe.stages.bucket import WeightBucket
     from weightpipe.stages.quantize import Fp8Quantize
 
@@ -39,16 +41,27 @@ _CHILD = textwrap.dedent(
     # launch is aligned only if all of its matrices are, so each list is its own launch.
     unaligned = [(1, 1), (127, 129), (130, 260), (2, 3, 129)]
     aligned = [(128, 128), (130, 272), (2, 144, 16)]
-    for fmt in SCALE_FORMATS:
+    modes = [(f, a) for f in SCALE_FORMATS for a in FP8_ARITHMETICS if (f, a) != ("ue8m0", "verl")]
+    for fmt, ar in modes:
         for dtype in HIGH_PRECISION_DTYPES:
             for kind, shapes in (("unaligned", unaligned), ("aligned", aligned)):
                 ws = [(torch.randn(s, generator=gen) * 0.05).to(dtype) for s in shapes]
                 ws.append(torch.zeros(64, 208 if kind == "aligned" else 200, dtype=dtype))
-                outs, flags = T.quantize_block_batch(ws, (128, 128), fmt)
-                results[f"flags {kind} {fmt} {dtype}"] = flags.tolist() == [0] * len(ws)
+                # An all-zero block, then one whose amax is below the 1e-4 epsilon.
+                edges = (torch.randn(130, 272, generator=gen) * 1e-6).to(dtype)
+                edges[:128, :128] = 0
+                ws.append(edges if kind == "aligned" else edges[:, :260].contiguous())
+                outs, flags = T.quantize_block_batch(ws, (128, 128), fmt, ar)
+                results[f"flags {kind} {fmt} {ar} {dtype}"] = flags.tolist() == [0] * len(ws)
                 for w, got in zip(ws, outs):
-                    ref = quantize_fp8_reference(w, scale_fmt=fmt)
-                    same(f"{tuple(w.shape)} {dtype} {fmt}", got, ref)
+                    ref = quantize_fp8_reference(w, scale_fmt=fmt, arithmetic=ar)
+                    same(f"{tuple(w.shape)} {dtype} {fmt} {ar}", got, ref)
+                # The zero block's scale tells the arithmetics apart (1 vs 1e-4 / 448).
+                if fmt == "float32":
+                    want = 1.0 if ar == "verl" else float(torch.tensor(1e-4) / 448.0)
+                    results[f"zero block scale {kind} {ar} {dtype}"] = (
+                        float(outs[-1].scale[0, 0]) == want
+                    )
 
     # 16 columns but a base 4 bytes past an alignment boundary: the scalar path.
     shifted = (torch.randn(70 * 16 + 1, generator=gen) * 0.05)[1:].view(70, 16)
@@ -69,6 +82,21 @@ _CHILD = textwrap.dedent(
     outs, _ = T.quantize_block_batch([row], (1, 1024), "float32")
     same("rounding table", outs[0], quantize_fp8_reference(row, block=(1, 1024)))
     results["rounding scale is 1"] = float(outs[0].scale) == 1.0
+    # verl multiplies: the same table through w * (448 / 448), in 1024 x 1024 blocks.
+    square = torch.zeros(1024, 1024)
+    square[0] = row[0]
+    outs, _ = T.quantize_block_batch([square], (1024, 1024), "float32", "verl")
+    ref = quantize_fp8_reference(square, block=(1024, 1024), arithmetic="verl")
+    same("rounding table verl", outs[0], ref)
+    # A product one ulp above 448 (amax * RN(448 / amax) > 448) still gives 448.
+    amax = torch.rand(4096, generator=gen) * 10 + 0.01
+    over = amax[amax * (torch.tensor(448.0) / amax) > 448.0][:16]
+    col = torch.zeros(16, 16)
+    col[: over.numel(), 0] = over
+    outs, _ = T.quantize_block_batch([col], (1, 1), "float32", "verl")
+    ref = quantize_fp8_reference(col, block=(1, 1), arithmetic="verl")
+    same("product above 448 verl", outs[0], ref)
+    results["product above 448 found"] = over.numel() > 0
 
     # NaN / Inf set the owner's flag only.
     bad = torch.randn(130, 140).bfloat16()
@@ -82,6 +110,13 @@ _CHILD = textwrap.dedent(
     bad16[100, 17] = math.inf
     _, flags = T.quantize_block_batch([torch.ones(16, 16), bad16], (128, 128), "float32")
     results["nonfinite flags aligned"] = flags.tolist() == [0, 1]
+    # verl: 448 / amax overflows for 0 < amax < 448 / FLT_MAX: flagged, as on the CPU.
+    tiny = torch.ones(130, 144)
+    tiny[128:, 128:] = 1e-37
+    _, flags = T.quantize_block_batch([torch.ones(16, 16), tiny], (128, 128), "float32", "verl")
+    results["too small to scale flags verl"] = flags.tolist() == [0, 1]
+    _, flags = T.quantize_block_batch([tiny], (128, 128), "float32", "sglang")
+    results["too small is fine for sglang"] = flags.tolist() == [0]
 
     # The stage with backend="triton" on CPU tensors equals the default CPU path.
     tensors = tuple(
@@ -90,17 +125,18 @@ _CHILD = textwrap.dedent(
     )
     bucket = WeightBucket(tensors, 0, True, 1)
 
-    async def both():
-        a, b = Fp8Quantize(backend="triton"), Fp8Quantize()
+    async def both(ar):
+        a, b = Fp8Quantize(backend="triton", arithmetic=ar), Fp8Quantize(arithmetic=ar)
         await a.open(); await b.open()
         (x,) = await a.process(bucket)
         (y,) = await b.process(bucket)
         return x, y
-    x, y = anyio.run(both)
-    results["stage triton == cpu"] = x.names == y.names and all(
-        torch.equal(p.view(torch.uint8), q.view(torch.uint8))
-        for (_, p), (_, q) in zip(x.tensors, y.tensors)
-    )
+    for ar in FP8_ARITHMETICS:
+        x, y = anyio.run(both, ar)
+        results[f"stage triton == cpu {ar}"] = x.names == y.names and all(
+            torch.equal(p.view(torch.uint8), q.view(torch.uint8))
+            for (_, p), (_, q) in zip(x.tensors, y.tensors)
+        )
     print("RESULTS " + json.dumps(results))
     """
 )
@@ -122,12 +158,15 @@ def test_triton_kernel_matches_torch_definition_under_the_interpreter() -> None:
     results = json.loads(line.removeprefix("RESULTS "))
     failed = sorted(k for k, ok in results.items() if not ok)
     assert not failed, failed
-    assert len(results) >= 40
+    assert len(results) >= 80
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("dtype_name", "ue8m0"), [("bfloat16", False), ("float32", True)])
-def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name: str, ue8m0: bool) -> None:
+@pytest.mark.parametrize(
+    ("dtype_name", "ue8m0", "verl"),
+    [("bfloat16", False, False), ("float32", True, False), ("bfloat16", False, True)],
+)
+def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name: str, ue8m0: bool, verl: bool) -> None:
     """Ahead-of-time compile for sm_90: PTX with IEEE divisions, no FMA contraction."""
     triton = pytest.importorskip("triton")
     pytest.importorskip("triton.backends.nvidia")
@@ -138,7 +177,7 @@ def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name: str, ue8m0: bool) 
     table = {name: "*i64" for name in ("src", "dst", "scale", "rows", "cols", "owner")}
     signature = {f"{k}_table": v for k, v in table.items()}
     signature |= {"flags": "*i32", "eps": "fp32"}
-    constants = ("SRC_DTYPE", "BLOCK_M", "BLOCK_N", "UE8M0", "ALIGNED", "CHUNK_M")
+    constants = ("SRC_DTYPE", "BLOCK_M", "BLOCK_N", "UE8M0", "ALIGNED", "CHUNK_M", "VERL")
     signature |= {k: "constexpr" for k in constants}
     source = triton.compiler.ASTSource(
         fn=_fp8_triton._fp8_block_kernel,
@@ -150,6 +189,7 @@ def test_kernel_compiles_for_hopper_without_a_gpu(dtype_name: str, ue8m0: bool) 
             "UE8M0": ue8m0,
             "ALIGNED": True,
             "CHUNK_M": 128,
+            "VERL": verl,
         },
     )
     kernel = triton.compile(
