@@ -212,6 +212,14 @@ def _wrong_value(
             keys,
             suggestion=f"{key}.{close}" if close else None,
         )
+    plain = _plain(given)
+    if get_origin(expected) in (list, tuple) and not isinstance(plain, (list, tuple)):
+        # OmegaConf's own words here ("AnyNode is not a ListConfig") name its internals.
+        problem = (
+            f"wrong type ({origin}): got {type(plain).__name__} {plain!r}; "
+            f"expected {_type_name(expected)}"
+        )
+        return ConfigError(key, problem)
     problem = f"wrong type ({origin}): {_first_line(exc.msg)}; expected {_type_name(expected)}"
     if expected is bool:  # a misspelt ``true``/``false`` gets the spelling it missed
         return ConfigError(key, problem, suggestion=_closest(str(given).lower(), _BOOLS))
