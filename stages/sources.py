@@ -45,6 +45,7 @@ __all__ = [
     "FileSpan",
     "NamedTensor",
     "borrowed_tensors",
+    "check_mesh",
     "materialise",
     "named_tensors",
     "safetensors_index",
@@ -64,21 +65,72 @@ def materialise(name: str, tensor: torch.Tensor) -> torch.Tensor:
     """The full tensor behind a DTensor (``full_tensor()``, a collective), else ``tensor``.
 
     Every rank of the DTensor's mesh must call this for the same tensors in the same
-    order. Plain tensors are returned as they are.
+    order. Plain tensors are returned as they are. The mesh is checked first
+    (``check_mesh``), and the gathered tensor must have the DTensor's global shape.
 
     Raises:
         RuntimeError: gathering the shards failed (names the tensor).
+        ValueError: a mesh this process cannot gather on, or a gather of the wrong shape
+            (names the tensor and both meshes or shapes).
     """
     full_tensor = getattr(tensor, "full_tensor", None)
     if not callable(full_tensor):
         return tensor
+    check_mesh(name, tensor)
     try:
         gathered = full_tensor()
     except Exception as exc:
         raise RuntimeError(f"tensor {name!r}: gathering its DTensor shards failed: {exc}") from exc
     if not isinstance(gathered, torch.Tensor):
         raise RuntimeError(f"tensor {name!r}: full_tensor() returned {type(gathered).__name__}")
+    if tuple(gathered.shape) != tuple(tensor.shape):
+        raise ValueError(
+            f"tensor {name!r}: full_tensor() gave shape {tuple(gathered.shape)}, but the "
+            f"DTensor's global shape is {tuple(tensor.shape)}"
+        )
     return gathered
+
+
+def check_mesh(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a DTensor whose device mesh this process cannot gather it on, before any
+    collective: its mesh names a rank outside this process's default process group, or
+    does not include this process's rank (``full_tensor()`` there returns an empty
+    shard, not the weight), or spans several ranks while torch.distributed is not
+    initialized here. A tensor without a ``device_mesh`` passes.
+
+    Raises:
+        ValueError: names the tensor, its mesh and this process's group.
+    """
+    mesh = getattr(tensor, "device_mesh", None)
+    if mesh is None:
+        return
+    ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
+    theirs = f"DeviceMesh({mesh.device_type!r}, ranks {ranks})"
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if len(ranks) > 1:
+            raise ValueError(
+                f"tensor {name!r}: a DTensor on {theirs}, but this process has no default "
+                "process group (torch.distributed is not initialized), so its shards "
+                "cannot be gathered here"
+            )
+        return
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    ours = (
+        f"this process's default group ({torch.distributed.get_backend()}, rank {rank} of "
+        f"world size {world})"
+    )
+    outside = [r for r in ranks if not 0 <= r < world]
+    if outside:
+        raise ValueError(
+            f"tensor {name!r}: a DTensor on {theirs}, which names ranks {outside} outside "
+            f"{ours}: its gather could never complete"
+        )
+    if mesh.get_coordinate() is None:
+        raise ValueError(
+            f"tensor {name!r}: a DTensor on {theirs}, which does not include rank {rank} of "
+            f"{ours}: its shards live on other ranks, and full_tensor() here would return "
+            "an empty shard instead of the weight; gather it on a rank of its mesh"
+        )
 
 
 def named_tensors(
