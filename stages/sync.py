@@ -16,9 +16,10 @@ sync commits or fails.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections.abc import AsyncIterable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -26,13 +27,15 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 import anyio.to_thread
 
-from weightpipe.pipeline import Pipeline, PipelineObserver, RunReport, StageError
+from weightpipe.pipeline import Pipeline, PipelineObserver, RunReport, StageError, as_async_iter
 from weightpipe.stages.engines.base import (
+    ChecksLaunchSettings,
     Engine,
     ExpectsFp8Block,
     MeasuresGeneration,
     PauseMode,
     SyncMode,
+    SyncSettings,
     WritesWireBuffer,
     engine_name,
     wire_spec_of,
@@ -162,6 +165,7 @@ async def sync_weights(
     observer: PipelineObserver | None = None,
     on_partial_failure: OnPartialFailure = "keep_paused",
     trace: str | os.PathLike[str] | None = None,
+    source_timeout_s: float | None = None,
 ) -> SyncReport:
     """Install ``version`` from ``source`` into ``engine``: ``stages`` then ``Load``.
 
@@ -178,6 +182,15 @@ async def sync_weights(
     ``WireSpec`` and writes its output straight into such a buffer, so the bytes are
     written once; the other stages are told ``None``. ``on_partial_failure`` is Load's
     policy for a sync that fails after an engine that cannot roll back took a bucket.
+
+    ``source_timeout_s`` is the source's deadline: the longest it may take to yield its
+    next item (``None``: the engine-call deadline, ``timeout_s`` or the engine's
+    ``default_timeout_s``; ``math.inf``: none). A sync source blocked past it (a
+    generator waiting on a peer that never comes) fails the sync with a ``TimeoutError``
+    naming the source and the deadline; its thread is left to finish ``next()`` and then
+    closes the source. A list or tuple, which cannot block, is not timed. When the engine
+    ``ChecksLaunchSettings`` (the SGLang adapters), it is asked, under ``timeout_s``
+    and before the pipeline opens, whether this sync fits what it was launched with.
 
     ``trace`` is a file to write the sync's timeline to, as Chrome trace-event JSON
     (open it in Perfetto or chrome://tracing; see ``docs/trace.md``): one track per stage
@@ -197,10 +210,13 @@ async def sync_weights(
             part of the sync and cannot roll back: it is then dirty (the error's
             ``engine_dirty`` is True and its message says so) and, under
             ``keep_paused``, stays paused until a full sync commits.
-        ValueError: an unknown mode, a bad ``depth``, ``timeout_s``, ``prefetch_bytes`` or
-            version, or a block FP8 stage whose block is not the engine's
-            (``ExpectsFp8Block``; checked before the engine is touched). Repeated stage
-            names are numbered (``load``, ``load-2``).
+        ValueError: an unknown mode, a bad ``depth``, ``timeout_s``, ``source_timeout_s``,
+            ``prefetch_bytes`` or version, or a block FP8 stage whose block is not the
+            engine's (``ExpectsFp8Block``; checked before the engine is touched). Repeated
+            stage names are numbered (``load``, ``load-2``).
+        EngineError: the engine's launch settings say the sync cannot fit
+            (``ChecksLaunchSettings``: an SGLang server of another ``tp_size``, or one
+            quantized without FP8 for an FP8 sync); raised before the engine is touched.
     """
     _check_fp8_block(stages, engine)
     for stage in stages:
@@ -221,6 +237,8 @@ async def sync_weights(
         prefetch_bytes=prefetch_bytes,
         on_partial_failure=on_partial_failure,
     )
+    source_deadline_s = _source_deadline(source_timeout_s, load.timeout_s)
+    await _check_launch_settings(stages, engine, load.timeout_s)
     timeline = (
         None if trace is None else SyncTrace(version=version, engine=engine, observer=observer)
     )
@@ -233,7 +251,7 @@ async def sync_weights(
         try:
             if timeline is not None:
                 timeline.attach()
-            run = await pipeline.run(source)
+            run = await pipeline.run(_with_deadline(source, source_deadline_s))
         except StageError as exc:
             # The first failure may come from a stage before Load while the engine already
             # holds part of the sync: the error the caller sees must say so too.
@@ -336,3 +354,83 @@ def _check_fp8_block(stages: Sequence[Any], engine: object) -> None:
                 "every scale would be applied to the wrong rows and columns "
                 f"(quantize.block={list(expected)}, or launch the engine with that block)"
             )
+
+
+async def _check_launch_settings(stages: Sequence[Any], engine: object, timeout_s: float) -> None:
+    """Ask an engine that ``ChecksLaunchSettings`` whether this sync fits it, before the
+    pipeline opens. A check that does not answer within ``timeout_s`` is not a refusal:
+    it is logged, and the sync's own calls meet the engine under their deadlines."""
+    if not isinstance(engine, ChecksLaunchSettings):
+        return
+    quantize = next((stage for stage in stages if isinstance(stage, Fp8Quantize)), None)
+    settings = SyncSettings(
+        fp8_method=None if quantize is None else quantize.method,
+        fp8_block=(
+            None
+            if quantize is None or quantize.method != "block"
+            else (int(quantize.block[0]), int(quantize.block[1]))
+        ),
+    )
+    with anyio.move_on_after(timeout_s) as scope:
+        await engine.check_launch_settings(settings)
+    if scope.cancelled_caught:
+        logger.warning(
+            "engine %r did not report its launch settings within %s s; the sync is not "
+            "checked against them",
+            engine_name(engine),
+            timeout_s,
+        )
+
+
+def _source_deadline(source_timeout_s: float | None, timeout_s: float) -> float:
+    if source_timeout_s is None:
+        return timeout_s
+    if isinstance(source_timeout_s, bool) or not isinstance(source_timeout_s, (int, float)):
+        raise ValueError(f"source_timeout_s must be a number of seconds, got {source_timeout_s!r}")
+    if not source_timeout_s > 0:
+        raise ValueError(f"source_timeout_s must be > 0, got {source_timeout_s!r}")
+    return float(source_timeout_s)
+
+
+def _source_name(source: object) -> str:
+    name = getattr(source, "__qualname__", None)
+    kind = type(source).__name__
+    return f"{kind} {name!r}" if isinstance(name, str) and name else kind
+
+
+def _with_deadline(
+    source: Iterable[Any] | AsyncIterable[Any], deadline_s: float
+) -> Iterable[Any] | AsyncIterable[Any]:
+    """``source``, each of its items awaited under ``deadline_s`` (a list or tuple, which
+    cannot block, and an infinite deadline pass it on as it is)."""
+    if math.isinf(deadline_s) or isinstance(source, (list, tuple)):
+        return source
+    return _timed(source, deadline_s)
+
+
+async def _timed(
+    source: Iterable[Any] | AsyncIterable[Any], deadline_s: float
+) -> AsyncGenerator[Any, None]:
+    # as_async_iter advances a sync source in a worker thread and abandons that wait when
+    # cancelled, so the deadline takes effect while next() still blocks; that thread then
+    # closes the source once next() returns (pipeline._iter).
+    items = as_async_iter(source)
+    count = 0
+    try:
+        while True:
+            with anyio.move_on_after(deadline_s) as scope:
+                try:
+                    item = await items.__anext__()
+                except StopAsyncIteration:
+                    return
+            if scope.cancelled_caught:
+                raise TimeoutError(
+                    f"the source ({_source_name(source)}) yielded no item within the sync's "
+                    f"source deadline of {deadline_s:g} s (source_timeout_s, by default "
+                    f"timeout_s) after {count} items"
+                )
+            count += 1
+            yield item
+    finally:
+        with anyio.CancelScope(shield=True):
+            await items.aclose()

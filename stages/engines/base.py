@@ -34,11 +34,13 @@ import anyio
 
 from weightpipe.pipeline import WeightpipeError
 from weightpipe.stages.bucket import WeightBucket
+from weightpipe.stages.fp8.spec import Fp8Method
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "PAUSE_MODES",
     "SYNC_MODES",
+    "ChecksLaunchSettings",
     "Engine",
     "EngineDirtyError",
     "EngineError",
@@ -49,6 +51,7 @@ __all__ = [
     "RollsBack",
     "SwitchesAtomically",
     "SyncMode",
+    "SyncSettings",
     "TakesFlatBuckets",
     "WireSpec",
     "WritesWireBuffer",
@@ -196,6 +199,40 @@ class ExpectsFp8Block(Protocol):
 
     @property
     def fp8_block_size(self) -> tuple[int, int]: ...
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """What a sync is about to send, as far as an engine can check it against the
+    settings it was launched with (``ChecksLaunchSettings``).
+
+    Attributes:
+        fp8_method: the method of the sync's ``Fp8Quantize`` stage (``block``, ``channel``
+            or ``tensor``); None when the sync has none, so linear weights go in the
+            dtype the source gave them (bf16, typically).
+        fp8_block: the block ``[out, in]`` of a ``block`` stage, else None.
+    """
+
+    fp8_method: Fp8Method | None = None
+    fp8_block: tuple[int, int] | None = None
+
+
+@runtime_checkable
+class ChecksLaunchSettings(Protocol):
+    """An engine that can tell, before it is touched, that a sync cannot fit what it was
+    launched with (the SGLang adapters: the server's ``tp_size`` and ``quantization``).
+
+    ``sync_weights`` awaits ``check_launch_settings`` once per sync, under the sync's
+    engine-call deadline, before the pipeline opens: before any pause, ``begin`` or
+    bucket. It must not change what the engine serves, and it refuses only what is
+    certainly wrong; a setting the engine does not report is not checked.
+
+    Raises (from ``check_launch_settings``):
+        EngineError: the sync disagrees with the engine's launch settings (names the
+            engine and both values).
+    """
+
+    async def check_launch_settings(self, sync: SyncSettings) -> None: ...
 
 
 def engine_switches_atomically(engine: object) -> bool:

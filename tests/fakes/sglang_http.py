@@ -194,7 +194,12 @@ class SGLangHTTPDouble:
         spec: the model's parameters: name -> (shape, dtype); an update naming anything
             else, or with another shape or dtype, is refused like SGLang's loader does.
         behave_like: ``"0.5.23"`` (sessions required) or ``"0.5.12"`` (no sessions).
-        tp_size: how many ranks decode their own ``serialized_named_tensors`` entry.
+        tp_size: how many ranks decode their own ``serialized_named_tensors`` entry;
+            reported by server info as ``tp_size``, as SGLang reports its server args.
+        quantization: the ``--quantization`` the server was launched with, reported by
+            server info as ``quantization`` (None, as SGLang reports it when the
+            checkpoint's own config decides). It changes nothing else: the double's
+            ``spec`` says what its parameters hold.
         api_key: require ``Authorization: Bearer <api_key>``.
         running_requests: requests "in the running batch": a cache flush fails while any
             remain unless generation is paused in abort or retract mode.
@@ -210,6 +215,7 @@ class SGLangHTTPDouble:
         *,
         behave_like: Behaviour = "0.5.23",
         tp_size: int = 1,
+        quantization: str | None = None,
         api_key: str | None = None,
         running_requests: int = 0,
         version_in_server_info: bool = True,
@@ -218,6 +224,7 @@ class SGLangHTTPDouble:
         self.spec = dict(spec)
         self.behave_like: Behaviour = behave_like
         self.tp_size = tp_size
+        self.quantization = quantization
         self.api_key = api_key
         self.running_requests = running_requests
         self.version_in_server_info = version_in_server_info
@@ -525,7 +532,9 @@ class SGLangHTTPDouble:
         )
 
     async def _server_info(self, request: web.Request) -> web.Response:
-        info: dict[str, Any] = {"tp_size": self.tp_size}
+        # SGLang answers with every resolved server arg (0.5.23: ServerArgs.resolved_dict();
+        # 0.5.12: the dataclass as a dict), tp_size and quantization among them.
+        info: dict[str, Any] = {"tp_size": self.tp_size, "quantization": self.quantization}
         if self.version_in_server_info:
             info["version"] = self.behave_like
         return web.json_response(info)

@@ -49,12 +49,14 @@ from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import (
     EngineError,
     PauseMode,
+    SyncSettings,
     WireSpec,
     retry_within_deadline,
 )
 from weightpipe.stages.engines.sglang import wire as wire
 
 __all__ = [
+    "NOT_FP8_QUANTIZATIONS",
     "SESSION_MIN_VERSION",
     "LoadFormat",
     "OperationMissing",
@@ -62,6 +64,7 @@ __all__ = [
     "SGLangTransport",
     "SessionMode",
     "cache_not_flushed",
+    "launch_mismatch",
     "parse_version",
     "uses_sessions",
 ]
@@ -117,6 +120,65 @@ def uses_sessions(server_version: str) -> bool | None:
 def cache_not_flushed(op: str, message: str) -> bool:
     """Whether a refusal of ``op`` is SGLang's "cache not flushed, requests running"."""
     return op == "flush_cache" or bool(_CACHE_NOT_FLUSHED.search(message))
+
+
+NOT_FP8_QUANTIZATIONS: frozenset[str] = frozenset(
+    {
+        "awq",
+        "awq_marlin",
+        "gptq",
+        "gptq_marlin",
+        "bitsandbytes",
+        "gguf",
+        "w8a8_int8",
+        "moe_wna16",
+        "mxfp4",
+        "modelopt_fp4",
+        "nvfp4_online",
+        "petit_nvfp4",
+        "mlx_q4",
+        "mlx_q8",
+        "auto-round-int8",
+        "quark_mxfp4",
+    }
+)
+"""Values of SGLang's ``--quantization`` (``ServerArgs.quantization``, reported by
+``/server_info``) under which the linear layers hold int4, int8, FP4 or GGUF weights, never
+``float8_e4m3fn`` with scales: an FP8 sync cannot be loaded into such a server. The FP8
+methods (``fp8``, ``w8a8_fp8``, ``modelopt_fp8``, ``mxfp8``, ...), the mixed and
+checkpoint-described ones (``compressed-tensors``, ``quark``, ``modelopt_mixed``, ...) and
+``None`` are not in it: see ``launch_mismatch``."""
+
+
+def launch_mismatch(tp_size: int, info: dict[str, Any], sync: SyncSettings) -> str | None:
+    """Why a sync cannot fit the server args ``info`` reports, or None when nothing certain.
+
+    Checked, each only when ``info`` reports it: ``tp_size`` (an int) equals the client's
+    (one payload per TP rank; a server with more ranks than payloads, or fewer, cannot
+    load the update); and an FP8 sync (``sync.fp8_method`` set) against a ``quantization``
+    in ``NOT_FP8_QUANTIZATIONS``. Not checkable from the server args, so never refused:
+    ``quantization`` None means the checkpoint's own ``quantization_config`` decides (an
+    FP8 checkpoint launched without ``--quantization`` reports None, as a bf16 one does);
+    ``fp8`` is reported alike for an FP8 checkpoint and for a bf16 one quantized online
+    at load, so neither a bf16 sync nor an FP8 one is certainly wrong there; and the
+    checkpoint's ``weight_block_size`` is reported by no endpoint.
+    """
+    reported = info.get("tp_size")
+    if isinstance(reported, int) and not isinstance(reported, bool) and reported != tp_size:
+        return (
+            f"the server reports tp_size={reported}, but this client was built with "
+            f"tp_size={tp_size} (one payload per tensor-parallel rank): build it with "
+            f"tp_size={reported}"
+        )
+    quantization = info.get("quantization")
+    if sync.fp8_method is not None and quantization in NOT_FP8_QUANTIZATIONS:
+        return (
+            f"the sync sends FP8 weights (Fp8Quantize method={sync.fp8_method!r}), but the "
+            f"server was launched with quantization={quantization!r}, whose layers hold no "
+            "float8_e4m3fn weights: launch it on an FP8 checkpoint (or --quantization fp8), "
+            "or sync without Fp8Quantize into a bf16 server"
+        )
+    return None
 
 
 class OperationMissing(EngineError):
@@ -212,6 +274,9 @@ class SGLangClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.server_version: str | None = None
+        # The server args, read once (check_launch_settings): None until read; {} when
+        # the engine reports none.
+        self._server_info: dict[str, Any] | None = None
         self._needs_session: bool | None = {"on": True, "off": False, "auto": None}[session]
         self._session_open = False
         self._encode_limiter = anyio.CapacityLimiter(1)
@@ -310,10 +375,12 @@ class SGLangClient:
             return self._needs_session
         known = self.transport.sessions_by_capability()
         if known is None:
-            try:
-                info = await self.request("get_server_info")
-            except OperationMissing:
-                info = None  # decided by probing begin_weight_update
+            info = self._server_info
+            if not info:
+                try:
+                    info = await self.request("get_server_info")
+                except OperationMissing:
+                    info = None  # decided by probing begin_weight_update
             if isinstance(info, dict) and info.get("version"):
                 self.server_version = str(info["version"])
                 known = uses_sessions(self.server_version)
@@ -340,6 +407,34 @@ class SGLangClient:
                 fold = parsed is not None and parsed[:3] >= FOLD_VERSION_MIN_VERSION
             self._folds_version = fold
         return self._folds_version
+
+    async def check_launch_settings(self, sync: SyncSettings) -> None:
+        """Refuse ``sync`` where the server's args say it cannot fit (``launch_mismatch``),
+        before anything is sent that changes the server. The args are asked once
+        (``get_server_info``; the session detection reuses the answer); an engine that has
+        no such operation is not checked, and one whose answer fails is not checked this
+        time (the sync's own calls then meet the failure) and asked again next time.
+
+        Raises:
+            EngineError: the sync disagrees with the server's args (names both values).
+        """
+        if self._server_info is None:
+            try:
+                info = await self.request("get_server_info")
+            except OperationMissing:
+                info = {}
+            except EngineError as exc:
+                log.warning(
+                    "%s: could not read the server args to check the sync: %s", self.name, exc
+                )
+                return
+            self._server_info = info if isinstance(info, dict) else {}
+            version = self._server_info.get("version")
+            if version and self.server_version is None:
+                self.server_version = str(version)
+        why = launch_mismatch(self.tp_size, self._server_info, sync)
+        if why is not None:
+            raise EngineError(self.name, f"refusing the sync before touching the server: {why}")
 
     async def prepare(self, bucket: WeightBucket) -> None:
         """Everything about ``bucket`` that need not wait for the pause: detect sessions

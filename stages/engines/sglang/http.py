@@ -27,7 +27,7 @@ import httpx
 import torch
 
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import EngineError, PauseMode, WireSpec
+from weightpipe.stages.engines.base import EngineError, PauseMode, SyncSettings, WireSpec
 from weightpipe.stages.engines.sglang import wire as wire
 from weightpipe.stages.engines.sglang.client import (
     LoadFormat,
@@ -330,6 +330,17 @@ class SGLangHTTPEngine:
         """The buffer layout this engine sends as it is (``TakesFlatBuckets``): the stage
         before Load writes into it, so a bucket reaches the wire without another copy."""
         return self.client.wire_spec()
+
+    async def check_launch_settings(self, sync: SyncSettings) -> None:
+        """Refuse, before the server is touched, a sync its ``/server_info`` says cannot fit
+        (``ChecksLaunchSettings``): another ``tp_size``, or FP8 weights for a server
+        launched with a quantization that holds none (see ``client.launch_mismatch``).
+        The server args are read once, and the session detection reuses them.
+
+        Raises:
+            EngineError: the sync disagrees with the server's args (names both values).
+        """
+        await self.client.check_launch_settings(sync)
 
     # -- Engine protocol: SGLangClient does the work ----------------------------------
 

@@ -28,7 +28,7 @@ import anyio.to_thread
 import torch
 
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import EngineError, PauseMode, WireSpec
+from weightpipe.stages.engines.base import EngineError, PauseMode, SyncSettings, WireSpec
 from weightpipe.stages.engines.sglang import wire as wire
 from weightpipe.stages.engines.sglang.client import (
     LoadFormat,
@@ -323,6 +323,20 @@ class SGLangEngine:
         """The buffer layout this engine sends as it is (``TakesFlatBuckets``): the stage
         before Load writes into it, so a bucket reaches the wire without another copy."""
         return self.client.wire_spec()
+
+    async def check_launch_settings(self, sync: SyncSettings) -> None:
+        """Refuse, before the Engine is touched, a sync its ``get_server_info()`` says
+        cannot fit (``ChecksLaunchSettings``): another ``tp_size``, or FP8 weights for an
+        Engine launched with a quantization that holds none (``client.launch_mismatch``).
+        Asked once; an Engine without ``get_server_info`` is not checked. Builds the
+        Engine first if needed.
+
+        Raises:
+            EngineError: the sync disagrees with the Engine's args (names both values).
+            ImportError: the Engine has to be built and sglang is missing.
+        """
+        await self.open()
+        await self.client.check_launch_settings(sync)
 
     # -- Engine protocol: SGLangClient does the work ----------------------------------
 

@@ -17,6 +17,7 @@ import math
 import re
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -29,9 +30,12 @@ from tests.stages.engines.sglang.drive import WaitRecordingEvent, failed_sync, l
 from weightpipe.pipeline import Pipeline
 from weightpipe.stages._layout import flatten, unflatten
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import Engine
+from weightpipe.stages.engines.base import Engine, EngineError
 from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine, parse_version, uses_sessions
+from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.load import Load
+from weightpipe.stages.quantize import Fp8Quantize
+from weightpipe.stages.sync import SyncReport, sync_weights
 
 
 def _model() -> list[tuple[str, torch.Tensor]]:
@@ -598,3 +602,98 @@ async def test_fault_mid_sync_keeps_the_version_and_the_engine_paused() -> None:
             assert await engine.version() == 3
         assert server.paused is None  # resumed after the full sync's commit
         assert server.paths().count("/pause_generation") == 2  # the dirty one is not re-paused
+
+
+# -- launch settings: /server_info's tp_size and quantization, read before the server is touched
+
+
+def _bf16_weights() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [
+        ("model.embed_tokens.weight", torch.randn(64, 32, generator=g).to(torch.bfloat16)),
+        ("model.layers.0.mlp.down_proj.weight", torch.randn(160, 130, generator=g)),
+        ("model.norm.weight", torch.randn(32, generator=g).to(torch.bfloat16)),
+    ]
+
+
+def _fp8_spec() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What an FP8 server holds for ``_bf16_weights``: Fp8Quantize's names and dtypes."""
+    bucket = WeightBucket(tuple(_bf16_weights()), index=0, is_last=True, version=1)
+    return {n: (tuple(t.shape), t.dtype) for n, t in Fp8Quantize().quantize_bucket(bucket).tensors}
+
+
+def _bf16_spec() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {n: (tuple(t.shape), torch.bfloat16) for n, t in _bf16_weights()}
+
+
+async def _launch_sync(engine: SGLangHTTPEngine, version: int, *, fp8: bool) -> SyncReport:
+    stages: list[Any] = [Fetch(1 << 20), *([Fp8Quantize()] if fp8 else [])]
+    if not fp8:  # a bf16 sync: the linear weight goes in the server's bf16
+        weights = [(n, t.to(torch.bfloat16)) for n, t in _bf16_weights()]
+    else:
+        weights = _bf16_weights()
+    return await sync_weights(weights, engine, version=version, stages=stages, timeout_s=10.0)
+
+
+def _untouched(server: SGLangHTTPDouble) -> None:
+    assert all(path.endswith("server_info") for path in server.paths()), server.paths()
+    assert server.weight_version == "default"
+    assert server.paused is None
+    assert not server.session_open
+    assert not server.weights
+
+
+@pytest.mark.parametrize("behave_like", ["0.5.23", "0.5.12"])
+async def test_a_sync_for_another_tp_size_is_refused_before_the_server_is_touched(
+    behave_like: str,
+) -> None:
+    with SGLangHTTPDouble(_fp8_spec(), behave_like=behave_like, tp_size=2) as server:  # type: ignore[arg-type]
+        async with SGLangHTTPEngine(server.url, tp_size=1) as engine:
+            with pytest.raises(EngineError) as info:
+                await _launch_sync(engine, 1, fp8=True)
+        message = str(info.value)
+        assert "engine 'sglang_http'" in message
+        assert "server reports tp_size=2" in message
+        assert "built with tp_size=1" in message
+        _untouched(server)
+        async with SGLangHTTPEngine(server.url, tp_size=2) as engine:
+            report = await _launch_sync(engine, 1, fp8=True)
+            assert report.version == 1
+            await _launch_sync(engine, 2, fp8=True)
+        assert server.weight_version == "2"
+        # Read once per engine, before its first sync; the session detection reused it.
+        asked = [p for p in server.paths() if p.endswith("server_info")]
+        once = ["/server_info"] if behave_like == "0.5.23" else ["/server_info", "/get_server_info"]
+        assert asked == once * 2  # once by each of the two engines
+
+
+async def test_an_fp8_sync_into_a_server_quantized_without_fp8_is_refused() -> None:
+    with SGLangHTTPDouble(_fp8_spec(), quantization="awq") as server:
+        async with SGLangHTTPEngine(server.url) as engine:
+            with pytest.raises(EngineError) as info:
+                await _launch_sync(engine, 1, fp8=True)
+        message = str(info.value)
+        assert "engine 'sglang_http'" in message
+        assert "Fp8Quantize method='block'" in message
+        assert "quantization='awq'" in message
+        _untouched(server)
+
+
+@pytest.mark.parametrize(
+    ("quantization", "fp8"),
+    [
+        (None, True),  # an FP8 checkpoint launched without --quantization reports None
+        ("fp8", True),
+        ("fp8", False),  # as a bf16 checkpoint quantized online at load: not refused
+        (None, False),
+    ],
+)
+async def test_what_the_server_args_cannot_tell_apart_is_not_refused(
+    quantization: str | None, fp8: bool
+) -> None:
+    spec = _fp8_spec() if fp8 else _bf16_spec()
+    with SGLangHTTPDouble(spec, quantization=quantization) as server:
+        async with SGLangHTTPEngine(server.url) as engine:
+            report = await _launch_sync(engine, 1, fp8=fp8)
+        assert report.version == 1
+        assert server.weight_version == "1"

@@ -34,9 +34,11 @@ from tests.fakes.sglang_faults import FaultyFakeSGLangEngine
 from tests.stages.engines.sglang.drive import WaitRecordingEvent, failed_sync, load_sync
 from weightpipe.pipeline import Pipeline, StageError
 from weightpipe.stages.bucket import WeightBucket
-from weightpipe.stages.engines.base import Engine
+from weightpipe.stages.engines.base import Engine, EngineError
 from weightpipe.stages.engines.sglang.inprocess import SGLangEngine, import_sglang
+from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.load import Load
+from weightpipe.stages.sync import sync_weights
 
 
 def _model() -> list[tuple[str, torch.Tensor]]:
@@ -326,3 +328,56 @@ def test_bad_arguments() -> None:
         SGLangEngine()
     with pytest.raises(ValueError, match="timeout_s"):
         SGLangEngine(FakeSGLangEngine(_spec()), timeout_s=0)
+
+
+# -- launch settings: the Engine's get_server_info(), read before the Engine is touched ----
+
+
+class _ReportingEngine(FakeSGLangEngine):
+    """FakeSGLangEngine plus ``get_server_info()``, which the real ``sglang.Engine`` has: a
+    dict of its resolved server args (``tp_size`` and ``quantization`` among them), its
+    scheduler info and ``version``."""
+
+    def __init__(
+        self,
+        spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        *,
+        tp_size: int = 1,
+        quantization: str | None = None,
+    ) -> None:
+        super().__init__(spec, tp_size=tp_size)
+        self.quantization = quantization
+        self.info_reads = 0
+
+    def get_server_info(self) -> dict[str, Any]:
+        self.info_reads += 1
+        return {"tp_size": self.tp_size, "quantization": self.quantization, "version": "0.5.23"}
+
+
+async def _sync_pairs(engine: SGLangEngine, version: int) -> Any:
+    return await sync_weights(_model(), engine, version=version, stages=[Fetch(1 << 20)])
+
+
+async def test_a_sync_for_another_tp_size_is_refused_before_the_engine_is_touched() -> None:
+    fake = _ReportingEngine(_spec(), tp_size=2)
+    engine = SGLangEngine(fake, tp_size=1)  # type: ignore[arg-type]
+    with pytest.raises(EngineError) as info:
+        await _sync_pairs(engine, 1)
+    message = str(info.value)
+    assert "engine 'sglang_engine'" in message
+    assert "tp_size=2" in message and "tp_size=1" in message
+    assert fake.calls == []  # no begin, no update
+    assert not fake.weights
+    assert await engine.version() is None
+    matching = SGLangEngine(fake, tp_size=2)  # type: ignore[arg-type]
+    await _sync_pairs(matching, 1)
+    await _sync_pairs(matching, 2)
+    assert await matching.version() == 2
+    assert fake.info_reads == 2  # once by each adapter
+
+
+async def test_an_engine_without_get_server_info_is_not_checked() -> None:
+    fake = FakeSGLangEngine(_spec(), tp_size=1)
+    engine = SGLangEngine(fake, tp_size=1)  # type: ignore[arg-type]
+    report = await _sync_pairs(engine, 1)
+    assert report.version == 1
