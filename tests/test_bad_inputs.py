@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import re
 import struct
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,10 @@ import torch
 from safetensors.torch import save_file
 
 from tests.fakes.local import local_engine, new_weights, snapshot
+from tests.helpers import free_port
 from weightpipe.pipeline import WeightpipeError
+from weightpipe.stages.app.config import load_weightpipe_config
+from weightpipe.stages.app.factory import build_fetch, build_quantize
 from weightpipe.stages.engines.local import LocalEngine
 from weightpipe.stages.fetch import Fetch
 from weightpipe.stages.quantize import Fp8Quantize
@@ -43,6 +48,8 @@ class Ctx:
     engine: LocalEngine
     weights: Weights
     tmp: Path
+    teardown: list[Callable[[], None]] = field(default_factory=list)
+    """Run by the test after its checks, last registered first (a case's own checks)."""
 
 
 Case = Callable[[Ctx], Awaitable[Any]]
@@ -267,6 +274,82 @@ async def overlapping_safetensors_offsets(ctx: Ctx) -> Any:
     return await _sync(ctx, _file_source(path, direct=True), fp8=False)
 
 
+async def _sync_from_config(ctx: Ctx, text: str) -> Any:
+    """A sync built as the demo and the CLI build theirs: a YAML file through
+    ``load_weightpipe_config``, then the factory's stages and the file's depth."""
+    path = ctx.tmp / "weightpipe.yaml"
+    path.write_text(text)
+    config = load_weightpipe_config(path)
+    stages: list[Any] = [build_fetch(config.fetch)]
+    if config.quantize.enabled:
+        stages.append(build_quantize(config.quantize))
+    return await sync_weights(
+        list(ctx.weights.items()), ctx.engine, version=2, stages=stages, depth=config.depth
+    )
+
+
+async def config_typo(ctx: Ctx) -> Any:
+    return await _sync_from_config(ctx, "fetch:\n  bucket_byts: 1048576\n")
+
+
+async def config_wrong_type(ctx: Ctx) -> Any:
+    return await _sync_from_config(ctx, "depth: two\n")
+
+
+async def config_block_not_a_list(ctx: Ctx) -> Any:
+    return await _sync_from_config(ctx, "quantize:\n  block: 128\n")
+
+
+async def config_wrong_choice(ctx: Ctx) -> Any:
+    return await _sync_from_config(ctx, "quantize:\n  method: blok\n")
+
+
+async def source_blocks_forever(ctx: Ctx) -> Any:
+    release = threading.Event()
+    closed = threading.Event()
+    pairs = list(ctx.weights.items())
+
+    def trainer() -> Iterator[tuple[str, torch.Tensor]]:
+        try:
+            for index, pair in enumerate(pairs):
+                if index == 4:
+                    release.wait()  # a peer that never comes, until the test ends
+                yield pair
+        finally:
+            closed.set()
+
+    def ended() -> None:
+        release.set()
+        # The abandoned next() returns, and its worker thread closes the generator.
+        assert closed.wait(timeout=30.0), "the blocked source was never closed"
+
+    ctx.teardown.append(ended)
+    return await sync_weights(
+        trainer(), ctx.engine, version=2, stages=[Fetch(1 << 20), Fp8Quantize()], timeout_s=1.0
+    )
+
+
+async def dtensor_on_another_mesh(ctx: Ctx) -> Any:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{free_port()}",
+            rank=0,
+            world_size=1,
+            timeout=timedelta(seconds=30),
+        )
+        ctx.teardown.append(dist.destroy_process_group)
+    # A mesh of one rank the default group does not have: torch builds it, and this
+    # process's shard of it is empty (full_tensor() used to return a (0,) tensor).
+    mesh = DeviceMesh("cpu", torch.tensor([dist.get_world_size()]))
+    sharded = distribute_tensor(ctx.weights[LINEAR], mesh, [Shard(0)])
+    return await _sync(ctx, _with(ctx, LINEAR, sharded))
+
+
 XFAIL: dict[str, str] = {}
 
 CASES: dict[str, tuple[Case, str]] = {
@@ -309,6 +392,29 @@ CASES: dict[str, tuple[Case, str]] = {
     "truncated_safetensors": (truncated_safetensors, f"{LINEAR}.*truncated"),
     "corrupt_safetensors_header": (corrupt_safetensors_header, "bad.safetensors.*corrupt"),
     "overlapping_safetensors_offsets": (overlapping_safetensors_offsets, "overlap"),
+    "config_typo": (
+        config_typo,
+        r"config key 'fetch.bucket_byts': unknown key .*did you mean 'fetch.bucket_bytes'\?",
+    ),
+    "config_wrong_type": (config_wrong_type, r"config key 'depth': wrong type.*expected int"),
+    "config_block_not_a_list": (
+        config_block_not_a_list,
+        r"config key 'quantize.block': wrong type .*got int 128; expected list\[int\]",
+    ),
+    "config_wrong_choice": (
+        config_wrong_choice,
+        r"config key 'quantize.method': 'blok' is not one of the choices.*did you mean 'block'",
+    ),
+    "source_blocks_forever": (
+        source_blocks_forever,
+        r"stage 'source'.*\(generator '.*trainer'\) yielded no item within the sync's source "
+        r"deadline of 1 s",
+    ),
+    "dtensor_on_another_mesh": (
+        dtensor_on_another_mesh,
+        rf"tensor '{LINEAR}': a DTensor on DeviceMesh\('cpu', ranks \[1\]\).*"
+        r"default group \(gloo, rank 0 of world size 1\)",
+    ),
 }
 
 
@@ -339,14 +445,18 @@ async def test_a_bad_input_is_refused_before_the_engine_changes(kind: str, tmp_p
         )
         before = snapshot(engine)
         ctx = Ctx(engine, new_weights(engine, seed=2), tmp_path)
-        with pytest.raises((WeightpipeError, ValueError, TypeError)) as info:
-            await case(ctx)
-        assert re.search(names, _chain(info.value)), _chain(info.value)
-        assert await engine.version() == 1
-        after = snapshot(engine)
-        assert all(torch.equal(after[name], before[name]) for name in before)
-        assert not engine.paused
-        await engine.wait_for_tokens(engine.tokens_generated + 1, timeout_s=30.0)
+        try:
+            with pytest.raises((WeightpipeError, ValueError, TypeError)) as info:
+                await case(ctx)
+            assert re.search(names, _chain(info.value)), _chain(info.value)
+            assert await engine.version() == 1
+            after = snapshot(engine)
+            assert all(torch.equal(after[name], before[name]) for name in before)
+            assert not engine.paused
+            await engine.wait_for_tokens(engine.tokens_generated + 1, timeout_s=30.0)
+        finally:
+            for step in reversed(ctx.teardown):
+                step()
 
 
 def test_the_corpus_has_at_least_25_kinds() -> None:
