@@ -872,6 +872,12 @@ class Pipeline:
         flush = getattr(stage, "flush", None)
         if flush is None:
             return
+        if run.failures:
+            # The input ended because a stage upstream (or the source) failed and closed
+            # its channel, not because it was done: a flush would emit a "last" item of a
+            # stream that is not complete. The group's cancellation may not have reached
+            # this task yet, so this is checked rather than left to the next checkpoint.
+            return
         meter = run.meters[index]
         out_before, bytes_before = meter.items_out, meter.bytes_out
         busy = await self._call(run, index, "flush", lambda: None, flush, emit, spans)

@@ -738,3 +738,42 @@ async def test_a_run_that_never_waits_is_cancelled_by_an_outer_scope() -> None:
             await pipe.run(source())
     assert scope.cancelled_caught
     assert pipe.statistics() is None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_failed_source_is_never_followed_by_a_flush(workers: int) -> None:
+    # A stage whose flush emits without awaiting anything: when the source fails, its
+    # input channel closes as if the stream were done, and the group's cancellation may
+    # reach this task only later. The flush must not run: its "last" item would tell the
+    # sink the stream was complete.
+    class Collect(Stage[int, list[int]]):
+        name = "collect"
+
+        def __init__(self) -> None:
+            self.workers = workers
+            self.held: list[int] = []
+            self.flushed = False
+
+        async def process(self, item: int) -> list[list[int]]:
+            self.held.append(item)
+            return []
+
+        async def flush(self) -> AsyncIterator[list[int]]:
+            self.flushed = True
+            yield list(self.held)
+
+    def broken() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    stage = Collect()
+    seen: list[list[int]] = []
+
+    async def sink(item: list[int]) -> None:
+        seen.append(item)
+
+    with pytest.raises(StageError, match="disk gone") as info:
+        await Pipeline([stage]).run(broken(), sink=sink)
+    assert info.value.stage == "source"
+    assert not stage.flushed and seen == []
