@@ -49,10 +49,30 @@ def _next_or_done(iterator: Iterator[T]) -> T:
         return cast(T, _DONE)
 
 
+# Iterators over those containers (``iter(a_list)``, ``iter(d.items())``): their next()
+# only reads memory, so they need no thread either.
+_CONTAINER_ITERATORS: tuple[type, ...] = tuple(
+    {
+        type(iter(example))
+        for example in ([], (), range(0), {}.keys(), {}.values(), {}.items(), set())
+    }
+)
+
+
 def _is_materialised(source: object) -> bool:
-    return isinstance(
-        source,
-        list | tuple | range | cabc.KeysView | cabc.ValuesView | cabc.ItemsView | set | frozenset,
+    return (
+        isinstance(
+            source,
+            list
+            | tuple
+            | range
+            | cabc.KeysView
+            | cabc.ValuesView
+            | cabc.ItemsView
+            | set
+            | frozenset,
+        )
+        or type(source) in _CONTAINER_ITERATORS
     )
 
 
@@ -60,8 +80,9 @@ def as_async_iter(source: Iterable[T] | AsyncIterable[T]) -> AsyncGenerator[T, N
     """Iterate ``source`` asynchronously, whatever it is.
 
     Accepts sync iterables (lists, generators, any iterator), async iterables and async
-    generators. A sync iterator that is not a materialised container is advanced one item
-    at a time in a dedicated worker thread. When the returned generator is closed (the
+    generators. A materialised container (a list, a tuple, a dict's items, ...) or a
+    built-in iterator over one is iterated on the loop; any other sync iterator is advanced
+    one item at a time in a dedicated worker thread. When the returned generator is closed (the
     run ended, failed or was cancelled), the source is finalised: ``aclose()`` on an
     async generator, ``close()`` on a sync generator, both shielded from cancellation.
 

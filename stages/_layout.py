@@ -74,7 +74,7 @@ def align_up(offset: int, align: int) -> int:
 
 def tensor_alignment(dtype: torch.dtype, align_bytes: int) -> int:
     """The alignment a tensor of ``dtype`` gets: ``max(align_bytes, element size)``."""
-    return max(align_bytes, torch.empty((), dtype=dtype).element_size())
+    return max(align_bytes, dtype.itemsize)
 
 
 class BucketPlanner:
@@ -254,7 +254,7 @@ def unflatten(
                 f"tensor {entry.name!r}: bytes [{entry.offset}, {entry.end}) reach past the "
                 f"{size}-byte bucket buffer"
             )
-        element = torch.empty((), dtype=entry.dtype).element_size()
+        element = entry.dtype.itemsize
         if entry.offset % element:
             raise ValueError(
                 f"tensor {entry.name!r}: offset {entry.offset} is not a multiple of its "

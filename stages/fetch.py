@@ -650,6 +650,12 @@ class Fetch(Stage[tuple[str, torch.Tensor], WeightBucket]):
             flat, ready = await anyio.to_thread.run_sync(self._seal, bucket, limiter=self._limiter)
             tensors = unflatten(flat, bucket.layouts)
             buffer = flat
+        elif not self._cuda and all(
+            stream is None and tensor.device == self.device and tensor.is_contiguous()
+            for (_, tensor), stream in zip(bucket.tensors, bucket.source_streams, strict=True)
+        ):
+            # Host tensors passed on as they are: nothing to copy, so no thread round trip.
+            tensors, ready, buffer = list(bucket.tensors), None, None
         else:
             tensors, ready = await anyio.to_thread.run_sync(
                 self._seal_unflattened, bucket, limiter=self._limiter

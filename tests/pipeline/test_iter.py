@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
 from contextlib import aclosing
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import anyio
 import pytest
@@ -43,10 +43,20 @@ async def test_async_iterable_that_is_not_a_generator() -> None:
     assert await collect(Countdown()) == [3, 2, 1]
 
 
-async def test_containers_are_iterated_directly() -> None:
+async def test_containers_are_iterated_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_threads(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError("a container's items went through a worker thread")
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", no_threads)
     assert await collect([1, 2, 3]) == [1, 2, 3]
     assert await collect(range(200)) == list(range(200))
     assert await collect({"a": 1}.items()) == [("a", 1)]
+    # Built-in iterators over containers only read memory: no thread either.
+    assert await collect(iter([4, 5])) == [4, 5]
+    assert await collect(iter({"b": 2}.items())) == [("b", 2)]
+    assert await collect(iter((6,))) == [6]
+    with pytest.raises(AssertionError, match="worker thread"):
+        await collect(x for x in [1])  # a generator may block: it gets a thread
 
 
 async def test_sync_generator_runs_in_a_worker_thread() -> None:
