@@ -51,12 +51,16 @@ def _next_or_done(iterator: Iterator[T]) -> T:
 
 # Iterators over those containers (``iter(a_list)``, ``iter(d.items())``): their next()
 # only reads memory, so they need no thread either.
-_CONTAINER_ITERATORS: tuple[type, ...] = tuple(
-    {
-        type(iter(example))
-        for example in ([], (), range(0), {}.keys(), {}.values(), {}.items(), set())
-    }
+_EMPTY_CONTAINERS: tuple[Iterable[object], ...] = (
+    [],
+    (),
+    range(0),
+    {}.keys(),
+    {}.values(),
+    {}.items(),
+    set(),
 )
+_CONTAINER_ITERATORS: frozenset[type] = frozenset(type(iter(c)) for c in _EMPTY_CONTAINERS)
 
 
 def _is_materialised(source: object) -> bool:
