@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -329,6 +330,18 @@ async def source_blocks_forever(ctx: Ctx) -> Any:
     )
 
 
+async def async_source_blocks_forever(ctx: Ctx) -> Any:
+    async def trainer() -> AsyncIterator[tuple[str, torch.Tensor]]:
+        for index, pair in enumerate(ctx.weights.items()):
+            if index == 4:
+                await anyio.sleep_forever()  # the deadline cancels it here
+            yield pair
+
+    return await sync_weights(
+        trainer(), ctx.engine, version=2, stages=[Fetch(1 << 20), Fp8Quantize()], timeout_s=1.0
+    )
+
+
 async def dtensor_on_another_mesh(ctx: Ctx) -> Any:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
@@ -409,6 +422,11 @@ CASES: dict[str, tuple[Case, str]] = {
         source_blocks_forever,
         r"stage 'source'.*\(generator '.*trainer'\) yielded no item within the sync's source "
         r"deadline of 1 s",
+    ),
+    "async_source_blocks_forever": (
+        async_source_blocks_forever,
+        r"stage 'source'.*\(async_generator '.*trainer'\) yielded no item within the sync's "
+        r"source deadline of 1 s",
     ),
     "dtensor_on_another_mesh": (
         dtensor_on_another_mesh,
