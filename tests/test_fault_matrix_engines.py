@@ -35,15 +35,17 @@ from tests.fakes.local import local_engine, new_weights
 from tests.fakes.sglang_faults import (
     HTTP_FAULTS,
     IN_PROCESS_FAULTS,
+    MATRIX_NAMES,
+    MATRIX_SHAPE,
     RETRYABLE,
     FaultyFakeSGLangEngine,
     FaultyHTTPDouble,
     HTTPFault,
     InProcessFault,
+    matrix_buckets,
+    serves,
 )
-from tests.helpers import bits
 from weightpipe.pipeline import Pipeline, StageError
-from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.sglang.http import SGLangHTTPEngine
 from weightpipe.stages.engines.sglang.inprocess import SGLangEngine
 from weightpipe.stages.fetch import Fetch
@@ -98,26 +100,11 @@ def _path(call: HTTPCall, behave_like: Behaviour) -> tuple[str, int]:
     }[call]
 
 
-NAMES = ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight")
-
-
-def _tensors(version: int) -> list[tuple[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(version)
-    return [(name, torch.randn(4, 6, generator=g).to(torch.bfloat16)) for name in NAMES]
-
-
-def _buckets(version: int) -> list[WeightBucket]:
-    return [
-        WeightBucket(((name, tensor),), index=i, is_last=i == len(NAMES) - 1, version=version)
-        for i, (name, tensor) in enumerate(_tensors(version))
-    ]
+SPEC = {name: (MATRIX_SHAPE, torch.bfloat16) for name in MATRIX_NAMES}
 
 
 def _serves(server: FaultyHTTPDouble, version: int) -> bool:
-    return all(
-        name in server.weights and torch.equal(bits(server.weights[name]), bits(tensor))
-        for name, tensor in _tensors(version)
-    )
+    return serves(server.weights, version)
 
 
 def _http_trials() -> Iterator[object]:
@@ -131,13 +118,13 @@ def _http_trials() -> Iterator[object]:
 
 async def _http_sync(engine: SGLangHTTPEngine, version: int) -> Load:
     load = Load(engine, mode="pause", version=version, timeout_s=TIMEOUT_S)
-    await Pipeline([load]).run(_buckets(version))
+    await Pipeline([load]).run(matrix_buckets(version))
     return load
 
 
 @pytest.mark.parametrize(("behave_like", "call", "fault"), list(_http_trials()))
 async def test_http_fault(behave_like: Behaviour, call: HTTPCall, fault: HTTPFault) -> None:
-    spec = {name: ((4, 6), torch.bfloat16) for name in NAMES}
+    spec = SPEC
     with FaultyHTTPDouble(spec, behave_like=behave_like) as server:
         async with SGLangHTTPEngine(server.url, retries=3, backoff_s=0) as engine:
             await _http_sync(engine, 1)
@@ -148,7 +135,7 @@ async def test_http_fault(behave_like: Behaviour, call: HTTPCall, fault: HTTPFau
             error: StageError | None = None
             with anyio.fail_after(10 * TIMEOUT_S + 5):
                 try:
-                    await Pipeline([load]).run(_buckets(2))
+                    await Pipeline([load]).run(matrix_buckets(2))
                 except StageError as exc:
                     error = exc
             fired = server.fired(path)
@@ -216,7 +203,7 @@ async def test_http_lost_answer_on_the_first_bucket(
     behave_like: Behaviour, fault: HTTPFault
 ) -> None:
     # The server applied the first bucket of v2, then its answer was lost.
-    spec = {name: ((4, 6), torch.bfloat16) for name in NAMES}
+    spec = SPEC
     with FaultyHTTPDouble(spec, behave_like=behave_like) as server:
         async with SGLangHTTPEngine(server.url, retries=3, backoff_s=0) as engine:
             await _http_sync(engine, 1)
@@ -225,7 +212,7 @@ async def test_http_lost_answer_on_the_first_bucket(
             error: StageError | None = None
             with anyio.fail_after(10 * TIMEOUT_S + 5):
                 try:
-                    await Pipeline([load]).run(_buckets(2))
+                    await Pipeline([load]).run(matrix_buckets(2))
                 except StageError as exc:
                     error = exc
             assert server.fired("/update_weights_from_tensor")
@@ -265,10 +252,7 @@ def _paused(fake: FaultyFakeSGLangEngine) -> bool:
 
 
 def _fake_serves(fake: FaultyFakeSGLangEngine, version: int) -> bool:
-    return all(
-        name in fake.weights and torch.equal(bits(fake.weights[name]), bits(tensor))
-        for name, tensor in _tensors(version)
-    )
+    return serves(fake.weights, version)
 
 
 @pytest.mark.parametrize(
@@ -282,15 +266,15 @@ def _fake_serves(fake: FaultyFakeSGLangEngine, version: int) -> bool:
     ],
 )
 async def test_in_process_fault(call: str, fault: InProcessFault) -> None:
-    fake = FaultyFakeSGLangEngine({name: ((4, 6), torch.bfloat16) for name in NAMES})
+    fake = FaultyFakeSGLangEngine(SPEC)
     engine = SGLangEngine(fake, retries=3, backoff_s=0)
     load = Load(engine, mode="pause", version=1, timeout_s=10 * TIMEOUT_S)
-    await Pipeline([load]).run(_buckets(1))
+    await Pipeline([load]).run(matrix_buckets(1))
     method, skip = IN_PROCESS_CALLS[call]
     fake.inject(method, fault, skip=skip)
     load = Load(engine, mode="pause", version=2, timeout_s=10 * TIMEOUT_S)
     with pytest.raises(StageError) as info:
-        await Pipeline([load]).run(_buckets(2))
+        await Pipeline([load]).run(matrix_buckets(2))
     assert fake.fired
     report = load.report
     if call == "resume":
@@ -310,7 +294,7 @@ async def test_in_process_fault(call: str, fault: InProcessFault) -> None:
             assert _fake_serves(fake, 1)
     assert not fake.session_open
     load = Load(engine, mode="pause", version=3, timeout_s=10 * TIMEOUT_S)
-    await Pipeline([load]).run(_buckets(3))
+    await Pipeline([load]).run(matrix_buckets(3))
     assert await engine.version() == 3
     assert _fake_serves(fake, 3)
     assert not _paused(fake)
@@ -332,10 +316,10 @@ async def test_in_process_hang(call: str) -> None:
     # A hung sglang.Engine method holds its worker thread until it returns (it cannot be
     # interrupted); the adapter keeps one call at a time. The version update is no row:
     # the adapter keeps the version itself, no Engine call is made.
-    fake = FaultyFakeSGLangEngine({name: ((4, 6), torch.bfloat16) for name in NAMES})
+    fake = FaultyFakeSGLangEngine(SPEC)
     engine = SGLangEngine(fake, retries=3, backoff_s=0)
     await Pipeline([Load(engine, mode="pause", version=1, timeout_s=10 * TIMEOUT_S)]).run(
-        _buckets(1)
+        matrix_buckets(1)
     )
     tasks_before, threads_before = set(asyncio.all_tasks()), _sync_threads()
     method, skip = IN_PROCESS_CALLS[call]
@@ -344,7 +328,7 @@ async def test_in_process_hang(call: str) -> None:
     # the sync's calls, then at most an abort and a resume, each under its own deadline
     with anyio.fail_after(3 * TIMEOUT_S + load.close_timeout_s + 5):
         with pytest.raises(StageError) as info:
-            await Pipeline([load]).run(_buckets(2))
+            await Pipeline([load]).run(matrix_buckets(2))
     assert fake.hung.is_set() and not fake.hang_returned.is_set()
     what = {"pause": "pause(", "load first": "bucket 0", "load middle": "bucket 1"}
     what |= {"load last": "bucket 2", "end of session": "commit"}
@@ -371,7 +355,7 @@ async def test_in_process_hang(call: str) -> None:
     fake.release_hang()
     await anyio.to_thread.run_sync(fake.hang_returned.wait)
     load = Load(engine, mode="pause", version=3, timeout_s=10 * TIMEOUT_S)
-    await Pipeline([load]).run(_buckets(3))
+    await Pipeline([load]).run(matrix_buckets(3))
     assert await engine.version() == 3
     assert _fake_serves(fake, 3)
     assert not _paused(fake)

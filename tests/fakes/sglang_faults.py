@@ -12,6 +12,10 @@ without an answer (a reset), a 200 whose body is not JSON (a proxy's page in bet
 401 (a rotated api key). The request is answered before the double's own handler runs, so
 the server did nothing: what a client does with the answer is what is tested. Faults are
 counters, never timing.
+
+The engine matrices over the double (HTTP and distributed) share their weights:
+``MATRIX_NAMES``, ``matrix_tensors`` / ``matrix_buckets`` (one tensor a bucket, seeded by
+the version) and ``serves`` (whether the double holds a version's weights bit for bit).
 """
 
 from __future__ import annotations
@@ -22,20 +26,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import torch
 from aiohttp import web
 
 from tests.fakes.sglang_engine import FakePausableSGLangEngine
 from tests.fakes.sglang_http import SGLangHTTPDouble
+from tests.helpers import bits
+from weightpipe.stages.bucket import WeightBucket
 
 __all__ = [
     "HTTP_FAULTS",
     "IN_PROCESS_FAULTS",
     "LOST_ANSWERS",
+    "MATRIX_NAMES",
+    "MATRIX_SHAPE",
     "RETRYABLE",
     "FaultyFakeSGLangEngine",
     "FaultyHTTPDouble",
     "HTTPFault",
     "InProcessFault",
+    "matrix_buckets",
+    "matrix_tensors",
+    "serves",
 ]
 
 HTTPFault = Literal[
@@ -63,6 +75,37 @@ LOST_ANSWERS: tuple[HTTPFault, ...] = ("applied_then_hang", "applied_then_reset"
 connection closed (not in ``HTTP_FAULTS``: the matrix runs them on the first bucket)."""
 RETRYABLE: frozenset[HTTPFault] = frozenset({"500_once", "reset", "applied_then_reset"})
 """The faults a client absorbs by repeating the call once (one 500, one reset)."""
+
+
+MATRIX_NAMES = ("model.norm.weight", "model.embed_tokens.weight", "lm_head.weight")
+"""The parameters a matrix trial syncs, one bucket each: a first, a middle and a last."""
+MATRIX_SHAPE = (4, 6)
+
+
+def matrix_tensors(
+    version: int, shape: tuple[int, ...] = MATRIX_SHAPE
+) -> list[tuple[str, torch.Tensor]]:
+    """Version ``version``'s weights (bf16, seeded by the version: each differs)."""
+    g = torch.Generator().manual_seed(version)
+    return [(name, torch.randn(*shape, generator=g).to(torch.bfloat16)) for name in MATRIX_NAMES]
+
+
+def matrix_buckets(version: int, shape: tuple[int, ...] = MATRIX_SHAPE) -> list[WeightBucket]:
+    """``matrix_tensors`` as one bucket a tensor, the last marked ``is_last``."""
+    return [
+        WeightBucket(((name, t),), index=i, is_last=i == len(MATRIX_NAMES) - 1, version=version)
+        for i, (name, t) in enumerate(matrix_tensors(version, shape))
+    ]
+
+
+def serves(
+    weights: dict[str, torch.Tensor], version: int, shape: tuple[int, ...] = MATRIX_SHAPE
+) -> bool:
+    """Whether ``weights`` (a double's or a fake's) hold version ``version``'s, bit for bit."""
+    return all(
+        name in weights and torch.equal(bits(weights[name]), bits(tensor))
+        for name, tensor in matrix_tensors(version, shape)
+    )
 
 
 @dataclass
