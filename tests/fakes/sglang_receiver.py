@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -41,27 +42,20 @@ class SubprocessReceiver:
     (its broadcast posted, nothing received), as a crashed TP rank; that request and every
     later one until ``restart()`` is answered as failed. ``ready()`` returns once the
     process imported torch and sglang, so that a rendezvous after it needs no long timeout.
+    With ``spares=n``, n more processes are started once the rank first answered
+    ``ready()`` and kept in reserve: ``restart()`` (a supervisor's replacement rank) swaps
+    one in, already importing or ready, instead of waiting for a fresh import.
     """
 
-    def __init__(self, tp_rank: int = 0) -> None:
+    def __init__(self, tp_rank: int = 0, *, spares: int = 0) -> None:
+        if spares < 0:
+            raise ValueError(f"spares must be >= 0, got {spares}")
         self._tp_rank = tp_rank
         self._lock = threading.Lock()
         self._die_in = 0
-        self._start()
-
-    def _start(self) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=_receiver_main,
-            args=(child, self._tp_rank),
-            name="sglang-receiver",
-            daemon=True,
-        )
-        self._proc.start()
-        child.close()
+        self._rank = _Rank.start(tp_rank)
+        self._spares_wanted = spares
+        self._spares: list[_Rank] = []
 
     def _ask(self, command: str, body: dict[str, Any]) -> Any:
         with self._lock:
@@ -70,8 +64,8 @@ class SubprocessReceiver:
                 if self._die_in == 0:
                     command = "recv_then_die"
             try:
-                self._conn.send((command, body))
-                return self._conn.recv()
+                self._rank.conn.send((command, body))
+                return self._rank.conn.recv()
             except (EOFError, OSError) as exc:
                 failure = f"Failed to {command}: the receiving rank died ({type(exc).__name__})"
                 return (False, failure, []) if command.startswith("recv") else (False, failure)
@@ -81,6 +75,9 @@ class SubprocessReceiver:
         ok, message = self._ask("ping", {})
         if not ok:
             raise RuntimeError(f"the receiving rank is not running: {message}")
+        while self._spares_wanted > 0:  # not before: they would slow the first import
+            self._spares_wanted -= 1
+            self._spares.append(_Rank.start(self._tp_rank))
 
     def die_at_receive(self, n: int = 1) -> None:
         """Kill the rank during the ``n``-th receive from now (1: the next one)."""
@@ -90,10 +87,12 @@ class SubprocessReceiver:
 
     def restart(self) -> None:
         """A new receiving rank in place of this one (after ``die_at_receive`` or not):
-        it knows no group, as a restarted TP rank."""
-        self.close()
-        self._die_in = 0
-        self._start()
+        it knows no group, as a restarted TP rank. A spare takes over where one is left;
+        call ``ready()`` before the next group forms."""
+        with self._lock:
+            self._rank.close()
+            self._die_in = 0
+            self._rank = self._spares.pop(0) if self._spares else _Rank.start(self._tp_rank)
 
     def init_group(self, body: dict[str, Any]) -> tuple[bool, str]:
         ok, message = self._ask("init", body)
@@ -117,15 +116,43 @@ class SubprocessReceiver:
         return bool(ok), str(message)
 
     def close(self) -> None:
-        if self._proc.is_alive():
+        """Stop the rank and the spares."""
+        self._rank.close()
+        for spare in self._spares:
+            spare.close()
+        self._spares = []
+
+
+@dataclass
+class _Rank:
+    """One spawned receiving process and the pipe to it."""
+
+    proc: Any
+    conn: Any
+
+    @classmethod
+    def start(cls, tp_rank: int) -> _Rank:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_receiver_main, args=(child, tp_rank), name="sglang-receiver", daemon=True
+        )
+        proc.start()
+        child.close()
+        return cls(proc, conn)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
             with contextlib.suppress(OSError):
-                self._conn.send(("stop", {}))
-            self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.kill()
-            self._proc.join(timeout=30)
-        self._conn.close()
-        self._proc.close()
+                self.conn.send(("stop", {}))
+            self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=30)
+        self.conn.close()
+        self.proc.close()
 
 
 def _receiver_main(conn: Any, tp_rank: int) -> None:
