@@ -26,12 +26,15 @@ default stream (the trainer's kernels never queue behind it), and the worker thr
 an event recorded after it instead of ``synchronize()``: when the announcement fails (or
 Load's deadline cancels the bucket) the thread is told, stops waiting, and the group's
 communicator is aborted (``ProcessGroup.abort``), which ends the queued NCCL kernel. On
-gloo (CPU) nothing can end it: the broadcast blocks its worker thread until the group's
-timeout. Either way a group that saw a failed, refused or abandoned broadcast is unusable
-(its peers disagree on what was sent), so it is never waited for: the next ``begin`` asks
-the engine to drop it (best effort) and builds a new group under a fresh name
-(``{group_name}_r{n}``) on a fresh port, which also lets a restarted receiving rank join.
-The old group is kept aside and destroyed only once no worker thread is left in it, at a
+gloo (CPU) nothing can end it (gloo's abort returns and the broadcast goes on): it blocks
+its worker thread until the group's timeout, or until a peer's process exits. Either way
+a group that saw a failed, refused or abandoned broadcast is unusable (its peers disagree
+on what was sent), so it is never waited for: the next ``begin`` asks the engine to drop
+it (best effort) and builds a new group under a fresh name (``{group_name}_r{n}``) on a
+fresh port, which also lets a restarted receiving rank join. A group whose rendezvous
+failed (refused, unanswered or cancelled) is never reused either: its thread may still
+hold the port, and the engine may yet join it. The old group is kept aside and destroyed
+only once no worker thread is left in it, at a
 later ``begin`` or ``close``; neither waits for that.
 """
 
@@ -40,10 +43,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, Protocol
 
@@ -243,6 +247,7 @@ class SGLangDistributedEngine:
         self._idle = threading.Event()
         self._idle.set()
         self._abandoned: list[_Abandoned] = []
+        self._engine_groups_to_drop: list[str] = []
         self._stream: Any = None  # the side stream broadcasts run on (CUDA only)
         self._stream_lock = threading.Lock()
 
@@ -250,6 +255,13 @@ class SGLangDistributedEngine:
 
     async def open(self) -> None:
         """Create the update group: this process and the engine's ranks join together.
+
+        A failed attempt (refused, unanswered, or cancelled by Load's deadline) leaves its
+        rendezvous behind: this side's thread blocks in it until ``timeout_s`` and keeps
+        its port bound, and an engine whose init was carried out may yet join it. So the
+        next attempt takes a fresh name and port, a group that forms after its attempt
+        gave up is destroyed by its own thread, and the engine is asked to drop the old
+        name (best effort) unless it refused the init.
 
         Raises:
             EngineError: the engine refused or the group could not form.
@@ -259,25 +271,30 @@ class SGLangDistributedEngine:
             return
         if self._group is not None:
             await self._abandon()
-        joined: list[Any] = []
+        await self._drop_engine_groups()
+        attempt = _Joining()
+        refused = False
 
         def join() -> None:
-            joined.append(
-                open_update_group(
-                    backend=self.backend,
-                    master_address=self.master_address,
-                    master_port=self.master_port,
-                    world_size=self.world_size,
-                    rank=0,
-                    group_name=self.group_name,
-                    timeout_s=self.timeout_s,
-                )
+            pg = open_update_group(
+                backend=self.backend,
+                master_address=self.master_address,
+                master_port=self.master_port,
+                world_size=self.world_size,
+                rank=0,
+                group_name=self.group_name,
+                timeout_s=self.timeout_s,
             )
+            with attempt.lock:
+                attempt.group = pg
+                late = attempt.given_up
+            if late:  # formed after open gave up on it: nobody else will destroy it
+                close_update_group(pg)
 
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(
-                    self.control.client.init_weights_update_group,
+        async def init() -> None:
+            nonlocal refused
+            try:
+                await self.control.client.init_weights_update_group(
                     self.master_address,
                     self.master_port,
                     1,
@@ -285,42 +302,84 @@ class SGLangDistributedEngine:
                     self.group_name,
                     self.backend,
                 )
+            except EngineError as exc:
+                refused = not exc.unanswered
+                raise
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(init)
+                # Abandoned on cancellation: the rendezvous cannot be interrupted.
                 await anyio.to_thread.run_sync(join, abandon_on_cancel=True)
         except BaseException as exc:
-            for pg in joined:
-                close_update_group(pg)
+            with attempt.lock:
+                attempt.given_up = True
+                formed = attempt.group
+            if formed is not None:
+                close_update_group(formed)
+            name = self._retire_name("its update group did not form")
+            if not refused:
+                self._engine_groups_to_drop.append(name)
             error = _engine_error(exc, self.name, "the update group did not form", ())
             if error is exc:
                 raise
             raise error from exc
-        self._group = joined[0]
+        assert attempt.group is not None
+        self._group = attempt.group
         self._group_broken = False
         self._idle = threading.Event()
         self._idle.set()
 
-    async def _abandon(self) -> None:
-        """Set the broken group aside and pick a fresh name and port for the next one.
-
-        The engine is asked to drop its side (best effort: a rank that was restarted no
-        longer has it); this side is destroyed by ``_reap`` once its worker thread ended.
-        """
-        group, name = self._group, self.group_name
-        self._group = None
-        self._abandoned.append(_Abandoned(group, name, self._idle))
+    def _retire_name(self, why: str) -> str:
+        """Move the next group to a fresh name (``{group_name}_r{n}``) and port; returns
+        the old name."""
+        name = self.group_name
         self._rebuilds += 1
         self.group_name = f"{self._base_group_name}_r{self._rebuilds}"
         self.master_port = _free_port(self.master_address)
         log.warning(
-            "%s: update group %r is unusable after a failed broadcast; building %r on port %d",
+            "%s: %s (%r); the next is %r on port %d",
             self.name,
+            why,
             name,
             self.group_name,
             self.master_port,
         )
-        try:
-            await self.control.client.destroy_weights_update_group(name)
-        except EngineError as exc:
-            log.warning("%s: destroying the engine's group %r failed: %s", self.name, name, exc)
+        return name
+
+    async def _drop_engine_groups(self) -> list[str]:
+        """Ask the engine to destroy the groups set aside (best effort; a rank that was
+        restarted no longer has them), each wait bounded by half of what the caller's
+        deadline leaves, so that a new group keeps time to form. Returns the names whose
+        destruction the engine did not confirm."""
+        names, self._engine_groups_to_drop = self._engine_groups_to_drop, []
+        unconfirmed = []
+        for name in names:
+            deadline = anyio.current_effective_deadline()
+            left_s = max(deadline - anyio.current_time(), 0.0)
+            wait_s = math.inf if math.isinf(deadline) else left_s / 2
+            failure = f"no answer within {wait_s:.3g} s"
+            with anyio.move_on_after(wait_s):
+                try:
+                    await self.control.client.destroy_weights_update_group(name)
+                    continue
+                except EngineError as exc:
+                    failure = str(exc)
+            unconfirmed.append(name)
+            log.warning("%s: destroying the engine's group %r failed: %s", self.name, name, failure)
+        return unconfirmed
+
+    async def _abandon(self) -> None:
+        """Set the broken group aside and pick a fresh name and port for the next one.
+
+        The engine is asked to drop its side (by ``open``); this side is destroyed by
+        ``_reap`` once its worker thread ended.
+        """
+        group, idle = self._group, self._idle
+        self._group = None
+        name = self._retire_name("the update group is unusable after a failed broadcast")
+        self._abandoned.append(_Abandoned(group, name, idle))
+        self._engine_groups_to_drop.append(name)
         self._reap()  # an aborted NCCL group's thread has usually ended by now
 
     def _reap(self) -> None:
@@ -334,8 +393,11 @@ class SGLangDistributedEngine:
         self._abandoned = pending
 
     async def close(self) -> None:
-        """Destroy the group on both sides (best effort); abandoned groups whose broadcast
-        still blocks a worker thread are left to end at their own timeout."""
+        """Destroy the group on both sides (best effort; under a caller's deadline the
+        engine's answer is waited for half of what it leaves; a later ``open`` builds the
+        next group under a fresh name and port unless the engine confirmed). Abandoned
+        groups whose broadcast still blocks a worker thread are left to end at their own
+        timeout."""
         self._reap()
         for old in self._abandoned:
             log.warning(
@@ -344,12 +406,13 @@ class SGLangDistributedEngine:
                 old.name,
             )
         group, self._group = self._group, None
+        if group is not None:
+            self._engine_groups_to_drop.append(self.group_name)
+        unconfirmed = await self._drop_engine_groups()
         if group is None:
             return
-        try:
-            await self.control.client.destroy_weights_update_group(self.group_name)
-        except EngineError as exc:
-            log.warning("%s: destroying the engine's group failed: %s", self.name, exc)
+        if self.group_name in unconfirmed:  # the engine may still hold it: never reuse it
+            self._retire_name("the engine did not confirm destroying the update group")
         if self._idle.is_set():
             close_update_group(group)
         else:
@@ -542,6 +605,16 @@ class SGLangDistributedEngine:
             EngineError: the engine refused.
         """
         await self.control.resume()
+
+
+@dataclass(eq=False)
+class _Joining:
+    """One attempt to form the group: the group once its thread formed it, and whether
+    ``open`` gave up on the attempt (then the thread destroys a group formed late)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    group: Any = None
+    given_up: bool = False
 
 
 @dataclass(frozen=True)
