@@ -6,8 +6,9 @@ verl moves weights from actor rank 0 to every rollout worker through a
 ``send_weights`` beside each rollout worker's ``receive_weights`` (consumed by its server
 adapter), then ``finalize``. This backend runs ``send_weights`` as a weightpipe pipeline:
 ``Fetch`` (byte-bounded flat buckets; H2D on its own stream on GPU) -> optional
-trainer-side ``Fp8Quantize`` -> ``DistributedSender`` (one torch.distributed broadcast per
-bucket: NCCL on GPU, gloo on CPU), all three overlapped through bounded channels, and
+trainer-side ``Fp8Quantize`` (verl's FP8 arithmetic by default, as the updater) ->
+``DistributedSender`` (one torch.distributed broadcast per bucket: NCCL on GPU, gloo on
+CPU), all three overlapped through bounded channels, and
 returns a metrics dict verl merges into the trainer's metrics. ``receive_weights``
 yields tensors that are views of a fresh buffer per bucket, so they are owned: nothing is
 overwritten behind the consumer. The group is built beside verl's own default group
@@ -33,6 +34,7 @@ from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.engines.base import WireSpec
 from weightpipe.stages.engines.sglang.distributed import close_update_group, open_update_group
 from weightpipe.stages.fetch import Fetch
+from weightpipe.stages.fp8 import Fp8Arithmetic
 from weightpipe.stages.integrations.verl.updater import drain, quantize_stage
 from weightpipe.stages.sources import named_tensors
 from weightpipe.stages.transport import DistributedReceiver, DistributedSender
@@ -109,6 +111,8 @@ class WeightpipeCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
             updater): FP8 crosses the wire instead of bf16, and the rollout's updater
             passes FP8 tensors through unchanged.
         quantize_workers: buckets quantized concurrently on the trainer.
+        fp8_arithmetic: ``"verl"`` or ``"sglang"``; None (default): verl's wherever its
+            quantizer applies, as in the updater (``default_fp8_arithmetic``).
         group_name: the process group's name (distinct per concurrent engine).
 
     Raises:
@@ -129,6 +133,7 @@ class WeightpipeCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         quantization_config: dict[str, Any] | None = None,
         quantize_workers: int = 1,
         group_name: str = "weightpipe",
+        fp8_arithmetic: Fp8Arithmetic | None = None,
     ) -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,7 +147,7 @@ class WeightpipeCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self.depth = depth
         self.group_name = group_name
         self.quantize = (
-            quantize_stage(quantization_config, workers=quantize_workers)
+            quantize_stage(quantization_config, workers=quantize_workers, arithmetic=fp8_arithmetic)
             if quantization_config is not None
             else None
         )

@@ -6,7 +6,9 @@ fails), ``get_named_tensor_buckets`` and one ``update_weights_from_tensor`` per 
 then one cache flush. ``WeightpipeUpdater.update_weights`` has the same arguments and the
 same effect on the server, as one weightpipe sync: ``Fetch`` (verl's bucket size, owned
 tensors passed on without a copy) -> ``KeepFused`` (only when the model has fusion groups)
--> ``Fp8Quantize`` (configured from the rollout's ``quantization_config``) -> ``Load`` into
+-> ``Fp8Quantize`` (configured from the rollout's ``quantization_config``, in verl's own FP8
+arithmetic by default, so the server gets the same codes and scales verl's CPU quantizer
+would have sent; ``fp8_arithmetic="sglang"`` picks SGLang's) -> ``Load`` into
 an ``Engine`` (``SGLangHTTPEngine`` in production: a weight-update session, buckets with
 ``flush_cache=false``, one flush and ``global_steps`` as the weight version at commit).
 A quantization failure fails the sync, naming the tensor; nothing is sent in bf16 in its
@@ -24,6 +26,7 @@ import torch
 from weightpipe.pipeline import aclose_iterator, as_async_iter
 from weightpipe.stages.engines.base import Engine
 from weightpipe.stages.fetch import Fetch
+from weightpipe.stages.fp8 import Fp8Arithmetic, ScaleFormat
 from weightpipe.stages.integrations.verl._fusion import KeepFused
 from weightpipe.stages.quantize import Fp8Quantize
 from weightpipe.stages.sources import borrowed_tensors, named_tensors
@@ -32,6 +35,7 @@ from weightpipe.stages.sync import SyncReport, sync_weights
 __all__ = [
     "OWNED_BACKENDS",
     "WeightpipeUpdater",
+    "default_fp8_arithmetic",
     "drain",
     "lends_buffers",
     "quantize_stage",
@@ -58,7 +62,21 @@ def _layer_list(value: Any) -> list[str]:
     return [str(v).strip() for v in value if str(v).strip()]
 
 
-def quantize_stage(quantization_config: Mapping[str, Any], *, workers: int = 1) -> Fp8Quantize:
+def default_fp8_arithmetic(block: tuple[int, int], scale_fmt: ScaleFormat) -> Fp8Arithmetic:
+    """``verl`` (verl 0.9.1's own quantizer, bit for bit) wherever it applies, else ``sglang``.
+
+    verl's quantizer has square blocks and float32 scales only: a non-square block or
+    ``scale_fmt="ue8m0"`` keeps SGLang's arithmetic (with its power-of-two rounding).
+    """
+    return "verl" if block[0] == block[1] and scale_fmt == "float32" else "sglang"
+
+
+def quantize_stage(
+    quantization_config: Mapping[str, Any],
+    *,
+    workers: int = 1,
+    arithmetic: Fp8Arithmetic | None = None,
+) -> Fp8Quantize:
     """The ``Fp8Quantize`` that produces what an SGLang server with this config loads.
 
     Reads the block FP8 config verl builds for SGLang (``build_sglang_fp8_quant_config``):
@@ -66,9 +84,14 @@ def quantize_stage(quantization_config: Mapping[str, Any], *, workers: int = 1) 
     own quantizer requires it), optional ``scale_fmt="ue8m0"``, and ``ignored_layers`` /
     ``modules_to_not_convert`` (lists or comma-separated strings), matched by SGLang's own
     ignored-layer rule. Tensors left unquantized keep their dtype, as verl sends them.
+    ``arithmetic``: the FP8 arithmetic (``weightpipe.stages.fp8.reference``); None:
+    ``default_fp8_arithmetic`` (verl's, so the codes and scales equal what verl's own
+    CPU quantizer sends), ``"sglang"`` for SGLang's.
 
     Raises:
-        ValueError: another quantization method or format, or no ``weight_block_size``.
+        ValueError: another quantization method or format, no ``weight_block_size``, or
+            an ``arithmetic`` that is unknown or that the config's block or scale format
+            rules out (``check_arithmetic``).
     """
     method = quantization_config.get("quant_method")
     if method != "fp8":
@@ -88,10 +111,15 @@ def quantize_stage(quantization_config: Mapping[str, Any], *, workers: int = 1) 
         for m in _layer_list(quantization_config.get("modules_to_not_convert"))
         if m not in ignored
     ]
+    pair = (int(block[0]), int(block[1]))
+    scale_fmt: ScaleFormat = (
+        "ue8m0" if quantization_config.get("scale_fmt") == "ue8m0" else "float32"
+    )
     return Fp8Quantize(
-        block=(int(block[0]), int(block[1])),
+        block=pair,
         method="block",
-        scale_fmt="ue8m0" if quantization_config.get("scale_fmt") == "ue8m0" else "float32",
+        scale_fmt=scale_fmt,
+        arithmetic=default_fp8_arithmetic(pair, scale_fmt) if arithmetic is None else arithmetic,
         nonfinite="error",
         keep_dtype=None,
         ignored_layers=ignored,
@@ -137,9 +165,14 @@ class WeightpipeUpdater:
         depth: channel depth between stages (buckets in flight).
         timeout_s: limit on each engine call.
         quantize_workers: buckets quantized concurrently.
+        fp8_arithmetic: ``"verl"`` or ``"sglang"`` (``weightpipe.stages.fp8.reference``);
+            None (default): verl's wherever its quantizer applies
+            (``default_fp8_arithmetic``), so the server gets bit for bit the codes and
+            scales verl's own CPU quantizer would have sent.
 
     Raises:
-        ValueError: a bad ``bucket_bytes`` or an unsupported ``quantization_config``.
+        ValueError: a bad ``bucket_bytes``, an unsupported ``quantization_config`` or
+            ``fp8_arithmetic``.
     """
 
     def __init__(
@@ -154,6 +187,7 @@ class WeightpipeUpdater:
         depth: int = 2,
         timeout_s: float = 300.0,
         quantize_workers: int = 1,
+        fp8_arithmetic: Fp8Arithmetic | None = None,
     ) -> None:
         self.engine = engine
         self.lends_buffers = lends_buffers
@@ -162,7 +196,7 @@ class WeightpipeUpdater:
         self.fetch = Fetch(bucket_bytes, flatten=False, device=device)
         self.keep_fused = KeepFused(fusion_groups) if fusion_groups else None
         self.quantize = (
-            quantize_stage(quantization_config, workers=quantize_workers)
+            quantize_stage(quantization_config, workers=quantize_workers, arithmetic=fp8_arithmetic)
             if quantization_config is not None
             else None
         )
@@ -261,7 +295,8 @@ def updater_for_rollout(
     ``checkpoint_engine.update_weights_bucket_megabytes``, the backend decides whether
     the weight stream lends its buffers, and ``hf_config.model_type == "deepseek_v4"``
     brings verl's fusion groups. ``engine_kwargs["weightpipe"]`` may set ``depth``,
-    ``timeout_s`` and ``quantize_workers`` for the rollout side as well.
+    ``timeout_s``, ``quantize_workers`` and ``fp8_arithmetic`` (``"sglang"`` for SGLang's
+    FP8 arithmetic instead of verl's) for the rollout side as well.
 
     Raises:
         ValueError: FP8 is asked for but ``hf_config`` has no usable quantization_config.
@@ -294,4 +329,5 @@ def updater_for_rollout(
         depth=int(kwargs.get("depth", 2)),
         timeout_s=float(kwargs.get("timeout_s", 300.0)),
         quantize_workers=int(kwargs.get("quantize_workers", 1)),
+        fp8_arithmetic=kwargs.get("fp8_arithmetic"),
     )

@@ -203,7 +203,7 @@ def _rollout(rank: int, port: int, results: Any) -> None:
                                 if not torch.equal(got, tensor):
                                     problems.append(f"step {step}: {name} differs")
                                 continue
-                            want = quantize_fp8(tensor, method="block", block=(128, 128))
+                            want = quantize_fp8(tensor, block=(128, 128), arithmetic="verl")
                             same = torch.equal(
                                 got.view(torch.uint8), want.qweight.view(torch.uint8)
                             ) and torch.equal(server.weights[name + "_scale_inv"], want.scale)

@@ -81,7 +81,7 @@ async def test_fp8_sync_outside_a_process_group_sends_fp8_with_global_steps_as_v
         assert paths.count("/update_weights_from_tensor") == report.load.buckets > 1
         for name, tensor in weights:
             if name.endswith(QUANTIZED_SUFFIXES):
-                want = quantize_fp8(tensor, method="block", block=(128, 128))
+                want = quantize_fp8(tensor, block=(128, 128), arithmetic="verl")
                 got = server.weights[name]
                 assert got.dtype == torch.float8_e4m3fn, name
                 assert torch.equal(got.view(torch.uint8), want.qweight.view(torch.uint8)), name
@@ -215,6 +215,7 @@ def test_quantize_stage_follows_verls_sglang_config() -> None:
     config = build_sglang_fp8_quant_config(None, ignored_layers=["model.layers.0.mlp.down_proj"])
     stage = quantize_stage(config)
     assert stage.block == (128, 128)
+    assert stage.arithmetic == "verl"
     assert stage.method == "block"
     assert stage.keep_dtype is None
     assert not stage.selection("model.layers.0.mlp.down_proj.weight", (256, 320))
@@ -239,7 +240,7 @@ def test_updater_for_rollout_reads_verls_rollout_config() -> None:
         checkpoint_engine=CheckpointEngineConfig(
             backend="nccl",
             update_weights_bucket_megabytes=3,
-            engine_kwargs={"weightpipe": {"depth": 3}},
+            engine_kwargs={"weightpipe": {"depth": 3, "fp8_arithmetic": "sglang"}},
         ),
     )
 
@@ -253,6 +254,7 @@ def test_updater_for_rollout_reads_verls_rollout_config() -> None:
     assert updater.lends_buffers
     assert updater.depth == 3
     assert updater.quantize is not None and updater.quantize.block == (128, 128)
+    assert updater.quantize.arithmetic == "sglang"  # engine_kwargs override verl's default
     assert updater.keep_fused is not None
     assert [type(s).__name__ for s in updater.stages()] == ["Fetch", "KeepFused", "Fp8Quantize"]
 
