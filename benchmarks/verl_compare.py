@@ -8,15 +8,16 @@ Both paths take the same in-memory bf16 weights of a Llama-shaped model (``--gb`
   without one ``torch.distributed.get_rank()`` fails inside its try and every weight goes
   out in bf16), then ``get_named_tensor_buckets`` with the same bucket size;
 - weightpipe: the stages ``WeightpipeUpdater`` runs before Load (``Fetch(flatten=False)``
-  -> ``Fp8Quantize`` configured from the same ``quantization_config``), as a pipeline
-  into a sink.
+  -> ``Fp8Quantize`` configured from the same ``quantization_config``, in the updater's
+  default FP8 arithmetic, verl's), as a pipeline into a sink.
 
 Each of ``--runs`` rounds runs both (alternating which goes first), each under its own
 ``PeakRss`` sampler, with the outputs dropped as they arrive. One more pass per path keeps
-the outputs and compares them: names, FP8 codes (bytes) and scales. The two FP8 scale
-rules differ in rounding (verl: ``1 / (448 / amax)``; weightpipe: ``amax / 448``, as
-SGLang's own quantizer), so the JSON says whether they are identical and, if not, what
-fraction of codes and scales differ and by how many float32 ulps at most.
+the outputs and compares them: names, FP8 codes (bytes) and scales (``output``). A last
+untimed pass runs weightpipe with ``fp8_arithmetic="sglang"`` (``amax / 448`` and a
+division, as SGLang's own quantizer, where verl computes ``1 / (448 / amax)`` and a
+multiplication) and compares it the same way (``sglang_arithmetic``): what fraction of
+codes and scales differ, and by how many float32 ulps at most.
 
 Run (in .venv-verl): ``python -m benchmarks.verl_compare --json out/verl_compare.json``.
 """
@@ -173,6 +174,18 @@ async def _measure(runs: int, gb: float, bucket_mb: int) -> dict[str, Any]:
     await run_verl(weights, config, bucket_bytes, keep=kept_verl)
     await run_weightpipe(weights, updater, keep=kept_ours)
     output = compare(kept_verl, kept_ours)
+    del kept_ours
+    sglang_updater = WeightpipeUpdater(
+        engine,
+        bucket_bytes=bucket_bytes,
+        quantization_config=config,
+        lends_buffers=False,
+        fp8_arithmetic="sglang",
+    )
+    kept_sglang: dict[str, torch.Tensor] = {}
+    await run_weightpipe(weights, sglang_updater, keep=kept_sglang)
+    sglang_output = compare(kept_verl, kept_sglang)
+    assert updater.quantize is not None
 
     def summary(values: list[float]) -> dict[str, float]:
         return {
@@ -201,7 +214,9 @@ async def _measure(runs: int, gb: float, bucket_mb: int) -> dict[str, Any]:
         "weightpipe_peak_rss_growth_mb": summary(figures["weightpipe"]["rss"]),
         "buckets": {k: v["buckets"][0] for k, v in figures.items()},
         "per_run": figures,
+        "weightpipe_arithmetic": updater.quantize.arithmetic,
         "output": output,
+        "sglang_arithmetic": sglang_output,
         "targets": {
             "ratio_at_least_5": ours_gbs / verl_gbs >= 5,
             "rss_growth_at_most_verls": ours_rss <= verl_rss,
@@ -243,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["path", "GB/s", "peak RSS growth MB"],
     )
     print(f"ratio {result['ratio']:.2f}x; output: {result['output']}")
+    print(f"with SGLang's arithmetic: {result['sglang_arithmetic']}")
     write_json(args.json, result)
     return result
 
