@@ -418,6 +418,15 @@ class SGLangClient:
         Raises:
             EngineError: the sync disagrees with the server's args (names both values).
         """
+        info = await self.server_args()
+        why = None if info is None else launch_mismatch(self.tp_size, info, sync)
+        if why is not None:
+            raise EngineError(self.name, f"refusing the sync before touching the server: {why}")
+
+    async def server_args(self) -> dict[str, Any] | None:
+        """The server's args (``get_server_info``), asked once and kept; ``{}`` for an
+        engine without the operation, None (asked again next time, logged) when the
+        answer failed."""
         if self._server_info is None:
             try:
                 info = await self.request("get_server_info")
@@ -427,14 +436,12 @@ class SGLangClient:
                 log.warning(
                     "%s: could not read the server args to check the sync: %s", self.name, exc
                 )
-                return
+                return None
             self._server_info = info if isinstance(info, dict) else {}
             version = self._server_info.get("version")
             if version and self.server_version is None:
                 self.server_version = str(version)
-        why = launch_mismatch(self.tp_size, self._server_info, sync)
-        if why is not None:
-            raise EngineError(self.name, f"refusing the sync before touching the server: {why}")
+        return self._server_info
 
     async def prepare(self, bucket: WeightBucket) -> None:
         """Everything about ``bucket`` that need not wait for the pause: detect sessions

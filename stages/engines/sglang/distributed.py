@@ -60,9 +60,9 @@ from weightpipe.pipeline import leaf_exceptions
 from weightpipe.stages._layout import flatten
 from weightpipe.stages.bucket import WeightBucket
 from weightpipe.stages.dtypes import dtype_name
-from weightpipe.stages.engines.base import EngineError, PauseMode
+from weightpipe.stages.engines.base import EngineError, PauseMode, SyncSettings
 from weightpipe.stages.engines.sglang import wire as wire
-from weightpipe.stages.engines.sglang.client import SGLangClient
+from weightpipe.stages.engines.sglang.client import SGLangClient, launch_mismatch
 
 __all__ = [
     "DistributedControl",
@@ -250,6 +250,36 @@ class SGLangDistributedEngine:
         self._engine_groups_to_drop: list[str] = []
         self._stream: Any = None  # the side stream broadcasts run on (CUDA only)
         self._stream_lock = threading.Lock()
+
+    async def check_launch_settings(self, sync: SyncSettings) -> None:
+        """Refuse, before anything changes on the server, a sync its args say cannot fit
+        (``ChecksLaunchSettings``): every TP rank of the server joins the update group (as
+        rank ``1 + tp_rank``), so ``engine_ranks`` must be the ``tp_size`` it reports, or
+        the rendezvous waits for ranks that never come until ``timeout_s``; and FP8
+        weights for a server launched with a quantization that holds none
+        (``client.launch_mismatch``). Settings the server does not report are not checked.
+
+        Raises:
+            EngineError: the sync disagrees with the server's args (names both values).
+        """
+        info = await self.control.client.server_args()
+        if not info:
+            return
+        reported = info.get("tp_size")
+        if isinstance(reported, int) and not isinstance(reported, bool):
+            if reported != self.world_size - 1:
+                raise EngineError(
+                    self.name,
+                    "refusing the sync before touching the server: the server reports "
+                    f"tp_size={reported}, so {reported} ranks join the update group, but this "
+                    f"engine was built with engine_ranks={self.world_size - 1}: build it with "
+                    f"engine_ranks={reported}",
+                )
+            why = launch_mismatch(reported, info, sync)
+        else:
+            why = launch_mismatch(self.control.client.tp_size, {**info, "tp_size": None}, sync)
+        if why is not None:
+            raise EngineError(self.name, f"refusing the sync before touching the server: {why}")
 
     # -- the group -------------------------------------------------------------------
 
