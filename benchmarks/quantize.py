@@ -9,7 +9,8 @@ installed, SGLang's own pure-torch ``per_block_cast_to_fp8`` (``sglang_gbs``). E
 is the median of ``--repeats`` timed runs after a warm-up, the three methods interleaved
 per repeat so that load from other processes hits them alike; CPU-seconds figures and the
 load average are recorded too, since this machine is shared. Writes JSON and prints a
-table. ``WEIGHTPIPE_FP8_CPU_KERNEL=torch`` measures the torch band path instead of numba.
+table. ``WEIGHTPIPE_FP8_CPU_KERNEL=torch`` measures the torch band path instead of numba;
+``--arithmetic verl`` measures verl's FP8 arithmetic instead of SGLang's.
 
 SGLang's function is taken from the installed package's source file (its module cannot
 be imported without SGLang's GPU stack): the two function definitions are compiled from
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from weightpipe.stages.fp8 import FP8_ARITHMETICS, Fp8Arithmetic
 
 __all__ = ["llama3_8b_layer", "load_sglang_block_quantizer", "main", "run"]
 
@@ -118,13 +121,14 @@ def _case(
     repeats: int,
     threads: int,
     sglang: Callable[[torch.Tensor], Any] | None,
+    arithmetic: Fp8Arithmetic = "sglang",
 ) -> dict[str, Any]:
     from weightpipe.stages.bucket import WeightBucket
     from weightpipe.stages.quantize import Fp8Quantize
 
     named = [(n, t.to(device)) for n, t in named]
     nbytes = sum(t.nbytes for _, t in named)
-    stage = Fp8Quantize(cpu_threads=threads)
+    stage = Fp8Quantize(cpu_threads=threads, arithmetic=arithmetic)
     bucket = WeightBucket(tuple(named), 0, True, 1)
     copies = [torch.empty_like(t) for _, t in named]
     matrices = [t for _, t in named if t.dim() == 2]
@@ -148,7 +152,7 @@ def _case(
         from weightpipe.stages.fp8 import quantize_fp8_batch
 
         for _ in range(_KERNEL_LOOPS):
-            quantize_fp8_batch(matrices, backend="triton")
+            quantize_fp8_batch(matrices, backend="triton", arithmetic=arithmetic)
 
     methods: dict[str, Callable[[], None]] = {"quantize": quantize, "copy": copy}
     if sglang is not None:
@@ -196,7 +200,11 @@ def _case(
 
 
 def run(
-    device: str = "cpu", repeats: int = 7, threads: int | None = None, sglang: bool = True
+    device: str = "cpu",
+    repeats: int = 7,
+    threads: int | None = None,
+    sglang: bool = True,
+    arithmetic: Fp8Arithmetic = "sglang",
 ) -> dict[str, Any]:
     """Measure both cases; returns the JSON-ready result."""
     dev = torch.device(device)
@@ -214,8 +222,16 @@ def run(
         )
     ]
     cases = [
-        _case("4096x4096 bf16", square, dev, repeats, cpu_threads, sglang_fn),
-        _case("llama3-8b layer bf16", llama3_8b_layer(), dev, repeats, cpu_threads, sglang_fn),
+        _case("4096x4096 bf16", square, dev, repeats, cpu_threads, sglang_fn, arithmetic),
+        _case(
+            "llama3-8b layer bf16",
+            llama3_8b_layer(),
+            dev,
+            repeats,
+            cpu_threads,
+            sglang_fn,
+            arithmetic,
+        ),
     ]
     return {
         "benchmark": "quantize",
@@ -224,6 +240,7 @@ def run(
         "cpu_count": os.cpu_count(),
         "cpu_threads": cpu_threads,
         "cpu_kernel": cpu_kernel,
+        "arithmetic": arithmetic,
         "torch": torch.__version__,
         "repeats": repeats,
         "sglang_available": sglang_fn is not None,
@@ -275,8 +292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="CPU band threads")
     parser.add_argument("--no-sglang", action="store_true", help="skip SGLang's baseline")
+    parser.add_argument(
+        "--arithmetic", choices=FP8_ARITHMETICS, default="sglang", help="the FP8 arithmetic"
+    )
     args = parser.parse_args(argv)
-    result = run(args.device, args.repeats, args.threads, sglang=not args.no_sglang)
+    result = run(
+        args.device,
+        args.repeats,
+        args.threads,
+        sglang=not args.no_sglang,
+        arithmetic=args.arithmetic,
+    )
     print(_table(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,13 @@ from weightpipe.stages.engines.base import PauseMode, SyncMode
 from weightpipe.stages.engines.sglang.http import LoadFormat, SessionMode
 from weightpipe.stages.fetch import EmptySource
 from weightpipe.stages.fp8.spec import (
+    Fp8Arithmetic,
     Fp8Method,
     NonFinitePolicy,
     QuantizeBackend,
     ScaleFormat,
     as_block,
+    check_arithmetic,
 )
 from weightpipe.stages.load import OnPartialFailure
 
@@ -105,6 +107,9 @@ class QuantizeConfig:
     """The block shape over [out, in] (``block`` method)."""
     scale_fmt: ScaleFormat = "float32"
     """``float32`` scales, or ``ue8m0`` (power-of-two, rounded up) for DeepGEMM."""
+    arithmetic: Fp8Arithmetic = "sglang"
+    """``sglang`` (``q = w / (max(amax, 1e-4) / 448)``) or ``verl`` (verl 0.9.1's
+    quantizer, ``q = w * (448 / amax)``: block method, square blocks, float32 scales)."""
     nonfinite: NonFinitePolicy = "error"
     """A NaN/Inf weight: ``error`` fails the sync; ``keep`` sends it unquantized."""
     keep_dtype: KeepDtype = "bfloat16"
@@ -121,6 +126,12 @@ class QuantizeConfig:
             as_block(self.block, what="quantize.block")
         except ValueError as exc:
             raise ConfigError("quantize.block", str(exc)) from None
+        try:
+            check_arithmetic(
+                self.arithmetic, self.method, self.block_shape, self.scale_fmt, what="quantize"
+            )
+        except ValueError as exc:
+            raise ConfigError("quantize.arithmetic", str(exc)) from None
         _at_least("quantize.workers", self.workers, 1)
 
     @property

@@ -45,6 +45,7 @@ def build_quantize(config: QuantizeConfig) -> Fp8Quantize:
         block=config.block_shape,
         method=config.method,
         scale_fmt=config.scale_fmt,
+        arithmetic=config.arithmetic,
         nonfinite=config.nonfinite,
         keep_dtype=dtype_from_name(config.keep_dtype),
         ignored_layers=list(config.ignored_layers),

@@ -14,6 +14,7 @@ from weightpipe.stages.app.factory import build_engine, build_fetch, build_quant
 from weightpipe.stages.dtypes import KEEP_DTYPES
 from weightpipe.stages.engines.base import PAUSE_MODES, SYNC_MODES
 from weightpipe.stages.fp8.spec import (
+    FP8_ARITHMETICS,
     FP8_METHODS,
     NONFINITE_POLICIES,
     QUANTIZE_BACKENDS,
@@ -37,6 +38,7 @@ def test_defaults_are_complete_and_typed() -> None:
     [
         ("quantize.method", FP8_METHODS),
         ("quantize.scale_fmt", SCALE_FORMATS),
+        ("quantize.arithmetic", FP8_ARITHMETICS),
         ("quantize.nonfinite", NONFINITE_POLICIES),
         ("quantize.backend", QUANTIZE_BACKENDS),
         ("quantize.keep_dtype", KEEP_DTYPES),
@@ -70,6 +72,11 @@ def test_a_misspelt_choice_gets_a_suggestion() -> None:
         (["metrics.port=70000"], "metrics.port", "0..65535"),
         (["model.num_heads=3"], "model.hidden_size", "multiple"),
         (["fetch.align_bytes=100"], "fetch.align_bytes", "power of two"),
+        (
+            ["quantize.arithmetic=verl", "quantize.scale_fmt=ue8m0"],
+            "quantize.arithmetic",
+            "float32 scales only",
+        ),
         (["sweep.depths=[]"], "sweep.depths", "non-empty"),
     ],
 )
