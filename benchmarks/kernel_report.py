@@ -81,7 +81,9 @@ def _ptxas_version(ptxas: Path) -> str:
     return found.group(2) if found else out.stdout.strip().splitlines()[-1]
 
 
-def compile_report(dtype: str, scale_fmt: str, aligned: bool, ptxas: Path) -> dict[str, Any]:
+def compile_report(
+    dtype: str, scale_fmt: str, aligned: bool, ptxas: Path, arithmetic: str = "sglang"
+) -> dict[str, Any]:
     """One ahead-of-time compile of the kernel and its figures."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -98,6 +100,7 @@ def compile_report(dtype: str, scale_fmt: str, aligned: bool, ptxas: Path) -> di
         "UE8M0": scale_fmt == "ue8m0",
         "ALIGNED": aligned,
         "CHUNK_M": chunk_m,
+        "VERL": arithmetic == "verl",
     }
     signature |= {k: "constexpr" for k in constexprs}
     source = triton.compiler.ASTSource(
@@ -129,6 +132,7 @@ def compile_report(dtype: str, scale_fmt: str, aligned: bool, ptxas: Path) -> di
     return {
         "dtype": dtype,
         "scale_fmt": scale_fmt,
+        "arithmetic": arithmetic,
         "path": "aligned" if aligned else "unaligned",
         "num_warps": kernel_module.NUM_WARPS,
         "block": list(_BLOCK),
@@ -155,10 +159,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("kernel_report: unset TRITON_INTERPRET (it replaces the compiler)")
     ptxas = _ptxas()
+    # SGLang's arithmetic in every scale format; verl's (float32 scales only) as well.
+    variants = [("sglang", fmt) for fmt in SCALE_FORMATS] + [("verl", "float32")]
     kernels = [
-        compile_report(dtype, fmt, aligned, ptxas)
+        compile_report(dtype, fmt, aligned, ptxas, arithmetic)
         for dtype in _DTYPES
-        for fmt in SCALE_FORMATS
+        for arithmetic, fmt in variants
         for aligned in (True, False)
     ]
     result: dict[str, Any] = {
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [
             [
                 k["dtype"],
+                k["arithmetic"],
                 k["scale_fmt"],
                 k["path"],
                 k["registers"],
@@ -184,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ]
             for k in kernels
         ],
-        ["dtype", "scale", "path", "regs", "spill_B", "load_B", "store_B", "ok"],
+        ["dtype", "arithmetic", "scale", "path", "regs", "spill_B", "load_B", "store_B", "ok"],
     )
     write_json(args.json, result)
     return result

@@ -31,11 +31,11 @@ def test_report_covers_every_dtype_and_scale_format(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     assert data["triton"] and data["ptxas"] and data["target"] == "sm_90a"
     kernels = data["kernels"]
-    combos = {(k["dtype"], k["scale_fmt"], k["path"]) for k in kernels}
+    combos = {(k["dtype"], k["arithmetic"], k["scale_fmt"], k["path"]) for k in kernels}
     assert combos == {
-        (d, f, p)
+        (d, a, f, p)
         for d in ("bfloat16", "float16", "float32")
-        for f in ("float32", "ue8m0")
+        for a, f in (("sglang", "float32"), ("sglang", "ue8m0"), ("verl", "float32"))
         for p in ("aligned", "unaligned")
     }
     for k in kernels:
