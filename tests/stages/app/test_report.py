@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,21 @@ def test_peak_rss_sees_memory_touched_inside_the_block() -> None:
         rss.sample()
         del block
     assert rss.growth >= size // 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_rss_from_the_kernel_sees_a_peak_no_sample_caught() -> None:
+    # Touched and freed between two samples of a 10 s sampler: only the kernel's peak
+    # mark (VmHWM, reset on entry) can see it, and no sampling thread runs beside it.
+    size = 96 << 20
+    before = threading.active_count()
+    with PeakRss(interval_s=10.0) as rss:
+        assert threading.active_count() == before or not rss.kernel_peak
+        block = torch.ones(size, dtype=torch.uint8)
+        del block
+    if not rss.kernel_peak:
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    assert rss.growth >= size // 2
+    with PeakRss(interval_s=10.0) as quiet:
+        pass
+    assert quiet.growth < size // 4  # the mark was reset: the earlier peak is not counted
