@@ -56,17 +56,6 @@ def kernel(*, required: bool = False) -> Any:
     if _STATE[0] is None and required:
         raise ImportError("WEIGHTPIPE_FP8_CPU_KERNEL=numba, but numba is not installed")
     return _STATE[0]
-    with _LOCK:
-        if not _STATE:
-            try:
-                _STATE.append(_build())
-            except ImportError:
-                _STATE.append(None)
-                if required:
-                    raise
-    if _STATE[0] is None and required:
-        raise ImportError("numba is not installed (WEIGHTPIPE_FP8_CPU_KERNEL=numba)")
-    return _STATE[0]
 
 
 def warm_up(*, required: bool = False) -> bool:
