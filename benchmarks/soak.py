@@ -238,8 +238,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     marks["fds"] = fd_count()
                     marks["at_sync"] = attempt
                 progress.update(task, advance=1, state=f"committed {committed} failed {failed}")
-        rss_end, fds_end = rss_bytes(), fd_count()
-        threads_end, workers_end = thread_counts()
+            # Inside the progress bar, as the first marks were: its refresh thread is
+            # counted in both or in neither.
+            rss_end, fds_end = rss_bytes(), fd_count()
+            threads_end, workers_end = thread_counts()
         tokens = engine.tokens_generated
     wall_s = time.perf_counter() - started
     result: dict[str, Any] = {
