@@ -15,6 +15,7 @@ its cause.
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import (
     AsyncIterable,
@@ -767,11 +768,13 @@ class Pipeline:
             )
         if hasattr(result, "__anext__"):
             iterator: AsyncIterator[Any] = result  # type: ignore[assignment]
+            exhausted = False
             try:
                 while True:
                     try:
                         out = await iterator.__anext__()
                     except StopAsyncIteration:
+                        exhausted = True
                         break
                     except Exception as exc:
                         raise self._fail(run, name, phase, item_text(), exc) from exc
@@ -785,8 +788,10 @@ class Pipeline:
                     if spans is not None:
                         spans.resumed(started)
             finally:
+                # An async generator that ran to its end is finalised already: closing it
+                # again costs a shielded scope per item for nothing (the hot path).
                 aclose = getattr(iterator, "aclose", None)
-                if aclose is not None:
+                if aclose is not None and not (exhausted and inspect.isasyncgen(iterator)):
                     with anyio.CancelScope(shield=True):
                         await aclose()
             if spans is not None:
