@@ -274,8 +274,8 @@ class SGLangClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.server_version: str | None = None
-        # The server args, read once (check_launch_settings): None until read; {} when
-        # the engine reports none.
+        # The server args, read once (_read_server_info): None until read; {} when the
+        # engine reports none.
         self._server_info: dict[str, Any] | None = None
         self._needs_session: bool | None = {"on": True, "off": False, "auto": None}[session]
         self._session_open = False
@@ -375,14 +375,8 @@ class SGLangClient:
             return self._needs_session
         known = self.transport.sessions_by_capability()
         if known is None:
-            info = self._server_info
-            if not info:
-                try:
-                    info = await self.request("get_server_info")
-                except OperationMissing:
-                    info = None  # decided by probing begin_weight_update
-            if isinstance(info, dict) and info.get("version"):
-                self.server_version = str(info["version"])
+            await self._read_server_info()
+            if self.server_version is not None:  # else decided by probing begin
                 known = uses_sessions(self.server_version)
         self._needs_session = known
         return known
@@ -396,13 +390,7 @@ class SGLangClient:
         if self._folds_version is None:
             fold = False
             if self.transport.update_takes_weight_version:
-                if self.server_version is None:
-                    try:
-                        info = await self.request("get_server_info")
-                    except OperationMissing:
-                        info = None
-                    if isinstance(info, dict) and info.get("version"):
-                        self.server_version = str(info["version"])
+                await self._read_server_info()
                 parsed = parse_version(self.server_version or "")
                 fold = parsed is not None and parsed[:3] >= FOLD_VERSION_MIN_VERSION
             self._folds_version = fold
@@ -427,16 +415,25 @@ class SGLangClient:
         """The server's args (``get_server_info``), asked once and kept; ``{}`` for an
         engine without the operation, None (asked again next time, logged) when the
         answer failed."""
+        try:
+            return await self._read_server_info()
+        except EngineError as exc:
+            log.warning("%s: could not read the server args to check the sync: %s", self.name, exc)
+            return None
+
+    async def _read_server_info(self) -> dict[str, Any]:
+        """``get_server_info`` once per client (the launch check, the session and
+        version-fold detection all read it): ``{}`` for an engine without the operation;
+        sets ``server_version`` from it. A failed answer raises and is not kept.
+
+        Raises:
+            EngineError: the server could not be asked.
+        """
         if self._server_info is None:
             try:
                 info = await self.request("get_server_info")
             except OperationMissing:
                 info = {}
-            except EngineError as exc:
-                log.warning(
-                    "%s: could not read the server args to check the sync: %s", self.name, exc
-                )
-                return None
             self._server_info = info if isinstance(info, dict) else {}
             version = self._server_info.get("version")
             if version and self.server_version is None:

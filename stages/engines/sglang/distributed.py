@@ -265,19 +265,22 @@ class SGLangDistributedEngine:
         info = await self.control.client.server_args()
         if not info:
             return
+        engine_ranks = self.world_size - 1
         reported = info.get("tp_size")
-        if isinstance(reported, int) and not isinstance(reported, bool):
-            if reported != self.world_size - 1:
-                raise EngineError(
-                    self.name,
-                    "refusing the sync before touching the server: the server reports "
-                    f"tp_size={reported}, so {reported} ranks join the update group, but this "
-                    f"engine was built with engine_ranks={self.world_size - 1}: build it with "
-                    f"engine_ranks={reported}",
-                )
-            why = launch_mismatch(reported, info, sync)
-        else:
-            why = launch_mismatch(self.control.client.tp_size, {**info, "tp_size": None}, sync)
+        if (
+            isinstance(reported, int)
+            and not isinstance(reported, bool)
+            and reported != engine_ranks
+        ):
+            raise EngineError(
+                self.name,
+                "refusing the sync before touching the server: the server reports "
+                f"tp_size={reported}, so {reported} ranks join the update group, but this "
+                f"engine was built with engine_ranks={engine_ranks}: build it with "
+                f"engine_ranks={reported}",
+            )
+        # tp_size (where reported) is engine_ranks by now: what is left is quantization.
+        why = launch_mismatch(engine_ranks, info, sync)
         if why is not None:
             raise EngineError(self.name, f"refusing the sync before touching the server: {why}")
 
